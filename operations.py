@@ -1,0 +1,211 @@
+"""The primitives of the heterogeneous search space (NOS, Sec. 3.1) and of DARTS's space.
+
+`OPS[name](C, stride, affine)` builds an op, as in DARTS. What an op returns depends on its kind
+(`genotypes.op_kind`, also the `kind` column of spec §1):
+
+- feature ops (DARTS's convs, pools, identity) map (N,C,H,W) to (N,C,H',W');
+- attention ops return a map in [0,1] that multiplies features: (N,1,H',W') or (N,C,1,1);
+- dynamic ops return a per-sample depthwise kernel (N,C,k,k) that convolves features (`dynamic_conv`).
+
+`calibrate` combines the three kinds as the heterogeneous residual block does (Eq. 5 and Eq. 9).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genotypes import op_kind
+
+__all__ = ['OPS', 'op_kind', 'dynamic_conv', 'combine_kernels', 'calibrate', 'ReLUConvBN', 'DilConv',
+           'SepConv', 'Identity', 'Zero', 'FactorizedReduce', 'SpatialAttention', 'ChannelAttention',
+           'DynamicKernel']
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine))
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise (dilated) conv, pointwise conv, BN: DARTS's dil_conv and half of its sep_conv."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine))
+
+
+class SepConv(nn.Sequential):
+    """DARTS's separable conv: the depthwise-pointwise pair applied twice, the first carrying the stride."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__(
+            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
+            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine))
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Zero(nn.Module):
+    """DARTS's `none`: zeros at the output resolution."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x.mul(0.)
+        return x[:, :, ::self.stride, ::self.stride].mul(0.)
+
+
+class FactorizedReduce(nn.Module):
+    """Halves the resolution with two offset stride-2 1x1 convs, concatenated (DARTS)."""
+
+    def __init__(self, C_in, C_out, affine=True):
+        super().__init__()
+        assert C_out % 2 == 0, 'FactorizedReduce needs an even number of output channels'
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+
+
+class SpatialAttention(nn.Module):
+    """Spatial attention a0 (NOS ICLR text, App. A.1.1): a saliency map (N,1,H',W') in [0,1].
+
+    1x1 conv C -> C/16 carrying the edge's stride, BN, ReLU, 3x3 conv -> 1, sigmoid.
+    """
+    kind = 'attention'
+
+    def __init__(self, C, stride=1, affine=True, reduction=16):
+        super().__init__()
+        mid = max(1, C // reduction)  # never 0 channels, whatever width the scripts build
+        self.conv_1 = nn.Conv2d(C, mid, 1, stride=stride, bias=False)
+        self.bn_1 = nn.BatchNorm2d(mid, affine=affine)
+        self.conv_2 = nn.Conv2d(mid, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv_2(F.relu(self.bn_1(self.conv_1(x)))))
+
+
+class ChannelAttention(nn.Module):
+    """Channel attention a1 (squeeze-and-excitation, App. A.1.1): scaling factors (N,C,1,1) in [0,1].
+
+    Global average pool, 1x1 conv C -> C/16, ReLU, 1x1 conv -> C, sigmoid. Resolution-free, so the
+    edge's stride does not change it.
+    """
+    kind = 'attention'
+
+    def __init__(self, C, stride=1, affine=True, reduction=16):
+        super().__init__()
+        mid = max(1, C // reduction)
+        self.conv_1 = nn.Conv2d(C, mid, 1, bias=False)
+        self.conv_2 = nn.Conv2d(mid, C, 1, bias=False)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(x, 1)
+        return torch.sigmoid(self.conv_2(F.relu(self.conv_1(y))))
+
+
+class DynamicKernel(nn.Module):
+    """Kernel generator of the dynamic convolutions d0/d1 (Fig. 1; App. A.1.2): (N,C,k,k) per sample.
+
+    (a) bottleneck: 1x1 conv C -> C/8, BN, ReLU;
+    (b) kernel transform: 1x1 conv C -> k*k, softmax over the H*W positions, matrix product with the
+        bottleneck features -> (N, C/8, k*k): global context pooled into k*k taps;
+    (c) kernel decode: 1x1 conv C/8 -> C on the k x k map, softmax over the k*k taps of each channel.
+    A stride-2 edge computes (a) and (b) at the reduced resolution; the kernel itself is resolution-free.
+    """
+    kind = 'dynamic'
+
+    def __init__(self, C, kernel_size, stride=1, affine=True, reduction=8):
+        super().__init__()
+        mid = max(1, C // reduction)
+        self.kernel_size = kernel_size
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(C, mid, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(mid, affine=affine),
+            nn.ReLU(inplace=False))
+        self.transform = nn.Conv2d(C, kernel_size * kernel_size, 1, stride=stride, bias=False)
+        self.decode = nn.Conv2d(mid, C, 1, bias=False)
+
+    def forward(self, x):
+        k = self.kernel_size
+        z = self.bottleneck(x).flatten(2)                    # (N, C/8, HW)
+        mask = self.transform(x).flatten(2).softmax(dim=2)   # (N, k*k, HW), a distribution over positions
+        taps = torch.bmm(z, mask.transpose(1, 2))            # (N, C/8, k*k)
+        kernel = self.decode(taps.unflatten(2, (k, k)))      # (N, C, k, k)
+        return kernel.flatten(2).softmax(dim=2).view_as(kernel)
+
+
+def dynamic_conv(x: torch.Tensor, kernel: torch.Tensor, dilation: int = 1) -> torch.Tensor:
+    """The paper's F (x) D: depthwise conv of each sample with its own kernel, stride 1, 'same' padding.
+
+    x: (N,C,H,W); kernel: (N,C,k,k) with k odd. The batch is folded into the channels so that one grouped
+    convolution (groups = N*C) applies all N*C kernels at once.
+    """
+    n, c, h, w = x.shape
+    k = kernel.shape[-1]
+    out = F.conv2d(x.reshape(1, n * c, h, w), kernel.reshape(n * c, 1, k, k),
+                   padding=dilation * (k - 1) // 2, dilation=dilation, groups=n * c)
+    return out.view(n, c, h, w)
+
+
+def combine_kernels(kernels) -> torch.Tensor:
+    """Sum of kernels of different sizes, each zero-padded to the largest (centres aligned).
+
+    dwconv is linear in the kernel, so sum_D dwconv(F, D) == dwconv(F, sum_D D): one convolution
+    instead of one per kernel.
+    """
+    size = max(d.shape[-1] for d in kernels)
+    total = None
+    for d in kernels:
+        p = (size - d.shape[-1]) // 2
+        d = F.pad(d, (p, p, p, p)) if p else d
+        total = d if total is None else total + d
+    return total
+
+
+def calibrate(feature: torch.Tensor, attention: torch.Tensor | None = None, kernels=()) -> torch.Tensor:
+    """Heterogeneous residual combination, Eq. 5 / Eq. 9: F (+) F (.) A (+) sum_{D} F (x) D.
+
+    `attention` broadcasts against `feature` ((N,1,H,W) or (N,C,1,1) or their sum); `kernels` are
+    (N,C,k,k) tensors, applied as one convolution with their sum (see `combine_kernels`).
+    """
+    out = feature
+    if attention is not None:
+        out = out + feature * attention
+    if len(kernels):
+        out = out + dynamic_conv(feature, combine_kernels(kernels))
+    return out
+
+
+OPS = {
+    'none': lambda C, stride, affine: Zero(stride),
+    'avg_pool_3x3': lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1,
+                                                           count_include_pad=False),
+    'max_pool_3x3': lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    'skip_connect': lambda C, stride, affine: Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    'sep_conv_3x3': lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    'sep_conv_5x5': lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    'dil_conv_3x3': lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    'dil_conv_5x5': lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+    'spatial_attention': lambda C, stride, affine: SpatialAttention(C, stride, affine),
+    'channel_attention': lambda C, stride, affine: ChannelAttention(C, stride, affine),
+    'dynamic_conv_3x3': lambda C, stride, affine: DynamicKernel(C, 3, stride, affine),
+    'dynamic_conv_5x5': lambda C, stride, affine: DynamicKernel(C, 5, stride, affine),
+}
