@@ -7,14 +7,15 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors the user can fix: one sentence, non-zero exit, no traceback.
@@ -252,7 +253,7 @@ def make_loader(data, batch_size: int, shuffle: bool, workers: int, generator=No
 
 def search_split(n: int, train_portion: float) -> tuple[list[int], list[int]]:
     """DARTS's split of the training set: the first `portion` trains the weights, the rest the A."""
-    split = int(math.floor(train_portion * n))
+    split = math.floor(train_portion * n)
     if split == 0 or split == n:
         raise UserError(f'--train_portion {train_portion} leaves one side of the search split empty '
                         f'({n} images); use a value strictly between 0 and 1')
@@ -278,7 +279,7 @@ def load_checkpoint(path: str, map_location='cpu') -> dict:
         raise UserError(f'checkpoint {path} does not exist')
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # damaged or foreign
         raise UserError(f'checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not a '
                         f'checkpoint of this project') from None
 
@@ -315,8 +316,10 @@ def attention_transfer_loss(student: list[torch.Tensor], teacher: list[torch.Ten
 
 
 def count_params(model: nn.Module, exclude: str = 'auxiliary') -> int:
-    """Trainable weights, leaving out those whose name contains `exclude` (DARTS leaves out its head)."""
-    return sum(p.numel() for n, p in model.named_parameters() if exclude not in n)
+    """Trainable weights, leaving out those whose name contains `exclude` (DARTS leaves out its head) and
+    a search network's architecture parameters (`model.arch_parameters()`; DARTS does not count them)."""
+    arch = {id(p) for p in model.arch_parameters()} if hasattr(model, 'arch_parameters') else set()
+    return sum(p.numel() for n, p in model.named_parameters() if exclude not in n and id(p) not in arch)
 
 
 def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> int:

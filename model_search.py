@@ -1,0 +1,359 @@
+"""The search (proxy) network: DARTS's continuous relaxation over the heterogeneous operator cell (NOS).
+
+`Network(..., space='nos')` stacks heterogeneous operator cells (Sec. 3.2; spec §2): each inner node k has
+a first tier (one mixed edge from every earlier node, Eq. 2-5) that forms a surrogate node S_k, and a
+second tier (one mixed edge from S_k, Eq. 6-9). Every mixed edge relaxes its op choice with a softmax over
+the architecture row a_edge (Eq. 11); the two matrices A (normal, reduce) have 18 rows (14 first-tier edges
+in DARTS order, then the 4 second-tier edges) and one column per op.
+
+`Network(..., space='darts')` is DARTS's own search network (none + seven feature ops, 14 edges), for the
+paper's space-generality experiment and side-by-side comparison.
+
+`genotype()` derives the discrete cell (Sec. 3.3, "Search Outcome"; spec §3) through the pure functions
+`derive_cell` (NOS) and `derive_darts_cell` (DARTS), which tests call on hand-made matrices.
+
+The architecture matrices are nn.Parameters named `alphas_normal` / `alphas_reduce`, so state_dict() and
+.to() carry them; `weights()` returns every other parameter and `arch_parameters()` the two matrices.
+`utils.count_params` leaves out `arch_parameters()`, so it reports the weight count as DARTS does.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genotypes
+from genotypes import DARTS_PRIMITIVES, OP_SUBSETS, PRIMITIVES, Genotype, op_kind
+from operations import OPS, FactorizedReduce, ReLUConvBN, calibrate
+
+SPACES = ('nos', 'darts')
+ARCH_NAMES = ('alphas_normal', 'alphas_reduce')
+
+
+def resolve_ops(space: str = 'nos', ops=None) -> list[str]:
+    """The op names (= columns of A) for a space: `ops` may be None, a key of OP_SUBSETS or a list.
+
+    'all' means the space's full set. A NOS op list must be a subset of PRIMITIVES in their order (the column index is the primitive's
+    rank, which the derivation's tie-break relies on) with at least one feature op; DARTS's space has
+    its fixed op set.
+    """
+    if space not in SPACES:
+        raise ValueError(f'unknown search space {space!r}; valid spaces: {", ".join(SPACES)}')
+    if space == 'darts':
+        if ops is not None and ops != 'all' and list(ops) != DARTS_PRIMITIVES:
+            raise ValueError('the DARTS space has its fixed op set (genotypes.DARTS_PRIMITIVES); '
+                             'op subsets apply to the NOS space only')
+        return list(DARTS_PRIMITIVES)
+    if ops is None:
+        return list(PRIMITIVES)
+    if isinstance(ops, str):
+        if ops not in OP_SUBSETS:
+            raise ValueError(f'unknown op subset {ops!r}; valid subsets: {", ".join(OP_SUBSETS)}')
+        return list(OP_SUBSETS[ops])
+    ops = list(ops)
+    if any(o not in PRIMITIVES for o in ops) or ops != sorted(set(ops), key=PRIMITIVES.index):
+        raise ValueError(f'ops must be distinct names from genotypes.PRIMITIVES in their order, got {ops}')
+    if not any(op_kind(o) == 'feature' for o in ops):
+        raise ValueError('ops must include at least one feature op (every first tier needs one)')
+    return ops
+
+
+class MixedOp(nn.Module):
+    """One relaxed edge (Eq. 11): every op applied to X, weighted by w = softmax(a_edge), grouped by kind.
+
+    Returns (features, attention, kernels): sum of w_o * o(X) over feature ops; sum of w_o * o(X) over
+    attention ops (None without any; spatial (N,1,H,W) and channel (N,C,1,1) maps broadcast to
+    (N,C,H,W)); the list of w_o * o(X) for dynamic ops. Pools are followed by BatchNorm(affine=False),
+    as in DARTS's MixedOp. DARTS's `none` counts as a feature op (it adds w * 0, exactly as in DARTS).
+    """
+
+    def __init__(self, C: int, stride: int, ops: list[str]):
+        super().__init__()
+        self._ops = nn.ModuleList()
+        for name in ops:
+            op = OPS[name](C, stride, False)
+            if 'pool' in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self._ops.append(op)
+        kinds = [op_kind(name) for name in ops]
+        self.feature_idx = [i for i, k in enumerate(kinds) if k in ('feature', 'none')]
+        self.attention_idx = [i for i, k in enumerate(kinds) if k == 'attention']
+        self.dynamic_idx = [i for i, k in enumerate(kinds) if k == 'dynamic']
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor):
+        features = sum(weights[i] * self._ops[i](x) for i in self.feature_idx)
+        attention = (sum(weights[i] * self._ops[i](x) for i in self.attention_idx)
+                     if self.attention_idx else None)
+        kernels = [weights[i] * self._ops[i](x) for i in self.dynamic_idx]
+        return features, attention, kernels
+
+
+def _add(a, b):
+    return b if a is None else a + b
+
+
+class _CellBase(nn.Module):
+    """DARTS's cell frame: preprocessing of the two inputs (affine=False) and the first-tier edges."""
+
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(MixedOp(C, stride, ops))
+
+
+class DartsCell(_CellBase):
+    """DARTS's search cell: node = sum of the mixed edges from all earlier nodes."""
+
+    def forward(self, s0, s1, weights):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self._steps):
+            s = sum(self._ops[offset + j](h, weights[offset + j])[0] for j, h in enumerate(states))
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class NOSCell(_CellBase):
+    """Heterogeneous operator cell of the search network (Sec. 3.2; spec §2).
+
+    Rows of `weights`: the first-tier edges in DARTS order (node 0: inputs 0, 1; node 1: 0, 1, 2; ...),
+    then one second-tier edge per node (from its surrogate node, stride 1).
+    """
+
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops):
+        super().__init__(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops)
+        self._second = nn.ModuleList(MixedOp(C, 1, ops) for _ in range(steps))
+        self._num_first = len(self._ops)
+
+    def forward(self, s0, s1, weights):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for k in range(self._steps):
+            feats, att, kernels = None, None, []
+            for j, h in enumerate(states):
+                f, a, d = self._ops[offset + j](h, weights[offset + j])
+                feats = _add(feats, f)                 # Eq. 2
+                if a is not None:
+                    att = _add(att, a)                 # Eq. 3
+                kernels += d                           # Eq. 4
+            offset += len(states)
+            surrogate = calibrate(feats, att, kernels)  # Eq. 5: S_k = F + F*A + sum_D dwconv(F, D)
+            f, a, d = self._second[k](surrogate, weights[self._num_first + k])  # Eq. 6-8
+            states.append(calibrate(f, a, d))           # Eq. 9
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class Network(nn.Module):
+    """The search network (DARTS's signature first).
+
+    C: initial channels; layers: cells, reductions at layers//3 and 2*layers//3 (needs layers >= 3);
+    space: 'nos' (heterogeneous cell over `ops`) or 'darts' (DARTS's search network);
+    ops: None (all of the space's primitives), a key of genotypes.OP_SUBSETS, or a list of primitives.
+    """
+
+    def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
+                 multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None):
+        super().__init__()
+        if layers < 3:
+            raise ValueError(f'the search network needs at least 3 cells (two of them reduction cells), '
+                             f'got {layers}')
+        self._C = C
+        self._num_classes = num_classes
+        self._layers = layers
+        self._criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self._steps = steps
+        self._multiplier = multiplier
+        self._stem_multiplier = stem_multiplier
+        self.space = space
+        self.ops = resolve_ops(space, ops)
+        cell_cls = NOSCell if space == 'nos' else DartsCell
+
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+            nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        self.reduction_layers = [layers // 3, 2 * layers // 3]
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in self.reduction_layers
+            if reduction:
+                C_curr *= 2
+            self.cells.append(cell_cls(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
+                                       reduction_prev, self.ops))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        # Attention-transfer stages (spec §6): the last cell before each reduction cell, and the last cell.
+        self.stage_layers = [self.reduction_layers[0] - 1, self.reduction_layers[1] - 1, layers - 1]
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        k = sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alphas_normal, self.alphas_reduce]
+
+    def weights(self) -> list[nn.Parameter]:
+        """All parameters except the architecture matrices (what the weight optimizer updates)."""
+        return [p for n, p in self.named_parameters() if n not in ARCH_NAMES]
+
+    def new(self) -> Network:
+        """A fresh network of the same structure on the same device, holding a copy of the alphas."""
+        model_new = Network(self._C, self._num_classes, self._layers, self._criterion, self._steps,
+                            self._multiplier, self._stem_multiplier, self.space, self.ops)
+        model_new.to(self.alphas_normal.device)
+        with torch.no_grad():
+            for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
+                x.copy_(y)
+        return model_new
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[0]
+
+    def forward_stages(self, x: torch.Tensor):
+        """(logits, [s1, s2, s3]): the outputs of the cells that pair with the teacher's three stages."""
+        w_normal = F.softmax(self.alphas_normal, dim=-1)
+        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        s0 = s1 = self.stem(x)
+        stages = []
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            if i in self.stage_layers:
+                stages.append(s1)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1)), stages
+
+    def _loss(self, x, target):
+        return self._criterion(self(x), target)
+
+    # -- derivation ---------------------------------------------------------------------------------------
+    def arch_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The softmaxed rows of A (normal, reduce) as float64 arrays."""
+        return tuple(F.softmax(a.detach().float(), dim=-1).cpu().double().numpy()
+                     for a in self.arch_parameters())
+
+    def genotype(self) -> Genotype:
+        wn, wr = self.arch_weights()
+        derive = derive_cell if self.space == 'nos' else derive_darts_cell
+        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        return Genotype(normal=derive(wn, self.ops, self._steps), normal_concat=concat,
+                        reduce=derive(wr, self.ops, self._steps), reduce_concat=concat)
+
+    def search_space_size(self) -> dict:
+        return search_space_size(self.ops, self.space, self._steps)
+
+
+def _as_array(weights) -> np.ndarray:
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().double().numpy()
+    return np.asarray(weights, dtype=np.float64)
+
+
+def derive_cell(weights, ops=PRIMITIVES, steps: int = genotypes.STEPS) -> list:
+    """Derive a heterogeneous cell from softmaxed A rows (Sec. 3.3 "Search Outcome"; spec §3).
+
+    weights: (14 + 4) x len(ops), rows in the search cell's edge order. Per block k (node k + 2):
+    - first tier: the two ops (o_i on the edge from node i, o_j from node j, i < j) that maximise
+      w_i[o_i] + w_j[o_j] over all pairs of distinct predecessors, with at least one of o_i, o_j a
+      feature op;
+    - second tier: the argmax op of the block's second-tier row.
+    Ties (equal float64 sums) break by lower op index, then lower input index: the winner is the candidate
+    with the smallest key (-score, o_i, o_j, i, j), where o_i belongs to the lower input i. The second
+    tier takes the lowest op index among equal maxima. `none` (not a NOS op) is never chosen.
+    Returns blocks ((op_i, i), (op_j, j), op_second).
+    """
+    w = _as_array(weights)
+    ops = list(ops)
+    n_first = sum(2 + k for k in range(steps))
+    if w.shape != (n_first + steps, len(ops)):
+        raise ValueError(f'expected A of shape ({n_first + steps}, {len(ops)}), got {w.shape}')
+    usable = [o for o, name in enumerate(ops) if name != 'none']
+    is_feature = [op_kind(name) == 'feature' for name in ops]
+    blocks, offset = [], 0
+    for k in range(steps):
+        rows = w[offset:offset + k + 2]
+        best = None
+        for i, j in itertools.combinations(range(k + 2), 2):
+            for oi, oj in itertools.product(usable, usable):
+                if not (is_feature[oi] or is_feature[oj]):
+                    continue
+                key = (-(rows[i, oi] + rows[j, oj]), oi, oj, i, j)
+                if best is None or key < best:
+                    best = key
+        _, oi, oj, i, j = best
+        second = w[n_first + k]
+        os_ = max(usable, key=lambda o: (second[o], -o))
+        blocks.append(((ops[oi], i), (ops[oj], j), ops[os_]))
+        offset += k + 2
+    return blocks
+
+
+def derive_darts_cell(weights, ops=DARTS_PRIMITIVES, steps: int = genotypes.STEPS) -> list:
+    """DARTS's derivation (its model_search.genotype): per node, the two incoming edges whose strongest
+    non-none op is strongest (stable sort: ties keep the lower input), each with that op (ties: lower op
+    index). Returns DARTS's flat list of (op, input) pairs, strongest edge first."""
+    w = _as_array(weights)
+    ops = list(ops)
+    n_edges = sum(2 + k for k in range(steps))
+    if w.shape != (n_edges, len(ops)):
+        raise ValueError(f'expected A of shape ({n_edges}, {len(ops)}), got {w.shape}')
+    usable = [o for o, name in enumerate(ops) if name != 'none']
+    gene, start = [], 0
+    for k in range(steps):
+        W = w[start:start + k + 2]
+        edges = sorted(range(k + 2), key=lambda x: -max(W[x][o] for o in usable))[:2]
+        for j in edges:
+            best = usable[0]
+            for o in usable:
+                if W[j][o] > W[j][best]:
+                    best = o
+            gene.append((ops[best], j))
+        start += k + 2
+    return gene
+
+
+def search_space_size(ops=PRIMITIVES, space: str = 'nos', steps: int = genotypes.STEPS) -> dict:
+    """Number of distinct cells per cell type (spec §7).
+
+    ops: an op list (names; kinds are counted) or a number of NOS ops (the first n of PRIMITIVES).
+    Returns {'paper': ..., 'exact': ...} as Python ints:
+    - NOS, 'paper': Sec. 4.2's formula prod_{n=1..steps} C(n+1, 2) * n_ops^3 (180 * 11^12 ~ 5.6e14 with
+      the eleven primitives); 'exact': the count under the feature-op rule of spec §3, prod C(n+1, 2) *
+      (n_ops^2 - n_nonfeature^2) * n_ops (180 * (105 * 11)^4 ~ 3.2e14): the pair of predecessors, the
+      ordered op pair with at least one feature op, and the second-tier op.
+    - DARTS: both are prod C(n+1, 2) * n^2 over its n = 7 non-none ops (180 * 7^8 ~ 1.0e9).
+    """
+    if isinstance(ops, int):
+        ops = (PRIMITIVES if space == 'nos' else DARTS_PRIMITIVES[1:])[:ops]
+    ops = [o for o in ops if o != 'none']
+    n = len(ops)
+    pairs = math.prod(math.comb(k + 1, 2) for k in range(1, steps + 1))
+    if space == 'darts':
+        count = pairs * n ** (2 * steps)
+        return {'paper': count, 'exact': count}
+    if space != 'nos':
+        raise ValueError(f'unknown search space {space!r}; valid spaces: {", ".join(SPACES)}')
+    n_other = sum(op_kind(o) != 'feature' for o in ops)
+    return {'paper': pairs * n ** (3 * steps),
+            'exact': pairs * ((n * n - n_other * n_other) * n) ** steps}

@@ -1,0 +1,478 @@
+"""The teacher of attention-guided search and the self-calibration study (NOS, Sec. 3.3, Sec. 4.1, App. A1).
+
+- PyramidNet-110 (bottleneck, alpha = 84; Han et al., "Deep Pyramidal Residual Networks", CVPR 2017) is
+  the teacher whose three stage outputs guide the search (spec §6). `python teacher.py --gpu 0` trains it
+  on CIFAR-10 and writes `default_teacher_path('cifar10')`, where train_search.py looks by default.
+- ResNet-18 (CIFAR variant) with one self-calibration op after each of stages 1, 2, 3 reproduces the
+  controlled study of Table 1: `python teacher.py --arch resnet18 --calibration dynamic_conv_3x3 --gpu 0`.
+
+API used by train_search.py: default_teacher_path, save_teacher, load_teacher, and the module's
+`forward_stages(x) -> (logits, [t1, t2, t3])`.
+
+Recipe (App. A1, read with Han et al.): 300 epochs, batch 32, SGD lr 0.025 momentum 0.9, weight decay
+1e-4, flip + crop, lr / 10 at epochs 150 and 225. A1's literal "decayed by 10 every 30 epochs" is
+`--lr_milestones 30 60 90 120 150 180 210 240 270`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import utils
+from operations import OPS, DynamicKernel, calibrate, dynamic_conv
+
+TEACHER_DIR = 'teachers'
+PYRAMID = 'pyramidnet'
+RESNET18 = 'resnet18'
+ARCHS = {'pyramidnet110': PYRAMID, 'resnet18': RESNET18}
+CALIBRATIONS = ('none', 'spatial_attention', 'channel_attention', 'dynamic_conv_3x3', 'dynamic_conv_5x5',
+                'dil_dynamic_conv_3x3', 'dil_dynamic_conv_5x5')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyramidNet (Han et al., 2017), as their reference implementations (Torch addpyramidnet.lua, PyTorch
+# PyramidNet.py) build it for CIFAR.
+
+
+class PyramidBlock(nn.Module):
+    """Pyramidal residual unit: BN-conv-BN-ReLU-conv-BN (basic) or BN-conv1x1-BN-ReLU-conv3x3-BN-ReLU-
+    conv1x1-BN (bottleneck, expansion 4); no ReLU after the addition (Han et al., Fig. 6(d)).
+
+    The shortcut is the identity, average-pooled 2x2 when the unit has stride 2 and zero-padded along the
+    channels to the unit's wider output (their "zero-padded identity shortcut", Sec. 3.2).
+    """
+
+    def __init__(self, c_in: int, planes: int, stride: int, bottleneck: bool):
+        super().__init__()
+        self.expansion = 4 if bottleneck else 1
+        c_out = planes * self.expansion
+        if bottleneck:
+            layers = [nn.BatchNorm2d(c_in), nn.Conv2d(c_in, planes, 1, bias=False),
+                      nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+                      nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
+                      nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+                      nn.Conv2d(planes, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        else:
+            layers = [nn.BatchNorm2d(c_in), nn.Conv2d(c_in, planes, 3, stride, 1, bias=False),
+                      nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+                      nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.residual = nn.Sequential(*layers)
+        self.stride = stride
+        self.pad = c_out - c_in
+        assert self.pad >= 0, 'a pyramidal unit never narrows'
+
+    def forward(self, x):
+        out = self.residual(x)
+        shortcut = F.avg_pool2d(x, 2, 2) if self.stride != 1 else x
+        if self.pad:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.pad))
+        return out + shortcut
+
+
+def pyramid_widths(depth: int, alpha: float, bottleneck: bool) -> list[list[int]]:
+    """The `planes` of every unit, stage by stage: the running width 16 + k * alpha / (3n) (additive
+    pyramid, Han et al. Eq. 2), rounded half up as both reference implementations do (Lua
+    math.floor(x + 0.5); PyTorch round(), which agrees except at exact halves)."""
+    per = 9 if bottleneck else 6
+    if depth < per + 2 or (depth - 2) % per:
+        kind = 'bottleneck' if bottleneck else 'basic'
+        raise utils.UserError(f'--depth {depth} does not fit a {kind} PyramidNet: it needs depth = {per}n + 2 '
+                              f'(n >= 1 units per stage), e.g. {per * 12 + 2} or {per + 2}')
+    n = (depth - 2) // per
+    add = alpha / (3 * n)
+    width, stages = 16.0, []
+    for _ in range(3):
+        stage = []
+        for _ in range(n):
+            width += add
+            stage.append(math.floor(width + 0.5))
+        stages.append(stage)
+    return stages
+
+
+class PyramidNet(nn.Module):
+    """PyramidNet for 32x32 inputs: conv3x3(16)-BN stem, three stages of pyramidal units (the first unit of
+    stages 2 and 3 has stride 2), final BN-ReLU-global avg pool-fc.
+
+    PyramidNet-110, bottleneck, alpha 84 has 2,528,712 weights for 10 classes (NOS Table 2: 2.5M); its
+    widths run 18, 21, 23, ... 100 (x4 = 400 output channels, Han et al.'s "output feat. dimension").
+
+    `forward_stages` also returns the three stage outputs (32, 16, 8 px) that attention transfer pairs
+    with the search network's (spec §6): the output of each stage's last unit, before the final BN-ReLU,
+    as in Zagoruyko & Komodakis's reference code, which takes the raw group outputs g0, g1, g2 of its
+    pre-activation networks. All three are then the same kind of tensor (a residual sum), like the
+    student's cell outputs, which see no ReLU either.
+    """
+
+    arch = PYRAMID
+
+    def __init__(self, depth: int = 110, alpha: float = 84, num_classes: int = 10, bottleneck: bool = True):
+        super().__init__()
+        self.config = {'depth': depth, 'alpha': alpha, 'bottleneck': bottleneck, 'num_classes': num_classes}
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        c_in, stages = 16, []
+        for s, widths in enumerate(pyramid_widths(depth, alpha, bottleneck)):
+            units = []
+            for u, planes in enumerate(widths):
+                unit = PyramidBlock(c_in, planes, 2 if s > 0 and u == 0 else 1, bottleneck)
+                units.append(unit)
+                c_in = planes * unit.expansion
+            stages.append(nn.Sequential(*units))
+        self.stages = nn.ModuleList(stages)
+        self.bn_final = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # He init, fan-out, as the reference code
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0, math.sqrt(2. / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_stages(self, x):
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        x = F.relu(self.bn_final(x))
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return logits, outs
+
+    def forward(self, x):
+        return self.forward_stages(x)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ResNet-18 for CIFAR with self-calibration after stages 1-3 (Sec. 4.1, Table 1)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Calibration(nn.Module):
+    """One self-calibration op in the heterogeneous residual form (Eq. 5 with F = x): x + x * A(x) for
+    attention, x + dwconv(x, D(x)) for a dynamic kernel, with dilation 2 for the dilated variants of
+    Table 1 (which Sec. 4.1 then excludes from the search space)."""
+
+    def __init__(self, name: str, C: int):
+        super().__init__()
+        self.name = name
+        if name in ('spatial_attention', 'channel_attention'):
+            self.kind, self.dilation = 'attention', 1
+            self.op = OPS[name](C, 1, True)
+        elif name.removeprefix('dil_') in ('dynamic_conv_3x3', 'dynamic_conv_5x5'):
+            self.kind, self.dilation = 'dynamic', 2 if name.startswith('dil_') else 1
+            self.op = DynamicKernel(C, int(name[-1]))
+        else:
+            raise utils.UserError(f'unknown --calibration {name!r}; choose one of {", ".join(CALIBRATIONS)}')
+
+    def forward(self, x):
+        if self.kind == 'attention':
+            return calibrate(x, self.op(x))               # Eq. 5: F + F (.) A
+        return x + dynamic_conv(x, self.op(x), self.dilation)  # Eq. 5: F + F (x) D
+
+    def extra_repr(self):
+        return self.name
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, stages 64-128-256-512 of two BasicBlocks each;
+    `calibration` inserts one op after each of stages 1, 2, 3 (Sec. 4.1)."""
+
+    arch = RESNET18
+
+    def __init__(self, num_classes: int = 10, calibration: str = 'none'):
+        super().__init__()
+        self.config = {'num_classes': num_classes, 'calibration': calibration}
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        widths, c_in, stages, calib = (64, 128, 256, 512), 64, [], []
+        for s, c in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(c_in, c, 1 if s == 0 else 2), BasicBlock(c, c)))
+            c_in = c
+            if s < 3:
+                calib.append(nn.Identity() if calibration == 'none' else Calibration(calibration, c))
+        self.stages = nn.ModuleList(stages)
+        self.calibration = nn.ModuleList(calib)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward_stages(self, x):
+        x = self.stem(x)
+        outs = []
+        for s, stage in enumerate(self.stages):
+            x = stage(x)
+            if s < 3:
+                x = self.calibration[s](x)
+                outs.append(x)
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return logits, outs
+
+    def forward(self, x):
+        return self.forward_stages(x)[0]
+
+
+def build(arch: str, config: dict) -> nn.Module:
+    """The network of a checkpoint's arch name and config."""
+    if arch == PYRAMID:
+        return PyramidNet(**config)
+    if arch == RESNET18:
+        return ResNet18(**config)
+    raise utils.UserError(f'unknown architecture {arch!r}; this project builds {PYRAMID} and {RESNET18}')
+
+
+def describe(arch: str, config: dict) -> str:
+    if arch == PYRAMID:
+        kind = 'bottleneck' if config.get('bottleneck') else 'basic'
+        alpha = config.get('alpha')
+        alpha = f'{alpha:g}' if isinstance(alpha, (int, float)) else alpha
+        return f'PyramidNet-{config.get("depth")} ({kind}, alpha={alpha})'
+    if arch == RESNET18:
+        return f'ResNet-18 (calibration {config.get("calibration")})'
+    return repr(arch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher API (train_search.py)
+
+
+def default_teacher_path(dataset: str, depth: int = 110, alpha: float = 84, bottleneck: bool = True) -> str:
+    """Where teacher.py writes, and train_search.py looks for, the teacher of `dataset`:
+    teachers/pyramidnet110_cifar10.pt for the paper's teacher; other shapes get their own file name."""
+    if (depth, alpha, bottleneck) == (110, 84, True):
+        name = 'pyramidnet110'
+    else:
+        name = f'pyramidnet{depth}_alpha{alpha:g}' + ('' if bottleneck else '_basic')
+    return os.path.join(TEACHER_DIR, f'{name}_{dataset}.pt')
+
+
+def save_teacher(model: nn.Module, path: str, dataset: str, **extra) -> None:
+    """Write a checkpoint that load_teacher rebuilds: arch, config, dataset, state_dict, plus `extra`
+    (optimizer state, epoch, accuracy, ...). Atomic: a run killed mid-write keeps the previous file."""
+    state = {'arch': model.arch, 'config': dict(model.config), 'dataset': dataset,
+             'state_dict': model.state_dict()}
+    state.update(extra)
+    utils.save_checkpoint(state, path)
+
+
+def load_teacher(path: str, dataset: str, device='cpu') -> nn.Module:
+    """The PyramidNet teacher in `path`, frozen (eval mode, no gradients), on `device`.
+
+    Raises utils.UserError with one sentence for a missing or damaged file, a teacher of another dataset,
+    and a checkpoint of another architecture (or weights that do not fit its config).
+    """
+    if not os.path.isfile(path):
+        raise utils.UserError(f'no teacher checkpoint at {path}: train one with `python teacher.py --dataset '
+                              f'{dataset} --gpu 0`, or pass --lambda_at 0 to search without a teacher')
+    state = utils.load_checkpoint(path)
+    if not isinstance(state, dict) or not {'arch', 'config', 'dataset', 'state_dict'} <= set(state):
+        raise utils.UserError(f'{path} is not a teacher checkpoint of this project (it lacks the arch, config, '
+                              f'dataset and weights that teacher.py writes); train one with `python teacher.py '
+                              f'--dataset {dataset} --gpu 0`')
+    if state['dataset'] != dataset:
+        raise utils.UserError(f'the teacher {path} was trained on {state["dataset"]}, but this run uses '
+                              f'{dataset}; train a {dataset} teacher with `python teacher.py --dataset {dataset} '
+                              f'--gpu 0` and pass its path')
+    arch, config = state['arch'], state['config']
+    if arch != PYRAMID:
+        raise utils.UserError(f'{path} holds a {describe(arch, config)}, not the PyramidNet teacher that '
+                              f'attention-guided search expects; train one with `python teacher.py --dataset '
+                              f'{dataset} --gpu 0`')
+    try:
+        model = build(arch, config)
+        model.load_state_dict(state['state_dict'])
+    except (TypeError, RuntimeError, utils.UserError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise utils.UserError(f'the weights in {path} do not fit the {describe(arch, config)} that its config '
+                              f'names ({first}); the file is damaged or was written by other code') from None
+    done, total = state.get('epoch'), state.get('epochs')
+    if not state.get('finished', True) and done is not None and total:
+        warnings.warn(f'the teacher {path} has trained {done + 1} of {total} epochs only', stacklevel=2)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training (App. A1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--arch', default='pyramidnet110', choices=sorted(ARCHS))
+    p.add_argument('--depth', type=int, default=110, help='PyramidNet depth (9n+2 bottleneck, 6n+2 basic)')
+    p.add_argument('--alpha', type=float, default=84, help='PyramidNet widening: total width added')
+    p.add_argument('--block', default='bottleneck', choices=['bottleneck', 'basic'], help='PyramidNet unit')
+    p.add_argument('--calibration', default='none', choices=CALIBRATIONS,
+                   help='ResNet-18: op inserted after stages 1, 2, 3 (Table 1)')
+    p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS)
+    p.add_argument('--data', default='data', help='folder holding the CIFAR data')
+    p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
+    p.add_argument('--epochs', type=int, default=300)
+    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--learning_rate', type=float, default=0.025)
+    p.add_argument('--lr_milestones', type=int, nargs='+', default=[150, 225],
+                   help='epochs after which the lr is divided by 10 (A1 literally: 30 60 ... 270)')
+    p.add_argument('--lr_gamma', type=float, default=0.1)
+    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--weight_decay', type=float, default=1e-4)
+    p.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
+    p.add_argument('--save', default=None,
+                   help='a .pt file (the checkpoint; logs go to a folder of the same name) or a folder '
+                        '(checkpoint.pt inside); default: the teacher path for pyramidnet, '
+                        'runs/resnet18_CALIBRATION_DATASET for resnet18')
+    p.add_argument('--resume', nargs='?', const='', default=None,
+                   help='continue from a checkpoint (default: the one in --save)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--gpu', type=int, default=0)
+    p.add_argument('--device', default=None, choices=['cpu', 'cuda'])
+    p.add_argument('--report_freq', type=int, default=100, help='steps between progress lines')
+    return p.parse_args(argv)
+
+
+def run_paths(args) -> tuple[str, str]:
+    """(checkpoint file, log folder) of a run."""
+    save = args.save
+    if save is None:
+        if args.arch == 'resnet18':
+            save = os.path.join('runs', f'resnet18_{args.calibration}_{args.dataset}')
+        else:
+            save = default_teacher_path(args.dataset, args.depth, args.alpha, args.block == 'bottleneck')
+    if save.endswith('.pt'):
+        return save, save[:-3]
+    return os.path.join(save, 'checkpoint.pt'), save
+
+
+def make_model(args) -> nn.Module:
+    num_classes = utils.NUM_CLASSES[args.dataset]
+    if ARCHS[args.arch] == PYRAMID:
+        return PyramidNet(args.depth, args.alpha, num_classes, args.block == 'bottleneck')
+    return ResNet18(num_classes, args.calibration)
+
+
+def cost(model: nn.Module) -> tuple[int, int]:
+    return utils.count_params(model), utils.count_macs(model, (1, 3, 32, 32))
+
+
+def cost_line(model: nn.Module, baseline: tuple[int, int] | None) -> str:
+    params, macs = cost(model)
+    line = f'{params / 1e6:.4f}M params, {macs / 1e6:.2f}M multiply-adds at 32x32'
+    if baseline is not None:
+        line += (f' (ResNet-18 baseline {baseline[0] / 1e6:.4f}M / {baseline[1] / 1e6:.2f}M; calibration adds '
+                 f'{(params - baseline[0]) / 1e6:+.4f}M params, {(macs - baseline[1]) / 1e6:+.2f}M multiply-adds)')
+    return line
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.arch == 'pyramidnet110' and args.calibration != 'none':
+        raise utils.UserError('--calibration applies to --arch resnet18 only (the Table 1 study); drop it or '
+                              'add --arch resnet18')
+    for name in ('epochs', 'batch_size', 'synthetic_size'):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    device = utils.get_device(args.gpu, args.device)
+    ckpt_path, log_dir = run_paths(args)
+    if args.resume is None and os.path.exists(ckpt_path):
+        raise utils.UserError(f'{ckpt_path} already holds a checkpoint: pass --resume to continue it, or pick '
+                              f'another --save')
+    resume_path = (args.resume or ckpt_path) if args.resume is not None else None
+    utils.set_seed(args.seed)
+    model = make_model(args)  # before the log folder exists: a bad --depth leaves nothing behind
+    logger = utils.get_logger(log_dir, 'teacher')
+    logger.info(f'args: {vars(args)}')
+    arch = model.arch
+    baseline = None
+    if arch == RESNET18:
+        baseline = cost(ResNet18(utils.NUM_CLASSES[args.dataset]))
+    logger.info(f'{describe(arch, model.config)}: {cost_line(model, baseline)}')
+    model.to(device)
+    channels_last = device.type == 'cuda'
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    start, best = 0, 0.0
+    if resume_path is not None:
+        state = utils.load_checkpoint(resume_path)
+        for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
+                                   ('network config', 'config', model.config)):
+            utils.check_same(what, state.get(key), current, resume_path)
+        model.load_state_dict(state['state_dict'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        start, best = state['epoch'] + 1, state.get('best_top1', 0.0)
+        logger.info(f'resumed from {resume_path} after epoch {start}')
+
+    train_data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                                   seed=args.seed)
+    test_data = utils.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
+                                  seed=args.seed)
+    test_loader = utils.make_loader(test_data, max(args.batch_size, 256), False, args.workers,
+                                    pin=device.type == 'cuda')
+    criterion = nn.CrossEntropyLoss()
+    amp_dtype = torch.bfloat16 if args.amp and device.type == 'cuda' else None
+    test_loss = top1 = top5 = float('nan')
+    for epoch in range(start, args.epochs):
+        g = utils.seed_epoch(args.seed, epoch)
+        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g,
+                                         pin=device.type == 'cuda')
+        lr = optimizer.param_groups[0]['lr']
+        tic = time.time()
+        progress = utils.Progress(len(train_loader), args.report_freq, logger, f'epoch {epoch + 1} ')
+        train_loss, train_top1 = utils.train_epoch(
+            model, train_loader, optimizer, criterion, device, grad_clip=None, amp_dtype=amp_dtype,
+            channels_last=channels_last, progress=progress)
+        scheduler.step()
+        seconds = time.time() - tic
+        test_loss, top1, top5 = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
+                                               channels_last=channels_last)
+        best = max(best, top1)
+        logger.info(f'epoch {epoch + 1}/{args.epochs} lr {lr:.2e} train loss {train_loss:.4f} top1 '
+                    f'{train_top1:.2f} | test loss {test_loss:.4f} top1 {top1:.2f} top5 {top5:.2f} | '
+                    f'{seconds:.0f}s ({seconds / len(train_loader):.3f}s/step)')
+        utils.append_jsonl(os.path.join(log_dir, 'train_log.jsonl'), {
+            'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss, 'train_top1': train_top1,
+            'test_loss': test_loss, 'test_top1': top1, 'test_top5': top5, 'seconds': seconds})
+        save_teacher(model, ckpt_path, args.dataset, epoch=epoch, epochs=args.epochs,
+                     finished=epoch + 1 == args.epochs, optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), best_top1=best, test_top1=top1, test_top5=top5,
+                     args=vars(args))
+    if start >= args.epochs:
+        logger.info(f'{ckpt_path} has already trained {start} epochs (--epochs {args.epochs}); nothing to do')
+        test_loss, top1, top5 = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
+                                               channels_last=channels_last)
+    logger.info(f'final: {describe(arch, model.config)} on {args.dataset}: test top1 {top1:.2f} '
+                f'(error {100 - top1:.2f}%) top5 {top5:.2f} (error {100 - top5:.2f}%), best top1 {best:.2f}; '
+                f'{cost_line(model, baseline)}; checkpoint {ckpt_path}')
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

@@ -1,0 +1,77 @@
+"""Genotypes: the two cell forms, round trips through repr and JSON, and the messages for bad ones."""
+import pytest
+
+import genotypes as G
+from genotypes import Genotype, GenotypeError
+
+
+@pytest.mark.parametrize('name', ['DARTS_V1', 'DARTS_V2', 'NOS_EXAMPLE'])
+def test_repr_pastes_back(name):
+    g = getattr(G, name)
+    assert eval(repr(g), vars(G)) == g
+
+
+@pytest.mark.parametrize('name', ['DARTS_V1', 'DARTS_V2', 'NOS_EXAMPLE'])
+def test_json_round_trip(name, tmp_path):
+    g = getattr(G, name)
+    path = tmp_path / 'genotype.json'
+    G.save(g, str(path))
+    assert G.load(genotype_file=str(path)) == g
+    assert G.from_json(G.to_json(g)) == g
+
+
+def test_classic_cell_is_second_tier_skip():
+    blocks = G.to_blocks(G.DARTS_V2.normal)
+    assert blocks[0] == (('sep_conv_3x3', 0), ('sep_conv_3x3', 1), 'skip_connect')
+    assert blocks[3] == (('skip_connect', 0), ('dil_conv_3x3', 2), 'skip_connect')
+    assert G.is_classic(G.DARTS_V2.normal) and not G.is_classic(G.NOS_EXAMPLE.normal)
+
+
+def test_load_by_name():
+    assert G.load('DARTS_V2') == G.DARTS_V2
+
+
+def _with_normal(cell):
+    return Genotype(normal=cell, normal_concat=[2, 3, 4, 5], reduce=G.NOS_EXAMPLE.reduce,
+                    reduce_concat=[2, 3, 4, 5])
+
+
+def _blocks():
+    return [list(b) for b in G.NOS_EXAMPLE.normal]
+
+
+@pytest.mark.parametrize('change,words', [
+    (lambda c: c.__setitem__(1, (('sep_conv_9x9', 0), ('skip_connect', 1), 'skip_connect')),
+     ['normal block 1', "unknown op 'sep_conv_9x9'"]),
+    (lambda c: c.__setitem__(0, (('sep_conv_3x3', 0), ('sep_conv_3x3', 2), 'skip_connect')),
+     ['normal block 0', 'input 2 does not exist yet']),
+    (lambda c: c.__setitem__(2, (('spatial_attention', 0), ('dynamic_conv_3x3', 1), 'skip_connect')),
+     ['normal block 2', 'no feature op']),
+    (lambda c: c.pop(), ['normal', 'needs 4 blocks, got 3']),
+    (lambda c: c.__setitem__(3, (('sep_conv_3x3', 0), 'skip_connect')), ['normal block 3', 'expected']),
+])
+def test_malformed_genotypes_name_block_and_fault(change, words):
+    cell = _blocks()
+    change(cell)
+    with pytest.raises(GenotypeError) as e:
+        G.validate(_with_normal(cell))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_classic_with_wrong_length_and_bad_concat():
+    with pytest.raises(GenotypeError, match='8 \\(op, input\\) pairs'):
+        G.validate(_with_normal(G.DARTS_V2.normal[:6]))
+    with pytest.raises(GenotypeError, match='normal_concat'):
+        G.validate(G.DARTS_V2._replace(normal_concat=[2, 3]))
+
+
+def test_unknown_name_and_bad_file(tmp_path):
+    with pytest.raises(GenotypeError, match='no genotype named .*DARTS_V2'):
+        G.load('NOPE')
+    with pytest.raises(GenotypeError, match='does not exist'):
+        G.load(genotype_file=str(tmp_path / 'missing.json'))
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"normal": [')
+    with pytest.raises(GenotypeError, match='not valid JSON'):
+        G.load(genotype_file=str(bad))

@@ -1,0 +1,201 @@
+"""teacher.py: PyramidNet and ResNet-18 (+ self-calibration), the teacher API, and the training CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import teacher
+import utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--depth', '11', '--alpha', '12', '--dataset', 'synthetic', '--synthetic_size', '48',
+        '--batch_size', '16', '--workers', '0', '--device', 'cpu', '--report_freq', '0']
+
+
+def tiny_pyramid(num_classes=10):
+    torch.manual_seed(0)
+    return teacher.PyramidNet(depth=11, alpha=12, num_classes=num_classes, bottleneck=True)
+
+
+@pytest.mark.parametrize('depth,bottleneck', [(20, True), (14, False)])
+def test_pyramidnet_stage_shapes(depth, bottleneck):
+    torch.manual_seed(0)
+    model = teacher.PyramidNet(depth, alpha=24, num_classes=7, bottleneck=bottleneck)
+    logits, stages = model.forward_stages(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 7)
+    assert [tuple(t.shape[-2:]) for t in stages] == [(32, 32), (16, 16), (8, 8)]
+    widths = teacher.pyramid_widths(depth, 24, bottleneck)
+    expansion = 4 if bottleneck else 1
+    assert [t.shape[1] for t in stages] == [w[-1] * expansion for w in widths]
+    # the widths grow by alpha in total: 16 + alpha at the last unit
+    assert widths[-1][-1] == 16 + 24
+    torch.testing.assert_close(model(torch.ones(1, 3, 32, 32)), model.forward_stages(torch.ones(1, 3, 32, 32))[0])
+
+
+def test_pyramidnet110_is_the_papers_teacher():
+    widths = teacher.pyramid_widths(110, 84, True)
+    assert [len(w) for w in widths] == [12, 12, 12]          # (110 - 2) / 9 units per stage
+    assert widths[0][:3] == [18, 21, 23] and widths[-1][-1] == 100  # 16 + k * 84/36, rounded half up
+    model = teacher.PyramidNet(110, 84, 10, True)
+    # NOS Table 2 lists the teacher at 2.5M parameters
+    assert utils.count_params(model) == 2_528_712
+    assert model.fc.in_features == 400
+
+
+def test_bad_depth_is_a_user_error():
+    with pytest.raises(utils.UserError, match='9n'):
+        teacher.PyramidNet(depth=12, bottleneck=True)
+
+
+def resnet_cost(calibration):
+    torch.manual_seed(0)
+    model = teacher.ResNet18(10, calibration)
+    return model, utils.count_params(model), utils.count_macs(model)
+
+
+@pytest.fixture(scope='module')
+def resnet_baseline():
+    _, params, macs = resnet_cost('none')
+    return params, macs
+
+
+def test_resnet18_baseline_matches_table1(resnet_baseline):
+    params, macs = resnet_baseline
+    assert params == 11_173_962                   # Table 1: 11.17M
+    assert round(macs / 1e6, 2) == 555.42         # Table 1: 555.42M FLOPs (multiply-adds)
+
+
+@pytest.mark.parametrize('calibration', teacher.CALIBRATIONS[1:])
+def test_resnet18_calibration_is_cheap(calibration, resnet_baseline):
+    model, params, macs = resnet_cost(calibration)
+    assert sum(isinstance(m, teacher.Calibration) for m in model.modules()) == 3
+    logits, stages = model.forward_stages(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and [t.shape[1] for t in stages] == [64, 128, 256]
+    added_params, added_macs = params - resnet_baseline[0], macs - resnet_baseline[1]
+    assert 0 < added_params < 50_000              # Table 1: +0.01 .. +0.04M (channel attention: see README)
+    assert 0 < added_macs < 10_000_000            # Table 1: +0.40 .. +7.62M
+
+
+def test_dilated_dynamic_conv_differs_only_in_dilation():
+    torch.manual_seed(0)
+    plain = teacher.ResNet18(10, 'dynamic_conv_3x3').eval()
+    torch.manual_seed(0)
+    dilated = teacher.ResNet18(10, 'dil_dynamic_conv_3x3').eval()
+    dilated.load_state_dict(plain.state_dict())   # same weights: only the dilation tells them apart
+    x = torch.randn(1, 3, 16, 16)
+    assert dilated.calibration[0].dilation == 2 and plain.calibration[0].dilation == 1
+    assert not torch.allclose(plain(x), dilated(x))
+
+
+def test_calibration_is_the_heterogeneous_residual():
+    torch.manual_seed(0)
+    cal = teacher.Calibration('channel_attention', 8)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(cal(x), x + x * cal.op(x))
+    dyn = teacher.Calibration('dil_dynamic_conv_5x5', 8)
+    from operations import dynamic_conv
+    torch.testing.assert_close(dyn(x), x + dynamic_conv(x, dyn.op(x), 2))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_pyramid()
+    model.train()
+    model(torch.randn(8, 3, 32, 32))               # move the BN statistics off their initial values
+    path = str(tmp_path / 'sub' / 't.pt')
+    teacher.save_teacher(model, path, 'cifar10', note='x')
+    loaded = teacher.load_teacher(path, 'cifar10', 'cpu')
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    ref_logits, ref_stages = model.forward_stages(x)
+    logits, stages = loaded.forward_stages(x)
+    torch.testing.assert_close(logits, ref_logits)
+    for a, b in zip(stages, ref_stages):
+        torch.testing.assert_close(a, b)
+
+
+def test_default_teacher_path():
+    assert teacher.default_teacher_path('cifar10') == os.path.join('teachers', 'pyramidnet110_cifar10.pt')
+    assert teacher.default_teacher_path('cifar100', depth=11, alpha=12) != teacher.default_teacher_path('cifar100')
+
+
+def test_load_teacher_errors(tmp_path):
+    missing = str(tmp_path / 'none.pt')
+    with pytest.raises(utils.UserError) as e:
+        teacher.load_teacher(missing, 'cifar100', 'cpu')
+    assert missing in str(e.value) and 'python teacher.py --dataset cifar100 --gpu 0' in str(e.value)
+    assert '--lambda_at 0' in str(e.value)
+
+    path = str(tmp_path / 't.pt')
+    teacher.save_teacher(tiny_pyramid(), path, 'cifar10')
+    with pytest.raises(utils.UserError, match='cifar10.*cifar100'):
+        teacher.load_teacher(path, 'cifar100', 'cpu')
+
+    resnet = str(tmp_path / 'r.pt')
+    teacher.save_teacher(teacher.ResNet18(10, 'channel_attention'), resnet, 'cifar10')
+    with pytest.raises(utils.UserError, match='ResNet-18.*PyramidNet'):
+        teacher.load_teacher(resnet, 'cifar10', 'cpu')
+
+    state = torch.load(path, weights_only=False)
+    state['config']['alpha'] = 20                 # weights of alpha 12 under a config that says 20
+    torch.save(state, path)
+    with pytest.raises(utils.UserError, match='do not fit.*PyramidNet-11'):
+        teacher.load_teacher(path, 'cifar10', 'cpu')
+
+    with open(path, 'wb') as f:
+        f.write(b'not a checkpoint')
+    with pytest.raises(utils.UserError, match='damaged'):
+        teacher.load_teacher(path, 'cifar10', 'cpu')
+
+    torch.save({'model': {}}, path)
+    with pytest.raises(utils.UserError, match='not a teacher checkpoint'):
+        teacher.load_teacher(path, 'cifar10', 'cpu')
+
+
+def test_train_end_to_end_writes_a_teacher(tmp_path, capsys):
+    save = str(tmp_path / 'teacher.pt')
+    teacher.main(TINY + ['--epochs', '1', '--save', save])
+    out = capsys.readouterr().out
+    assert 'final:' in out and 'checkpoint' in out
+    model = teacher.load_teacher(save, 'synthetic', 'cpu')
+    assert model.config['depth'] == 11
+    with open(tmp_path / 'teacher' / 'train_log.jsonl') as f:
+        log = [json.loads(line) for line in f]
+    assert len(log) == 1 and 0 <= log[0]['test_top1'] <= 100
+    state = torch.load(save, weights_only=False)
+    assert state['finished'] and state['epoch'] == 0 and 'optimizer' in state
+
+    # an existing checkpoint without --resume is refused
+    with pytest.raises(utils.UserError, match='--resume'):
+        teacher.main(TINY + ['--epochs', '1', '--save', save])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = str(tmp_path / 'a')
+    teacher.main(TINY + ['--epochs', '2', '--save', straight, '--lr_milestones', '1'])
+    split = str(tmp_path / 'b')
+    teacher.main(TINY + ['--epochs', '1', '--save', split, '--lr_milestones', '1'])
+    teacher.main(TINY + ['--epochs', '2', '--save', split, '--lr_milestones', '1', '--resume'])
+    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=False)
+    b = torch.load(os.path.join(split, 'checkpoint.pt'), weights_only=False)
+    assert a['epoch'] == b['epoch'] == 1
+    for k, v in a['state_dict'].items():
+        assert torch.equal(v, b['state_dict'][k]), k
+    assert a['scheduler']['last_epoch'] == b['scheduler']['last_epoch'] == 2
+
+    # resuming with another network is refused, naming both configs
+    with pytest.raises(utils.UserError, match='network config'):
+        teacher.main(['--depth', '20'] + TINY[2:] + ['--epochs', '3', '--save', split, '--resume'])
+
+
+def test_cli_errors(tmp_path):
+    save = str(tmp_path / 'x.pt')
+    r = subprocess.run([sys.executable, 'teacher.py', '--device', 'cpu', '--depth', '12', '--dataset', 'synthetic',
+                        '--save', save], cwd=HERE, capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and '--depth 12' in r.stderr and 'Traceback' not in r.stderr
+    assert not os.listdir(tmp_path)
+    with pytest.raises(utils.UserError, match='--arch resnet18'):
+        teacher.main(['--calibration', 'spatial_attention', '--device', 'cpu'])

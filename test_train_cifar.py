@@ -1,0 +1,160 @@
+"""train_cifar.py end to end on the synthetic data (CPU, tiny network), resume, and its error messages."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import genotypes
+import train_cifar
+import utils
+
+TINY = ['--device', 'cpu', '--dataset', 'synthetic', '--synthetic_size', '128', '--layers', '5',
+        '--init_channels', '8', '--batch_size', '16', '--workers', '0', '--report_freq', '0',
+        '--learning_rate', '0.05', '--seed', '1']
+EPOCHS = ['--epochs', '3']
+
+
+def run(argv):
+    """main() as the command line runs it: returns the exit code (0 on success)."""
+    try:
+        utils.run_main(lambda: train_cifar.main(argv))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def fail(argv, capsys):
+    capsys.readouterr()
+    assert run(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def genotype_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('genotype') / 'genotype.json')
+    genotypes.save(genotypes.NOS_EXAMPLE, path)  # heterogeneous: attention and dynamic ops in both tiers
+    return path
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory, genotype_file):
+    """Three uninterrupted epochs; returns (SAVE, stdout)."""
+    save = str(tmp_path_factory.mktemp('full'))
+    capture = pytest.MonkeyPatch()
+    out = []
+    capture.setattr('builtins.print', lambda *a, **k: out.append(' '.join(map(str, a))))
+    try:
+        assert run(TINY + EPOCHS + ['--genotype_file', genotype_file, '--save', save]) == 0
+    finally:
+        capture.undo()
+    return save, out
+
+
+def metrics(save):
+    with open(os.path.join(save, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_prints_the_final_line(full_run):
+    save, printed = full_run
+    assert len(printed) == 1
+    m = re.fullmatch(r'final test_error=(\d+\.\d\d) params_M=(\d+\.\d\d) macs_M=(\d+\.\d)', printed[0])
+    assert m, printed
+    with open(os.path.join(save, 'result.json')) as f:
+        result = json.load(f)
+    assert float(m.group(1)) == pytest.approx(result['test_error'], abs=0.006)
+    assert result['test_error'] == pytest.approx(100 - metrics(save)[-1]['test_acc'])
+    assert result['genotype'] == json.loads(genotypes.to_json(genotypes.NOS_EXAMPLE))
+    assert result['weight_decay'] == 3e-4 and result['epochs'] == 3
+    assert result['params'] > 0 and result['macs'] > 0
+    with open(os.path.join(save, 'log.txt')) as f:
+        log = f.read()
+    assert 'weights 0.05M' in log and 'multiply-adds' in log
+
+
+def test_loss_falls_and_drop_path_rises(full_run):
+    rows = metrics(full_run[0])
+    assert [r['epoch'] for r in rows] == [1, 2, 3]
+    assert rows[-1]['test_loss'] < rows[0]['test_loss'] - 0.5
+    assert rows[-1]['test_acc'] > 40  # 10 classes: chance is 10%
+    # DARTS's schedule: drop_path_prob * epoch / epochs; cosine lr from 0.05
+    assert [r['drop_path_prob'] for r in rows] == pytest.approx([0., 0.1, 0.2])
+    assert [r['lr'] for r in rows] == pytest.approx([0.05, 0.0375, 0.0125])
+
+
+def test_resume_after_a_kill_reproduces_the_run(full_run, genotype_file, tmp_path, monkeypatch):
+    save = str(tmp_path / 'killed')
+    args = TINY + EPOCHS + ['--genotype_file', genotype_file, '--save', save]
+    real_save = utils.save_checkpoint
+
+    def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
+        real_save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    assert run(args) == 130
+    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    assert torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['epoch'] == 1
+    assert run(args + ['--resume']) == 0
+
+    full = torch.load(os.path.join(full_run[0], 'checkpoint.pt'), weights_only=False)
+    resumed = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
+    assert resumed['epoch'] == full['epoch'] == 3
+    assert full['model'].keys() == resumed['model'].keys()
+    for name, tensor in full['model'].items():
+        assert torch.equal(tensor, resumed['model'][name]), name
+
+    def drop_time(rows):
+        return [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
+
+    assert drop_time(metrics(save)) == drop_time(metrics(full_run[0]))
+    with open(os.path.join(save, 'result.json')) as a, open(os.path.join(full_run[0], 'result.json')) as b:
+        assert json.load(a) == json.load(b)
+
+
+def test_resume_refuses_another_genotype(full_run, capsys):
+    err = fail(TINY + EPOCHS + ['--arch', 'DARTS_V2', '--save', full_run[0], '--resume'], capsys)
+    assert 'genotype' in err and 'genotype.json' in err and 'DARTS_V2' in err
+
+
+def test_resume_refuses_another_dataset(full_run, genotype_file, capsys):
+    argv = [a if a != 'synthetic' else 'cifar10' for a in TINY]
+    err = fail(argv + EPOCHS + ['--genotype_file', genotype_file, '--save', full_run[0], '--resume'], capsys)
+    assert "dataset 'synthetic'" in err and "dataset 'cifar10'" in err
+
+
+def test_refuses_a_used_save_without_resume(full_run, genotype_file, capsys):
+    err = fail(TINY + EPOCHS + ['--genotype_file', genotype_file, '--save', full_run[0]], capsys)
+    assert 'already holds a checkpoint' in err and '--resume' in err
+
+
+@pytest.mark.parametrize('dataset, name, wd', [('cifar10', 'CIFAR-10', '0.0003'),
+                                                ('cifar100', 'CIFAR-100', '0.0005')])
+def test_missing_cifar(dataset, name, wd, tmp_path, capsys):
+    argv = ['--device', 'cpu', '--dataset', dataset, '--data', str(tmp_path / 'nothing'),
+            '--save', str(tmp_path / 'run')]
+    err = fail(argv, capsys)
+    assert f'no {name} data' in err and 'download' in err
+    with open(tmp_path / 'run' / 'log.txt') as f:
+        assert f'weight decay {wd} ({dataset})' in f.read()  # the per-dataset default, logged
+
+
+def test_bad_genotype_file(tmp_path, capsys):
+    bad = json.loads(genotypes.to_json(genotypes.NOS_EXAMPLE))
+    bad['normal'][2][1] = ['conv_9x9', 3]
+    path = tmp_path / 'bad.json'
+    path.write_text(json.dumps(bad))
+    err = fail(['--device', 'cpu', '--genotype_file', str(path), '--save', str(tmp_path / 'run')], capsys)
+    assert 'normal block 2' in err and "unknown op 'conv_9x9'" in err
+    err = fail(['--device', 'cpu', '--genotype_file', str(tmp_path / 'missing.json')], capsys)
+    assert 'does not exist' in err
+    err = fail(['--device', 'cpu', '--arch', 'DARTS_V2', '--genotype_file', str(path)], capsys)
+    assert 'either --arch or --genotype_file' in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_gpu_without_cuda(tmp_path, capsys):
+    err = fail(['--gpu', '0', '--dataset', 'synthetic', '--save', str(tmp_path / 'run')], capsys)
+    assert 'no CUDA device' in err and '--device cpu' in err

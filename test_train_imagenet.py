@@ -1,0 +1,99 @@
+"""train_imagenet.py on a tiny ImageFolder (CPU): two processes under torchrun (gloo) end with the same
+weights, resume reproduces a run, and a missing train/ or val/ is named.
+
+The images are 32x32 PNGs; the pipeline resizes them to 224x224, the size DARTS's ImageNet network needs."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_imagenet
+import utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--device', 'cpu', '--layers', '3', '--init_channels', '8', '--batch_size', '4', '--workers', '0',
+        '--report_freq', '0', '--arch', 'NOS_EXAMPLE']
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('imagenet')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 8), ('val', 4)):
+        for label in ('ant', 'bee', 'cat'):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f'{i}.png')
+    return str(root)
+
+
+def run(argv):
+    try:
+        utils.run_main(lambda: train_imagenet.main(argv))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_two_processes_keep_the_same_weights(folder, tmp_path):
+    save = tmp_path / 'run'
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         os.path.join(HERE, 'train_imagenet.py'), *TINY, '--data', folder, '--epochs', '2',
+         '--save', str(save)],
+        check=False, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sums = dict(re.findall(r'rank (\d) weights_sha256=([0-9a-f]{64})', proc.stdout))
+    assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
+    ckpt = torch.load(save / 'checkpoint.pt', weights_only=False)
+    assert ckpt['epoch'] == 2 and train_imagenet.state_checksum(ckpt['model']) == sums['0']
+    assert re.search(r'^final top1_error=\d+\.\d\d top5_error=\d+\.\d\d params_M=\d+\.\d\d macs_M=\d+\.\d$',
+                     proc.stdout, re.MULTILINE)
+    log = (save / 'log.txt').read_text()
+    # 2 processes x 4 images: lr 0.25 scaled to the global batch of 8; 24 images / 8 = 3 steps an epoch
+    assert 'global batch 8; lr 0.00390625 (= 0.25 x 8 / 512)' in log
+    assert log.count('epoch 2/2') == 1  # rank 0 alone logs
+    result = json.loads((save / 'result.json').read_text())
+    assert result['world_size'] == 2 and result['num_classes'] == 3 and result['weights_sha256'] == sums['0']
+
+
+def test_resume_reproduces_the_run_and_macs_are_checked(folder, tmp_path, monkeypatch, capsys):
+    args = TINY + ['--data', folder, '--epochs', '2']
+    monkeypatch.setattr(train_imagenet, 'MOBILE_MACS', 1e6)  # the tiny network is over a 1M budget
+    assert run(args + ['--save', str(tmp_path / 'full')]) == 0
+    out = capsys.readouterr().out
+    assert "multiply-adds exceed the mobile setting's 1M" in out
+    full_sum = re.findall(r'rank 0 weights_sha256=(\w+)', out)
+    real_save = utils.save_checkpoint
+
+    def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
+        real_save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    assert run(args + ['--save', str(tmp_path / 'killed')]) == 130
+    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    assert run(args + ['--save', str(tmp_path / 'killed'), '--resume']) == 0
+    resumed_sum = re.findall(r'rank 0 weights_sha256=(\w+)', capsys.readouterr().out)
+    assert len(full_sum) == len(resumed_sum) == 1 and full_sum == resumed_sum
+    full, resumed = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('full', 'killed'))
+    assert full == resumed
+
+
+@pytest.mark.parametrize('missing', ['train', 'val'])
+def test_missing_split_is_named(folder, tmp_path, missing, capsys):
+    data = tmp_path / 'data'
+    data.mkdir()
+    os.symlink(os.path.join(folder, 'val' if missing == 'train' else 'train'),
+               data / ('val' if missing == 'train' else 'train'))
+    assert run(TINY + ['--data', str(data), '--save', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert f'no {missing}/ folder in {data}' in err and 'ImageFolder' in err

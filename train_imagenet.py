@@ -1,0 +1,297 @@
+"""Retrain a derived cell on ImageNet in the mobile setting (NOS Sec. 4.3, Appendix A.2; spec §8).
+
+    python train_imagenet.py --genotype_file runs/search/genotype.json --data /path/to/imagenet
+    torchrun --nproc_per_node=4 train_imagenet.py --genotype_file runs/search/genotype.json --data ...
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train_imagenet.py ...                                                  # several machines
+
+--data holds train/ and val/ in the ImageFolder layout (one folder of images per class). The defaults
+are the paper's: 14 cells, 48 channels, auxiliary tower weight 0.4, 300 epochs, global batch 512,
+SGD momentum 0.9, lr 0.25 warmed up linearly over 5 epochs then decayed linearly to 0 (per step).
+Where the paper is silent, DARTS's ImageNet settings: its stem, label smoothing 0.1, weight decay 3e-5,
+grad clip 5, drop-path 0, its augmentation (random resized crop 224, flip, colour jitter 0.4/0.4/0.4/0.2).
+
+--batch_size is per process; by default 512 / WORLD_SIZE, so the global batch is the paper's whatever the
+number of processes. lr 0.25 belongs to a global batch of 512 and is scaled linearly with the global batch.
+Several processes (torchrun) train with DistributedDataParallel: NCCL on CUDA, gloo with --device cpu.
+Rank 0 logs and writes SAVE/checkpoint.pt each epoch; --resume needs SAVE readable by every process.
+At the end every rank prints `rank R weights_sha256=...` (the same on all ranks) and rank 0 prints
+
+    final top1_error=25.80 top5_error=8.10 params_M=4.00 macs_M=440.0
+
+(validation errors in %, weights without the auxiliary tower, multiply-adds of one 224x224 image).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import genotypes
+import train_cifar  # the run-folder, genotype and resume helpers the two scripts share
+import utils
+from model import NetworkImageNet
+
+REFERENCE_BATCH = 512  # the global batch that lr 0.25 belongs to (NOS App. A.2)
+MOBILE_MACS = 600e6    # mobile setting: < 600M multiply-adds at 224x224 (NOS Sec. 4.3)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description='Retrain a derived cell on ImageNet, mobile setting (NOS Sec. 4.3).',
+        formatter_class=train_cifar.HelpFormatter)
+    p.add_argument('--data', default='data/imagenet', help='folder with train/ and val/ (ImageFolder layout)')
+    p.add_argument('--arch', default=None, help='a genotype named in genotypes.py (default DARTS_V2 unless '
+                                                '--genotype_file)')
+    p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
+    p.add_argument('--epochs', type=int, default=300, help='NOS App. A.2')
+    p.add_argument('--batch_size', type=int, default=None,
+                   help=f'per process; default {REFERENCE_BATCH} / number of processes')
+    p.add_argument('--learning_rate', type=float, default=0.25,
+                   help=f'peak lr for a global batch of {REFERENCE_BATCH}; scaled linearly with the global '
+                        f'batch')
+    p.add_argument('--warmup_epochs', type=float, default=5., help='linear warm-up, then linear decay to 0')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--weight_decay', type=float, default=3e-5, help='DARTS ImageNet (the paper is silent)')
+    p.add_argument('--label_smooth', type=float, default=0.1, help='label smoothing of the training loss')
+    p.add_argument('--init_channels', type=int, default=48, help='channels of the first cells')
+    p.add_argument('--layers', type=int, default=14, help='cells in the network')
+    p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
+                   help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
+    p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
+    p.add_argument('--auxiliary_weight', type=float, default=0.4, help='weight of the auxiliary loss')
+    p.add_argument('--drop_path_prob', type=float, default=0.,
+                   help='final drop-path probability; epoch e uses drop_path_prob * e / epochs')
+    p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
+    p.add_argument('--gpu', type=int, default=0, help='single process only; under torchrun LOCAL_RANK picks')
+    p.add_argument('--device', default=None, help='cpu to run on the CPU (gloo backend under torchrun)')
+    p.add_argument('--no_amp', action='store_true', help='CUDA: train in fp32 instead of bf16 autocast')
+    p.add_argument('--no_channels_last', action='store_true', help='CUDA: keep the NCHW memory layout')
+    p.add_argument('--save', default=None, help='output folder (default eval-imagenet-TIME)')
+    p.add_argument('--resume', nargs='?', const='', default=None, metavar='PATH',
+                   help='continue from PATH (default SAVE/checkpoint.pt)')
+    p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
+    p.add_argument('--workers', type=int, default=8, help='data-loading processes per training process')
+    p.add_argument('--report_freq', type=int, default=100, help='log every N steps (0: never)')
+    return p
+
+
+def imagenet_folders(root: str):
+    """DARTS's ImageNet pipeline on ImageFolder train/ and val/."""
+    import torchvision
+    import torchvision.transforms as T
+    for split in ('train', 'val'):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise utils.UserError(f'no {split}/ folder in {os.path.abspath(root)}: --data must hold train/ '
+                                  f'and val/, each with one folder of images per class (ImageFolder layout)')
+    normalize = T.Normalize(MEAN, STD)
+    train_t = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
+                         T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
+                         T.ToTensor(), normalize])
+    val_t = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    data = {}
+    for split, t in (('train', train_t), ('val', val_t)):
+        try:
+            data[split] = torchvision.datasets.ImageFolder(os.path.join(root, split), t)
+        except OSError as e:  # no class folders, or class folders without images
+            raise utils.UserError(f'{os.path.join(root, split)} holds no images in class folders '
+                                  f'({e})') from None
+    if data['train'].classes != data['val'].classes:
+        raise utils.UserError(f'train/ has {len(data["train"].classes)} classes and val/ has '
+                              f'{len(data["val"].classes)}, or their names differ; both need the same class '
+                              f'folders')
+    return data['train'], data['val']
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """NOS App. A.2: linear warm-up over `warmup` steps, then linear decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0., (total - step) / max(1, total - warmup))
+
+
+def state_checksum(state: dict) -> str:
+    """sha256 of a state dict (weights and BN statistics), independent of the memory layout."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def all_mean(values: list[float], weight: float, device) -> list[float]:
+    """Weighted mean over the processes of per-process means (weight: this process's sample count)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t[:-1] / t[-1]).tolist()
+
+
+def main(argv=None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if args.batch_size is None:
+        args.batch_size = max(1, REFERENCE_BATCH // world)
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers'):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    global_batch = args.batch_size * world
+    lr = args.learning_rate * global_batch / REFERENCE_BATCH
+
+    # Every check that can fail runs on every rank before the process group exists, so a bad input ends
+    # all processes with the same sentence instead of leaving some waiting in a collective.
+    genotype, label = train_cifar.resolve_genotype(args)
+    genotype_json = genotypes.to_json(genotype)
+    train_data, val_data = imagenet_folders(args.data)
+    num_classes = len(train_data.classes)
+    save, resume = train_cifar.resolve_save(args, 'eval-imagenet')
+    ckpt = None
+    if resume is not None:
+        ckpt = utils.load_checkpoint(resume)
+        train_cifar.check_genotype(ckpt, genotype_json, label, resume)
+        utils.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
+        utils.check_same('global batch', ckpt['global_batch'], global_batch, resume)
+        for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
+            utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+    device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
+    cuda = device.type == 'cuda'
+    amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
+    channels_last = cuda and not args.no_channels_last
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed 224x224 shapes: pick the fastest kernels once
+    if world > 1:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    try:
+        return train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json,
+                     train_data, val_data, num_classes, save, resume, ckpt, global_batch, lr)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json, train_data,
+          val_data, num_classes, save, resume, ckpt, global_batch, lr):
+    cuda = device.type == 'cuda'
+    logger = utils.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
+    logger.info(f'args: {vars(args)}')
+    logger.info(f'genotype {label}: {genotype!r}')
+    logger.info(f'{world} process(es) x batch {args.batch_size} = global batch {global_batch}; lr {lr:g} '
+                f'(= {args.learning_rate:g} x {global_batch} / {REFERENCE_BATCH}), {args.warmup_epochs:g} '
+                f'warm-up epochs then linear decay to 0; {num_classes} classes, {len(train_data)} training '
+                f'and {len(val_data)} validation images; device {device}, '
+                f'{"bf16 autocast" if amp_dtype else "fp32"}{", channels_last" if channels_last else ""}')
+
+    utils.set_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = NetworkImageNet(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
+    params = utils.count_params(model)
+    macs = utils.count_macs(model, (1, 3, 224, 224)) if rank == 0 else 0
+    logger.info(f'weights {params / 1e6:.2f}M (without the auxiliary tower), multiply-adds {macs / 1e6:.1f}M '
+                f'per 224x224 image')
+    if macs > MOBILE_MACS:
+        logger.warning(f'warning: {macs / 1e6:.0f}M multiply-adds exceed the mobile setting\'s '
+                       f'{MOBILE_MACS / 1e6:.0f}M; fewer --init_channels or --layers bring it under')
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    # Each process sees 1/world of the images; the loader drops the last partial batch so that every
+    # step has the global batch.
+    train_sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank,
+                                                        shuffle=True, seed=args.seed)
+    steps = len(train_sampler) // args.batch_size
+    if steps == 0:
+        raise utils.UserError(f'{len(train_data)} training images make no batch of {args.batch_size} per '
+                              f'process; lower --batch_size')
+    total, warmup = args.epochs * steps, min(round(args.warmup_epochs * steps), args.epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        start_epoch = ckpt['epoch']
+        if rank == 0:
+            train_cifar.trim_metrics(os.path.join(save, 'metrics.jsonl'), start_epoch)
+        logger.info(f'resumed from {resume} after epoch {start_epoch}')
+    net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+    train_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smooth)
+    criterion = nn.CrossEntropyLoss()
+    # Validation: every rank takes every world-th image, no padding, so the pooled numbers are exact.
+    val_indices = list(range(rank, len(val_data), world))
+    val_loader = utils.make_loader(val_data, args.batch_size, False, args.workers, sampler=val_indices,
+                                   pin=cuda)
+    val = (float('nan'),) * 3
+    for epoch in range(start_epoch, args.epochs):
+        # ranks draw different augmentations and drop-path masks, each reproducible for --resume
+        g = utils.seed_epoch(args.seed + 10007 * rank, epoch)
+        train_sampler.set_epoch(epoch)
+        net.drop_path_prob = args.drop_path_prob * epoch / args.epochs
+        train_loader = utils.make_loader(train_data, args.batch_size, False, args.workers, generator=g,
+                                         sampler=train_sampler, drop_last=True, pin=cuda)
+        progress = utils.Progress(len(train_loader), args.report_freq, logger, f'epoch {epoch + 1} ')
+        start, epoch_lr = time.time(), scheduler.get_last_lr()[0]
+        train_loss, train_acc = utils.train_epoch(
+            model, train_loader, optimizer, train_criterion, device,
+            aux_weight=args.auxiliary_weight if args.auxiliary else 0., grad_clip=args.grad_clip,
+            amp_dtype=amp_dtype, channels_last=channels_last, progress=progress, step_hook=scheduler.step)
+        train_loss, train_acc = all_mean([train_loss, train_acc], 1., device)
+        if world > 1:  # DDP keeps rank 0's BN statistics at each forward; end the epoch with them everywhere
+            for b in net.buffers():
+                dist.broadcast(b, 0)
+        val_local = utils.evaluate(net, val_loader, criterion, device, amp_dtype=amp_dtype,
+                                   channels_last=channels_last)
+        val = all_mean(list(val_local), float(len(val_indices)), device)
+        seconds = time.time() - start
+        logger.info(f'epoch {epoch + 1}/{args.epochs} lr {epoch_lr:.5f} (first step) train_loss '
+                    f'{train_loss:.4f} train_acc {train_acc:.2f} val_loss {val[0]:.4f} top1 {val[1]:.2f} '
+                    f'top5 {val[2]:.2f} ({seconds:.0f}s)')
+        if rank == 0:
+            utils.append_jsonl(os.path.join(save, 'metrics.jsonl'), {
+                'epoch': epoch + 1, 'lr': epoch_lr, 'train_loss': train_loss, 'train_acc': train_acc,
+                'val_loss': val[0], 'top1': val[1], 'top5': val[2], 'seconds': seconds})
+            utils.save_checkpoint({
+                'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label,
+                'genotype': genotype_json, 'num_classes': num_classes, 'global_batch': global_batch,
+                'args': vars(args),
+            }, os.path.join(save, 'checkpoint.pt'))
+
+    if start_epoch >= args.epochs:  # resumed a finished run: report it again
+        val = all_mean(list(utils.evaluate(net, val_loader, criterion, device, amp_dtype=amp_dtype,
+                                           channels_last=channels_last)), float(len(val_indices)), device)
+    checksum = state_checksum(net.state_dict())
+    print(f'rank {rank} weights_sha256={checksum}', flush=True)
+    if rank != 0:
+        return None
+    result = {
+        'arch': label, 'genotype': json.loads(genotype_json), 'epochs': args.epochs,
+        'num_classes': num_classes, 'top1_error': 100. - val[1], 'top5_error': 100. - val[2],
+        'val_loss': val[0],
+        'params': params, 'params_M': params / 1e6, 'macs': macs, 'macs_M': macs / 1e6,
+        'global_batch': global_batch, 'learning_rate': lr, 'weight_decay': args.weight_decay,
+        'seed': args.seed, 'world_size': world, 'weights_sha256': checksum,
+    }
+    train_cifar.write_json(os.path.join(save, 'result.json'), result)
+    logger.info(f'wrote {os.path.join(save, "result.json")}')
+    print(f'final top1_error={result["top1_error"]:.2f} top5_error={result["top5_error"]:.2f} '
+          f'params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}', flush=True)
+    return result
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

@@ -1,0 +1,393 @@
+"""Architecture search: DARTS's bilevel optimisation with attention-guided search (NOS, Sec. 3.3).
+
+Each step first updates the architecture matrices A on a validation batch (Eq. 13), then the network
+weights on a training batch (Eq. 12); with --lambda_at > 0 both objectives add lambda * L_AT, the
+attention-transfer loss against a frozen teacher's stage outputs of the same batch (spec §6).
+First-order by default; --unrolled uses DARTS's second-order step (finite-difference Hessian-vector
+product). Writes SAVE/search_log.jsonl, SAVE/genotype.json and SAVE/checkpoint.pt every epoch.
+
+    python train_search.py --dataset cifar10 --data data              # NOS + AGS (needs a teacher)
+    python train_search.py --dataset cifar10 --lambda_at 0            # plain DARTS-style search
+    python train_search.py --dataset synthetic --device cpu --lambda_at 0 --epochs 1 --layers 5 \\
+        --init_channels 8 --batch_size 16 --synthetic_size 128 --save /tmp/search-smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+import genotypes
+import utils
+from genotypes import OP_SUBSETS
+from model_search import SPACES, Network, resolve_ops, search_space_size
+
+KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--data', default='data', help='where CIFAR lives (torchvision layout)')
+    p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic')
+    p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
+    p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
+    p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
+    p.add_argument('--batch_size', type=int, default=64)
+    p.add_argument('--learning_rate', type=float, default=0.025, help='weights: SGD, cosine schedule')
+    p.add_argument('--learning_rate_min', type=float, default=0.0, help='end of the cosine schedule')
+    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--weight_decay', type=float, default=3e-4)
+    p.add_argument('--grad_clip', type=float, default=5.0)
+    p.add_argument('--arch_learning_rate', type=float, default=6e-4, help='A: Adam, betas (0.5, 0.999)')
+    p.add_argument('--arch_weight_decay', type=float, default=1e-3)
+    p.add_argument('--unrolled', action='store_true', help='second-order architecture step (DARTS)')
+    p.add_argument('--epochs', type=int, default=25)
+    p.add_argument('--init_channels', type=int, default=16)
+    p.add_argument('--layers', type=int, default=8, help='cells of the proxy network')
+    p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set for weights')
+    p.add_argument('--lambda_at', type=float, default=1000.0, help='AGS weight; 0 = no teacher')
+    p.add_argument('--teacher', default=None,
+                   help='teacher checkpoint (default: teacher.default_teacher_path(dataset))')
+    p.add_argument('--seed', type=int, default=2)
+    p.add_argument('--gpu', type=int, default=0)
+    p.add_argument('--device', default=None, help='cpu to run on the CPU')
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--report_freq', type=int, default=50, help='steps between progress lines')
+    p.add_argument('--save', default='runs/search')
+    p.add_argument('--resume', nargs='?', const='', default=None,
+                   help='continue from a checkpoint (default: SAVE/checkpoint.pt)')
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Bad flag values become one-sentence errors."""
+    if args.space not in SPACES:
+        raise utils.UserError(f'unknown --space {args.space!r}; valid spaces: {", ".join(SPACES)}')
+    if args.ops not in OP_SUBSETS:
+        raise utils.UserError(f'unknown --ops {args.ops!r}; valid op sets: {", ".join(OP_SUBSETS)}')
+    if args.space == 'darts' and args.ops != 'all':
+        raise utils.UserError(f'--ops {args.ops} applies to --space nos only; the DARTS space has its '
+                              f'fixed op set ({", ".join(genotypes.DARTS_PRIMITIVES)})')
+    if args.dataset not in utils.DATASETS:
+        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
+    if args.layers < 3:
+        raise utils.UserError(f'--layers {args.layers} is too few: the proxy network needs at least 3 cells '
+                              f'(two of them reduction cells)')
+    if args.lambda_at < 0 or not math.isfinite(args.lambda_at):
+        raise utils.UserError(f'--lambda_at must be a finite number >= 0, got {args.lambda_at}')
+    for flag in ('epochs', 'batch_size', 'init_channels', 'synthetic_size'):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The objective and the two updates
+
+
+def search_loss(model: Network, x, y, teacher_stages, lambda_at: float):
+    """CE + lambda * L_AT (Eq. 12 on a training batch, Eq. 13 on a validation batch).
+
+    Returns (total, ce, at, logits); `at` is a zero tensor when lambda is 0 (no teacher).
+    """
+    if lambda_at > 0:
+        logits, stages = model.forward_stages(x)
+        at = utils.attention_transfer_loss(stages, teacher_stages)
+    else:
+        logits = model(x)
+        at = logits.new_zeros(())
+    ce = model._criterion(logits, y)
+    return ce + lambda_at * at, ce, at, logits
+
+
+class Architect:
+    """DARTS's architecture step (its architect.py) on the AGS objective; Adam on A.
+
+    First order: grad of the validation objective w.r.t. A at the current weights. Second order
+    (`unrolled`): at the weights after one virtual SGD step w' = w - eta * (momentum * buf + grad + wd * w)
+    on the training objective, minus eta times the Hessian-vector product, by finite differences.
+    The unrolled copy of the network is built once here (not per step), so a run consumes the random
+    generator identically whether or not it was resumed.
+    """
+
+    def __init__(self, model: Network, *, momentum: float, weight_decay: float, arch_learning_rate: float,
+                 arch_weight_decay: float, lambda_at: float = 0., unrolled: bool = False):
+        self.model = model
+        self.network_momentum = momentum
+        self.network_weight_decay = weight_decay
+        self.lambda_at = lambda_at
+        self.unrolled = unrolled
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate, betas=(0.5, 0.999),
+                                          weight_decay=arch_weight_decay)
+        self.unrolled_model = model.new() if unrolled else None
+
+    def _loss(self, model, x, y, t):
+        return search_loss(model, x, y, t, self.lambda_at)
+
+    def step(self, x_train, y_train, t_train, x_val, y_val, t_val, eta, network_optimizer):
+        """One update of A; returns the validation (ce, at, logits) that it saw, detached."""
+        arch = self.model.arch_parameters()
+        if self.unrolled:
+            grads, (ce, at, logits) = self._unrolled_grads(x_train, y_train, t_train, x_val, y_val, t_val,
+                                                           eta, network_optimizer)
+        else:
+            total, ce, at, logits = self._loss(self.model, x_val, y_val, t_val)
+            grads = torch.autograd.grad(total, arch)
+        for p, g in zip(arch, grads):
+            p.grad = g
+        self.optimizer.step()
+        return ce.detach(), at.detach(), logits.detach()
+
+    def _unrolled_grads(self, x_train, y_train, t_train, x_val, y_val, t_val, eta, network_optimizer):
+        model, unrolled = self.model, self.unrolled_model
+        weights = model.weights()
+        total = self._loss(model, x_train, y_train, t_train)[0]
+        dtheta = torch.autograd.grad(total, weights)
+        with torch.no_grad():
+            for p, g, q in zip(weights, dtheta, unrolled.weights()):
+                d = g + self.network_weight_decay * p
+                buf = network_optimizer.state.get(p, {}).get('momentum_buffer')
+                if buf is not None:
+                    d = d + self.network_momentum * buf
+                q.copy_(p - eta * d)
+            for a, b in zip(model.arch_parameters(), unrolled.arch_parameters()):
+                b.copy_(a)
+            for a, b in zip(model.buffers(), unrolled.buffers()):
+                b.copy_(a)
+        total, ce, at, logits = self._loss(unrolled, x_val, y_val, t_val)
+        u_arch, u_weights = unrolled.arch_parameters(), unrolled.weights()
+        grads = torch.autograd.grad(total, u_arch + u_weights)
+        dalpha, vector = grads[:len(u_arch)], grads[len(u_arch):]
+        implicit = self._hessian_vector_product(vector, x_train, y_train, t_train)
+        return [g - eta * h for g, h in zip(dalpha, implicit)], (ce, at, logits)
+
+    def _hessian_vector_product(self, vector, x, y, t, r: float = 1e-2):
+        """(grad_A L(w + R v) - grad_A L(w - R v)) / 2R with R = r / |v| (DARTS, Eq. 8 of its paper)."""
+        weights, arch = self.model.weights(), self.model.arch_parameters()
+        R = r / torch.cat([v.flatten() for v in vector]).norm()
+        with torch.no_grad():
+            for p, v in zip(weights, vector):
+                p.add_(R * v)
+        grads_p = torch.autograd.grad(self._loss(self.model, x, y, t)[0], arch)
+        with torch.no_grad():
+            for p, v in zip(weights, vector):
+                p.sub_(2 * R * v)
+        grads_n = torch.autograd.grad(self._loss(self.model, x, y, t)[0], arch)
+        with torch.no_grad():
+            for p, v in zip(weights, vector):
+                p.add_(R * v)
+        return [(gp - gn) / (2 * R) for gp, gn in zip(grads_p, grads_n)]
+
+
+def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,
+                teacher=None, eta=0., grad_clip: float = 5.) -> dict:
+    """One search iteration: the A step on the validation batch (Eq. 13), then the weight step on the
+    training batch (Eq. 12). Returns detached tensors (losses and correct counts); nothing syncs."""
+    model.train()
+    t_train = t_val = None
+    if architect.lambda_at > 0:
+        with torch.no_grad():  # the teacher is frozen, in eval mode
+            t_train = teacher.forward_stages(x_train)[1]
+            t_val = teacher.forward_stages(x_val)[1]
+    val_ce, val_at, val_logits = architect.step(x_train, y_train, t_train, x_val, y_val, t_val, eta, optimizer)
+
+    weights = model.weights()
+    optimizer.zero_grad(set_to_none=True)
+    total, ce, at, logits = search_loss(model, x_train, y_train, t_train, architect.lambda_at)
+    total.backward(inputs=weights)  # the weight step leaves A's gradient alone
+    if grad_clip:
+        nn.utils.clip_grad_norm_(weights, grad_clip)
+    optimizer.step()
+    return {'train_ce': ce.detach(), 'train_at': at.detach(), 'val_ce': val_ce, 'val_at': val_at,
+            'train_correct': (logits.detach().argmax(1) == y_train).sum(),
+            'val_correct': (val_logits.argmax(1) == y_val).sum()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def search_epoch(model, architect, optimizer, train_loader, val_loader, *, teacher, eta, grad_clip, device,
+                 epoch, logger, report_freq, has_checkpoint) -> dict:
+    """One epoch of search_step; the validation batches cycle if the validation part is shorter."""
+    sums = dict.fromkeys(KEYS, 0.)
+    n_train = n_val = 0
+    progress = utils.Progress(len(train_loader), report_freq, logger, prefix=f'epoch {epoch + 1} ')
+    val_iter = iter(val_loader)
+    for step, (x, y) in enumerate(train_loader):
+        try:
+            xv, yv = next(val_iter)
+        except StopIteration:
+            val_iter = iter(val_loader)
+            xv, yv = next(val_iter)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
+        out = search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=eta,
+                          grad_clip=grad_clip)
+        values = dict(zip(KEYS, torch.stack([out[k].float() for k in KEYS]).tolist()))  # the one sync
+        if not all(math.isfinite(values[k]) for k in KEYS[:4]):
+            kept = (f'the last checkpoint (epoch {epoch}) is kept' if has_checkpoint
+                    else 'no checkpoint was written')
+            losses = ', '.join(f'{k} {values[k]:.4g}' for k in KEYS[:4])
+            raise utils.NonFiniteLoss(
+                f'the search loss became non-finite at epoch {epoch + 1}, step {step + 1} ({losses}) and '
+                f'{kept}: lower --learning_rate or --arch_learning_rate (or check the data) and start again '
+                f'or --resume')
+        n, nv = x.shape[0], xv.shape[0]
+        n_train, n_val = n_train + n, n_val + nv
+        for k in ('train_ce', 'train_at'):
+            sums[k] += values[k] * n
+        for k in ('val_ce', 'val_at'):
+            sums[k] += values[k] * nv
+        sums['train_correct'] += values['train_correct']
+        sums['val_correct'] += values['val_correct']
+        progress.step(step, n, f'ce {sums["train_ce"] / n_train:.3f}  at {sums["train_at"] / n_train:.4g}  '
+                               f'top1 {100 * sums["train_correct"] / n_train:.2f}  '
+                               f'val_ce {sums["val_ce"] / n_val:.3f}  val_top1 {100 * sums["val_correct"] / n_val:.2f}')
+    return {'train_acc': 100 * sums['train_correct'] / n_train, 'val_acc': 100 * sums['val_correct'] / n_val,
+            'train_ce': sums['train_ce'] / n_train, 'train_at': sums['train_at'] / n_train,
+            'val_ce': sums['val_ce'] / n_val, 'val_at': sums['val_at'] / n_val}
+
+
+def edge_labels(steps: int, space: str) -> list[str]:
+    """Row names of A: i->k' for first-tier edges into surrogate node k', k'->k for second-tier ones
+    (DARTS: i->k)."""
+    if space != 'nos':
+        return [f'{j}->{k + 2}' for k in range(steps) for j in range(k + 2)]
+    first = [f"{j}->{k + 2}'" for k in range(steps) for j in range(k + 2)]
+    return first + [f"{k + 2}'->{k + 2}" for k in range(steps)]
+
+
+def format_alphas(name: str, weights, ops, steps: int, space: str) -> str:
+    labels = edge_labels(steps, space)
+    lines = [f'{name} (softmax over ops; columns: {", ".join(ops)})']
+    lines += [f'  {label:>7} ' + ' '.join(f'{v:.3f}' for v in row) for label, row in zip(labels, weights)]
+    return '\n'.join(lines)
+
+
+def settings_of(args) -> dict:
+    """What must match when a search resumes."""
+    return {'dataset': args.dataset, 'space': args.space, 'ops': resolve_ops(args.space, args.ops),
+            'layers': args.layers, 'init_channels': args.init_channels, 'lambda_at': args.lambda_at,
+            'unrolled': args.unrolled, 'epochs': args.epochs}
+
+
+def trim_log(path: str, last_epoch: int) -> None:
+    """Keep the records of the epochs a checkpoint holds (a run killed after logging, before its
+    checkpoint, repeats that epoch on resume)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)['epoch'] <= last_epoch]
+    with open(path, 'w') as f:
+        f.writelines(keep)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    ckpt_path = os.path.join(args.save, 'checkpoint.pt')
+    if args.resume == '':
+        args.resume = ckpt_path
+    if args.resume is None and os.path.exists(ckpt_path):
+        raise utils.UserError(f'{args.save} already holds a search checkpoint; pass --resume to continue it '
+                              f'or pick another --save')
+    settings = settings_of(args)
+    ckpt = None
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        for key, value in settings.items():
+            utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
+    device = utils.get_device(args.gpu, args.device)
+    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
+    train_idx, val_idx = utils.search_split(len(data), args.train_portion)
+    teacher_net = None
+    if args.lambda_at > 0:
+        import teacher
+        path = args.teacher or teacher.default_teacher_path(args.dataset)
+        teacher_net = teacher.load_teacher(path, args.dataset, device)
+
+    logger = utils.get_logger(args.save, 'search')
+    logger.info('args = %s', vars(args))
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    utils.set_seed(args.seed)
+    model = Network(args.init_channels, utils.NUM_CLASSES[args.dataset], args.layers, nn.CrossEntropyLoss(),
+                    space=args.space, ops=settings['ops']).to(device)
+    optimizer = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
+                                                           eta_min=args.learning_rate_min)
+    architect = Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
+                          arch_learning_rate=args.arch_learning_rate,
+                          arch_weight_decay=args.arch_weight_decay, lambda_at=args.lambda_at,
+                          unrolled=args.unrolled)
+    size = search_space_size(model.ops, args.space)
+    logger.info('search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, %.2e exact',
+                args.space, len(model.ops), ', '.join(model.ops), size['paper'], size['exact'])
+    n_weights = utils.count_params(model)
+    logger.info('param size = %.6fMB (%d weights; A: 2 x %s)', n_weights / 1e6, n_weights,
+                tuple(model.alphas_normal.shape))
+    if teacher_net is not None:
+        logger.info('attention-guided search: lambda_at %g, teacher %s', args.lambda_at,
+                    args.teacher or 'default')
+
+    log_path = os.path.join(args.save, 'search_log.jsonl')
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        architect.optimizer.load_state_dict(ckpt['arch_optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        start_epoch = ckpt['epoch']
+        trim_log(log_path, start_epoch)
+        logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # left by a run that stopped before its first checkpoint
+
+    pin = device.type == 'cuda'
+    train_data = torch.utils.data.Subset(data, train_idx)
+    val_data = torch.utils.data.Subset(data, val_idx)
+    for epoch in range(start_epoch, args.epochs):
+        g = utils.seed_epoch(args.seed, epoch)
+        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+        val_loader = utils.make_loader(val_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+        lr = scheduler.get_last_lr()[0]
+        logger.info('epoch %d/%d lr %e', epoch + 1, args.epochs, lr)
+        start = time.time()
+        stats = search_epoch(model, architect, optimizer, train_loader, val_loader, teacher=teacher_net,
+                             eta=lr, grad_clip=args.grad_clip, device=device, epoch=epoch, logger=logger,
+                             report_freq=args.report_freq, has_checkpoint=epoch > 0)
+        scheduler.step()
+        seconds = time.time() - start
+        genotype = genotypes.validate(model.genotype())
+        wn, wr = model.arch_weights()
+        logger.info('epoch %d: train_acc %.2f val_acc %.2f  train_ce %.4f train_at %.4g  val_ce %.4f '
+                    'val_at %.4g  (%.1f s)', epoch + 1, stats['train_acc'], stats['val_acc'],
+                    stats['train_ce'], stats['train_at'], stats['val_ce'], stats['val_at'], seconds)
+        logger.info('genotype = %r', genotype)
+        logger.info(format_alphas('alphas_normal', wn, model.ops, model._steps, args.space))
+        logger.info(format_alphas('alphas_reduce', wr, model.ops, model._steps, args.space))
+        record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds,
+                  'genotype': json.loads(genotypes.to_json(genotype)), 'primitives': list(model.ops),
+                  'alphas_normal': wn.round(6).tolist(), 'alphas_reduce': wr.round(6).tolist()}
+        utils.append_jsonl(log_path, record)
+        genotypes.save(genotype, os.path.join(args.save, 'genotype.json'))
+        utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
+                               'optimizer': optimizer.state_dict(),
+                               'arch_optimizer': architect.optimizer.state_dict(),
+                               'scheduler': scheduler.state_dict(), 'settings': settings,
+                               'genotype': genotype._asdict(), 'args': vars(args)}, ckpt_path)
+
+    genotype = genotypes.validate(model.genotype())
+    logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
+                args.space, os.path.join(args.save, 'genotype.json'), genotype)
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

@@ -1,0 +1,356 @@
+"""Draw searched cells, and how the search converged.
+
+    python visualize.py NOS_EXAMPLE                    # a genotype name in genotypes.py
+    python visualize.py search-xxx/genotype.json       # the JSON that train_search.py writes
+    python visualize.py search-xxx                     # a search --save folder: cells + heatmaps of A
+
+Cells (both tiers of the heterogeneous residual block, Sec. 3.2, Fig. 2): per block k, the first-tier
+edges from two earlier nodes into the surrogate node k', and the second-tier edge k' -> k. Edges are
+coloured by op kind: feature (blue, joined by addition), attention (orange, the paper's elementwise
+product), dynamic kernels (green, the paper's dynamic convolution). A classic DARTS cell (second tier
+skip_connect) is drawn as DARTS draws it, without surrogate nodes. Nodes carry the genotype's indices:
+0 and 1 are the cell inputs c_{k-2}, c_{k-1}; 2..5 the blocks, whose concatenation is the output c_{k}.
+
+Writes OUT/normal.dot and OUT/reduce.dot always, OUT/normal.FORMAT and OUT/reduce.FORMAT through the
+`graphviz` package and its `dot` binary (optional: without them the DOT text is printed), and for a search
+folder OUT/alphas_{normal,reduce}.FORMAT (the softmaxed A, epoch by epoch, the derived cell's choices
+outlined in the last panel) and OUT/alphas_evolution_{normal,reduce}.FORMAT (each edge's op weights over
+the epochs) through matplotlib (optional).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import genotypes
+import utils
+from genotypes import Genotype, GenotypeError, is_classic, op_kind, to_blocks
+from utils import UserError
+
+# What every default is: visible here, as the brief of every script asks.
+DEFAULT_FORMAT = 'png'
+MAX_PANELS = 12  # epochs shown in the heatmap grid (evenly spaced, first and last always)
+
+KIND_COLOR = {'feature': '#1f77b4', 'attention': '#ff7f0e', 'dynamic': '#2ca02c', 'none': '#7f7f7f'}
+KIND_STYLE = {'feature': 'solid', 'attention': 'dashed', 'dynamic': 'bold', 'none': 'dotted'}
+# Arrowheads echo the paper's operators: (+) features, (.) attention, (x) dynamic convolution.
+KIND_ARROW = {'feature': 'normal', 'attention': 'odot', 'dynamic': 'odiamond', 'none': 'normal'}
+KIND_SYMBOL = {'feature': '&#8853;', 'attention': '&#8857;', 'dynamic': '&#8855;'}
+INPUT_FILL, SURROGATE_FILL, NODE_FILL, OUTPUT_FILL = 'darkseagreen2', 'gray92', 'lightblue', 'palegoldenrod'
+SEARCH_LOG = 'search_log.jsonl'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DOT text (pure: no graphviz needed)
+
+
+def _edge(src: str, dst: str, op: str) -> str:
+    kind = op_kind(op)
+    return (f'  "{src}" -> "{dst}" [label="{op}", color="{KIND_COLOR[kind]}", fontcolor="{KIND_COLOR[kind]}", '
+            f'style={KIND_STYLE[kind]}, arrowhead={KIND_ARROW[kind]}];')
+
+
+def _title(text: str, kinds) -> str:
+    """An HTML-like graph label: the title over a legend of the op kinds the cell uses."""
+    shown = [k for k in ('feature', 'attention', 'dynamic') if k in kinds]
+    cells = ''.join(f'<td><font color="{KIND_COLOR[k]}">{KIND_SYMBOL[k]} {k}</font></td>' for k in shown)
+    return (f'<<table border="0" cellspacing="4"><tr><td colspan="{len(shown)}">{text}</td></tr>'
+            f'<tr>{cells}</tr></table>>')
+
+
+def cell_dot(cell, name: str = 'normal') -> str:
+    """DOT text of one cell (a classic list of (op, input) pairs or NOS blocks); GenotypeError if malformed."""
+    blocks = to_blocks(cell, name)
+    classic = is_classic(list(cell))
+    lines = [f'digraph {name} {{',
+             '  rankdir=LR;',
+             ('  node [shape=rect, style="rounded,filled", fontname=helvetica, fontsize=16, height=0.5, '
+              'width=0.5, penwidth=2];'),
+             '  edge [fontname=helvetica, fontsize=12, penwidth=1.5];',
+             f'  "0" [label="0: c_{{k-2}}", fillcolor={INPUT_FILL}];',
+             f'  "1" [label="1: c_{{k-1}}", fillcolor={INPUT_FILL}];']
+    kinds = set()
+    for k, ((op_i, i), (op_j, j), op_s) in enumerate(blocks):
+        node = str(k + 2)
+        lines.append(f'  "{node}" [fillcolor={NODE_FILL}];')
+        if classic:  # DARTS's drawing: both edges straight into the node
+            lines += [_edge(str(i), node, op_i), _edge(str(j), node, op_j)]
+            kinds.update(op_kind(op) for op in (op_i, op_j))
+            continue
+        surrogate = f"{node}'"
+        # first tier (Eq. 2-5) into the surrogate node k', second tier (Eq. 6-9) from k' to k
+        lines.append(f'  "{surrogate}" [shape=ellipse, fillcolor={SURROGATE_FILL}];')
+        lines += [_edge(str(i), surrogate, op_i), _edge(str(j), surrogate, op_j), _edge(surrogate, node, op_s)]
+        kinds.update(op_kind(op) for op in (op_i, op_j, op_s))
+    lines.append(f'  "c_{{k}}" [fillcolor={OUTPUT_FILL}];')
+    lines += [f'  "{k + 2}" -> "c_{{k}}" [color=gray50];' for k in range(len(blocks))]
+    kind_label = 'classic DARTS cell' if classic else 'heterogeneous operator cell'
+    lines += ['  labelloc=t; fontname=helvetica; fontsize=18;',
+              f'  label={_title(f"{name} cell ({kind_label})", kinds)};', '}']
+    return '\n'.join(lines) + '\n'
+
+
+def genotype_dots(genotype: Genotype) -> dict[str, str]:
+    """{'normal': DOT, 'reduce': DOT} of a validated genotype."""
+    genotype = genotypes.validate(genotype)
+    return {'normal': cell_dot(genotype.normal, 'normal'), 'reduce': cell_dot(genotype.reduce, 'reduce')}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input
+
+
+def edge_labels(n_rows: int) -> list[str]:
+    """Row labels of A in the search log's edge order (spec §2): 14 first-tier edges j -> k' in DARTS's
+    order, then the 4 second-tier edges k' -> k; the DARTS space has the 14 edges j -> k only."""
+    if n_rows not in (14, 18):
+        raise UserError(f'an architecture matrix has {n_rows} rows; expected 18 (NOS) or 14 (DARTS)')
+    mark = "'" if n_rows == 18 else ''
+    first = [f'{j}->{k + 2}{mark}' for k in range(4) for j in range(k + 2)]
+    return first + ([f"{k + 2}'->{k + 2}" for k in range(4)] if n_rows == 18 else [])
+
+
+def chosen_cells(cell, n_rows: int, primitives: list[str]) -> list[tuple[int, int]]:
+    """(row, column) of A behind each op of a derived cell, to outline them on the heatmap."""
+    blocks, classic = to_blocks(cell), is_classic(list(cell))
+    labels = edge_labels(n_rows)
+    mark = '' if n_rows == 14 else "'"
+    out = []
+    for k, ((op_i, i), (op_j, j), op_s) in enumerate(blocks):
+        pairs = [(f'{i}->{k + 2}{mark}', op_i), (f'{j}->{k + 2}{mark}', op_j)]
+        if not classic and n_rows == 18:
+            pairs.append((f"{k + 2}'->{k + 2}", op_s))
+        out += [(labels.index(e), primitives.index(op)) for e, op in pairs if op in primitives]
+    return out
+
+
+def read_search_log(path: str) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f'{path} line {n} is not valid JSON; the file is damaged (a search writes one '
+                                f'JSON object per epoch)') from None
+            missing = {'epoch', 'primitives', 'alphas_normal', 'alphas_reduce'} - set(rec)
+            if missing:
+                raise UserError(f'{path} line {n} lacks {", ".join(sorted(missing))}; it is not a search log '
+                                f'of train_search.py')
+            records.append(rec)
+    if not records:
+        raise UserError(f'{path} holds no epochs yet; let the search finish an epoch first')
+    return records
+
+
+def load_input(arg: str) -> tuple[Genotype, list[dict] | None, str]:
+    """(genotype, search log records or None, default output folder) for the CLI argument."""
+    if os.path.isdir(arg):
+        log_path = os.path.join(arg, SEARCH_LOG)
+        geno_path = os.path.join(arg, 'genotype.json')
+        records = read_search_log(log_path) if os.path.isfile(log_path) else None
+        if os.path.isfile(geno_path):
+            genotype = genotypes.load(genotype_file=geno_path)
+        elif records is not None and 'genotype' in records[-1]:
+            genotype = genotypes.from_json(json.dumps(records[-1]['genotype']), f'{log_path} (last epoch)')
+        else:
+            raise UserError(f'{arg} is a folder without genotype.json or {SEARCH_LOG}; pass a search --save '
+                            f'folder, a genotype.json or a genotype name in genotypes.py')
+        return genotype, records, os.path.join(arg, 'plots')
+    if os.path.isfile(arg) or arg.endswith('.json') or os.sep in arg:
+        genotype = genotypes.load(genotype_file=arg)  # GenotypeError names a missing or malformed file
+        stem = os.path.splitext(os.path.basename(arg))[0]
+        return genotype, None, os.path.join(os.path.dirname(arg) or '.', f'plots_{stem}')
+    try:
+        genotype = genotypes.load(arch=arg)
+    except GenotypeError as e:
+        raise GenotypeError(f'{e}; nor is {arg!r} a file or folder') from None
+    return genotype, None, os.path.join('plots', arg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering (optional dependencies)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def render_cells(dots: dict[str, str], out: str, fmt: str) -> list[str]:
+    """Render each DOT with graphviz; without the package or the `dot` binary, say so once and print the
+    DOT text (still written to OUT/*.dot) so that it can be rendered elsewhere."""
+    try:
+        import graphviz
+    except ImportError:
+        graphviz = None
+    why = None
+    written = []
+    if graphviz is None:
+        why = 'the graphviz Python package is not installed (pip install graphviz)'
+    else:
+        try:
+            for name, text in dots.items():
+                path = os.path.join(out, f'{name}.{fmt}')
+                _write_bytes(path, graphviz.Source(text).pipe(format=fmt))
+                written.append(path)
+        except graphviz.ExecutableNotFound:
+            why = ('the graphviz `dot` program is not installed (apt-get install graphviz, brew install '
+                   'graphviz, or conda install graphviz)')
+    if why:
+        print(f'note: {why}, so the cells are not drawn; their DOT text follows (also in {out}/*.dot; render '
+              f'with `dot -T{fmt} FILE.dot -o FILE.{fmt}`)', file=sys.stderr)
+        for text in dots.values():
+            print(text)
+    return written
+
+
+def _panel_epochs(n: int, max_panels: int = MAX_PANELS) -> list[int]:
+    """Indices of the epochs to show: all when few, else evenly spaced with the first and the last."""
+    if n <= max_panels:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (max_panels - 1)) for i in range(max_panels)})
+
+
+# Distinct colours per op in the line plots, hues grouped by kind: features blue-purple-brown-gray,
+# attention orange-red, dynamic greens; kinds also differ in line style.
+OP_COLOR = {'sep_conv_3x3': '#1f77b4', 'sep_conv_5x5': '#17becf', 'dil_conv_3x3': '#9467bd',
+            'dil_conv_5x5': '#e377c2', 'max_pool_3x3': '#8c564b', 'avg_pool_3x3': '#bcbd22',
+            'skip_connect': '#7f7f7f', 'none': '#000000', 'spatial_attention': '#ff7f0e',
+            'channel_attention': '#d62728', 'dynamic_conv_3x3': '#2ca02c', 'dynamic_conv_5x5': '#006400'}
+KIND_LINE = {'feature': '-', 'none': ':', 'attention': '--', 'dynamic': '-.'}
+
+
+def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
+    """Heatmaps of the softmaxed A per cell type over the epochs, and each edge's op weights over epochs."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print('note: matplotlib is not installed (pip install matplotlib), so the heatmaps of the '
+              'architecture weights are not drawn', file=sys.stderr)
+        return []
+    import numpy as np
+
+    primitives = records[-1]['primitives']
+    epochs = [r['epoch'] for r in records]
+    written = []
+    for cell in ('normal', 'reduce'):
+        try:
+            weights = np.array([r[f'alphas_{cell}'] for r in records], dtype=float)  # (E, rows, ops)
+        except ValueError:
+            raise UserError(f'the alphas_{cell} of the search log change shape between epochs; the log mixes '
+                            f'runs: search into a fresh --save folder') from None
+        if weights.ndim != 3 or weights.shape[2] != len(primitives):
+            raise UserError(f'alphas_{cell} in the search log is not an (edges x {len(primitives)} ops) matrix '
+                            f'per epoch')
+        rows = edge_labels(weights.shape[1])
+        genotype = records[-1].get('genotype')
+        chosen = []
+        if genotype:
+            try:
+                chosen = chosen_cells(genotypes.from_json(json.dumps(genotype)).__getattribute__(cell),
+                                      len(rows), primitives)
+            except (GenotypeError, ValueError):
+                chosen = []
+
+        # 1) the softmaxed A, epoch by epoch
+        show = _panel_epochs(len(records))
+        ncols = min(len(show), 4)
+        nrows = math.ceil(len(show) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1.6, 3.6 * nrows + 1.4), sharex=True,
+                                 sharey=True, squeeze=False, layout='constrained')
+        vmax = float(weights.max())
+        for ax in axes.flat[len(show):]:
+            ax.axis('off')
+        for n, (ax, e) in enumerate(zip(axes.flat, show)):
+            im = ax.imshow(weights[e], cmap='viridis', vmin=0, vmax=vmax, aspect='auto')
+            ax.set_title(f'epoch {epochs[e]}', fontsize=10)
+            ax.set_xticks(range(len(primitives)))
+            ax.set_yticks(range(len(rows)))
+            ax.set_yticklabels(rows, fontsize=7)
+            # the column names under the lowest panel of each column only
+            if n + ncols >= len(show):
+                ax.xaxis.set_tick_params(labelbottom=True)
+                ax.set_xticklabels(primitives, rotation=90, fontsize=7)
+                for tick, op in zip(ax.get_xticklabels(), primitives):
+                    tick.set_color(KIND_COLOR[op_kind(op)])
+            if e == len(records) - 1:
+                for r, c in chosen:
+                    ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.5))
+        fig.colorbar(im, ax=axes, shrink=0.5, label='softmax weight')
+        fig.suptitle(f'{cell} cell: softmax(A), edges (rows) x ops (columns)'
+                     + ('; red boxes: the derived cell' if chosen else ''))
+        path = os.path.join(out, f'alphas_{cell}.{fmt}')
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+
+        # 2) each edge's op weights over the epochs: the search converging, edge by edge
+        ncols = 6 if len(rows) == 18 else 7
+        nrows = math.ceil(len(rows) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.0 * nrows + 1.2), sharex=True,
+                                 sharey=True, squeeze=False, layout='constrained')
+        for ax in axes.flat[len(rows):]:
+            ax.axis('off')
+        for r, ax in enumerate(axes.flat[:len(rows)]):
+            for o, op in enumerate(primitives):
+                ax.plot(epochs, weights[:, r, o], color=OP_COLOR.get(op, 'black'), lw=1.4,
+                        ls=KIND_LINE[op_kind(op)], label=op)
+            ax.set_title(rows[r], fontsize=9)
+            ax.tick_params(labelsize=7)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc='outside lower center', ncol=min(6, len(primitives)), fontsize=8)
+        for ax in axes.flat[max(0, len(rows) - ncols):len(rows)]:  # the lowest panel of each column
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel('epoch', fontsize=9)
+        fig.supylabel('softmax weight', fontsize=10)
+        fig.suptitle(f'{cell} cell: op weights of each edge over the search')
+        path = os.path.join(out, f'alphas_evolution_{cell}.{fmt}')
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('genotype', metavar='GENOTYPE_OR_JSON',
+                   help='a genotype name in genotypes.py, a genotype.json, or a train_search.py --save folder')
+    p.add_argument('--out', default=None, help='output folder (default: SAVE/plots for a search folder, '
+                   'plots/NAME for a name, plots_STEM next to a JSON file)')
+    p.add_argument('--format', default=DEFAULT_FORMAT, choices=['png', 'pdf', 'svg'])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    genotype, records, default_out = load_input(args.genotype)
+    out = args.out or default_out
+    dots = genotype_dots(genotype)
+    os.makedirs(out, exist_ok=True)
+    for name, text in dots.items():
+        with open(os.path.join(out, f'{name}.dot'), 'w') as f:
+            f.write(text)
+    written = render_cells(dots, out, args.format)
+    if records is not None:
+        written += plot_alphas(records, out, args.format)
+    for path in written:
+        print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
