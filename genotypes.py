@@ -111,6 +111,15 @@ NOS_EXAMPLE = Genotype(
     reduce_concat=[2, 3, 4, 5])
 
 
+def edge_names(two_tier: bool = True, steps: int = STEPS) -> list[str]:
+    """Names of the rows of a search network's A, in its edge order (spec §2): first-tier edges
+    'i->k\'' into surrogate node k' (DARTS order), then second-tier edges 'k\'->k'; DARTS's single
+    tier has edges 'i->k'."""
+    mark = "'" if two_tier else ''
+    first = [f'{i}->{k + 2}{mark}' for k in range(steps) for i in range(k + 2)]
+    return first + ([f"{k + 2}'->{k + 2}" for k in range(steps)] if two_tier else [])
+
+
 class GenotypeError(ValueError):
     """A genotype that cannot be built; the message names the cell, the block and the fault."""
 

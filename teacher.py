@@ -398,10 +398,7 @@ def main(argv=None):
             raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
     device = utils.get_device(args.gpu, args.device)
     ckpt_path, log_dir = run_paths(args)
-    if args.resume is None and os.path.exists(ckpt_path):
-        raise utils.UserError(f'{ckpt_path} already holds a checkpoint: pass --resume to continue it, or pick '
-                              f'another --save')
-    resume_path = (args.resume or ckpt_path) if args.resume is not None else None
+    resume_path = utils.resume_path(ckpt_path, args.resume)
     utils.set_seed(args.seed)
     model = make_model(args)  # before the log folder exists: a bad --depth leaves nothing behind
     logger = utils.get_logger(log_dir, 'teacher')
@@ -429,6 +426,7 @@ def main(argv=None):
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         start, best = state['epoch'] + 1, state.get('best_top1', 0.0)
+        utils.trim_jsonl(os.path.join(log_dir, 'train_log.jsonl'), start)
         logger.info(f'resumed from {resume_path} after epoch {start}')
 
     train_data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,

@@ -60,7 +60,7 @@ def fails_with(capsys, args, *words):
 
 @pytest.fixture(scope='module')
 def searched(tmp_path_factory, tiny_teacher):
-    """One epoch of attention-guided search at the brief's tiny size (layers 5, 8 channels, batch 16)."""
+    """One epoch of attention-guided search at a tiny size (layers 5, 8 channels, batch 16)."""
     save = tmp_path_factory.mktemp('search')
     args = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '5',
             '--init_channels', '8', '--batch_size', '16', '--synthetic_size', '128', '--epochs', '1',

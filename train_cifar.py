@@ -36,18 +36,9 @@ DEFAULT_ARCH = 'DARTS_V2'
 WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4}  # NOS App. A.1
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where there is none to show (None, on/off switches)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Retrain a derived cell on CIFAR-10/100 (NOS Sec. 4.3).',
-                                formatter_class=HelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('--data', default='data', help='folder holding (or to hold) the CIFAR data')
     p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS,
                    help='synthetic: made-up CIFAR-shaped data, no download (smoke tests)')
@@ -85,57 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_genotype(args) -> tuple[genotypes.Genotype, str]:
-    """The genotype and the label that names it in logs and checkpoints."""
-    if args.arch and args.genotype_file:
-        raise utils.UserError('give either --arch or --genotype_file, not both')
-    if args.genotype_file:
-        return genotypes.load(genotype_file=args.genotype_file), args.genotype_file
-    arch = args.arch or DEFAULT_ARCH
-    return genotypes.load(arch=arch), arch
-
-
-def resolve_save(args, stem: str) -> tuple[str, str | None]:
-    """SAVE and the checkpoint to resume from (None: a fresh run, which refuses a used SAVE)."""
-    save = args.save
-    if save is None:
-        save = (os.path.dirname(args.resume) or '.') if args.resume else \
-            f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}'
-    resume = None
-    if args.resume is not None:
-        resume = args.resume or os.path.join(save, 'checkpoint.pt')
-    elif os.path.exists(os.path.join(save, 'checkpoint.pt')):
-        raise utils.UserError(f'{save} already holds a checkpoint; pass --resume to continue it, or pick '
-                              f'another --save')
-    return save, resume
-
-
-def check_genotype(ckpt: dict, genotype_json: str, label: str, path: str) -> None:
-    if ckpt['genotype'] != genotype_json:
-        saved, current = ckpt['arch'], label
-        if saved == current:  # same name, different cells (an edited genotypes.py or file)
-            saved, current = f'{saved} (as it was then)', f'{current} (as it is now)'
-        utils.check_same('genotype', saved, current, path)
-
-
-def trim_metrics(path: str, epochs_done: int) -> None:
-    """Forget epochs logged after the checkpoint we resume from (a run killed between the two writes)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)['epoch'] <= epochs_done]
-    with open(path, 'w') as f:
-        f.writelines(keep)
-
-
-def write_json(path: str, record: dict) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(record, f, indent=1)
-        f.write('\n')
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.weight_decay is None:
@@ -145,9 +85,9 @@ def main(argv=None) -> dict:
             raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 <= args.drop_path_prob < 1:
         raise utils.UserError(f'--drop_path_prob must be in [0, 1), got {args.drop_path_prob}')
-    genotype, label = resolve_genotype(args)
+    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
-    save, resume = resolve_save(args, f'eval-{args.dataset}')
+    save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
     device = utils.get_device(args.gpu, args.device)
     cuda = device.type == 'cuda'
     amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
@@ -157,7 +97,7 @@ def main(argv=None) -> dict:
     ckpt = None
     if resume is not None:
         ckpt = utils.load_checkpoint(resume)
-        check_genotype(ckpt, genotype_json, label, resume)
+        utils.check_genotype(ckpt, genotype_json, label, resume)
         utils.check_same('dataset', ckpt['dataset'], args.dataset, resume)
         if args.dataset == 'synthetic':
             utils.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
@@ -195,7 +135,7 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
-        trim_metrics(metrics_path, start_epoch)
+        utils.trim_jsonl(metrics_path, start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}')
 
     # BatchNorm in the auxiliary tower cannot train on a batch of one image: drop such a last batch.
@@ -222,7 +162,7 @@ def main(argv=None) -> dict:
                     f'train_loss {train_loss:.4f} train_acc {train_acc:.2f} test_loss {test[0]:.4f} '
                     f'test_acc {test[1]:.2f} test_top5 {test[2]:.2f} ({seconds:.0f}s)')
         # metrics first: a run killed between the two writes logs this epoch again on resume, and
-        # trim_metrics drops the stale line
+        # utils.trim_jsonl drops the stale line
         utils.append_jsonl(metrics_path, {
             'epoch': epoch + 1, 'lr': lr, 'drop_path_prob': model.drop_path_prob, 'train_loss': train_loss,
             'train_acc': train_acc, 'test_loss': test[0], 'test_acc': test[1], 'test_top5': test[2],
@@ -242,7 +182,7 @@ def main(argv=None) -> dict:
         'params': params, 'params_M': params / 1e6, 'macs': macs, 'macs_M': macs / 1e6,
         'learning_rate': args.learning_rate, 'weight_decay': args.weight_decay, 'seed': args.seed,
     }
-    write_json(os.path.join(save, 'result.json'), result)
+    utils.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'
     logger.info(f'wrote {os.path.join(save, "result.json")}')
     print(line, flush=True)

@@ -35,10 +35,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import genotypes
-import train_cifar  # the run-folder, genotype and resume helpers the two scripts share
 import utils
 from model import NetworkImageNet
 
+DEFAULT_ARCH = 'DARTS_V2'  # DARTS's default cell; pass --genotype_file for your own
 REFERENCE_BATCH = 512  # the global batch that lr 0.25 belongs to (NOS App. A.2)
 MOBILE_MACS = 600e6    # mobile setting: < 600M multiply-adds at 224x224 (NOS Sec. 4.3)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,7 +47,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description='Retrain a derived cell on ImageNet, mobile setting (NOS Sec. 4.3).',
-        formatter_class=train_cifar.HelpFormatter)
+        formatter_class=utils.HelpFormatter)
     p.add_argument('--data', default='data/imagenet', help='folder with train/ and val/ (ImageFolder layout)')
     p.add_argument('--arch', default=None, help='a genotype named in genotypes.py (default DARTS_V2 unless '
                                                 '--genotype_file)')
@@ -151,15 +151,15 @@ def main(argv=None) -> dict | None:
 
     # Every check that can fail runs on every rank before the process group exists, so a bad input ends
     # all processes with the same sentence instead of leaving some waiting in a collective.
-    genotype, label = train_cifar.resolve_genotype(args)
+    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     train_data, val_data = imagenet_folders(args.data)
     num_classes = len(train_data.classes)
-    save, resume = train_cifar.resolve_save(args, 'eval-imagenet')
+    save, resume = utils.run_folder(args.save, args.resume, 'eval-imagenet')
     ckpt = None
     if resume is not None:
         ckpt = utils.load_checkpoint(resume)
-        train_cifar.check_genotype(ckpt, genotype_json, label, resume)
+        utils.check_genotype(ckpt, genotype_json, label, resume)
         utils.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
         utils.check_same('global batch', ckpt['global_batch'], global_batch, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
@@ -223,7 +223,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
         if rank == 0:
-            train_cifar.trim_metrics(os.path.join(save, 'metrics.jsonl'), start_epoch)
+            utils.trim_jsonl(os.path.join(save, 'metrics.jsonl'), start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}')
     net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
     if world > 1:
@@ -286,7 +286,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         'global_batch': global_batch, 'learning_rate': lr, 'weight_decay': args.weight_decay,
         'seed': args.seed, 'world_size': world, 'weights_sha256': checksum,
     }
-    train_cifar.write_json(os.path.join(save, 'result.json'), result)
+    utils.write_json(os.path.join(save, 'result.json'), result)
     logger.info(f'wrote {os.path.join(save, "result.json")}')
     print(f'final top1_error={result["top1_error"]:.2f} top5_error={result["top5_error"]:.2f} '
           f'params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}', flush=True)

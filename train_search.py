@@ -254,17 +254,8 @@ def search_epoch(model, architect, optimizer, train_loader, val_loader, *, teach
             'val_ce': sums['val_ce'] / n_val, 'val_at': sums['val_at'] / n_val}
 
 
-def edge_labels(steps: int, space: str) -> list[str]:
-    """Row names of A: i->k' for first-tier edges into surrogate node k', k'->k for second-tier ones
-    (DARTS: i->k)."""
-    if space != 'nos':
-        return [f'{j}->{k + 2}' for k in range(steps) for j in range(k + 2)]
-    first = [f"{j}->{k + 2}'" for k in range(steps) for j in range(k + 2)]
-    return first + [f"{k + 2}'->{k + 2}" for k in range(steps)]
-
-
 def format_alphas(name: str, weights, ops, steps: int, space: str) -> str:
-    labels = edge_labels(steps, space)
+    labels = genotypes.edge_names(space == 'nos', steps)
     lines = [f'{name} (softmax over ops; columns: {", ".join(ops)})']
     lines += [f'  {label:>7} ' + ' '.join(f'{v:.3f}' for v in row) for label, row in zip(labels, weights)]
     return '\n'.join(lines)
@@ -277,26 +268,11 @@ def settings_of(args) -> dict:
             'unrolled': args.unrolled, 'epochs': args.epochs}
 
 
-def trim_log(path: str, last_epoch: int) -> None:
-    """Keep the records of the epochs a checkpoint holds (a run killed after logging, before its
-    checkpoint, repeats that epoch on resume)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)['epoch'] <= last_epoch]
-    with open(path, 'w') as f:
-        f.writelines(keep)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
-    if args.resume == '':
-        args.resume = ckpt_path
-    if args.resume is None and os.path.exists(ckpt_path):
-        raise utils.UserError(f'{args.save} already holds a search checkpoint; pass --resume to continue it '
-                              f'or pick another --save')
+    args.resume = utils.resume_path(ckpt_path, args.resume)
     settings = settings_of(args)
     ckpt = None
     if args.resume:
@@ -345,7 +321,7 @@ def main(argv=None) -> None:
         architect.optimizer.load_state_dict(ckpt['arch_optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
-        trim_log(log_path, start_epoch)
+        utils.trim_jsonl(log_path, start_epoch)
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
     elif os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint

@@ -3,6 +3,7 @@ counting, and the training/evaluation epoch of the evaluation networks.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -289,6 +290,79 @@ def check_same(what: str, saved, current, path: str) -> None:
     if saved != current:
         raise UserError(f'checkpoint {path} was made for {what} {saved!r}, but this run has {what} '
                         f'{current!r}; start a new --save directory or run with the same {what}')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders, resuming, and the genotype a training run builds
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show (None, on/off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def resume_path(ckpt_path: str, resume: str | None) -> str | None:
+    """The checkpoint to resume from, given `--resume [PATH]` (None: not given; '': the run's own
+    `ckpt_path`). A fresh run refuses a folder that already holds a checkpoint rather than overwrite it."""
+    if resume is None:
+        if os.path.exists(ckpt_path):
+            raise UserError(f'{ckpt_path} already holds a checkpoint; pass --resume to continue that run, or '
+                            f'pick another --save')
+        return None
+    return resume or ckpt_path
+
+
+def run_folder(save: str | None, resume: str | None, stem: str) -> tuple[str, str | None]:
+    """(SAVE, checkpoint to resume from) for the training scripts: SAVE defaults to the folder of a
+    `--resume PATH`, else to a fresh STEM-DATE-TIME folder."""
+    if save is None:
+        save = (os.path.dirname(resume) or '.') if resume else f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}'
+    return save, resume_path(os.path.join(save, 'checkpoint.pt'), resume)
+
+
+def trim_jsonl(path: str, last_epoch: int) -> None:
+    """Forget records of epochs after the checkpoint we resume from (a run killed between writing its
+    log line and its checkpoint repeats that epoch)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)['epoch'] <= last_epoch]
+    with open(path, 'w') as f:
+        f.writelines(keep)
+
+
+def write_json(path: str, record: dict) -> None:
+    """Write a JSON file atomically."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(record, f, indent=1)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def resolve_genotype(arch: str | None, genotype_file: str | None, default: str):
+    """(genotype, label) from `--arch NAME` or `--genotype_file PATH` (not both); the label names it in
+    logs and checkpoints."""
+    import genotypes
+    if arch and genotype_file:
+        raise UserError('give either --arch or --genotype_file, not both')
+    if genotype_file:
+        return genotypes.load(genotype_file=genotype_file), genotype_file
+    arch = arch or default
+    return genotypes.load(arch=arch), arch
+
+
+def check_genotype(ckpt: dict, genotype_json: str, label: str, path: str) -> None:
+    """Refuse to resume a checkpoint trained on other cells, naming both."""
+    if ckpt['genotype'] != genotype_json:
+        saved, current = ckpt['arch'], label
+        if saved == current:  # same name, different cells (an edited genotypes.py or file)
+            saved, current = f'{saved} (as it was then)', f'{current} (as it is now)'
+        check_same('genotype', saved, current, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import utils
 from genotypes import Genotype, GenotypeError, is_classic, op_kind, to_blocks
 from utils import UserError
 
-# What every default is: visible here, as the brief of every script asks.
 DEFAULT_FORMAT = 'png'
 MAX_PANELS = 12  # epochs shown in the heatmap grid (evenly spaced, first and last always)
 
@@ -108,9 +107,7 @@ def edge_labels(n_rows: int) -> list[str]:
     order, then the 4 second-tier edges k' -> k; the DARTS space has the 14 edges j -> k only."""
     if n_rows not in (14, 18):
         raise UserError(f'an architecture matrix has {n_rows} rows; expected 18 (NOS) or 14 (DARTS)')
-    mark = "'" if n_rows == 18 else ''
-    first = [f'{j}->{k + 2}{mark}' for k in range(4) for j in range(k + 2)]
-    return first + ([f"{k + 2}'->{k + 2}" for k in range(4)] if n_rows == 18 else [])
+    return genotypes.edge_names(two_tier=n_rows == 18)
 
 
 def chosen_cells(cell, n_rows: int, primitives: list[str]) -> list[tuple[int, int]]:
