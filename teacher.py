@@ -322,24 +322,25 @@ def load_teacher(path: str, dataset: str, device='cpu') -> nn.Module:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--arch', default='pyramidnet110', choices=sorted(ARCHS))
+                                formatter_class=utils.HelpFormatter)
+    p.add_argument('--arch', default='pyramidnet110', choices=sorted(ARCHS),
+                   help='the AGS teacher, or the Table 1 study network')
     p.add_argument('--depth', type=int, default=110, help='PyramidNet depth (9n+2 bottleneck, 6n+2 basic)')
     p.add_argument('--alpha', type=float, default=84, help='PyramidNet widening: total width added')
     p.add_argument('--block', default='bottleneck', choices=['bottleneck', 'basic'], help='PyramidNet unit')
     p.add_argument('--calibration', default='none', choices=CALIBRATIONS,
                    help='ResNet-18: op inserted after stages 1, 2, 3 (Table 1)')
-    p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS)
+    p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS, help='the search dataset')
     p.add_argument('--data', default='data', help='folder holding the CIFAR data')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
-    p.add_argument('--epochs', type=int, default=300)
-    p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--learning_rate', type=float, default=0.025)
+    p.add_argument('--epochs', type=int, default=300, help='App. A1')
+    p.add_argument('--batch_size', type=int, default=32, help='App. A1')
+    p.add_argument('--learning_rate', type=float, default=0.025, help='SGD, App. A1')
     p.add_argument('--lr_milestones', type=int, nargs='+', default=[150, 225],
                    help='epochs after which the lr is divided by 10 (A1 literally: 30 60 ... 270)')
-    p.add_argument('--lr_gamma', type=float, default=0.1)
-    p.add_argument('--momentum', type=float, default=0.9)
-    p.add_argument('--weight_decay', type=float, default=1e-4)
+    p.add_argument('--lr_gamma', type=float, default=0.1, help='lr factor at each milestone')
+    p.add_argument('--momentum', type=float, default=0.9, help='App. A1')
+    p.add_argument('--weight_decay', type=float, default=1e-4, help='App. A1')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
     p.add_argument('--save', default=None,
                    help='a .pt file (the checkpoint; logs go to a folder of the same name) or a folder '
@@ -347,10 +348,10 @@ def parse_args(argv=None):
                         'runs/resnet18_CALIBRATION_DATASET for resnet18')
     p.add_argument('--resume', nargs='?', const='', default=None,
                    help='continue from a checkpoint (default: the one in --save)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--workers', type=int, default=4)
-    p.add_argument('--gpu', type=int, default=0)
-    p.add_argument('--device', default=None, choices=['cpu', 'cuda'])
+    p.add_argument('--seed', type=int, default=0, help='seeds weights, batches and augmentation')
+    p.add_argument('--workers', type=int, default=4, help='data-loading processes')
+    p.add_argument('--gpu', type=int, default=0, help='CUDA device')
+    p.add_argument('--device', default=None, choices=['cpu', 'cuda'], help='cpu to run on the CPU')
     p.add_argument('--report_freq', type=int, default=100, help='steps between progress lines')
     return p.parse_args(argv)
 

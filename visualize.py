@@ -324,7 +324,7 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('genotype', metavar='GENOTYPE_OR_JSON',
                    help='a genotype name in genotypes.py, a genotype.json, or a train_search.py --save folder')
     p.add_argument('--out', default=None, help='output folder (default: SAVE/plots for a search folder, '
