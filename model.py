@@ -127,28 +127,35 @@ def _calibrate(feature: torch.Tensor, attention: torch.Tensor | None, kernel: to
     return out
 
 
-class AuxiliaryHeadCIFAR(nn.Module):
-    """DARTS's auxiliary tower for 8x8 inputs (after the second reduction cell)."""
+class _AuxiliaryHead(nn.Module):
+    """DARTS's auxiliary tower: ReLU, 5x5 average pool to 2x2, 1x1 conv to 128, 2x2 conv to 768, classifier."""
 
-    def __init__(self, C: int, num_classes: int):
+    def __init__(self, C: int, num_classes: int, pool_stride: int, bn_after_768: bool):
         super().__init__()
-        self.features = nn.Sequential(
+        layers = [
             nn.ReLU(inplace=False),  # DARTS: inplace, which rewrites the trunk's tensor; not here
-            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),  # 8x8 -> 2x2
+            nn.AvgPool2d(5, stride=pool_stride, padding=0, count_include_pad=False),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
-            nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768),
-            nn.ReLU(inplace=True))
+            nn.Conv2d(128, 768, 2, bias=False)]
+        if bn_after_768:
+            layers.append(nn.BatchNorm2d(768))
+        self.features = nn.Sequential(*layers, nn.ReLU(inplace=True))
         self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x):
-        x = self.features(x)
-        return self.classifier(x.flatten(1))
+        return self.classifier(self.features(x).flatten(1))
 
 
-class AuxiliaryHeadImageNet(nn.Module):
+class AuxiliaryHeadCIFAR(_AuxiliaryHead):
+    """DARTS's auxiliary tower for 8x8 inputs (after the second reduction cell): pools 8x8 -> 2x2."""
+
+    def __init__(self, C: int, num_classes: int):
+        super().__init__(C, num_classes, pool_stride=3, bn_after_768=True)
+
+
+class AuxiliaryHeadImageNet(_AuxiliaryHead):
     """DARTS's ImageNet auxiliary tower for 7x7 inputs (after the second reduction cell at 224x224).
 
     DARTS's released code has no BatchNorm after the 2x2 conv (a typo kept "for consistency with the
@@ -156,20 +163,7 @@ class AuxiliaryHeadImageNet(nn.Module):
     """
 
     def __init__(self, C: int, num_classes: int):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.ReLU(inplace=False),  # DARTS: inplace, which rewrites the trunk's tensor; not here
-            nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False),  # 7x7 -> 2x2
-            nn.Conv2d(C, 128, 1, bias=False),
-            nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(128, 768, 2, bias=False),
-            nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(768, num_classes)
-
-    def forward(self, x):
-        x = self.features(x)
-        return self.classifier(x.flatten(1))
+        super().__init__(C, num_classes, pool_stride=2, bn_after_768=False)
 
 
 def _build_cells(net: nn.Module, genotype, C_prev_prev: int, C_prev: int, C: int, layers: int,

@@ -1,0 +1,134 @@
+"""Time the search iteration and the retraining step; prints one table.
+
+    python bench_search.py --gpu 0                 # full size, on CUDA
+    python bench_search.py --device cpu --iters 3  # the same on the CPU (slow)
+
+Rows:
+- search, DARTS space, no AGS: the repo's stand-in for DARTS's own code. It is the baseline of the ratio column.
+- search, NOS space, with AGS: the PyramidNet-110 teacher, first-order.
+- retraining: `train_cifar.py`'s step at 20 cells / 36 channels, in fp32 and (on CUDA) in bf16 + channels_last.
+
+One search iteration is what `train_search.py` runs per batch: the architecture step (Eq. 13) plus the weight
+step (Eq. 12), each a forward, a backward and an optimizer step. Inputs are random tensors already on the
+device, so data loading is not timed. Every row reports the median over `--iters` iterations after
+`--warmup`, and the peak memory on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import genotypes
+import utils
+from model import NetworkCIFAR
+from model_search import Network
+from teacher import PyramidNet
+from train_search import Architect, search_step
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=utils.HelpFormatter)
+    p.add_argument('--batch_size', type=int, nargs='+', default=[64], help='search batch sizes to time')
+    p.add_argument('--retrain_batch_size', type=int, default=128, help='train_cifar.py batch (0: skip)')
+    p.add_argument('--layers', type=int, default=8, help='cells of the search network')
+    p.add_argument('--init_channels', type=int, default=16, help='channels of the search network')
+    p.add_argument('--teacher_depth', type=int, default=110, help='PyramidNet depth of the AGS teacher')
+    p.add_argument('--iters', type=int, default=30, help='timed iterations per row (median reported)')
+    p.add_argument('--warmup', type=int, default=5, help='untimed iterations first')
+    p.add_argument('--gpu', type=int, default=0, help='CUDA device')
+    p.add_argument('--device', default=None, help='cpu to run on the CPU')
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
+    """(median seconds per call, peak GiB on CUDA or nan)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+    return statistics.median(times), peak
+
+
+def search_row(space: str, lambda_at: float, batch: int, args, device, teacher) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = Network(args.init_channels, 10, args.layers, space=space).to(device)
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    architect = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=6e-4,
+                          arch_weight_decay=1e-3, lambda_at=lambda_at)
+    x, xv = torch.randn(2, batch, 3, 32, 32, device=device)
+    y, yv = torch.randint(10, (2, batch), device=device)
+
+    def step():
+        out = search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=0.025)
+        out['train_ce'].item()  # train_search.py syncs once per step too
+
+    return timed(step, device, args.warmup, args.iters)
+
+
+def retrain_row(batch: int, amp: bool, args, device) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = NetworkCIFAR(36, 10, 20, True, genotypes.NOS_EXAMPLE).to(device)
+    model.drop_path_prob = 0.3
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    batches = [(torch.randn(batch, 3, 32, 32, device=device), torch.randint(10, (batch,), device=device))]
+
+    def step():
+        utils.train_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device, aux_weight=0.4,
+                          amp_dtype=torch.bfloat16 if amp else None, channels_last=amp)
+
+    return timed(step, device, args.warmup, args.iters)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.get_device(args.gpu, args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    teacher = PyramidNet(args.teacher_depth, 84, 10, True).to(device).eval().requires_grad_(False)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
+    print(f'device: {name}; torch {torch.__version__}; search net {args.layers} cells / {args.init_channels} '
+          f'ch, teacher PyramidNet-{args.teacher_depth}; median of {args.iters} after {args.warmup} warm-up')
+    rows = []
+    for batch in args.batch_size:
+        base, peak = search_row('darts', 0., batch, args, device, None)
+        rows.append(('search', 'darts', 'eager fp32, no AGS', batch, base, peak, base))
+        t, peak = search_row('nos', 1000., batch, args, device, teacher)
+        rows.append(('search', 'nos', 'eager fp32, AGS', batch, t, peak, base))
+    if args.retrain_batch_size:
+        b = args.retrain_batch_size
+        t, peak = retrain_row(b, False, args, device)
+        rows.append(('retrain', 'NOS_EXAMPLE', 'eager fp32', b, t, peak, None))
+        if device.type == 'cuda':
+            t, peak = retrain_row(b, True, args, device)
+            rows.append(('retrain', 'NOS_EXAMPLE', 'bf16 + channels_last', b, t, peak, None))
+
+    print(f'{"stage":8} {"space":12} {"path":22} {"batch":>5} {"ms/iter":>9} {"images/s":>9} {"peak GiB":>9} '
+          f'{"vs DARTS":>9}')
+    for stage, space, path, batch, t, peak, base in rows:
+        ratio = f'{t / base:.2f}x' if base else '-'
+        images = batch * (2 if stage == 'search' else 1)  # a search iteration consumes a train and a val batch
+        print(f'{stage:8} {space:12} {path:22} {batch:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} '
+              f'{ratio:>9}')
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
