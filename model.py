@@ -188,6 +188,18 @@ def _build_cells(net: nn.Module, genotype, C_prev_prev: int, C_prev: int, C: int
     return C_aux
 
 
+def _run_cells(net: nn.Module, s0: torch.Tensor, s1: torch.Tensor):
+    """The cells, the auxiliary tower after cell 2*layers//3 (training only) and the classifier, shared by
+    both evaluation networks; returns (logits, logits_aux or None)."""
+    logits_aux = None
+    for i, cell in enumerate(net.cells):
+        s0, s1 = s1, cell(s0, s1, net.drop_path_prob)
+        if i == 2 * net._layers // 3 and net._auxiliary and net.training:
+            logits_aux = net.auxiliary_head(s1)
+    logits = net.classifier(net.global_pooling(s1).flatten(1))
+    return logits, logits_aux
+
+
 class NetworkCIFAR(nn.Module):
     """DARTS's CIFAR evaluation network: 3x3 stem to 3C channels, `layers` cells, global pool, linear."""
 
@@ -208,15 +220,8 @@ class NetworkCIFAR(nn.Module):
         self.classifier = nn.Linear(self.C_final, num_classes)
 
     def forward(self, input):
-        logits_aux = None
-        s0 = s1 = self.stem(input)
-        for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
-            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
-                logits_aux = self.auxiliary_head(s1)
-        out = self.global_pooling(s1)
-        logits = self.classifier(out.flatten(1))
-        return logits, logits_aux
+        s = self.stem(input)
+        return _run_cells(self, s, s)
 
 
 class NetworkImageNet(nn.Module):
@@ -249,13 +254,5 @@ class NetworkImageNet(nn.Module):
         self.classifier = nn.Linear(self.C_final, num_classes)
 
     def forward(self, input):
-        logits_aux = None
         s0 = self.stem0(input)
-        s1 = self.stem1(s0)
-        for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
-            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
-                logits_aux = self.auxiliary_head(s1)
-        out = self.global_pooling(s1)
-        logits = self.classifier(out.flatten(1))
-        return logits, logits_aux
+        return _run_cells(self, s0, self.stem1(s0))
