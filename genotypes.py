@@ -190,6 +190,22 @@ def validate(genotype: Genotype) -> Genotype:
     return Genotype(**fields)
 
 
+def reduction_layers(layers: int) -> tuple[int, int]:
+    """DARTS's reduction cells: at layers//3 and 2*layers//3."""
+    return layers // 3, 2 * layers // 3
+
+
+def cell_genotype(genotype, i: int, layers: int) -> Genotype:
+    """The plain Genotype that cell i of a `layers`-cell network builds (model.py asks only this).
+
+    Every genotype form answers here: a plain Genotype is the same cell at every layer. Forms that give
+    different cells to different layers (a cell per stage, a cell per layer) add their case here.
+    """
+    if isinstance(genotype, Genotype):
+        return genotype
+    raise GenotypeError(f'expected a genotype, got {type(genotype).__name__}')
+
+
 def to_json(genotype: Genotype) -> str:
     return json.dumps(genotype._asdict(), indent=1)
 

@@ -175,10 +175,11 @@ def _build_cells(net: nn.Module, genotype, C_prev_prev: int, C_prev: int, C: int
     C_curr = C
     C_aux = None
     for i in range(layers):
-        reduction = i in (layers // 3, 2 * layers // 3)
+        reduction = i in genotypes.reduction_layers(layers)
         if reduction:
             C_curr *= 2
-        cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+        cell = Cell(genotypes.cell_genotype(genotype, i, layers), C_prev_prev, C_prev, C_curr, reduction,
+                    reduction_prev)
         reduction_prev = reduction
         net.cells.append(cell)
         C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
