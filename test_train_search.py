@@ -87,7 +87,7 @@ def test_search_writes_genotype_log_and_checkpoint(searched):
         torch.testing.assert_close(rows.sum(1), torch.ones(18, dtype=rows.dtype), atol=1e-5, rtol=0)
     ckpt = utils.load_checkpoint(os.path.join(save, 'checkpoint.pt'))
     assert ckpt['epoch'] == 1 and ckpt['settings']['lambda_at'] == 1000
-    assert {'optimizer', 'arch_optimizer', 'scheduler'} <= set(ckpt)
+    assert {'optimizer', 'method', 'scheduler'} <= set(ckpt) and 'arch_optimizer' in ckpt['method']
     # A moved away from its start (the network is built right after seeding with --seed 2), and the
     # genotype is the one A derives
     utils.set_seed(2)
@@ -257,3 +257,26 @@ def test_bad_space_and_ops_list_the_valid_ones(tmp_path, capsys):
     fails_with(capsys, TINY + ['--ops', 'attention', '--save', tmp_path], "'attention'", 'valid',
                'all', 'feature, feature+attention, feature+dynamic')
     fails_with(capsys, TINY + ['--space', 'darts', '--ops', 'feature', '--save', tmp_path], '--space nos')
+
+
+def test_bad_method_and_at_levels_list_the_valid_ones(tmp_path, capsys):
+    fails_with(capsys, TINY + ['--method', 'enas', '--save', tmp_path], "'enas'", 'darts')
+    fails_with(capsys, TINY + ['--at_levels', 'arch', '--save', tmp_path], "'arch'", 'both, weights')
+
+
+def test_distillation_only_uses_the_teacher_in_the_weight_step_alone(tmp_path, tiny_teacher):
+    """Fig. 6's middle variant: L_AT in Eq. 12 (weights) but not in Eq. 13 (A)."""
+    assert run(TINY + ['--epochs', '1', '--teacher', tiny_teacher, '--at_levels', 'weights',
+                       '--save', tmp_path]) == 0
+    r = read_log(tmp_path)[0]
+    assert r['train_at'] > 0 and r['val_at'] == 0
+    assert r['method'] == 'darts' and len(r['importance']['normal']) == 18
+    result = json.load(open(tmp_path / 'result.json'))
+    assert result['kind'] == 'search' and result['epochs'] == 1 and result['settings']['at_levels'] == 'weights'
+    assert result['wall_seconds'] == pytest.approx(r['seconds'], abs=0.1) and 'cpu_hours' in result
+
+
+def test_method_defaults_fill_only_flags_not_given():
+    args = train_search.parse_args(['--epochs', '7'])
+    assert args.epochs == 7 and args.arch_learning_rate == 6e-4 and args.lambda_at == 1000
+    assert args.learning_rate_min == 0.0

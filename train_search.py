@@ -1,6 +1,12 @@
-"""Architecture search: DARTS's bilevel optimisation with attention-guided search (NOS, Sec. 3.3).
+"""Architecture search: one loop for every method and space, with attention-guided search (NOS, Sec. 3.3).
 
-Each step first updates the architecture matrices A on a validation batch (Eq. 13), then the network
+Three independent choices (../shared/spec/methods.md): --space (nos | darts: the supernet), --method (how op
+importance is represented and learnt, and how the cell is derived) and --lambda_at (AGS, the teacher's
+attention maps as an extra loss). A method is an object with a small interface (see `DartsMethod`, the
+`darts` method); each other method lives in the file named after it and is registered in METHODS. Flags
+a user does not give take the method's paper value (METHOD_DEFAULTS); the log prints what was used.
+
+--method darts: each step first updates the architecture matrices A on a validation batch (Eq. 13), then the network
 weights on a training batch (Eq. 12); with --lambda_at > 0 both objectives add lambda * L_AT, the
 attention-transfer loss against a frozen teacher's stage outputs of the same batch (spec §6).
 First-order by default; --unrolled uses DARTS's second-order step (finite-difference Hessian-vector
@@ -19,6 +25,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +35,16 @@ from genotypes import OP_SUBSETS
 from model_search import SPACES, Network, resolve_ops, search_space_size
 
 KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
+AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
+
+# Per-method defaults of the flags whose argparse default is None (methods.md): the paper's values.
+# Each method file contributes its own column (eoinas.DEFAULTS, agnas.DEFAULTS) through METHODS below.
+DARTS_DEFAULTS = {
+    'epochs': 25,                 # NOS App. A
+    'learning_rate_min': 0.0,     # NOS App. A: cosine to 0
+    'arch_learning_rate': 6e-4,   # NOS App. A (DARTS: 3e-4)
+    'lambda_at': 1000.0,          # NOS Sec. 3.3 / spec §6; 0 = plain DARTS
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,21 +54,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
+    p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
     p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
     p.add_argument('--batch_size', type=int, default=64, help='images per step, each level (App. A)')
     p.add_argument('--learning_rate', type=float, default=0.025, help='weights: SGD, cosine schedule')
-    p.add_argument('--learning_rate_min', type=float, default=0.0, help='end of the cosine schedule')
+    p.add_argument('--learning_rate_min', type=float, default=None,
+                   help='end of the cosine schedule (default: the method\'s, see README)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight_decay', type=float, default=3e-4, help='weights (App. A)')
     p.add_argument('--grad_clip', type=float, default=5.0, help='gradient-norm clip of the weights (DARTS)')
-    p.add_argument('--arch_learning_rate', type=float, default=6e-4, help='A: Adam, betas (0.5, 0.999)')
+    p.add_argument('--arch_learning_rate', type=float, default=None,
+                   help='A: Adam, betas (0.5, 0.999) (default: the method\'s)')
     p.add_argument('--arch_weight_decay', type=float, default=1e-3, help='A (App. A)')
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step (DARTS)')
-    p.add_argument('--epochs', type=int, default=25, help='search epochs (Sec. 4.2)')
+    p.add_argument('--epochs', type=int, default=None, help='search epochs (default: the method\'s)')
     p.add_argument('--init_channels', type=int, default=16, help='channels of the first cells (DARTS)')
     p.add_argument('--layers', type=int, default=8, help='cells of the proxy network')
     p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set for weights')
-    p.add_argument('--lambda_at', type=float, default=1000.0, help='AGS weight; 0 = no teacher')
+    p.add_argument('--lambda_at', type=float, default=None,
+                   help='AGS weight; 0 = no teacher (default: the method\'s: 1000 for darts)')
+    p.add_argument('--at_levels', default='both',
+                   help='where AGS enters: both (Eq. 12 and 13) | weights (Eq. 12 only: "distillation only", Fig. 6)')
     p.add_argument('--teacher', default=None,
                    help='teacher checkpoint (default: teachers/pyramidnet110_DATASET.pt, what teacher.py writes)')
     p.add_argument('--seed', type=int, default=2, help='seeds weights, A, batches and augmentation (DARTS: 2)')
@@ -62,11 +85,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--save', default='runs/search', help='output folder: log, search_log.jsonl, genotype.json, checkpoint')
     p.add_argument('--resume', nargs='?', const='', default=None,
                    help='continue from a checkpoint (default: SAVE/checkpoint.pt)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fill_method_defaults(args)
+    return args
+
+
+def fill_method_defaults(args) -> None:
+    """Flags left at None take the method's value (methods.md); unknown methods are left to check_args."""
+    if args.method in METHODS:
+        for key, value in METHODS[args.method].defaults(args).items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
 
 
 def check_args(args) -> None:
     """Bad flag values become one-sentence errors."""
+    if args.method not in METHODS:
+        raise utils.UserError(f'unknown --method {args.method!r}; valid methods: {", ".join(METHODS)}')
+    if args.at_levels not in AT_LEVELS:
+        raise utils.UserError(f'unknown --at_levels {args.at_levels!r}; valid values: {", ".join(AT_LEVELS)}')
     if args.space not in SPACES:
         raise utils.UserError(f'unknown --space {args.space!r}; valid spaces: {", ".join(SPACES)}')
     if args.ops not in OP_SUBSETS:
@@ -84,6 +121,7 @@ def check_args(args) -> None:
     for flag in ('epochs', 'batch_size', 'init_channels', 'synthetic_size'):
         if getattr(args, flag) < 1:
             raise utils.UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    METHODS[args.method].check_args(args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,27 +222,109 @@ class Architect:
         return [(gp - gn) / (2 * R) for gp, gn in zip(grads_p, grads_n)]
 
 
-def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,
-                teacher=None, eta=0., grad_clip: float = 5.) -> dict:
-    """One search iteration: the A step on the validation batch (Eq. 13), then the weight step on the
-    training batch (Eq. 12). Returns detached tensors (losses and correct counts); nothing syncs."""
-    model.train()
-    t_train = t_val = None
-    if architect.lambda_at > 0:
-        with torch.no_grad():  # the teacher is frozen, in eval mode
-            t_train = teacher.forward_stages(x_train)[1]
-            t_val = teacher.forward_stages(x_val)[1]
-    val_ce, val_at, val_logits = architect.step(x_train, y_train, t_train, x_val, y_val, t_val, eta, optimizer)
+def teacher_stages(teacher, x):
+    """The frozen teacher's three stage outputs for a batch (spec §6); None without AGS."""
+    if teacher is None:
+        return None
+    with torch.no_grad():  # the teacher is frozen, in eval mode
+        return teacher.forward_stages(x)[1]
 
+
+def weight_step(model, optimizer, x, y, t, lambda_at: float, grad_clip: float):
+    """The weight update (Eq. 12 on a training batch): CE + lambda * L_AT, SGD, gradient-norm clip.
+    Returns (ce, at, logits), detached."""
     weights = model.weights()
     optimizer.zero_grad(set_to_none=True)
-    total, ce, at, logits = search_loss(model, x_train, y_train, t_train, architect.lambda_at)
-    total.backward(inputs=weights)  # the weight step leaves A's gradient alone
+    total, ce, at, logits = search_loss(model, x, y, t, lambda_at)
+    total.backward(inputs=weights)  # the weight step leaves the architecture's gradient alone
     if grad_clip:
         nn.utils.clip_grad_norm_(weights, grad_clip)
     optimizer.step()
-    return {'train_ce': ce.detach(), 'train_at': at.detach(), 'val_ce': val_ce, 'val_at': val_at,
-            'train_correct': (logits.detach().argmax(1) == y_train).sum(),
+    return ce.detach(), at.detach(), logits.detach()
+
+
+class DartsMethod:
+    """--method darts: DARTS's softmax relaxation over A, bilevel (NOS Eq. 12-13), first or second order.
+
+    This class is also the interface of every method; the loop in main() calls nothing else:
+      defaults(args), check_args(args)   (classmethods) the method's flag values and refusals
+      build_model(args, num_classes)     (classmethod) the supernet
+      uses_val_batch                     whether step() reads a validation batch
+      start_epoch(epoch)                 per-epoch schedules, before the epoch's steps
+      step(x, y, xv, yv, teacher, eta, optimizer) -> dict of detached tensors (a subset of KEYS)
+      end_epoch(epoch, val_loader, device) -> extra fields of the epoch's search_log.jsonl record
+      importance() -> {name: rows x ops array}: what the log tables and visualize.py show
+      genotype(), state_dict(), load_state_dict(state)
+    """
+    name = 'darts'
+    uses_val_batch = True
+
+    @classmethod
+    def defaults(cls, args) -> dict:
+        return dict(DARTS_DEFAULTS)
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        pass
+
+    @classmethod
+    def build_model(cls, args, num_classes: int) -> Network:
+        return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
+                       ops=resolve_ops(args.space, args.ops))
+
+    def __init__(self, model: Network, args):
+        self.model = model
+        self.lambda_at = args.lambda_at
+        self.grad_clip = args.grad_clip
+        # --at_levels weights: the teacher guides the weights only (Fig. 6, "distillation only")
+        arch_lambda = args.lambda_at if args.at_levels == 'both' else 0.
+        self.architect = Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
+                                   arch_learning_rate=args.arch_learning_rate,
+                                   arch_weight_decay=args.arch_weight_decay, lambda_at=arch_lambda,
+                                   unrolled=args.unrolled)
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def step(self, x, y, xv, yv, teacher, eta, optimizer) -> dict:
+        return search_step(self.model, self.architect, optimizer, x, y, xv, yv, teacher=teacher, eta=eta,
+                           grad_clip=self.grad_clip, lambda_at=self.lambda_at)
+
+    def end_epoch(self, epoch: int, val_loader, device) -> dict:
+        imp = self.importance()
+        return {'alphas_normal': imp['normal'].round(6).tolist(), 'alphas_reduce': imp['reduce'].round(6).tolist()}
+
+    def importance(self) -> dict:
+        """The softmaxed rows of A (Eq. 11), per cell type."""
+        wn, wr = self.model.arch_weights()
+        return {'normal': wn, 'reduce': wr}
+
+    def genotype(self):
+        return self.model.genotype()
+
+    def state_dict(self) -> dict:
+        return {'arch_optimizer': self.architect.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.architect.optimizer.load_state_dict(state['arch_optimizer'])
+
+
+METHODS = {'darts': DartsMethod}
+
+
+def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,
+                teacher=None, eta=0., grad_clip: float = 5., lambda_at: float | None = None) -> dict:
+    """One `darts` iteration: the A step on the validation batch (Eq. 13), then the weight step on the
+    training batch (Eq. 12). `lambda_at` weighs L_AT in the weight step (default: the architect's, i.e. AGS
+    in both levels). Returns detached tensors (losses and correct counts); nothing syncs."""
+    lambda_at = architect.lambda_at if lambda_at is None else lambda_at
+    model.train()
+    t_train = teacher_stages(teacher if lambda_at > 0 or architect.lambda_at > 0 else None, x_train)
+    t_val = teacher_stages(teacher if architect.lambda_at > 0 else None, x_val)
+    val_ce, val_at, val_logits = architect.step(x_train, y_train, t_train, x_val, y_val, t_val, eta, optimizer)
+    ce, at, logits = weight_step(model, optimizer, x_train, y_train, t_train, lambda_at, grad_clip)
+    return {'train_ce': ce, 'train_at': at, 'val_ce': val_ce, 'val_at': val_at,
+            'train_correct': (logits.argmax(1) == y_train).sum(),
             'val_correct': (val_logits.argmax(1) == y_val).sum()}
 
 
@@ -212,65 +332,94 @@ def search_step(model: Network, architect: Architect, optimizer, x_train, y_trai
 # The loop
 
 
-def search_epoch(model, architect, optimizer, train_loader, val_loader, *, teacher, eta, grad_clip, device,
-                 epoch, logger, report_freq, has_checkpoint) -> dict:
-    """One epoch of search_step; the validation batches cycle if the validation part is shorter."""
-    sums = dict.fromkeys(KEYS, 0.)
-    n_train = n_val = 0
+def check_finite(values: dict, epoch: int, step: int, has_checkpoint: bool) -> None:
+    """Stop on a non-finite loss, naming the epoch and step and what was kept."""
+    losses = {k: v for k, v in values.items() if k.endswith(('_ce', '_at'))}
+    if all(math.isfinite(v) for v in losses.values()):
+        return
+    kept = (f'the last checkpoint (epoch {epoch}) is kept' if has_checkpoint
+            else 'no checkpoint was written')
+    text = ', '.join(f'{k} {v:.4g}' for k, v in losses.items())
+    raise utils.NonFiniteLoss(
+        f'the search loss became non-finite at epoch {epoch + 1}, step {step + 1} ({text}) and '
+        f'{kept}: lower --learning_rate or --arch_learning_rate (or check the data) and start again '
+        f'or --resume')
+
+
+def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, device, epoch, logger,
+                 report_freq, has_checkpoint) -> dict:
+    """One epoch of method.step; the validation batches cycle if the validation part is shorter."""
+    sums, counts = {}, {'train': 0, 'val': 0}
     progress = utils.Progress(len(train_loader), report_freq, logger, prefix=f'epoch {epoch + 1} ')
-    val_iter = iter(val_loader)
+    val_iter = iter(val_loader) if method.uses_val_batch else None
+    xv = yv = None
     for step, (x, y) in enumerate(train_loader):
-        try:
-            xv, yv = next(val_iter)
-        except StopIteration:
-            val_iter = iter(val_loader)
-            xv, yv = next(val_iter)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
-        out = search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=eta,
-                          grad_clip=grad_clip)
-        values = dict(zip(KEYS, torch.stack([out[k].float() for k in KEYS]).tolist()))  # the one sync
-        if not all(math.isfinite(values[k]) for k in KEYS[:4]):
-            kept = (f'the last checkpoint (epoch {epoch}) is kept' if has_checkpoint
-                    else 'no checkpoint was written')
-            losses = ', '.join(f'{k} {values[k]:.4g}' for k in KEYS[:4])
-            raise utils.NonFiniteLoss(
-                f'the search loss became non-finite at epoch {epoch + 1}, step {step + 1} ({losses}) and '
-                f'{kept}: lower --learning_rate or --arch_learning_rate (or check the data) and start again '
-                f'or --resume')
-        n, nv = x.shape[0], xv.shape[0]
-        n_train, n_val = n_train + n, n_val + nv
-        for k in ('train_ce', 'train_at'):
-            sums[k] += values[k] * n
-        for k in ('val_ce', 'val_at'):
-            sums[k] += values[k] * nv
-        sums['train_correct'] += values['train_correct']
-        sums['val_correct'] += values['val_correct']
-        progress.step(step, n, f'ce {sums["train_ce"] / n_train:.3f}  at {sums["train_at"] / n_train:.4g}  '
-                               f'top1 {100 * sums["train_correct"] / n_train:.2f}  '
-                               f'val_ce {sums["val_ce"] / n_val:.3f}  val_top1 {100 * sums["val_correct"] / n_val:.2f}')
-    return {'train_acc': 100 * sums['train_correct'] / n_train, 'val_acc': 100 * sums['val_correct'] / n_val,
-            'train_ce': sums['train_ce'] / n_train, 'train_at': sums['train_at'] / n_train,
-            'val_ce': sums['val_ce'] / n_val, 'val_at': sums['val_at'] / n_val}
+        if val_iter is not None:
+            try:
+                xv, yv = next(val_iter)
+            except StopIteration:
+                val_iter = iter(val_loader)
+                xv, yv = next(val_iter)
+            xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
+        out = method.step(x, y, xv, yv, teacher, eta, optimizer)
+        keys = [k for k in KEYS if k in out]
+        values = dict(zip(keys, torch.stack([out[k].float() for k in keys]).tolist()))  # the one sync
+        check_finite(values, epoch, step, has_checkpoint)
+        sizes = {'train': x.shape[0], 'val': 0 if xv is None else xv.shape[0]}
+        for half, n in sizes.items():
+            counts[half] += n
+        for k, v in values.items():
+            half = k.split('_')[0]
+            sums[k] = sums.get(k, 0.) + (v if k.endswith('_correct') else v * sizes[half])
+        mean = {k: v / max(1, counts[k.split('_')[0]]) for k, v in sums.items()}
+        text = f'ce {mean["train_ce"]:.3f}  at {mean["train_at"]:.4g}  top1 {100 * mean["train_correct"]:.2f}'
+        if 'val_ce' in mean:
+            text += f'  val_ce {mean["val_ce"]:.3f}  val_top1 {100 * mean["val_correct"]:.2f}'
+        progress.step(step, sizes['train'], text)
+    mean = {k: v / max(1, counts[k.split('_')[0]]) for k, v in sums.items()}
+    stats = {k: v for k, v in mean.items() if not k.endswith('_correct')}
+    stats['train_acc'] = 100 * mean['train_correct']
+    if 'val_correct' in mean:
+        stats['val_acc'] = 100 * mean['val_correct']
+    return stats
 
 
-def format_alphas(name: str, weights, ops, steps: int, space: str) -> str:
-    labels = genotypes.edge_names(space == 'nos', steps)
-    lines = [f'{name} (softmax over ops; columns: {", ".join(ops)})']
+def format_matrix(name: str, weights, ops, space: str) -> str:
+    """A table of an importance matrix (rows: edges, columns: ops) for the log."""
+    weights = np.asarray(weights)
+    labels = genotypes.edge_names(space == 'nos', genotypes.STEPS)
+    if len(labels) != len(weights):
+        labels = [str(i) for i in range(len(weights))]
+    lines = [f'{name} (columns: {", ".join(ops)})']
     lines += [f'  {label:>7} ' + ' '.join(f'{v:.3f}' for v in row) for label, row in zip(labels, weights)]
     return '\n'.join(lines)
 
 
 def settings_of(args) -> dict:
     """What must match when a search resumes."""
-    return {'dataset': args.dataset, 'space': args.space, 'ops': resolve_ops(args.space, args.ops),
-            'layers': args.layers, 'init_channels': args.init_channels, 'lambda_at': args.lambda_at,
+    return {'dataset': args.dataset, 'method': args.method, 'space': args.space,
+            'ops': resolve_ops(args.space, args.ops), 'layers': args.layers,
+            'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
             'unrolled': args.unrolled, 'epochs': args.epochs}
+
+
+def search_cost(log_path: str, device: torch.device) -> dict:
+    """Total search time from the per-epoch records (so a resumed run counts every epoch once)."""
+    seconds = 0.
+    with open(log_path) as f:
+        for line in f:
+            if line.strip():
+                seconds += json.loads(line)['seconds']
+    unit = 'gpu_hours' if device.type == 'cuda' else 'cpu_hours'
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    return {'wall_seconds': round(seconds, 1), unit: round(seconds / 3600, 4), 'device': name}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
+    method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
     args.resume = utils.resume_path(ckpt_path, args.resume)
     settings = settings_of(args)
@@ -293,24 +442,21 @@ def main(argv=None) -> None:
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     utils.set_seed(args.seed)
-    model = Network(args.init_channels, utils.NUM_CLASSES[args.dataset], args.layers, nn.CrossEntropyLoss(),
-                    space=args.space, ops=settings['ops']).to(device)
+    model = method_cls.build_model(args, utils.NUM_CLASSES[args.dataset]).to(device)
     optimizer = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
                                                            eta_min=args.learning_rate_min)
-    architect = Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
-                          arch_learning_rate=args.arch_learning_rate,
-                          arch_weight_decay=args.arch_weight_decay, lambda_at=args.lambda_at,
-                          unrolled=args.unrolled)
+    method = method_cls(model, args)
     size = search_space_size(model.ops, args.space)
-    logger.info('search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, %.2e exact',
-                args.space, len(model.ops), ', '.join(model.ops), size['paper'], size['exact'])
+    logger.info('method %s; search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, '
+                '%.2e exact', args.method, args.space, len(model.ops), ', '.join(model.ops), size['paper'],
+                size['exact'])
     n_weights = utils.count_params(model)
-    logger.info('param size = %.6fMB (%d weights; A: 2 x %s)', n_weights / 1e6, n_weights,
-                tuple(model.alphas_normal.shape))
+    logger.info('param size = %.6fMB (%d weights)', n_weights / 1e6, n_weights)
     if teacher_net is not None:
-        logger.info('attention-guided search: lambda_at %g, teacher %s', args.lambda_at,
+        logger.info('attention-guided search: lambda_at %g in %s, teacher %s', args.lambda_at,
+                    'both levels' if args.at_levels == 'both' else 'the weight step only',
                     args.teacher or 'default')
 
     log_path = os.path.join(args.save, 'search_log.jsonl')
@@ -318,7 +464,7 @@ def main(argv=None) -> None:
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        architect.optimizer.load_state_dict(ckpt['arch_optimizer'])
+        method.load_state_dict(ckpt['method'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
         utils.trim_jsonl(log_path, start_epoch)
@@ -336,31 +482,41 @@ def main(argv=None) -> None:
         lr = scheduler.get_last_lr()[0]
         logger.info('epoch %d/%d lr %e', epoch + 1, args.epochs, lr)
         start = time.time()
-        stats = search_epoch(model, architect, optimizer, train_loader, val_loader, teacher=teacher_net,
-                             eta=lr, grad_clip=args.grad_clip, device=device, epoch=epoch, logger=logger,
-                             report_freq=args.report_freq, has_checkpoint=epoch > 0)
+        method.start_epoch(epoch)
+        stats = search_epoch(method, optimizer, train_loader, val_loader, teacher=teacher_net, eta=lr,
+                             device=device, epoch=epoch, logger=logger, report_freq=args.report_freq,
+                             has_checkpoint=epoch > 0)
         scheduler.step()
+        extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
-        genotype = genotypes.validate(model.genotype())
-        wn, wr = model.arch_weights()
-        logger.info('epoch %d: train_acc %.2f val_acc %.2f  train_ce %.4f train_at %.4g  val_ce %.4f '
-                    'val_at %.4g  (%.1f s)', epoch + 1, stats['train_acc'], stats['val_acc'],
-                    stats['train_ce'], stats['train_at'], stats['val_ce'], stats['val_at'], seconds)
+        genotype = genotypes.validate(method.genotype())
+        logger.info('epoch %d: %s  (%.1f s)', epoch + 1,
+                    '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds)
         logger.info('genotype = %r', genotype)
-        logger.info(format_alphas('alphas_normal', wn, model.ops, model._steps, args.space))
-        logger.info(format_alphas('alphas_reduce', wr, model.ops, model._steps, args.space))
-        record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds,
-                  'genotype': json.loads(genotypes.to_json(genotype)), 'primitives': list(model.ops),
-                  'alphas_normal': wn.round(6).tolist(), 'alphas_reduce': wr.round(6).tolist()}
+        importance = method.importance()
+        for name, matrix in importance.items():
+            logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space))
+        record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'method': args.method,
+                  'space': args.space, 'genotype': json.loads(genotypes.to_json(genotype)),
+                  'primitives': list(model.ops),
+                  'importance': {k: np.asarray(v).round(6).tolist() for k, v in importance.items()}, **extra}
         utils.append_jsonl(log_path, record)
         genotypes.save(genotype, os.path.join(args.save, 'genotype.json'))
         utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
-                               'optimizer': optimizer.state_dict(),
-                               'arch_optimizer': architect.optimizer.state_dict(),
+                               'optimizer': optimizer.state_dict(), 'method': method.state_dict(),
                                'scheduler': scheduler.state_dict(), 'settings': settings,
-                               'genotype': genotype._asdict(), 'args': vars(args)}, ckpt_path)
+                               'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args)},
+                              ckpt_path)
 
-    genotype = genotypes.validate(model.genotype())
+    genotype = genotypes.validate(method.genotype())
+    cost = search_cost(log_path, device)
+    hours = cost.get('gpu_hours', cost.get('cpu_hours'))
+    logger.info('search cost: %.1f s wall-clock over %d epochs = %.4f %s-hours on %s', cost['wall_seconds'],
+                args.epochs, hours, 'GPU' if 'gpu_hours' in cost else 'CPU', cost['device'])
+    utils.write_json(os.path.join(args.save, 'result.json'),
+                     {'kind': 'search', 'method': args.method, 'space': args.space, 'dataset': args.dataset,
+                      'seed': args.seed, 'epochs': args.epochs, 'settings': settings, **cost,
+                      'genotype': json.loads(genotypes.to_json(genotype))})
     logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
                 args.space, os.path.join(args.save, 'genotype.json'), genotype)
 
