@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
     p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
-    p.add_argument('--batch_size', type=int, default=64, help='images per step, each level (App. A)')
+    p.add_argument('--batch_size', type=int, default=64,
+                   help='images per step, each level (App. A); the global batch, split evenly under torchrun')
     p.add_argument('--learning_rate', type=float, default=0.025, help='weights: SGD, cosine schedule')
     p.add_argument('--learning_rate_min', type=float, default=None,
                    help='end of the cosine schedule (default: the method\'s, see README)')
@@ -78,7 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--teacher', default=None,
                    help='teacher checkpoint (default: teachers/pyramidnet110_DATASET.pt, what teacher.py writes)')
     p.add_argument('--seed', type=int, default=2, help='seeds weights, A, batches and augmentation (DARTS: 2)')
-    p.add_argument('--gpu', type=int, default=0, help='CUDA device')
+    p.add_argument('--gpu', type=int, default=0, help='CUDA device (single process; under torchrun LOCAL_RANK picks)')
+    p.add_argument('--sync_bn', action='store_true',
+                   help='under torchrun: BatchNorm over the global batch, so N processes compute what one does')
+    p.add_argument('--no_augment', action='store_true', help='no random crop/flip on the search data')
+    p.add_argument('--double', action='store_true', help='float64 weights and data (slow; exactness checks)')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
     p.add_argument('--workers', type=int, default=2, help='data-loading processes')
     p.add_argument('--report_freq', type=int, default=50, help='steps between progress lines')
@@ -178,6 +183,7 @@ class Architect:
             grads = torch.autograd.grad(total, arch)
         for p, g in zip(arch, grads):
             p.grad = g
+        utils.average_gradients(arch)
         self.optimizer.step()
         return ce.detach(), at.detach(), logits.detach()
 
@@ -237,6 +243,7 @@ def weight_step(model, optimizer, x, y, t, lambda_at: float, grad_clip: float):
     optimizer.zero_grad(set_to_none=True)
     total, ce, at, logits = search_loss(model, x, y, t, lambda_at)
     total.backward(inputs=weights)  # the weight step leaves the architecture's gradient alone
+    utils.average_gradients(weights)  # under torchrun: the global batch's gradient on every process
     if grad_clip:
         nn.utils.clip_grad_norm_(weights, grad_clip)
     optimizer.step()
@@ -346,37 +353,43 @@ def check_finite(values: dict, epoch: int, step: int, has_checkpoint: bool) -> N
         f'or --resume')
 
 
-def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, device, epoch, logger,
+def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, device, dtype, epoch, logger,
                  report_freq, has_checkpoint) -> dict:
-    """One epoch of method.step; the validation batches cycle if the validation part is shorter."""
+    """One epoch of method.step; the validation batches cycle if the validation part is shorter.
+    Under torchrun the figures are the global batch's: the per-process sums are added in the one sync."""
     sums, counts = {}, {'train': 0, 'val': 0}
     progress = utils.Progress(len(train_loader), report_freq, logger, prefix=f'epoch {epoch + 1} ')
     val_iter = iter(val_loader) if method.uses_val_batch else None
     xv = yv = None
     for step, (x, y) in enumerate(train_loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
         if val_iter is not None:
             try:
                 xv, yv = next(val_iter)
             except StopIteration:
                 val_iter = iter(val_loader)
                 xv, yv = next(val_iter)
-            xv, yv = xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
+            xv, yv = xv.to(device, dtype, non_blocking=True), yv.to(device, non_blocking=True)
         out = method.step(x, y, xv, yv, teacher, eta, optimizer)
         keys = [k for k in KEYS if k in out]
-        values = dict(zip(keys, torch.stack([out[k].float() for k in keys]).tolist()))  # the one sync
-        check_finite(values, epoch, step, has_checkpoint)
         sizes = {'train': x.shape[0], 'val': 0 if xv is None else xv.shape[0]}
+        local = torch.stack([out[k].double() * (1 if k.endswith('_correct') else sizes[k.split('_')[0]])
+                             for k in keys] + [out[keys[0]].new_tensor(float(n), dtype=torch.float64)
+                                               for n in sizes.values()])
+        totals = utils.all_sum(local).tolist()  # the one sync
+        sizes = dict(zip(sizes, totals[len(keys):]))
+        step_sums = dict(zip(keys, totals))
+        check_finite({k: v / max(1., sizes[k.split('_')[0]]) for k, v in step_sums.items()}, epoch, step,
+                     has_checkpoint)
         for half, n in sizes.items():
             counts[half] += n
-        for k, v in values.items():
-            half = k.split('_')[0]
-            sums[k] = sums.get(k, 0.) + (v if k.endswith('_correct') else v * sizes[half])
+        for k, v in step_sums.items():
+            sums[k] = sums.get(k, 0.) + v
         mean = {k: v / max(1, counts[k.split('_')[0]]) for k, v in sums.items()}
         text = f'ce {mean["train_ce"]:.3f}  at {mean["train_at"]:.4g}  top1 {100 * mean["train_correct"]:.2f}'
         if 'val_ce' in mean:
             text += f'  val_ce {mean["val_ce"]:.3f}  val_top1 {100 * mean["val_correct"]:.2f}'
-        progress.step(step, sizes['train'], text)
+        progress.step(step, int(sizes['train']), text)
     mean = {k: v / max(1, counts[k.split('_')[0]]) for k, v in sums.items()}
     stats = {k: v for k, v in mean.items() if not k.endswith('_correct')}
     stats['train_acc'] = 100 * mean['train_correct']
@@ -397,15 +410,17 @@ def format_matrix(name: str, weights, ops, space: str) -> str:
 
 
 def settings_of(args) -> dict:
-    """What must match when a search resumes."""
+    """What must match when a search resumes (--batch_size is the global batch, whatever the processes)."""
     return {'dataset': args.dataset, 'method': args.method, 'space': args.space,
             'ops': resolve_ops(args.space, args.ops), 'layers': args.layers,
             'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
-            'unrolled': args.unrolled, 'epochs': args.epochs}
+            'unrolled': args.unrolled, 'epochs': args.epochs, 'batch_size': args.batch_size,
+            'sync_bn': args.sync_bn, 'double': args.double}
 
 
-def search_cost(log_path: str, device: torch.device) -> dict:
-    """Total search time from the per-epoch records (so a resumed run counts every epoch once)."""
+def search_cost(log_path: str, device: torch.device, world: int = 1) -> dict:
+    """Total search time from the per-epoch records (so a resumed run counts every epoch once); device-hours
+    count every process."""
     seconds = 0.
     with open(log_path) as f:
         for line in f:
@@ -413,13 +428,44 @@ def search_cost(log_path: str, device: torch.device) -> dict:
                 seconds += json.loads(line)['seconds']
     unit = 'gpu_hours' if device.type == 'cuda' else 'cpu_hours'
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    return {'wall_seconds': round(seconds, 1), unit: round(seconds / 3600, 4), 'device': name}
+    return {'wall_seconds': round(seconds, 1), unit: round(world * seconds / 3600, 4), 'device': name,
+            'processes': world}
+
+
+def check_processes(args, world: int) -> None:
+    """Refusals under torchrun, checked on every process before the process group exists, so a bad command
+    ends all of them with the same sentence and none waits for another."""
+    if world == 1:
+        if args.sync_bn:
+            raise utils.UserError('--sync_bn synchronises BatchNorm across torchrun processes; this is one '
+                                  'process: drop --sync_bn or start with torchrun --nproc_per_node=N')
+        return
+    if args.unrolled:
+        raise utils.UserError(f'--unrolled is refused under torchrun ({world} processes): the second-order '
+                              f'step runs in one process; drop --unrolled or run with plain python')
+    if args.batch_size % world:
+        divisors = [d for d in range(1, args.batch_size + 1) if args.batch_size % d == 0]
+        raise utils.UserError(f'--batch_size {args.batch_size} (the global batch) does not split evenly over '
+                              f'{world} processes; use a process count among {divisors} or a batch that '
+                              f'{world} divides')
+    if args.device == 'cpu':
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+        if local > cores:
+            raise utils.UserError(f'{local} processes on this machine\'s {cores} CPU cores oversubscribe it; '
+                                  f'use --nproc_per_node at most {cores}')
+    elif torch.cuda.is_available():
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+        if local > torch.cuda.device_count():
+            raise utils.UserError(f'--nproc_per_node {local} exceeds the {torch.cuda.device_count()} GPUs of '
+                                  f'this machine; use one process per GPU')
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    method_cls = METHODS[args.method]
+    world, rank, local_rank = utils.dist_env()
+    check_processes(args, world)
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
     args.resume = utils.resume_path(ckpt_path, args.resume)
     settings = settings_of(args)
@@ -428,21 +474,38 @@ def main(argv=None) -> None:
         ckpt = utils.load_checkpoint(args.resume)
         for key, value in settings.items():
             utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
-    device = utils.get_device(args.gpu, args.device)
-    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
+    device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
+    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                             augment=not args.no_augment)
     train_idx, val_idx = utils.search_split(len(data), args.train_portion)
     teacher_net = None
     if args.lambda_at > 0:
         import teacher
         path = args.teacher or teacher.default_teacher_path(args.dataset)
         teacher_net = teacher.load_teacher(path, args.dataset, device)
+    if world > 1:
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    try:
+        search(args, world, rank, device, ckpt, settings, data, train_idx, val_idx, teacher_net)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
-    logger = utils.get_logger(args.save, 'search')
+
+def search(args, world, rank, device, ckpt, settings, data, train_idx, val_idx, teacher_net) -> None:
+    method_cls = METHODS[args.method]
+    ckpt_path = os.path.join(args.save, 'checkpoint.pt')
+    logger = utils.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0)
     logger.info('args = %s', vars(args))
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    utils.set_seed(args.seed)
-    model = method_cls.build_model(args, utils.NUM_CLASSES[args.dataset]).to(device)
+    dtype = torch.float64 if args.double else torch.float32
+    utils.set_seed(args.seed)  # the same initial weights and A in every process
+    model = method_cls.build_model(args, utils.NUM_CLASSES[args.dataset]).to(device, dtype)
+    if args.sync_bn:
+        model = utils.convert_sync_batchnorm(model)
+    if teacher_net is not None:
+        teacher_net.to(dtype)
     optimizer = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
@@ -454,6 +517,10 @@ def main(argv=None) -> None:
                 size['exact'])
     n_weights = utils.count_params(model)
     logger.info('param size = %.6fMB (%d weights)', n_weights / 1e6, n_weights)
+    if world > 1:
+        logger.info('%d processes x batch %d = global batch %d; BatchNorm %s', world, args.batch_size // world,
+                    args.batch_size, 'over the global batch (--sync_bn)' if args.sync_bn else
+                    'per process (--sync_bn makes it global)')
     if teacher_net is not None:
         logger.info('attention-guided search: lambda_at %g in %s, teacher %s', args.lambda_at,
                     'both levels' if args.at_levels == 'both' else 'the weight step only',
@@ -467,35 +534,44 @@ def main(argv=None) -> None:
         method.load_state_dict(ckpt['method'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
-        utils.trim_jsonl(log_path, start_epoch)
+        if rank == 0:
+            utils.trim_jsonl(log_path, start_epoch)
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
-    elif os.path.exists(log_path):
+    elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
     pin = device.type == 'cuda'
     train_data = torch.utils.data.Subset(data, train_idx)
     val_data = torch.utils.data.Subset(data, val_idx)
     for epoch in range(start_epoch, args.epochs):
+        # every process shuffles alike and takes its slice of each global batch (utils.GlobalBatchSampler)
         g = utils.seed_epoch(args.seed, epoch)
-        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g, pin=pin)
-        val_loader = utils.make_loader(val_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+        loaders = [utils.make_loader(d, args.batch_size, True, args.workers, generator=g, pin=pin,
+                                     batch_sampler=utils.GlobalBatchSampler(len(d), args.batch_size, rank, world,
+                                                                            generator=g))
+                   for d in (train_data, val_data)]
+        train_loader, val_loader = loaders
         lr = scheduler.get_last_lr()[0]
         logger.info('epoch %d/%d lr %e', epoch + 1, args.epochs, lr)
         start = time.time()
         method.start_epoch(epoch)
         stats = search_epoch(method, optimizer, train_loader, val_loader, teacher=teacher_net, eta=lr,
-                             device=device, epoch=epoch, logger=logger, report_freq=args.report_freq,
-                             has_checkpoint=epoch > 0)
+                             device=device, dtype=dtype, epoch=epoch, logger=logger,
+                             report_freq=args.report_freq, has_checkpoint=epoch > 0)
         scheduler.step()
+        utils.broadcast_state(model)  # rank 0's BatchNorm statistics everywhere (they differ without sync)
         extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
         genotype = genotypes.validate(method.genotype())
+        importance = method.importance()
+        check_same_architecture(model, importance, epoch)
         logger.info('epoch %d: %s  (%.1f s)', epoch + 1,
                     '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds)
         logger.info('genotype = %r', genotype)
-        importance = method.importance()
         for name, matrix in importance.items():
             logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space))
+        if rank != 0:
+            continue
         record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'method': args.method,
                   'space': args.space, 'genotype': json.loads(genotypes.to_json(genotype)),
                   'primitives': list(model.ops),
@@ -508,17 +584,42 @@ def main(argv=None) -> None:
                                'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args)},
                               ckpt_path)
 
+    if world > 1:  # each process's own word that it ends with the architecture of every other
+        digest = arch_checksum(model, method.importance())
+        print(f'rank {rank} arch_sha256={digest}', flush=True)
+    if rank != 0:
+        return
     genotype = genotypes.validate(method.genotype())
-    cost = search_cost(log_path, device)
+    cost = search_cost(log_path, device, world)
     hours = cost.get('gpu_hours', cost.get('cpu_hours'))
-    logger.info('search cost: %.1f s wall-clock over %d epochs = %.4f %s-hours on %s', cost['wall_seconds'],
-                args.epochs, hours, 'GPU' if 'gpu_hours' in cost else 'CPU', cost['device'])
+    logger.info('search cost: %.1f s wall-clock over %d epochs = %.4f %s-hours on %d x %s', cost['wall_seconds'],
+                args.epochs, hours, 'GPU' if 'gpu_hours' in cost else 'CPU', world, cost['device'])
     utils.write_json(os.path.join(args.save, 'result.json'),
                      {'kind': 'search', 'method': args.method, 'space': args.space, 'dataset': args.dataset,
                       'seed': args.seed, 'epochs': args.epochs, 'settings': settings, **cost,
                       'genotype': json.loads(genotypes.to_json(genotype))})
     logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
                 args.space, os.path.join(args.save, 'genotype.json'), genotype)
+
+
+def arch_checksum(model, importance: dict) -> str:
+    """sha256 of the architecture state: A (if the method has it) and the importance matrices."""
+    return utils.state_checksum(list(model.arch_parameters()) + [np.ascontiguousarray(v)
+                                                                 for v in importance.values()])
+
+
+def check_same_architecture(model, importance: dict, epoch: int) -> None:
+    """Under torchrun every process must hold the same architecture state; a difference is a bug, never a
+    drift to let through: the run stops, naming the epoch."""
+    if not torch.distributed.is_initialized():
+        return
+    digest = arch_checksum(model, importance)
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise utils.UserError(f'the processes hold different architecture states after epoch {epoch + 1} '
+                              f'(checksums {", ".join(d[:8] for d in digests)}); this is a bug: please report '
+                              f'it with the command')
 
 
 if __name__ == '__main__':

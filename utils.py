@@ -220,13 +220,14 @@ def synthetic_transforms(train: bool, cutout: int = 0):
 
 
 def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic_size: int = 512,
-                seed: int = 0):
-    """CIFAR-10/100 through torchvision (no download: the error says how), or the synthetic data."""
+                seed: int = 0, augment: bool = True):
+    """CIFAR-10/100 through torchvision (no download: the error says how), or the synthetic data.
+    `augment=False` keeps the training split free of random augmentation (exactness checks)."""
     if dataset == 'synthetic':
         # train and test draw from the same class patterns (same seed), different samples
         n = synthetic_size if train else max(64, synthetic_size // 4)
         data = SyntheticImages(n + (0 if train else synthetic_size), seed=seed,
-                               transform=synthetic_transforms(train, cutout))
+                               transform=synthetic_transforms(train and augment, cutout))
         if not train:  # the test split: samples after the training ones
             data = torch.utils.data.Subset(data, range(synthetic_size, synthetic_size + n))
         return data
@@ -235,7 +236,8 @@ def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic
     import torchvision
     cls = torchvision.datasets.CIFAR10 if dataset == 'cifar10' else torchvision.datasets.CIFAR100
     try:
-        return cls(root=root, train=train, download=False, transform=cifar_transforms(dataset, train, cutout))
+        return cls(root=root, train=train, download=False,
+                   transform=cifar_transforms(dataset, train and augment, cutout))
     except RuntimeError:
         name = 'CIFAR-10' if dataset == 'cifar10' else 'CIFAR-100'
         raise UserError(
@@ -245,7 +247,10 @@ def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic
 
 
 def make_loader(data, batch_size: int, shuffle: bool, workers: int, generator=None, sampler=None,
-                drop_last: bool = False, pin: bool = False):
+                drop_last: bool = False, pin: bool = False, batch_sampler=None):
+    if batch_sampler is not None:  # it decides the batches (and their order) itself
+        return torch.utils.data.DataLoader(data, batch_sampler=batch_sampler, num_workers=workers,
+                                           pin_memory=pin, generator=generator, persistent_workers=False)
     return torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, pin_memory=pin, drop_last=drop_last, generator=generator,
@@ -484,3 +489,133 @@ def evaluate(model: nn.Module, loader, criterion, device, *, amp_dtype: torch.dt
         top1_m.update(top1, n)
         top5_m.update(top5, n)
     return loss_m.avg, top1_m.avg, top5_m.avg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): PyTorch's own process groups, NCCL on CUDA and gloo on the CPU.
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) for a plain `python` run."""
+    return (int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('RANK', '0')),
+            int(os.environ.get('LOCAL_RANK', '0')))
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the processes (in place; `t` itself without a process group)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def average_gradients(params) -> None:
+    """Replace every .grad by its mean over the processes, in one collective: each process's loss is the
+    mean over its equal share of the global batch, so the mean of the gradients is the gradient of the
+    global batch's loss (what one process computes on the whole batch)."""
+    world = world_size()
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers everywhere (BatchNorm statistics differ per rank without sync)."""
+    if torch.distributed.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            torch.distributed.broadcast(t.data, 0)
+
+
+def state_checksum(tensors) -> str:
+    """sha256 of tensors (a state dict or a list), independent of their memory layout."""
+    import hashlib
+    h = hashlib.sha256()
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    for name, t in items:
+        h.update(str(name).encode())
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's share of each global batch: the indices are shuffled by `generator` (the same on every
+    process, from seed_epoch) and cut into batches of `batch_size` exactly as one process would cut them;
+    process r takes the r-th of `world` equal slices of each. A last partial batch is trimmed to a multiple
+    of `world` (a last batch of fewer than `world` images is dropped), so every process of a step holds the
+    same number of images and the mean of their gradients is the global batch's gradient."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, generator=None, shuffle: bool = True):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.generator, self.shuffle = generator, shuffle
+
+    def _batches(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            share = len(batch) // self.world
+            if share:
+                yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+
+    def __iter__(self):
+        return self._batches()
+
+    def __len__(self):
+        full, last = divmod(self.n, self.batch_size)
+        return full + (last >= self.world)
+
+
+class _SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the global batch on any device: the per-channel sums are added over the processes with
+    the differentiable `torch.distributed.nn.functional.all_reduce`, so the backward pass is exact too.
+    (`nn.SyncBatchNorm` refuses CPU tensors; on CUDA `convert_sync_batchnorm` uses it instead.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not torch.distributed.is_initialized():
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        n = x.new_tensor([x.shape[0] * x.shape[2] * x.shape[3]])
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), n]))
+        C = x.shape[1]
+        count = stats[-1]
+        mean = stats[:C] / count
+        var = stats[C:2 * C] / count - mean * mean  # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of `module` normalised over the global batch (--sync_bn): nn.SyncBatchNorm on CUDA,
+    the differentiable all-reduce version above elsewhere; weights and statistics carry over."""
+    if any(t.is_cuda for t in module.state_dict().values()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, _SyncBatchNorm2d):
+            new = _SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            ref = next(iter(child.state_dict().values()))
+            new.to(device=ref.device, dtype=ref.dtype).load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_sync_batchnorm(child)
+    return module
