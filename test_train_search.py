@@ -271,7 +271,8 @@ def test_distillation_only_uses_the_teacher_in_the_weight_step_alone(tmp_path, t
     r = read_log(tmp_path)[0]
     assert r['train_at'] > 0 and r['val_at'] == 0
     assert r['method'] == 'darts' and len(r['importance']['normal']) == 18
-    result = json.load(open(tmp_path / 'result.json'))
+    with open(tmp_path / 'result.json') as f:
+        result = json.load(f)
     assert result['kind'] == 'search' and result['epochs'] == 1 and result['settings']['at_levels'] == 'weights'
     assert result['wall_seconds'] == pytest.approx(r['seconds'], abs=0.1) and 'cpu_hours' in result
 
