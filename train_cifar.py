@@ -16,7 +16,8 @@ SAVE/result.json, and ends with one line on stdout:
     final test_error=2.67 params_M=3.35 macs_M=528.4
 
 test_error: top-1 test error in % after the last epoch; params_M: weights in millions without the
-auxiliary tower (DARTS's count); macs_M: multiply-adds of one 32x32 image in millions (utils.count_macs).
+auxiliary tower (DARTS's count); macs_M: multiply-adds of one 32x32 image (--image_size for --dataset folder)
+in millions (utils.count_macs).
 """
 from __future__ import annotations
 
@@ -33,15 +34,18 @@ import utils
 from model import NetworkCIFAR
 
 DEFAULT_ARCH = 'DARTS_V2'
-WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4}  # NOS App. A.1
+WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 3e-4}  # NOS App. A.1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Retrain a derived cell on CIFAR-10/100 (NOS Sec. 4.3).',
                                 formatter_class=utils.HelpFormatter)
-    p.add_argument('--data', default='data', help='folder holding (or to hold) the CIFAR data')
+    p.add_argument('--data', default='data',
+                   help='folder holding (or to hold) the CIFAR data; for --dataset folder, PATH with train/ and '
+                        'test/ or val/, one folder of images per class')
     p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS,
-                   help='synthetic: made-up CIFAR-shaped data, no download (smoke tests)')
+                   help='synthetic: made-up CIFAR-shaped data, no download (smoke tests); folder: your images')
+    p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--arch', default=None,
                    help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file)')
@@ -85,6 +89,10 @@ def main(argv=None) -> dict:
             raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 <= args.drop_path_prob < 1:
         raise utils.UserError(f'--drop_path_prob must be in [0, 1), got {args.drop_path_prob}')
+    utils.check_image_size(args.dataset, args.image_size)
+    if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
+        raise utils.UserError(f'the auxiliary tower fits 32- to 40-pixel images only (DARTS pools its 8x8 input to '
+                              f'2x2); add --no_auxiliary to train at --image_size {args.image_size}')
     genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
@@ -103,6 +111,7 @@ def main(argv=None) -> dict:
             utils.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
             utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+        utils.check_same('image_size', ckpt['args'].get('image_size', 32), args.image_size, resume)
 
     logger = utils.get_logger(save, 'train_cifar')
     logger.info(f'args: {vars(args)}')
@@ -111,16 +120,21 @@ def main(argv=None) -> dict:
                 f' device {device}, {"bf16 autocast" if amp_dtype else "fp32"}'
                 f'{", channels_last" if channels_last else ""}')
 
-    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size)
-    test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size)
-    num_classes = utils.NUM_CLASSES[args.dataset]
+    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, save, ckpt, resume)
+    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
+                                   image_size=args.image_size, stats=data_stats)
+    test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
+                                  image_size=args.image_size, stats=data_stats)
+    num_classes = utils.num_classes(args.dataset, args.data)
+    if data_stats is not None:
+        logger.info(utils.folder_summary(data_stats, test_data))
 
     utils.set_seed(args.seed)
     model = NetworkCIFAR(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
     params = utils.count_params(model)
-    macs = utils.count_macs(model, (1, 3, 32, 32))
+    macs = utils.count_macs(model, (1, 3, args.image_size, args.image_size))
     logger.info(f'weights {params / 1e6:.2f}M (without the auxiliary tower), multiply-adds {macs / 1e6:.1f}M '
-                f'per 32x32 image')
+                f'per {args.image_size}x{args.image_size} image')
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -155,6 +169,7 @@ def main(argv=None) -> dict:
             aux_weight=args.auxiliary_weight if args.auxiliary else 0., grad_clip=args.grad_clip,
             amp_dtype=amp_dtype, channels_last=channels_last, progress=progress)
         scheduler.step()
+        utils.log_unreadable(train_data, logger)
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
         seconds = time.time() - start
@@ -171,6 +186,7 @@ def main(argv=None) -> dict:
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label, 'genotype': genotype_json,
             'dataset': args.dataset, 'synthetic_size': args.synthetic_size, 'args': vars(args),
+            'data_stats': data_stats,
         }, os.path.join(save, 'checkpoint.pt'))
 
     if start_epoch >= args.epochs:  # resumed a finished run: report it again

@@ -50,8 +50,10 @@ DARTS_DEFAULTS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=utils.HelpFormatter)
-    p.add_argument('--data', default='data', help='where CIFAR lives (torchvision layout)')
-    p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic')
+    p.add_argument('--data', default='data',
+                   help='where CIFAR lives (torchvision layout); for --dataset folder, PATH with train/CLASS/IMAGE')
+    p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic | folder (your images)')
+    p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
@@ -113,6 +115,7 @@ def check_args(args) -> None:
                               f'fixed op set ({", ".join(genotypes.DARTS_PRIMITIVES)})')
     if args.dataset not in utils.DATASETS:
         raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
+    utils.check_image_size(args.dataset, getattr(args, 'image_size', 32))
     if args.layers < 3:
         raise utils.UserError(f'--layers {args.layers} is too few: the proxy network needs at least 3 cells '
                               f'(two of them reduction cells)')
@@ -429,20 +432,25 @@ def main(argv=None) -> None:
         for key, value in settings.items():
             utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
     device = utils.get_device(args.gpu, args.device)
-    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
+    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
+    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                             image_size=args.image_size, stats=data_stats)
     train_idx, val_idx = utils.search_split(len(data), args.train_portion)
     teacher_net = None
     if args.lambda_at > 0:
         import teacher
-        path = args.teacher or teacher.default_teacher_path(args.dataset)
-        teacher_net = teacher.load_teacher(path, args.dataset, device)
+        path = args.teacher or teacher.default_teacher_path(utils.dataset_name(args.dataset, args.data))
+        classes = data_stats['classes'] if data_stats else None  # --dataset folder: the teacher's must match
+        teacher_net = teacher.load_teacher(path, args.dataset, device, classes=classes, image_size=args.image_size)
 
     logger = utils.get_logger(args.save, 'search')
     logger.info('args = %s', vars(args))
+    if data_stats is not None:
+        logger.info(utils.folder_summary(data_stats))
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     utils.set_seed(args.seed)
-    model = method_cls.build_model(args, utils.NUM_CLASSES[args.dataset]).to(device)
+    model = method_cls.build_model(args, utils.num_classes(args.dataset, args.data)).to(device)
     optimizer = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
@@ -487,6 +495,7 @@ def main(argv=None) -> None:
                              device=device, epoch=epoch, logger=logger, report_freq=args.report_freq,
                              has_checkpoint=epoch > 0)
         scheduler.step()
+        utils.log_unreadable(data, logger)
         extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
         genotype = genotypes.validate(method.genotype())
@@ -505,7 +514,8 @@ def main(argv=None) -> None:
         utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
                                'optimizer': optimizer.state_dict(), 'method': method.state_dict(),
                                'scheduler': scheduler.state_dict(), 'settings': settings,
-                               'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args)},
+                               'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args),
+                               'data_stats': data_stats},
                               ckpt_path)
 
     genotype = genotypes.validate(method.genotype())
