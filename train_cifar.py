@@ -4,14 +4,17 @@
     python train_cifar.py --genotype_file runs/search/genotype.json --dataset cifar100
     python train_cifar.py --arch DARTS_V2 --device cpu --dataset synthetic --epochs 2 --layers 5 \\
         --init_channels 8                                                       # a CPU smoke run
+    python train_cifar.py --arch random:7 --save runs/random-7                  # Table 2's random baseline
 
 The defaults are the paper's: 20 cells, 36 channels, auxiliary tower weight 0.4, cutout 16, drop-path 0.3
 (raised linearly from 0 over the epochs, as DARTS does), 600 epochs, batch 128, SGD momentum 0.9,
 lr 0.25 cosine to 0 (DARTS: 0.025), weight decay 3e-4 (CIFAR-10) / 5e-4 (CIFAR-100), grad clip 5.
 The whole training set trains, the test set is evaluated after every epoch.
 
-Writes SAVE/log.txt, SAVE/metrics.jsonl (one line per epoch), SAVE/checkpoint.pt (every epoch, atomic),
-SAVE/result.json, and ends with one line on stdout:
+Writes SAVE/log.txt, SAVE/genotype.json (the cells trained), SAVE/metrics.jsonl (one line per epoch),
+SAVE/checkpoint.pt (every epoch, atomic), SAVE/result.json (the figures below plus genotype, seed, dataset,
+epochs, precision, device name and training seconds, which summarize.py reads), and ends with one line on
+stdout:
 
     final test_error=2.67 params_M=3.35 macs_M=528.4
 
@@ -48,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--arch', default=None,
-                   help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file)')
+                   help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file), or '
+                        f'random:SEED, a genotype drawn uniformly from the NOS space (Table 2\'s random '
+                        f'baseline)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
     p.add_argument('--epochs', type=int, default=600, help='NOS App. A.1')
     p.add_argument('--batch_size', type=int, default=128, help='NOS App. A.1')
@@ -116,6 +121,7 @@ def main(argv=None) -> dict:
     logger = utils.get_logger(save, 'train_cifar')
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
+    genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
     logger.info(f'weight decay {args.weight_decay:g} ({args.dataset}); lr {args.learning_rate:g} cosine to 0;'
                 f' device {device}, {"bf16 autocast" if amp_dtype else "fp32"}'
                 f'{", channels_last" if channels_last else ""}')
@@ -193,10 +199,16 @@ def main(argv=None) -> dict:
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
     result = {
+        'kind': 'train', 'script': 'train_cifar',
         'dataset': args.dataset, 'arch': label, 'genotype': json.loads(genotype_json), 'epochs': args.epochs,
         'test_error': 100. - test[1], 'test_acc': test[1], 'test_top5': test[2], 'test_loss': test[0],
         'params': params, 'params_M': params / 1e6, 'macs': macs, 'macs_M': macs / 1e6,
         'learning_rate': args.learning_rate, 'weight_decay': args.weight_decay, 'seed': args.seed,
+        'batch_size': args.batch_size, 'layers': args.layers, 'init_channels': args.init_channels,
+        'drop_path_prob': args.drop_path_prob,
+        # training + evaluation time of every epoch, sessions before a --resume included
+        'seconds': sum(r['seconds'] for r in utils.read_jsonl(metrics_path)),
+        **utils.run_info(device, amp_dtype),
     }
     utils.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'

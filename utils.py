@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import platform
 import random
 import sys
 import time
@@ -98,6 +99,29 @@ def get_logger(save: str | None, name: str = 'nos', enabled: bool = True) -> log
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a .jsonl log; [] when it does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_info(device: torch.device, amp_dtype: torch.dtype | None, processes: int = 1) -> dict:
+    """Where and how a run trained, for its result.json (summarize.py turns it into GPU-hours)."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.machine() or 'cpu'
+        try:  # the CPU model where Linux says it
+            with open('/proc/cpuinfo') as f:
+                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        except (OSError, StopIteration):
+            pass
+    return {'device': device.type, 'device_name': name, 'processes': processes,
+            'precision': 'bf16' if amp_dtype == torch.bfloat16 else 'fp32'}
 
 
 class AverageMeter:
