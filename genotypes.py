@@ -14,8 +14,11 @@ This module imports no torch: edit it, paste genotypes into it and validate them
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
+import random
 from collections import namedtuple
 
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
@@ -236,13 +239,56 @@ def save(genotype: Genotype, path: str) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The random baseline of Table 2 ("best architecture among 30 random samples")
+
+RANDOM_PREFIX = 'random:'
+
+
+@functools.cache
+def valid_blocks(k: int) -> tuple:
+    """Every block k of the heterogeneous space (spec §7), each once, in a fixed order: the pair of
+    predecessors i < j of node k + 2, the ordered op pair (o_i, o_j) with at least one feature op (the
+    derivation's rule, spec §3), and the second-tier op: C(k+2, 2) * 105 * 11 blocks."""
+    op_pairs = [(a, b) for a in PRIMITIVES for b in PRIMITIVES
+                if op_kind(a) == 'feature' or op_kind(b) == 'feature']
+    return tuple(((a, i), (b, j), s) for i, j in itertools.combinations(range(k + 2), 2)
+                 for a, b in op_pairs for s in PRIMITIVES)
+
+
+def random_genotype(seed: int) -> Genotype:
+    """A heterogeneous genotype drawn uniformly from the exact space of spec §7, 180 * (105 * 11)^4 cells
+    per cell type: each block uniformly from `valid_blocks(k)`, independently, normal cell first. The same
+    seed gives the same genotype (Python's own Mersenne Twister, not torch's RNG)."""
+    rng = random.Random(seed)
+    cells = {name: [rng.choice(valid_blocks(k)) for k in range(STEPS)] for name in ('normal', 'reduce')}
+    return validate(Genotype(normal=cells['normal'], normal_concat=CONCAT, reduce=cells['reduce'],
+                             reduce_concat=CONCAT))
+
+
+def random_seed_of(arch: str) -> int | None:
+    """The seed of `random:SEED`, None for any other name; a SEED that is not an integer fails."""
+    if not arch.startswith(RANDOM_PREFIX):
+        return None
+    text = arch[len(RANDOM_PREFIX):]
+    try:
+        return int(text)
+    except ValueError:
+        raise GenotypeError(f'--arch {arch}: the seed {text!r} is not an integer; write random:SEED with an '
+                            f'integer SEED, for example --arch random:0') from None
+
+
 def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
-    """The genotype named `arch` in this module, or the one in `genotype_file`; validated."""
+    """The genotype named `arch` in this module (`random:SEED`: `random_genotype(SEED)`), or the one in
+    `genotype_file`; validated."""
     if genotype_file:
         if not os.path.isfile(genotype_file):
             raise GenotypeError(f'genotype file {genotype_file} does not exist')
         with open(genotype_file) as f:
             return from_json(f.read(), genotype_file)
+    seed = random_seed_of(arch) if arch else None
+    if seed is not None:
+        return random_genotype(seed)
     g = globals().get(arch)
     if not isinstance(g, Genotype):
         names = sorted(k for k, v in globals().items() if isinstance(v, Genotype))

@@ -43,8 +43,16 @@ class Cell(nn.Module):
         node = o_s(S_k)                   if o_s is a feature op
              = S_k + S_k * o_s(S_k)       if o_s is an attention op            (Eq. 6-9)
              = S_k + dwconv(S_k, o_s(S_k)) if o_s is a dynamic op
-    In a reduction cell the first-tier edges from the two inputs have stride 2. A second-tier skip_connect
-    is the identity and builds no module, so a classic DARTS cell has exactly DARTS's modules.
+    In a reduction cell the first-tier edges from the two inputs have stride 2; a dynamic op on such an edge
+    computes its kernel D from the full-resolution input and D convolves the reduced F (the stride lies in
+    F, not in what the kernel generator sees). A second-tier skip_connect is the identity and builds no
+    module, so a classic DARTS cell has exactly DARTS's modules.
+
+    Drop-path (training) drops a term only where the block keeps another path, each term independently:
+    a non-identity first-tier feature output when the other first-tier op is a feature op too; the
+    calibration terms F*A and dwconv(F, D) (F stays); the calibration term of an attention or dynamic
+    second tier (S_k stays); never a feature second-tier output, never an identity. A classic DARTS cell
+    therefore drops each non-identity op of a node independently, exactly as DARTS does.
     """
 
     def __init__(self, genotype: genotypes.Genotype, C_prev_prev: int, C_prev: int, C: int,
@@ -71,6 +79,12 @@ class Cell(nn.Module):
                 self._ops.append(OPS[op](C, stride, True))
                 self._indices.append(index)
         self._kinds = [op_kind(op) for (op_i, _), (op_j, _), _ in blocks for op in (op_i, op_j)]
+        # Drop-path drops a term only where the block keeps another path. A first-tier feature output is
+        # dropped when it is not the identity and the other first-tier op is a feature op too (that path
+        # stays, or is dropped independently): DARTS's rule for a classic cell. Beside an attention map or
+        # a kernel it is the block's only F, and dropping it would zero the whole block.
+        self._drop_first = [self._kinds[e] == 'feature' and self._kinds[e ^ 1] == 'feature'
+                            and not isinstance(self._ops[e], Identity) for e in range(len(self._ops))]
         # Second-tier ops, keyed by block; skip_connect (stride 1: the identity) is left out.
         self._second = nn.ModuleDict({str(k): OPS[op_s](C, 1, True)
                                       for k, (_, _, op_s) in enumerate(blocks) if op_s != 'skip_connect'})
@@ -88,7 +102,7 @@ class Cell(nn.Module):
                 h = op(states[self._indices[e]])
                 kind = self._kinds[e]
                 if kind == 'feature':
-                    if not isinstance(op, Identity):
+                    if self._drop_first[e]:
                         h = drop_path(h, p)
                     feature = h if feature is None else feature + h
                 elif kind == 'attention':
@@ -100,13 +114,15 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self._concat], dim=1)
 
     def _second_tier(self, k: int, s: torch.Tensor, p: float) -> torch.Tensor:
-        """Node k from its surrogate S_k through the second-tier op (Eq. 6-9)."""
+        """Node k from its surrogate S_k through the second-tier op (Eq. 6-9). Drop-path: only the
+        calibration term of an attention or dynamic op (S_k stays); a feature op's output is the block's
+        only path and is never dropped, nor is the identity."""
         key, kind = self._second_keys[k], self._second_kinds[k]
-        if key is None:                                   # skip_connect: the identity, never dropped
+        if key is None:                                   # skip_connect: the identity
             return s
         out = self._second[key](s)
         if kind == 'feature':
-            return drop_path(out, p)
+            return out
         if kind == 'attention':
             return _calibrate(s, out, None, p)            # Eq. 9 with A = o_s(S_k)
         return _calibrate(s, None, out, p)                # Eq. 9 with D = o_s(S_k)

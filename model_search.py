@@ -134,6 +134,10 @@ class NOSCell(_CellBase):
 
     Rows of `weights`: the first-tier edges in DARTS order (node 0: inputs 0, 1; node 1: 0, 1, 2; ...),
     then one second-tier edge per node (from its surrogate node, stride 1).
+    In a reduction cell the first-tier edges from the two inputs have stride 2: their feature ops and
+    spatial attention output the reduced resolution, while a dynamic op computes its kernel from the
+    edge's full-resolution input (App. A.1's `DynamicF` has no stride) and that kernel convolves the
+    reduced F in `calibrate` (Eq. 5).
     """
 
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops):

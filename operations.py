@@ -124,7 +124,10 @@ class DynamicKernel(nn.Module):
     (b) kernel transform: 1x1 conv C -> k*k, softmax over the H*W positions, matrix product with the
         bottleneck features -> (N, C/8, k*k): global context pooled into k*k taps;
     (c) kernel decode: 1x1 conv C/8 -> C on the k x k map, softmax over the k*k taps of each channel.
-    A stride-2 edge computes (a) and (b) at the reduced resolution; the kernel itself is resolution-free.
+    App. A.1's `DynamicF` has no stride: its 1x1 convs run at stride 1 on the edge's full-resolution input
+    on every edge, so the softmax of (b) sees every position and the kernel does not depend on resolution.
+    `stride` is accepted (every op takes one) and changes nothing here: on a stride-2 edge the stride lies
+    in how the kernel is applied, to the reduced feature map F of the block (`calibrate`, model.Cell).
     """
     kind = 'dynamic'
 
@@ -133,10 +136,10 @@ class DynamicKernel(nn.Module):
         mid = max(1, C // reduction)
         self.kernel_size = kernel_size
         self.bottleneck = nn.Sequential(
-            nn.Conv2d(C, mid, 1, stride=stride, bias=False),
+            nn.Conv2d(C, mid, 1, bias=False),  # stride 1 whatever the edge's stride (App. A.1)
             nn.BatchNorm2d(mid, affine=affine),
             nn.ReLU(inplace=False))
-        self.transform = nn.Conv2d(C, kernel_size * kernel_size, 1, stride=stride, bias=False)
+        self.transform = nn.Conv2d(C, kernel_size * kernel_size, 1, bias=False)
         self.decode = nn.Conv2d(mid, C, 1, bias=False)
 
     def forward(self, x):

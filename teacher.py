@@ -277,11 +277,13 @@ def save_teacher(model: nn.Module, path: str, dataset: str, **extra) -> None:
     utils.save_checkpoint(state, path)
 
 
-def load_teacher(path: str, dataset: str, device='cpu') -> nn.Module:
+def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | None = None,
+                 image_size: int = 32) -> nn.Module:
     """The PyramidNet teacher in `path`, frozen (eval mode, no gradients), on `device`.
 
     Raises utils.UserError with one sentence for a missing or damaged file, a teacher of another dataset,
-    and a checkpoint of another architecture (or weights that do not fit its config).
+    of other classes than `classes` (--dataset folder) or another image size, and a checkpoint of another
+    architecture (or weights that do not fit its config).
     """
     if not os.path.isfile(path):
         raise utils.UserError(f'no teacher checkpoint at {path}: train one with `python teacher.py --dataset '
@@ -295,6 +297,7 @@ def load_teacher(path: str, dataset: str, device='cpu') -> nn.Module:
         raise utils.UserError(f'the teacher {path} was trained on {state["dataset"]}, but this run uses '
                               f'{dataset}; train a {dataset} teacher with `python teacher.py --dataset {dataset} '
                               f'--gpu 0` and pass its path')
+    check_teacher_data(state, path, classes, image_size)
     arch, config = state['arch'], state['config']
     if arch != PYRAMID:
         raise utils.UserError(f'{path} holds a {describe(arch, config)}, not the PyramidNet teacher that '
@@ -316,6 +319,21 @@ def load_teacher(path: str, dataset: str, device='cpu') -> nn.Module:
     return model
 
 
+def check_teacher_data(state: dict, path: str, classes: list[str] | None, image_size: int) -> None:
+    """A teacher trained with --dataset folder is tied to its classes and image size (teacher.py records
+    both); a CIFAR teacher saw 32x32 images."""
+    if classes is not None and state.get('classes') != classes:
+        saved = state.get('classes') or []
+        raise utils.UserError(f'the teacher {path} was trained on other classes than this run\'s data '
+                              f'({utils.class_difference(saved, classes, "the teacher", "the data")}); train a '
+                              f'teacher on this data with `python teacher.py --dataset folder --data PATH` and pass '
+                              f'it with --teacher')
+    if state.get('image_size', 32) != image_size:
+        raise utils.UserError(f'the teacher {path} was trained on {state.get("image_size", 32)}-pixel images, but '
+                              f'this run uses --image_size {image_size}; train the teacher with the same '
+                              f'--image_size')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training (App. A1)
 
@@ -331,7 +349,9 @@ def parse_args(argv=None):
     p.add_argument('--calibration', default='none', choices=CALIBRATIONS,
                    help='ResNet-18: op inserted after stages 1, 2, 3 (Table 1)')
     p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS, help='the search dataset')
-    p.add_argument('--data', default='data', help='folder holding the CIFAR data')
+    p.add_argument('--data', default='data',
+                   help='folder holding the CIFAR data; for --dataset folder, PATH with train/ and test/ or val/')
+    p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--epochs', type=int, default=300, help='App. A1')
     p.add_argument('--batch_size', type=int, default=32, help='App. A1')
@@ -363,14 +383,15 @@ def run_paths(args) -> tuple[str, str]:
         if args.arch == 'resnet18':
             save = os.path.join('runs', f'resnet18_{args.calibration}_{args.dataset}')
         else:
-            save = default_teacher_path(args.dataset, args.depth, args.alpha, args.block == 'bottleneck')
+            save = default_teacher_path(utils.dataset_name(args.dataset, args.data), args.depth, args.alpha,
+                                        args.block == 'bottleneck')
     if save.endswith('.pt'):
         return save, save[:-3]
     return os.path.join(save, 'checkpoint.pt'), save
 
 
 def make_model(args) -> nn.Module:
-    num_classes = utils.NUM_CLASSES[args.dataset]
+    num_classes = utils.num_classes(args.dataset, args.data)
     if ARCHS[args.arch] == PYRAMID:
         return PyramidNet(args.depth, args.alpha, num_classes, args.block == 'bottleneck')
     return ResNet18(num_classes, args.calibration)
@@ -397,6 +418,7 @@ def main(argv=None):
     for name in ('epochs', 'batch_size', 'synthetic_size'):
         if getattr(args, name) < 1:
             raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    utils.check_image_size(args.dataset, args.image_size)
     device = utils.get_device(args.gpu, args.device)
     ckpt_path, log_dir = run_paths(args)
     resume_path = utils.resume_path(ckpt_path, args.resume)
@@ -407,7 +429,7 @@ def main(argv=None):
     arch = model.arch
     baseline = None
     if arch == RESNET18:
-        baseline = cost(ResNet18(utils.NUM_CLASSES[args.dataset]))
+        baseline = cost(ResNet18(utils.num_classes(args.dataset, args.data)))
     logger.info(f'{describe(arch, model.config)}: {cost_line(model, baseline)}')
     model.to(device)
     channels_last = device.type == 'cuda'
@@ -418,6 +440,7 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     start, best = 0, 0.0
+    state = None
     if resume_path is not None:
         state = utils.load_checkpoint(resume_path)
         for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
@@ -430,10 +453,13 @@ def main(argv=None):
         utils.trim_jsonl(os.path.join(log_dir, 'train_log.jsonl'), start)
         logger.info(f'resumed from {resume_path} after epoch {start}')
 
+    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
     train_data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
-                                   seed=args.seed)
+                                   seed=args.seed, image_size=args.image_size, stats=data_stats)
     test_data = utils.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
-                                  seed=args.seed)
+                                  seed=args.seed, image_size=args.image_size, stats=data_stats)
+    if data_stats is not None:
+        logger.info(utils.folder_summary(data_stats, test_data))
     test_loader = utils.make_loader(test_data, max(args.batch_size, 256), False, args.workers,
                                     pin=device.type == 'cuda')
     criterion = nn.CrossEntropyLoss()
@@ -450,6 +476,7 @@ def main(argv=None):
             model, train_loader, optimizer, criterion, device, grad_clip=None, amp_dtype=amp_dtype,
             channels_last=channels_last, progress=progress)
         scheduler.step()
+        utils.log_unreadable(train_data, logger)
         seconds = time.time() - tic
         test_loss, top1, top5 = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                                                channels_last=channels_last)
@@ -463,7 +490,8 @@ def main(argv=None):
         save_teacher(model, ckpt_path, args.dataset, epoch=epoch, epochs=args.epochs,
                      finished=epoch + 1 == args.epochs, optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), best_top1=best, test_top1=top1, test_top5=top5,
-                     args=vars(args))
+                     args=vars(args), image_size=args.image_size, data_stats=data_stats,
+                     classes=data_stats['classes'] if data_stats else None)
     if start >= args.epochs:
         logger.info(f'{ckpt_path} has already trained {start} epochs (--epochs {args.epochs}); nothing to do')
         test_loss, top1, top5 = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,

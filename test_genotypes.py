@@ -75,3 +75,52 @@ def test_unknown_name_and_bad_file(tmp_path):
     bad.write_text('{"normal": [')
     with pytest.raises(GenotypeError, match='not valid JSON'):
         G.load(genotype_file=str(bad))
+
+
+@pytest.mark.parametrize('k', range(G.STEPS))
+def test_random_blocks_are_exactly_the_space_of_spec_7(k):
+    """valid_blocks(k), from which random_genotype draws uniformly, is every block the genotype checks
+    accept (inputs i < j, at least one first-tier feature op), each once: C(k+2, 2) * 105 * 11."""
+    blocks = G.valid_blocks(k)
+    assert len(blocks) == len(set(blocks)) == (k + 2) * (k + 1) // 2 * 105 * 11
+    accepted = set()
+    other = [(('sep_conv_3x3', 0), ('sep_conv_3x3', 1), 'skip_connect')] * G.STEPS
+    for i in range(k + 2):
+        for j in range(i + 1, k + 2):
+            for a in G.PRIMITIVES:
+                for b in G.PRIMITIVES:
+                    for s in G.PRIMITIVES:
+                        cell = list(other)
+                        cell[k] = ((a, i), (b, j), s)
+                        try:
+                            G.to_blocks(cell)
+                        except GenotypeError:
+                            continue
+                        accepted.add(cell[k])
+    assert set(blocks) == accepted
+
+
+def test_random_space_size_is_the_exact_count():
+    size = 1
+    for k in range(G.STEPS):
+        size *= len(G.valid_blocks(k))
+    assert size == 180 * (105 * 11) ** 4  # spec §7's exact count, per cell type
+
+
+def test_random_genotype_is_reproducible_and_valid():
+    g = G.load(arch='random:0')
+    assert g == G.random_genotype(0) == G.load(arch='random:0')
+    # pinned, so that a published random baseline stays the same cells
+    assert g.normal[0] == (('skip_connect', 0), ('avg_pool_3x3', 1), 'spatial_attention')
+    draws = [G.random_genotype(s) for s in range(30)]
+    assert len({repr(d) for d in draws}) == 30
+    for d in draws:
+        assert G.validate(d) == d and eval(repr(d), vars(G)) == d
+        assert not G.is_classic(d.normal) and not G.is_classic(d.reduce)
+
+
+@pytest.mark.parametrize('arch', ['random:x', 'random:', 'random:1.5'])
+def test_random_seed_must_be_an_integer(arch):
+    with pytest.raises(GenotypeError, match=f'--arch {arch}: the seed .* is not an integer; write '
+                                            f'random:SEED'):
+        G.load(arch=arch)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import genotypes
+import model
 import utils
 from genotypes import Genotype
 from model import Cell, NetworkCIFAR, NetworkImageNet, drop_path
@@ -239,3 +240,100 @@ def test_macs_count_the_dynamic_convolution():
                      + mid * c * kk      # kernel decode 1x1 conv C/8 -> C on the k x k map
                      + c * hw * kk)      # the per-sample depthwise k x k convolution itself
     assert diff == expected
+
+
+def _block0_genotype(block):
+    """A cell whose block 0 is `block` (the rest plain sep_conv pairs); the first C output channels of the
+    cell are node 2, the output of block 0."""
+    rest = [(('sep_conv_3x3', 0), ('sep_conv_3x3', k), 'skip_connect') for k in (2, 3, 4)]
+    cell = [block] + rest
+    return Genotype(normal=cell, normal_concat=[2, 3, 4, 5], reduce=cell, reduce_concat=[2, 3, 4, 5])
+
+
+# Block 0 with every droppable term dropped, by hand: x0, x1 are the preprocessed inputs, o0, o1 the
+# first-tier ops, o2 the second-tier op. A term that is kept is computed; a dropped one is left out.
+DROP_CASES = {
+    'two convs: both dropped (DARTS, p^2)': (
+        (('sep_conv_3x3', 0), ('sep_conv_5x5', 1), 'skip_connect'), False,
+        lambda x0, x1, o0, o1, o2: torch.zeros_like(x0)),
+    'conv + identity: the conv is dropped, the identity stays': (
+        (('sep_conv_3x3', 0), ('skip_connect', 1), 'skip_connect'), False,
+        lambda x0, x1, o0, o1, o2: x1),
+    'conv + attention: F stays, F*A is dropped': (
+        (('sep_conv_3x3', 0), ('spatial_attention', 1), 'skip_connect'), False,
+        lambda x0, x1, o0, o1, o2: o0(x0)),
+    'kernel + conv: F stays, dwconv(F, D) is dropped': (
+        (('dynamic_conv_3x3', 0), ('dil_conv_3x3', 1), 'skip_connect'), False,
+        lambda x0, x1, o0, o1, o2: o1(x1)),
+    'identity + attention: the identity stays': (
+        (('skip_connect', 0), ('channel_attention', 1), 'skip_connect'), False,
+        lambda x0, x1, o0, o1, o2: x0),
+    'attention second tier: S stays, S*o(S) is dropped': (
+        (('sep_conv_3x3', 0), ('channel_attention', 1), 'spatial_attention'), False,
+        lambda x0, x1, o0, o1, o2: o0(x0)),
+    'dynamic second tier: S stays, dwconv(S, o(S)) is dropped': (
+        (('avg_pool_3x3', 0), ('spatial_attention', 1), 'dynamic_conv_5x5'), False,
+        lambda x0, x1, o0, o1, o2: o0(x0)),
+    'feature second tier is never dropped': (
+        (('sep_conv_3x3', 0), ('dynamic_conv_3x3', 1), 'sep_conv_3x3'), False,
+        lambda x0, x1, o0, o1, o2: o2(o0(x0))),
+    'feature second tier after two convs: the convs are dropped, o(0) stays': (
+        (('sep_conv_3x3', 0), ('max_pool_3x3', 1), 'dil_conv_5x5'), False,
+        lambda x0, x1, o0, o1, o2: o2(torch.zeros_like(o0(x0)))),
+    'reduction: a stride-2 skip_connect (FactorizedReduce) beside a pool is dropped, as in DARTS': (
+        (('skip_connect', 0), ('max_pool_3x3', 1), 'skip_connect'), True,
+        lambda x0, x1, o0, o1, o2: torch.zeros_like(o1(x1))),
+    'reduction: a stride-2 skip_connect beside a kernel stays': (
+        (('skip_connect', 0), ('dynamic_conv_3x3', 1), 'skip_connect'), True,
+        lambda x0, x1, o0, o1, o2: o0(x0)),
+}
+
+
+@pytest.mark.parametrize('case', list(DROP_CASES))
+def test_drop_path_drops_a_term_only_where_the_block_keeps_another_path(case, monkeypatch):
+    """With drop_path replaced by 'always drop', block 0's output is exactly the formula without the
+    droppable terms (issue 7's rule)."""
+    block, reduction, expected = DROP_CASES[case]
+    monkeypatch.setattr(model, 'drop_path', lambda x, p: torch.zeros_like(x) if p > 0 else x)
+    torch.manual_seed(0)
+    C = 8
+    cell = Cell(_block0_genotype(block), 8, 8, C, reduction=reduction, reduction_prev=False).train()
+    s0, s1 = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        out = cell(s0, s1, drop_prob=0.5)[:, :C]
+        x0, x1 = cell.preprocess0(s0), cell.preprocess1(s1)
+        o2 = dict(cell._second.items()).get('0')
+        ref = expected(x0, x1, cell._ops[0], cell._ops[1], o2)
+        assert not torch.equal(cell(s0, s1, drop_prob=0.)[:, :C], torch.zeros_like(out))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def darts_cell_forward(cell, s0, s1, drop_prob):
+    """DARTS's Cell.forward (Liu et al. 2019, model.py), written out: each node sums two op outputs and
+    drops each one that is not the identity, independently."""
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    for k in range(cell._steps):
+        op1, op2 = cell._ops[2 * k], cell._ops[2 * k + 1]
+        h1, h2 = op1(states[cell._indices[2 * k]]), op2(states[cell._indices[2 * k + 1]])
+        if not isinstance(op1, Identity):
+            h1 = drop_path(h1, drop_prob)
+        if not isinstance(op2, Identity):
+            h2 = drop_path(h2, drop_prob)
+        states.append(h1 + h2)
+    return torch.cat([states[i] for i in cell._concat], dim=1)
+
+
+@pytest.mark.parametrize('reduction', [False, True])
+@pytest.mark.parametrize('arch', ['DARTS_V1', 'DARTS_V2'])
+def test_classic_genotype_drops_exactly_as_darts(arch, reduction):
+    torch.manual_seed(0)
+    cell = Cell(getattr(genotypes, arch), 8, 8, 8, reduction=reduction, reduction_prev=False).train()
+    s0, s1 = torch.randn(16, 8, 8, 8), torch.randn(16, 8, 8, 8)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ours = cell(s0, s1, 0.3)
+        torch.manual_seed(1)
+        theirs = darts_cell_forward(cell, s0, s1, 0.3)
+        torch.manual_seed(1)
+        assert not torch.equal(ours, cell(s0, s1, 0.))  # drop-path did drop something
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -111,3 +111,20 @@ def test_skip_connect_reduces_with_factorized_reduce():
     op = OPS['skip_connect'](C, 2, True)
     assert sum(p.numel() for p in op.parameters()) > 0
     assert OPS['skip_connect'](C, 1, True)(torch.ones(1, C, 4, 4)).eq(1).all()
+
+
+@pytest.mark.parametrize('name', ['dynamic_conv_3x3', 'dynamic_conv_5x5'])
+def test_stride_2_kernel_generator_reads_the_full_resolution(name):
+    """App. A.1's DynamicF has no stride: a stride-2 edge's kernel equals the stride-1 one on the same
+    input, and its softmax over positions sees all H*W of them (also those a stride-2 conv skips)."""
+    torch.manual_seed(0)
+    reduce, normal = OPS[name](C, 2, True).eval(), OPS[name](C, 1, True).eval()
+    normal.load_state_dict(reduce.state_dict())
+    x = torch.randn(N, C, H, H)
+    with torch.no_grad():
+        torch.testing.assert_close(reduce(x), normal(x), rtol=0, atol=0)
+        assert reduce.transform(x).flatten(2).shape[-1] == H * H  # the softmax's positions
+        # a pixel at an odd position, which a stride-2 1x1 conv never reads, changes the kernel
+        y = x.clone()
+        y[:, :, 1, 1] += 5.
+        assert not torch.allclose(reduce(y), reduce(x))

@@ -85,7 +85,11 @@ def test_resume_reproduces_the_run_and_macs_are_checked(folder, tmp_path, monkey
     resumed_sum = re.findall(r'rank 0 weights_sha256=(\w+)', capsys.readouterr().out)
     assert len(full_sum) == len(resumed_sum) == 1 and full_sum == resumed_sum
     full, resumed = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('full', 'killed'))
+    assert full.pop('seconds') > 0 and resumed.pop('seconds') > 0
     assert full == resumed
+    assert full['dataset'] == 'imagenet' and full['precision'] == 'fp32' and full['device'] == 'cpu'
+    assert full['seed'] == 0 and full['epochs'] == 2 and full['processes'] == 1 and full['device_name']
+    assert (tmp_path / 'full' / 'genotype.json').exists()
 
 
 @pytest.mark.parametrize('missing', ['train', 'val'])
@@ -97,3 +101,16 @@ def test_missing_split_is_named(folder, tmp_path, missing, capsys):
     assert run(TINY + ['--data', str(data), '--save', str(tmp_path / 'run')]) == 2
     err = capsys.readouterr().err
     assert f'no {missing}/ folder in {data}' in err and 'ImageFolder' in err
+
+
+def test_random_arch_needs_an_integer_seed(folder, tmp_path, capsys):
+    assert run(TINY[:-2] + ['--arch', 'random:x', '--data', folder, '--save', str(tmp_path / 'run')]) == 2
+    assert "--arch random:x: the seed 'x' is not an integer" in capsys.readouterr().err
+
+
+def test_random_arch_trains_and_is_saved(folder, tmp_path):
+    import genotypes
+    save = tmp_path / 'run'
+    assert run(TINY[:-2] + ['--arch', 'random:2', '--data', folder, '--epochs', '1', '--save', str(save)]) == 0
+    assert genotypes.load(genotype_file=str(save / 'genotype.json')) == genotypes.random_genotype(2)
+    assert json.loads((save / 'result.json').read_text())['arch'] == 'random:2'

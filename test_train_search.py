@@ -121,15 +121,19 @@ def test_killed_search_resumes_exactly(tmp_path, tiny_teacher):
 
     killed = tmp_path / 'killed'
     ckpt_path = killed / 'checkpoint.pt'
-    proc = subprocess.Popen([sys.executable, 'train_search.py', *map(str, args), '--save', str(killed)],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stderr = tmp_path / 'killed.stderr'
+    with open(stderr, 'w') as err:
+        proc = subprocess.Popen([sys.executable, 'train_search.py', *map(str, args), '--save', str(killed)],
+                                cwd=HERE, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.time() + 120
-        while not ckpt_path.exists() and proc.poll() is None and time.time() < deadline:
+        # Wait for the state the test needs, however slow the machine: the epoch-1 checkpoint (written
+        # atomically, so it exists only whole) or the end of the process. No clock.
+        while not ckpt_path.exists() and proc.poll() is None:
             time.sleep(0.02)
         proc.kill()  # SIGKILL: no clean-up, as a pre-empted job
     finally:
         proc.wait()
+    assert ckpt_path.exists(), f'the search ended before its first checkpoint: {stderr.read_text()}'
     assert utils.load_checkpoint(str(ckpt_path))['epoch'] == 1, 'the run was not killed during epoch 2'
     assert run(args + ['--save', killed, '--resume']) == 0
 

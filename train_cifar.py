@@ -4,19 +4,23 @@
     python train_cifar.py --genotype_file runs/search/genotype.json --dataset cifar100
     python train_cifar.py --arch DARTS_V2 --device cpu --dataset synthetic --epochs 2 --layers 5 \\
         --init_channels 8                                                       # a CPU smoke run
+    python train_cifar.py --arch random:7 --save runs/random-7                  # Table 2's random baseline
 
 The defaults are the paper's: 20 cells, 36 channels, auxiliary tower weight 0.4, cutout 16, drop-path 0.3
 (raised linearly from 0 over the epochs, as DARTS does), 600 epochs, batch 128, SGD momentum 0.9,
 lr 0.25 cosine to 0 (DARTS: 0.025), weight decay 3e-4 (CIFAR-10) / 5e-4 (CIFAR-100), grad clip 5.
 The whole training set trains, the test set is evaluated after every epoch.
 
-Writes SAVE/log.txt, SAVE/metrics.jsonl (one line per epoch), SAVE/checkpoint.pt (every epoch, atomic),
-SAVE/result.json, and ends with one line on stdout:
+Writes SAVE/log.txt, SAVE/genotype.json (the cells trained), SAVE/metrics.jsonl (one line per epoch),
+SAVE/checkpoint.pt (every epoch, atomic), SAVE/result.json (the figures below plus genotype, seed, dataset,
+epochs, precision, device name and training seconds, which summarize.py reads), and ends with one line on
+stdout:
 
     final test_error=2.67 params_M=3.35 macs_M=528.4
 
 test_error: top-1 test error in % after the last epoch; params_M: weights in millions without the
-auxiliary tower (DARTS's count); macs_M: multiply-adds of one 32x32 image in millions (utils.count_macs).
+auxiliary tower (DARTS's count); macs_M: multiply-adds of one 32x32 image (--image_size for --dataset folder)
+in millions (utils.count_macs).
 """
 from __future__ import annotations
 
@@ -33,18 +37,23 @@ import utils
 from model import NetworkCIFAR
 
 DEFAULT_ARCH = 'DARTS_V2'
-WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4}  # NOS App. A.1
+WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 3e-4}  # NOS App. A.1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Retrain a derived cell on CIFAR-10/100 (NOS Sec. 4.3).',
                                 formatter_class=utils.HelpFormatter)
-    p.add_argument('--data', default='data', help='folder holding (or to hold) the CIFAR data')
+    p.add_argument('--data', default='data',
+                   help='folder holding (or to hold) the CIFAR data; for --dataset folder, PATH with train/ and '
+                        'test/ or val/, one folder of images per class')
     p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS,
-                   help='synthetic: made-up CIFAR-shaped data, no download (smoke tests)')
+                   help='synthetic: made-up CIFAR-shaped data, no download (smoke tests); folder: your images')
+    p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--arch', default=None,
-                   help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file)')
+                   help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file), or '
+                        f'random:SEED, a genotype drawn uniformly from the NOS space (Table 2\'s random '
+                        f'baseline)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
     p.add_argument('--epochs', type=int, default=600, help='NOS App. A.1')
     p.add_argument('--batch_size', type=int, default=128, help='NOS App. A.1')
@@ -85,6 +94,10 @@ def main(argv=None) -> dict:
             raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 <= args.drop_path_prob < 1:
         raise utils.UserError(f'--drop_path_prob must be in [0, 1), got {args.drop_path_prob}')
+    utils.check_image_size(args.dataset, args.image_size)
+    if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
+        raise utils.UserError(f'the auxiliary tower fits 32- to 40-pixel images only (DARTS pools its 8x8 input to '
+                              f'2x2); add --no_auxiliary to train at --image_size {args.image_size}')
     genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
@@ -103,24 +116,31 @@ def main(argv=None) -> dict:
             utils.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
             utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+        utils.check_same('image_size', ckpt['args'].get('image_size', 32), args.image_size, resume)
 
     logger = utils.get_logger(save, 'train_cifar')
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
+    genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
     logger.info(f'weight decay {args.weight_decay:g} ({args.dataset}); lr {args.learning_rate:g} cosine to 0;'
                 f' device {device}, {"bf16 autocast" if amp_dtype else "fp32"}'
                 f'{", channels_last" if channels_last else ""}')
 
-    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size)
-    test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size)
-    num_classes = utils.NUM_CLASSES[args.dataset]
+    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, save, ckpt, resume)
+    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
+                                   image_size=args.image_size, stats=data_stats)
+    test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
+                                  image_size=args.image_size, stats=data_stats)
+    num_classes = utils.num_classes(args.dataset, args.data)
+    if data_stats is not None:
+        logger.info(utils.folder_summary(data_stats, test_data))
 
     utils.set_seed(args.seed)
     model = NetworkCIFAR(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
     params = utils.count_params(model)
-    macs = utils.count_macs(model, (1, 3, 32, 32))
+    macs = utils.count_macs(model, (1, 3, args.image_size, args.image_size))
     logger.info(f'weights {params / 1e6:.2f}M (without the auxiliary tower), multiply-adds {macs / 1e6:.1f}M '
-                f'per 32x32 image')
+                f'per {args.image_size}x{args.image_size} image')
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -155,6 +175,7 @@ def main(argv=None) -> dict:
             aux_weight=args.auxiliary_weight if args.auxiliary else 0., grad_clip=args.grad_clip,
             amp_dtype=amp_dtype, channels_last=channels_last, progress=progress)
         scheduler.step()
+        utils.log_unreadable(train_data, logger)
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
         seconds = time.time() - start
@@ -171,16 +192,23 @@ def main(argv=None) -> dict:
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label, 'genotype': genotype_json,
             'dataset': args.dataset, 'synthetic_size': args.synthetic_size, 'args': vars(args),
+            'data_stats': data_stats,
         }, os.path.join(save, 'checkpoint.pt'))
 
     if start_epoch >= args.epochs:  # resumed a finished run: report it again
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
     result = {
+        'kind': 'train', 'script': 'train_cifar',
         'dataset': args.dataset, 'arch': label, 'genotype': json.loads(genotype_json), 'epochs': args.epochs,
         'test_error': 100. - test[1], 'test_acc': test[1], 'test_top5': test[2], 'test_loss': test[0],
         'params': params, 'params_M': params / 1e6, 'macs': macs, 'macs_M': macs / 1e6,
         'learning_rate': args.learning_rate, 'weight_decay': args.weight_decay, 'seed': args.seed,
+        'batch_size': args.batch_size, 'layers': args.layers, 'init_channels': args.init_channels,
+        'drop_path_prob': args.drop_path_prob,
+        # training + evaluation time of every epoch, sessions before a --resume included
+        'seconds': sum(r['seconds'] for r in utils.read_jsonl(metrics_path)),
+        **utils.run_info(device, amp_dtype),
     }
     utils.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'

@@ -15,6 +15,8 @@ grad clip 5, drop-path 0, its augmentation (random resized crop 224, flip, colou
 number of processes. lr 0.25 belongs to a global batch of 512 and is scaled linearly with the global batch.
 Several processes (torchrun) train with DistributedDataParallel: NCCL on CUDA, gloo with --device cpu.
 Rank 0 logs and writes SAVE/checkpoint.pt each epoch; --resume needs SAVE readable by every process.
+Rank 0 also writes SAVE/genotype.json (the cells trained; --arch random:SEED draws them from the NOS
+space) and, at the end, SAVE/result.json (with genotype, seed, precision, device name and seconds).
 At the end every rank prints `rank R weights_sha256=...` (the same on all ranks) and rank 0 prints
 
     final top1_error=25.80 top5_error=8.10 params_M=4.00 macs_M=440.0
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=utils.HelpFormatter)
     p.add_argument('--data', default='data/imagenet', help='folder with train/ and val/ (ImageFolder layout)')
     p.add_argument('--arch', default=None, help='a genotype named in genotypes.py (default DARTS_V2 unless '
-                                                '--genotype_file)')
+                                                '--genotype_file), or random:SEED, a genotype drawn '
+                                                'uniformly from the NOS space (Table 2\'s random baseline)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
     p.add_argument('--epochs', type=int, default=300, help='NOS App. A.2')
     p.add_argument('--batch_size', type=int, default=None,
@@ -186,6 +189,8 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     logger = utils.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
+    if rank == 0:
+        genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
     logger.info(f'{world} process(es) x batch {args.batch_size} = global batch {global_batch}; lr {lr:g} '
                 f'(= {args.learning_rate:g} x {global_batch} / {REFERENCE_BATCH}), {args.warmup_epochs:g} '
                 f'warm-up epochs then linear decay to 0; {num_classes} classes, {len(train_data)} training '
@@ -279,12 +284,18 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     if rank != 0:
         return None
     result = {
+        'kind': 'train', 'script': 'train_imagenet', 'dataset': 'imagenet',
         'arch': label, 'genotype': json.loads(genotype_json), 'epochs': args.epochs,
         'num_classes': num_classes, 'top1_error': 100. - val[1], 'top5_error': 100. - val[2],
         'val_loss': val[0],
         'params': params, 'params_M': params / 1e6, 'macs': macs, 'macs_M': macs / 1e6,
         'global_batch': global_batch, 'learning_rate': lr, 'weight_decay': args.weight_decay,
         'seed': args.seed, 'world_size': world, 'weights_sha256': checksum,
+        'batch_size': args.batch_size, 'layers': args.layers, 'init_channels': args.init_channels,
+        'drop_path_prob': args.drop_path_prob,
+        # training + validation time of every epoch, sessions before a --resume included
+        'seconds': sum(r['seconds'] for r in utils.read_jsonl(os.path.join(save, 'metrics.jsonl'))),
+        **utils.run_info(device, amp_dtype, world),
     }
     utils.write_json(os.path.join(save, 'result.json'), result)
     logger.info(f'wrote {os.path.join(save, "result.json")}')

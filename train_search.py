@@ -50,8 +50,10 @@ DARTS_DEFAULTS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=utils.HelpFormatter)
-    p.add_argument('--data', default='data', help='where CIFAR lives (torchvision layout)')
-    p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic')
+    p.add_argument('--data', default='data',
+                   help='where CIFAR lives (torchvision layout); for --dataset folder, PATH with train/CLASS/IMAGE')
+    p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic | folder (your images)')
+    p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
@@ -118,6 +120,7 @@ def check_args(args) -> None:
                               f'fixed op set ({", ".join(genotypes.DARTS_PRIMITIVES)})')
     if args.dataset not in utils.DATASETS:
         raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
+    utils.check_image_size(args.dataset, getattr(args, 'image_size', 32))
     if args.layers < 3:
         raise utils.UserError(f'--layers {args.layers} is too few: the proxy network needs at least 3 cells '
                               f'(two of them reduction cells)')
@@ -475,33 +478,38 @@ def main(argv=None) -> None:
         for key, value in settings.items():
             utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
+    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
     data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
-                             augment=not args.no_augment)
+                             image_size=args.image_size, stats=data_stats, augment=not args.no_augment)
     train_idx, val_idx = utils.search_split(len(data), args.train_portion)
     teacher_net = None
     if args.lambda_at > 0:
         import teacher
-        path = args.teacher or teacher.default_teacher_path(args.dataset)
-        teacher_net = teacher.load_teacher(path, args.dataset, device)
+        path = args.teacher or teacher.default_teacher_path(utils.dataset_name(args.dataset, args.data))
+        classes = data_stats['classes'] if data_stats else None  # --dataset folder: the teacher's must match
+        teacher_net = teacher.load_teacher(path, args.dataset, device, classes=classes, image_size=args.image_size)
     if world > 1:
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
-        search(args, world, rank, device, ckpt, settings, data, train_idx, val_idx, teacher_net)
+        search(args, world, rank, device, ckpt, settings, data, data_stats, train_idx, val_idx, teacher_net)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def search(args, world, rank, device, ckpt, settings, data, train_idx, val_idx, teacher_net) -> None:
+def search(args, world, rank, device, ckpt, settings, data, data_stats, train_idx, val_idx,
+           teacher_net) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
     logger = utils.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0)
     logger.info('args = %s', vars(args))
+    if data_stats is not None:
+        logger.info(utils.folder_summary(data_stats))
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     dtype = torch.float64 if args.double else torch.float32
     utils.set_seed(args.seed)  # the same initial weights and A in every process
-    model = method_cls.build_model(args, utils.NUM_CLASSES[args.dataset]).to(device, dtype)
+    model = method_cls.build_model(args, utils.num_classes(args.dataset, args.data)).to(device, dtype)
     if args.sync_bn:
         model = utils.convert_sync_batchnorm(model)
     if teacher_net is not None:
@@ -560,6 +568,7 @@ def search(args, world, rank, device, ckpt, settings, data, train_idx, val_idx, 
                              report_freq=args.report_freq, has_checkpoint=epoch > 0)
         scheduler.step()
         utils.broadcast_state(model)  # rank 0's BatchNorm statistics everywhere (they differ without sync)
+        utils.log_unreadable(data, logger)
         extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
         genotype = genotypes.validate(method.genotype())
@@ -581,7 +590,8 @@ def search(args, world, rank, device, ckpt, settings, data, train_idx, val_idx, 
         utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
                                'optimizer': optimizer.state_dict(), 'method': method.state_dict(),
                                'scheduler': scheduler.state_dict(), 'settings': settings,
-                               'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args)},
+                               'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args),
+                               'data_stats': data_stats},
                               ckpt_path)
 
     if world > 1:  # each process's own word that it ends with the architecture of every other

@@ -7,11 +7,14 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import pickle
+import platform
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -98,6 +101,29 @@ def append_jsonl(path: str, record: dict) -> None:
         f.write(json.dumps(record) + '\n')
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a .jsonl log; [] when it does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_info(device: torch.device, amp_dtype: torch.dtype | None, processes: int = 1) -> dict:
+    """Where and how a run trained, for its result.json (summarize.py turns it into GPU-hours)."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.machine() or 'cpu'
+        try:  # the CPU model where Linux says it
+            with open('/proc/cpuinfo') as f:
+                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        except (OSError, StopIteration):
+            pass
+    return {'device': device.type, 'device_name': name, 'processes': processes,
+            'precision': 'bf16' if amp_dtype == torch.bfloat16 else 'fp32'}
+
+
 class AverageMeter:
     def __init__(self):
         self.sum, self.count = 0.0, 0
@@ -148,8 +174,8 @@ def format_time(seconds: float) -> str:
 
 CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465), 'cifar100': (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616), 'cifar100': (0.2673, 0.2564, 0.2762)}
-NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'synthetic': 10}
-DATASETS = ('cifar10', 'cifar100', 'synthetic')
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'synthetic': 10}  # 'folder': num_classes(), from the data
+DATASETS = ('cifar10', 'cifar100', 'synthetic', 'folder')
 
 
 class Cutout:
@@ -220,9 +246,12 @@ def synthetic_transforms(train: bool, cutout: int = 0):
 
 
 def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic_size: int = 512,
-                seed: int = 0, augment: bool = True):
-    """CIFAR-10/100 through torchvision (no download: the error says how), or the synthetic data.
+                seed: int = 0, *, image_size: int = 32, stats: dict | None = None, augment: bool = True):
+    """CIFAR-10/100 through torchvision (no download: the error says how), the synthetic data, or your own
+    images (`folder`: see folder_dataset; `stats` from data_stats, computed here when not given).
     `augment=False` keeps the training split free of random augmentation (exactness checks)."""
+    if dataset == 'folder':
+        return folder_dataset(root, train, image_size, stats, cutout, augment)
     if dataset == 'synthetic':
         # train and test draw from the same class patterns (same seed), different samples
         n = synthetic_size if train else max(64, synthetic_size // 4)
@@ -264,6 +293,309 @@ def search_split(n: int, train_portion: float) -> tuple[list[int], list[int]]:
         raise UserError(f'--train_portion {train_portion} leaves one side of the search split empty '
                         f'({n} images); use a value strictly between 0 and 1')
     return list(range(split)), list(range(split, n))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Your own images (--dataset folder, issue 14): PATH/train/CLASS/IMAGE, and PATH/test or PATH/val for
+# retraining and the teacher, in torchvision's ImageFolder layout. The class count and the normalisation
+# statistics come from the data; unreadable images are skipped up to a share (SafeImageFolder).
+
+MAX_UNREADABLE_SHARE = 0.01  # a run stops once more than 1% of the images an epoch reads cannot be decoded
+STATS_IMAGES = 1000          # training images sampled for the mean and std
+STATS_SEED = 0               # fixed, not --seed: every run on the same data gets the same statistics and order
+EVAL_SPLITS = ('test', 'val')  # what retraining and the teacher evaluate on: the first of these that exists
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image that cannot be decoded was skipped (SafeImageFolder)."""
+
+
+class TooManyUnreadable(UserError):
+    """More unreadable images than MAX_UNREADABLE_SHARE allows.
+
+    Raised in a DataLoader worker, it is rebuilt in the main process from the worker's traceback text; only
+    the sentence (the traceback's last line) is kept, so the user still reads one line.
+    """
+
+    def __init__(self, message: str):
+        marker = f'{type(self).__name__}: '
+        if 'Original Traceback' in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def _unreadable_errors() -> tuple:
+    """What decoding a broken, truncated, foreign or vanished file raises (PIL through ImageFolder's loader)."""
+    from PIL import Image
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
+
+
+def _names(items, limit: int = 5) -> str:
+    items = list(items)
+    if not items:
+        return 'none'
+    more = f', ... ({len(items)} in all)' if len(items) > limit else ''
+    return ', '.join(items[:limit]) + more
+
+
+def class_difference(a: list[str], b: list[str], name_a: str, name_b: str) -> str:
+    """'only in A: x, y; only in B: z' for two class lists (or their order, when the sets agree)."""
+    only_a, only_b = [c for c in a if c not in b], [c for c in b if c not in a]
+    if not only_a and not only_b:
+        return f'the same {len(a)} names in another order'
+    return f'only in {name_a}: {_names(only_a)}; only in {name_b}: {_names(only_b)}'
+
+
+def _class_folders(directory: str) -> list[str]:
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not classes:
+        raise UserError(f'{directory} holds no class folders: put the images of each class in a folder of '
+                        f'their own, {directory}/CLASS/IMAGE (ImageFolder layout)')
+    return classes
+
+
+class SafeImageFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder (root/CLASS/**/IMAGE: the same classes, samples, targets and loader) that
+    checks the layout, one sentence per fault, and skips images that cannot be decoded.
+
+    A file that fails is named in an UnreadableImageWarning the first time, and the next readable image in
+    the folder's order takes its place, so batches keep their size. The distinct skipped files are counted in
+    shared memory, across the DataLoader's worker processes, for the epoch summary (log_unreadable). Once
+    they pass `max_share` (default MAX_UNREADABLE_SHARE) of `epoch_images` (default all the images; a process
+    that reads a DistributedSampler's share passes len(sampler)), reading stops with TooManyUnreadable.
+    """
+
+    def __init__(self, root: str, transform=None, max_share: float | None = None,
+                 epoch_images: int | None = None):
+        import torchvision.datasets.folder as tv
+        if not os.path.isdir(root):
+            raise UserError(f'{root} is not a folder; it must hold one folder of images per class, '
+                            f'{root}/CLASS/IMAGE (ImageFolder layout)')
+        self.root = root
+        self.classes = _class_folders(root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = tv.make_dataset(root, self.class_to_idx, tv.IMG_EXTENSIONS, allow_empty=True)
+        self.targets = [t for _, t in self.samples]
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        empty = [os.path.join(root, c) for c, k in zip(self.classes, counts) if k == 0]
+        if empty:
+            raise UserError(f'the class folder {_names(empty, 3)} holds no images (none named '
+                            f'{"/".join(tv.IMG_EXTENSIONS)}); add images or remove the folder')
+        self.transform = transform
+        self.loader = tv.default_loader
+        self.max_share = max_share
+        self.epoch_images = epoch_images
+        self._bad = multiprocessing.RawArray('b', len(self.samples))  # 1: this file failed (shared memory)
+        self._skipped = multiprocessing.Value('i', 0)                 # how many did, with its own lock
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for k in range(n):
+            i = (index + k) % n
+            path, target = self.samples[i]
+            try:
+                image = self.loader(path)
+            except _unreadable_errors() as e:
+                self._skip(i, path, e)
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
+        raise TooManyUnreadable(f'none of the {n} images under {self.root} can be read')
+
+    def _skip(self, i: int, path: str, error: Exception) -> None:
+        with self._skipped.get_lock():
+            first = not self._bad[i]
+            if first:
+                self._bad[i] = 1
+                self._skipped.value += 1
+            count = self._skipped.value
+        if first:
+            warnings.warn(f'skipped the unreadable image {path} ({type(error).__name__}); {count} skipped so far',
+                          UnreadableImageWarning, stacklevel=3)
+        share = MAX_UNREADABLE_SHARE if self.max_share is None else self.max_share
+        total = self.epoch_images or len(self.samples)
+        if count > share * total:
+            raise TooManyUnreadable(
+                f'{count} of the {total} images under {self.root} cannot be read (the last: {path}), more than '
+                f'the {share:.0%} a run skips (utils.MAX_UNREADABLE_SHARE); replace or remove them and run again')
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped.value
+
+    def skipped_files(self) -> list[str]:
+        bad = np.frombuffer(self._bad, dtype=np.int8)
+        return [self.samples[i][0] for i in np.flatnonzero(bad)]
+
+
+def log_unreadable(data, logger: logging.Logger) -> None:
+    """After an epoch: one line naming the images skipped so far, if any (SafeImageFolder, or a Subset)."""
+    while isinstance(data, torch.utils.data.Subset):
+        data = data.dataset
+    if isinstance(data, SafeImageFolder) and data.skipped:
+        logger.warning(f'{data.skipped} unreadable image(s) skipped so far (a run stops above '
+                       f'{MAX_UNREADABLE_SHARE:.0%}): {_names(data.skipped_files())}')
+
+
+def folder_classes(root: str) -> list[str]:
+    """The classes of PATH/train (sorted folder names, numbered as ImageFolder does) after checking the
+    layout: train/ exists, and test/ and val/, where present, hold the same class folders."""
+    if not os.path.isdir(root):
+        raise UserError(f'--data {root} is not a folder: --dataset folder needs a PATH holding train/ (and val/ '
+                        f'or test/ to retrain), each with one folder of images per class')
+    train = os.path.join(root, 'train')
+    if not os.path.isdir(train):
+        raise UserError(f'no train/ folder in {os.path.abspath(root)}: --dataset folder needs PATH/train/CLASS/'
+                        f'IMAGE (and PATH/val or PATH/test to retrain), one folder of images per class')
+    classes = _class_folders(train)
+    for split in EVAL_SPLITS:
+        other_dir = os.path.join(root, split)
+        if os.path.isdir(other_dir):
+            other = _class_folders(other_dir)
+            if other != classes:
+                raise UserError(f'{train} and {other_dir} hold different classes '
+                                f'({class_difference(classes, other, "train/", f"{split}/")}); both need the '
+                                f'same class folders')
+    return classes
+
+
+def num_classes(dataset: str, root: str) -> int:
+    """Classes of a dataset: fixed for CIFAR and the synthetic data, counted in PATH/train for `folder`."""
+    if dataset == 'folder':
+        return len(folder_classes(root))
+    if dataset not in NUM_CLASSES:
+        raise UserError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+    return NUM_CLASSES[dataset]
+
+
+def dataset_name(dataset: str, root: str) -> str:
+    """A run's data in file names: the dataset, or folder-NAME for --dataset folder (NAME: the last part of
+    PATH), so that teachers of different folders get different default paths."""
+    if dataset != 'folder':
+        return dataset
+    return f'folder-{os.path.basename(os.path.abspath(root))}'
+
+
+def check_image_size(dataset: str, image_size: int) -> None:
+    """--image_size resizes your own images; CIFAR-style networks halve it twice (multiple of 4)."""
+    if dataset != 'folder' and image_size != 32:
+        raise UserError(f'--image_size applies to --dataset folder only; {dataset} images are 32x32, drop the '
+                        f'flag')
+    if image_size < 8 or image_size % 4:
+        raise UserError(f'--image_size must be a multiple of 4 and at least 8 (the networks halve it twice), '
+                        f'got {image_size}')
+
+
+def _resize(image_size: int) -> list:
+    import torchvision.transforms as T
+    return [T.Resize(image_size), T.CenterCrop(image_size)]  # shorter side to N, then the centre N x N
+
+
+def folder_stats(root: str, image_size: int) -> dict:
+    """Per-channel mean and std of PATH/train's pixels as the networks see them (resized, centre-cropped, in
+    [0, 1]) over a fixed sample of STATS_IMAGES images (seed STATS_SEED), with the class names; std is the
+    population std of all the sampled pixels."""
+    import torchvision.transforms as T
+    classes = folder_classes(root)
+    data = SafeImageFolder(os.path.join(root, 'train'), T.Compose(_resize(image_size) + [T.ToTensor()]))
+    k = min(len(data), STATS_IMAGES)
+    sample = torch.randperm(len(data), generator=torch.Generator().manual_seed(STATS_SEED))[:k].sort().values
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for i in sample.tolist():
+        x = data[i][0].double()
+        total += x.sum((1, 2))
+        total_sq += x.pow(2).sum((1, 2))
+        pixels += x[0].numel()
+    mean = total / pixels
+    std = (total_sq / pixels - mean ** 2).clamp_min(0).sqrt()
+    std = std.clamp_min(1e-3)  # a channel of one colour would divide by zero
+    return {'mean': mean.tolist(), 'std': std.tolist(), 'image_size': image_size, 'classes': classes,
+            'images': k, 'train_images': len(data), 'data': os.path.abspath(root)}
+
+
+def data_stats(dataset: str, root: str, image_size: int, save: str, ckpt: dict | None = None,
+               ckpt_path: str | None = None) -> dict | None:
+    """The normalisation statistics and class names of a --dataset folder run (None for the other datasets,
+    whose statistics are constants): a resumed run's from its checkpoint, after checking that the data still
+    has its classes and image size; else computed once (folder_stats). Written to SAVE/data_stats.json."""
+    if dataset != 'folder':
+        return None
+    classes = folder_classes(root)
+    stats = (ckpt or {}).get('data_stats')
+    if stats is not None:
+        check_same('image size', stats['image_size'], image_size, ckpt_path)
+        if stats['classes'] != classes:
+            raise UserError(f'checkpoint {ckpt_path} was made for other classes than {root} holds '
+                            f'({class_difference(stats["classes"], classes, "the checkpoint", root)}); resume '
+                            f'on the same data or start a new --save')
+    else:
+        stats = folder_stats(root, image_size)
+    os.makedirs(save, exist_ok=True)
+    write_json(os.path.join(save, 'data_stats.json'), stats)
+    return stats
+
+
+def folder_summary(stats: dict, eval_data=None) -> str:
+    """A log line: the data, its classes, the statistics in use (and the folder evaluated on)."""
+    line = (f'{stats["data"]}: {len(stats["classes"])} classes, {stats["train_images"]} training images at '
+            f'{stats["image_size"]}x{stats["image_size"]}; mean {[round(v, 4) for v in stats["mean"]]} std '
+            f'{[round(v, 4) for v in stats["std"]]} (from {stats["images"]} of them, in data_stats.json)')
+    if eval_data is not None:
+        line += f'; evaluating on {eval_data.root} ({len(eval_data)} images)'
+    return line
+
+
+def mixed_order(targets) -> list[int]:
+    """An order of the images in which every prefix holds each class in proportion (each class's images
+    shuffled with STATS_SEED, then interleaved), so that the search split (search_split: the first part
+    trains the weights, the rest A) sees every class on both sides, as DARTS's split of CIFAR's stored
+    order does. ImageFolder's own order is sorted by class."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(STATS_SEED)
+    key = np.empty(len(targets))
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        key[rng.permutation(idx)] = (np.arange(len(idx)) + 0.5) / len(idx)
+    return np.lexsort((targets, key)).tolist()
+
+
+def folder_transforms(image_size: int, stats: dict, train: bool, cutout: int = 0):
+    """CIFAR's augmentation at N = image_size: resize, random crop padded by N/8 (4 at 32), flip, normalise
+    with the data's own statistics (+ cutout); evaluation only resizes and normalises."""
+    import torchvision.transforms as T
+    t = _resize(image_size)
+    if train:
+        t += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
+    t += [T.ToTensor(), T.Normalize(stats['mean'], stats['std'])]
+    if train and cutout:
+        t.append(Cutout(cutout))
+    return T.Compose(t)
+
+
+def folder_dataset(root: str, train: bool, image_size: int = 32, stats: dict | None = None, cutout: int = 0,
+                   augment: bool = True):
+    """PATH/train (in mixed_order) or, for evaluation, PATH/test or PATH/val, as SafeImageFolders."""
+    classes = folder_classes(root)
+    if stats is None:
+        stats = folder_stats(root, image_size)
+    transform = folder_transforms(image_size, stats, train and augment, cutout)
+    if train:
+        data = SafeImageFolder(os.path.join(root, 'train'), transform)
+        order = mixed_order(data.targets)
+        data.samples = [data.samples[i] for i in order]
+        data.targets = [data.targets[i] for i in order]
+        return data
+    for split in EVAL_SPLITS:
+        if os.path.isdir(os.path.join(root, split)):
+            data = SafeImageFolder(os.path.join(root, split), transform)
+            assert data.classes == classes  # folder_classes checked it
+            return data
+    raise UserError(f'{os.path.abspath(root)} has no test/ or val/ folder: retraining and the teacher evaluate '
+                    f'on one; add it with the same class folders as train/')
 
 
 # ---------------------------------------------------------------------------------------------------------

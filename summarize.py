@@ -1,0 +1,291 @@
+"""Summarise runs into the table a paper prints: runs, mean ± std and best error, weights, multiply-adds,
+hours (NOS Sec. 4.3 reports "best and average of 10 independent runs"; methods.md, "Comparing methods").
+
+    python summarize.py runs/c10-seed*                     # retraining runs of train_cifar.py / train_imagenet.py
+    python summarize.py runs/search-* --csv searches.csv   # searches of train_search.py
+    python summarize.py runs/random-*                      # Table 2's random baseline: the first row is the best
+
+Each RUN_DIR is one run's --save folder:
+- retraining: SAVE/result.json, written at the end by train_cifar.py and train_imagenet.py. Runs are grouped
+  by dataset and genotype (and network size, which the weight count tells apart); the error is the CIFAR
+  test error or the ImageNet top-1 validation error, in %.
+- search: SAVE/search_log.jsonl (one record per epoch), plus a final search_result.json or a result.json with
+  "kind": "search" where the search wrote one. Runs are grouped by their search settings (the checkpoint's
+  `settings`, or those of the log or the final result; the seed left out); the error is the proxy's
+  validation error at the last epoch.
+Rows are sorted by mean error. The std is the sample standard deviation (n - 1), as papers report over
+seeds. Hours are wall-clock hours per run (training and evaluation epochs, summed over --resume sessions);
+GPU-hours are those times the number of processes, known where the run says it ran on CUDA.
+A run without a result yet (still running, or stopped) is listed as such; a directory that is not a run is
+named on stderr and skipped. The table also goes to --csv (one row per group, and one per unfinished run).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+
+import utils
+from genotypes import OP_SUBSETS
+
+RUN_FILES = ('result.json', 'search_result.json', 'search_log.jsonl', 'metrics.jsonl', 'checkpoint.pt',
+             'log.txt')
+COLUMNS = ('kind', 'dataset', 'label', 'status', 'runs', 'error_mean', 'error_std', 'error_best', 'top5_mean',
+           'params_M', 'macs_M', 'hours_per_run', 'gpu_hours_per_run', 'device', 'precision', 'seeds', 'dirs')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=utils.HelpFormatter)
+    p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help='--save folders of training or search runs')
+    p.add_argument('--csv', default='summary.csv', help='where to write the table as CSV (\'\': nowhere)')
+    return p
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _checkpoint(path: str) -> dict:
+    """The run's checkpoint, or {} (none, or unreadable: a summary never fails on one run)."""
+    ckpt_path = os.path.join(path, 'checkpoint.pt')
+    if not os.path.isfile(ckpt_path):
+        return {}
+    try:
+        return utils.load_checkpoint(ckpt_path)
+    except utils.UserError:
+        return {}
+
+
+def _hours(record: dict) -> tuple[float | None, float | None]:
+    """(wall-clock hours, GPU-hours) of a finished run's record; None where unknown."""
+    gpu = record.get('gpu_hours')
+    seconds = record.get('seconds', record.get('wall_seconds'))
+    hours = seconds / 3600 if isinstance(seconds, (int, float)) else record.get('hours')
+    if gpu is None and hours is not None and record.get('device') == 'cuda':
+        gpu = hours * record.get('processes', record.get('world_size', 1))
+    return hours, gpu
+
+
+def read_run(path: str) -> dict:
+    """One run folder as a record: {'status': 'done' | 'unfinished' | 'not a run', ...}."""
+    if not os.path.isdir(path):
+        return {'status': 'not a run', 'dir': path,
+                'why': 'does not exist' if not os.path.exists(path) else 'is not a directory'}
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
+    if not present:
+        return {'status': 'not a run', 'dir': path,
+                'why': f'not a run folder (it holds none of {", ".join(RUN_FILES)})'}
+    result = None
+    for name in ('search_result.json', 'result.json'):
+        if name in present:
+            try:
+                result = _read_json(os.path.join(path, name))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+                return {'status': 'unfinished', 'dir': path, 'kind': '?', 'why': f'{name} cannot be read ({e})'}
+            break
+    log = utils.read_jsonl(os.path.join(path, 'search_log.jsonl'))
+    if (result or {}).get('kind') == 'search' or 'search_result.json' in present or (result is None and log):
+        return _read_search(path, result, log)
+    if result is not None:
+        return _read_training(path, result)
+    if present == ['log.txt']:
+        return {'status': 'unfinished', 'dir': path, 'kind': '?',
+                'why': 'only a log.txt: the run is in its first epoch, or stopped before the first ended '
+                       '(its log.txt says why)'}
+    ckpt = _checkpoint(path)
+    done = [r['epoch'] for r in utils.read_jsonl(os.path.join(path, 'metrics.jsonl'))]
+    epoch = done[-1] if done else ckpt.get('epoch', 0)
+    total = ckpt.get('args', {}).get('epochs')
+    dataset = ckpt.get('dataset', 'imagenet' if 'num_classes' in ckpt else '?')
+    return {'status': 'unfinished', 'dir': path, 'kind': 'train', 'dataset': dataset,
+            'label': ckpt.get('arch', '?'),
+            'why': f'no result.json yet: {epoch} of {total or "?"} epochs done (still running, or stopped: '
+                   f'--resume continues it)'}
+
+
+def _read_training(path: str, result: dict) -> dict:
+    if 'test_error' in result:
+        error, top5 = result['test_error'], 100. - result['test_top5'] if 'test_top5' in result else None
+    elif 'top1_error' in result:
+        error, top5 = result['top1_error'], result.get('top5_error')
+    else:
+        return {'status': 'unfinished', 'dir': path, 'kind': 'train',
+                'why': 'result.json holds no test_error or top1_error'}
+    hours, gpu = _hours(result)
+    genotype = json.dumps(result.get('genotype'), sort_keys=True)
+    return {'status': 'done', 'dir': path, 'kind': 'train', 'dataset': result.get('dataset', '?'),
+            'label': result.get('arch', '?'), 'error': error, 'top5': top5, 'params_M': result.get('params_M'),
+            'macs_M': result.get('macs_M'), 'hours': hours, 'gpu_hours': gpu,
+            'device': result.get('device_name', result.get('device')), 'precision': result.get('precision'),
+            'seed': result.get('seed'),
+            'key': ('train', result.get('dataset'), genotype, result.get('params'), result.get('macs'))}
+
+
+def _settings_label(settings: dict) -> str:
+    """The settings that tell searches apart, short: method, space, op set, lambda_at, order, epochs, rest."""
+    s = dict(settings)
+    parts = []
+    for name in ('method', 'space'):
+        if name in s:
+            parts.append(str(s.pop(name)))
+    ops = s.pop('ops', None)
+    if ops is not None and settings.get('space') != 'darts':  # the DARTS space has one fixed op set
+        parts.append('ops=' + next((k for k, v in OP_SUBSETS.items() if list(v) == list(ops)), '+'.join(ops)))
+    if 'lambda_at' in s:
+        parts.append(f'lambda_at={s.pop("lambda_at"):g}')
+    if 'unrolled' in s:
+        parts.append('2nd order' if s.pop('unrolled') else '1st order')
+    if 'epochs' in s:
+        parts.append(f'{s.pop("epochs")} epochs')
+    s.pop('dataset', None)
+    parts += [f'{k}={v}' for k, v in sorted(s.items())]
+    return ' '.join(parts) or '(settings unknown)'
+
+
+def _read_search(path: str, final: dict | None, log: list[dict]) -> dict:
+    final = final or {}
+    ckpt = {} if final.get('settings') else _checkpoint(path)
+    last = log[-1] if log else {}
+    settings = dict(final.get('settings') or last.get('settings') or ckpt.get('settings') or {})
+    method = final.get('method', last.get('method', settings.get('method')))
+    if method is not None:
+        settings['method'] = method
+    settings.pop('seed', None)
+    seed = final.get('seed', ckpt.get('args', {}).get('seed'))
+    total = settings.get('epochs')
+    epoch = last.get('epoch', 0)
+    label = _settings_label(settings)
+    dataset = settings.get('dataset', final.get('dataset', '?'))
+    if not final and (total is None or epoch < total):
+        return {'status': 'unfinished', 'dir': path, 'kind': 'search', 'dataset': dataset, 'label': label,
+                'why': f'search at epoch {epoch} of {total or "?"} (still running, or stopped: --resume '
+                       f'continues it)'}
+    val_acc = final.get('val_acc', last.get('val_acc'))
+    if val_acc is None:
+        return {'status': 'unfinished', 'dir': path, 'kind': 'search', 'dataset': dataset, 'label': label,
+                'why': 'the search log has no val_acc'}
+    hours, gpu = _hours(final) if final else (None, None)
+    device = final.get('device_name', final.get('device'))
+    if hours is None and log:  # the epochs' own times: search and validation steps, no start-up
+        hours = sum(r.get('seconds', 0.) for r in log) / 3600
+        args = ckpt.get('args')
+        if args:  # train_search.py runs on CUDA unless --device cpu
+            device = 'cpu' if args.get('device') == 'cpu' else 'cuda'
+            gpu = hours if device == 'cuda' else None
+    return {'status': 'done', 'dir': path, 'kind': 'search', 'dataset': dataset, 'label': label,
+            'error': 100. - val_acc, 'top5': None, 'params_M': None, 'macs_M': None, 'hours': hours,
+            'gpu_hours': gpu, 'device': device,
+            'precision': final.get('precision'), 'seed': seed,
+            'key': ('search', dataset, json.dumps(settings, sort_keys=True, default=str))}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _join(values) -> str:
+    return ', '.join(sorted({str(v) for v in values if v is not None}))
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per group of finished runs (sorted by kind, dataset, mean error), then one per unfinished run."""
+    groups: dict = {}
+    for r in runs:
+        if r['status'] == 'done':
+            groups.setdefault(r['key'], []).append(r)
+    rows = []
+    for members in groups.values():
+        errors = [m['error'] for m in members]
+        rows.append({
+            'kind': members[0]['kind'], 'dataset': members[0]['dataset'], 'label': _join(m['label'] for m in members),
+            'status': 'done', 'runs': len(members), 'error_mean': statistics.fmean(errors),
+            'error_std': statistics.stdev(errors) if len(errors) > 1 else None, 'error_best': min(errors),
+            'top5_mean': _mean(m['top5'] for m in members), 'params_M': members[0]['params_M'],
+            'macs_M': members[0]['macs_M'], 'hours_per_run': _mean(m['hours'] for m in members),
+            'gpu_hours_per_run': (_mean(m['gpu_hours'] for m in members)
+                                  if all(m['gpu_hours'] is not None for m in members) else None),
+            'device': _join(m['device'] for m in members), 'precision': _join(m['precision'] for m in members),
+            'seeds': _join(m['seed'] for m in members), 'dirs': ' '.join(m['dir'] for m in members)})
+    rows.sort(key=lambda r: (r['kind'] != 'train', r['dataset'], r['error_mean']))
+    for r in runs:
+        if r['status'] == 'unfinished':
+            rows.append({'kind': r['kind'], 'dataset': r.get('dataset', '?'), 'label': r.get('label', '?'),
+                         'status': r['why'], 'runs': 0, 'dirs': r['dir']})
+    return rows
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '-'
+    return f'{value:.{digits}f}'
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as the fixed-width text table that summarize.py prints."""
+    head = ('kind', 'dataset', 'genotype / settings', 'runs', 'error % (mean ± std)', 'best', 'top-5',
+            'weights (M)', 'mult-adds (M)', 'hours/run', 'GPU-h/run', 'device')
+    lines = []
+    done = [r for r in rows if r['status'] == 'done']
+    body = []
+    for r in done:
+        mean = _fmt(r['error_mean']) + (f' ± {_fmt(r["error_std"])}' if r['error_std'] is not None else '')
+        device = ' '.join(x for x in (r['device'], r['precision']) if x) or '-'
+        body.append((r['kind'], r['dataset'], r['label'], str(r['runs']), mean, _fmt(r['error_best']),
+                     _fmt(r['top5_mean']), _fmt(r['params_M']), _fmt(r['macs_M'], 1),
+                     _fmt(r['hours_per_run'], 3), _fmt(r['gpu_hours_per_run'], 3), device))
+    if body:
+        widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+        for row in [head] + body:
+            lines.append('  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        lines.insert(1, '  '.join('-' * w for w in widths))
+        lines.append('error: retraining, CIFAR test / ImageNet top-1 val error; search, the proxy\'s val error at '
+                     'its last epoch. ±: sample std over the runs of a row.')
+    else:
+        lines.append('no finished run')
+    unfinished = [r for r in rows if r['status'] != 'done']
+    if unfinished:
+        lines.append('')
+        lines.append('not finished (not in the table):')
+        lines += [f'  {r["dirs"]} ({r["kind"]}, {r["label"]}): {r["status"]}' for r in unfinished]
+    return '\n'.join(lines)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """The rows as CSV, atomically; numbers unrounded, unknowns empty."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: '' if r.get(k) is None else r.get(k) for k in COLUMNS})
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    runs = []
+    for path in args.run_dirs:
+        run = read_run(path)
+        if run['status'] == 'not a run':
+            print(f'skipped {path}: {run["why"]}', file=sys.stderr)
+            continue
+        runs.append(run)
+    if not runs:
+        raise utils.UserError(f'none of the {len(args.run_dirs)} directories given is a run folder (the --save '
+                              f'folder of train_cifar.py, train_imagenet.py or train_search.py)')
+    rows = summarize(runs)
+    print(format_table(rows))
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f'\nwrote {args.csv}')
+    return rows
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
