@@ -14,8 +14,9 @@ import train_cifar
 import train_search
 import utils
 
+# the cheapest search with two steps an epoch (the DARTS space: resume and divergence do not depend on it)
 SEARCH = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3', '--init_channels', '4',
-          '--batch_size', '8', '--synthetic_size', '32', '--report_freq', '1', '--lambda_at', '0']
+          '--batch_size', '4', '--synthetic_size', '16', '--report_freq', '1', '--lambda_at', '0', '--space', 'darts']
 CIFAR = ['--device', 'cpu', '--dataset', 'synthetic', '--synthetic_size', '32', '--layers', '3',
          '--init_channels', '4', '--batch_size', '8', '--workers', '0', '--report_freq', '0', '--arch', 'DARTS_V2']
 
