@@ -234,3 +234,17 @@ def test_every_numeric_flag_is_covered():
         numeric = {k for k, v in args.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         numeric |= {k for k, v in args.items() if isinstance(v, list) and v and isinstance(v[0], (int, float))}
         assert numeric <= covered, (name, numeric - covered)
+
+
+@pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 80.00 GiB'),
+                                   RuntimeError('[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: '
+                                                "can't allocate memory: you tried to allocate 4000000000000 bytes")])
+def test_running_out_of_memory_is_one_sentence(error, capsys):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1
+    assert err.startswith('error: the run ran out of memory (') and 'smaller --batch_size' in err
