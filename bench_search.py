@@ -26,7 +26,7 @@ import genotypes
 import utils
 from model import NetworkCIFAR
 from model_search import Network
-from teacher import PyramidNet
+from teacher import PyramidNet, pyramid_widths
 from train_search import Architect, search_step
 
 
@@ -100,6 +100,12 @@ def retrain_row(batch: int, amp: bool, args, device) -> tuple[float, float]:
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.check_flags(args, {'iters': utils.Range(1), 'warmup': utils.Range(0),
+                             'retrain_batch_size': utils.Range(0), 'teacher_depth': utils.Range(high=1000)})
+    try:  # a --teacher_depth that makes no bottleneck PyramidNet fails here, before any network is built
+        pyramid_widths(args.teacher_depth, 84, True)
+    except utils.UserError as e:
+        raise utils.UserError(str(e).replace('--depth', '--teacher_depth')) from None
     device = utils.get_device(args.gpu, args.device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True

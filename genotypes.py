@@ -282,10 +282,18 @@ def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
     """The genotype named `arch` in this module (`random:SEED`: `random_genotype(SEED)`), or the one in
     `genotype_file`; validated."""
     if genotype_file:
+        if os.path.isdir(genotype_file):
+            raise GenotypeError(f'genotype file {genotype_file} is a folder; pass the genotype.json in it (a '
+                                f'search writes SAVE/genotype.json)')
         if not os.path.isfile(genotype_file):
             raise GenotypeError(f'genotype file {genotype_file} does not exist')
-        with open(genotype_file) as f:
-            return from_json(f.read(), genotype_file)
+        try:
+            with open(genotype_file, encoding='utf-8') as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise GenotypeError(f'genotype file {genotype_file} is not JSON text (a checkpoint?); pass the '
+                                f'genotype.json that train_search.py writes') from None
+        return from_json(text, genotype_file)
     seed = random_seed_of(arch) if arch else None
     if seed is not None:
         return random_genotype(seed)

@@ -2,7 +2,8 @@
 
 - PyramidNet-110 (bottleneck, alpha = 84; Han et al., "Deep Pyramidal Residual Networks", CVPR 2017) is
   the teacher whose three stage outputs guide the search (spec §6). `python teacher.py --gpu 0` trains it
-  on CIFAR-10 and writes `default_teacher_path('cifar10')`, where train_search.py looks by default.
+  on CIFAR-10 into the folder teachers/pyramidnet110_cifar10 (checkpoint.pt, log.txt, train_log.jsonl);
+  its checkpoint is `default_teacher_path('cifar10')`, where train_search.py looks by default.
 - ResNet-18 (CIFAR variant) with one self-calibration op after each of stages 1, 2, 3 reproduces the
   controlled study of Table 1: `python teacher.py --arch resnet18 --calibration dynamic_conv_3x3 --gpu 0`.
 
@@ -16,6 +17,7 @@ Recipe (App. A1, read with Han et al.): 300 epochs, batch 32, SGD lr 0.025 momen
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -29,6 +31,13 @@ import utils
 from operations import OPS, DynamicKernel, calibrate, dynamic_conv
 
 TEACHER_DIR = 'teachers'
+DEFAULT_LEARNING_RATE = 0.025  # App. A1
+# The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
+# match the checkpoint's. --learning_rate takes effect from the resumed epoch (the step schedule goes on as if
+# the run had started with it); --epochs may grow or shrink, as the schedule's milestones do not depend on it;
+# the others change only how the run is executed or logged.
+RESUME_MAY_CHANGE = ('learning_rate', 'epochs', 'workers', 'report_freq', 'gpu', 'device', 'amp', 'data', 'save',
+                     'resume')
 PYRAMID = 'pyramidnet'
 RESNET18 = 'resnet18'
 ARCHS = {'pyramidnet110': PYRAMID, 'resnet18': RESNET18}
@@ -258,33 +267,42 @@ def describe(arch: str, config: dict) -> str:
 # Teacher API (train_search.py)
 
 
-def default_teacher_path(dataset: str, depth: int = 110, alpha: float = 84, bottleneck: bool = True) -> str:
-    """Where teacher.py writes, and train_search.py looks for, the teacher of `dataset`:
-    teachers/pyramidnet110_cifar10.pt for the paper's teacher; other shapes get their own file name."""
+def default_teacher_folder(dataset: str, depth: int = 110, alpha: float = 84, bottleneck: bool = True) -> str:
+    """teacher.py's default --save folder: teachers/pyramidnet110_cifar10 for the paper's teacher; other
+    shapes get their own folder."""
     if (depth, alpha, bottleneck) == (110, 84, True):
         name = 'pyramidnet110'
     else:
         name = f'pyramidnet{depth}_alpha{alpha:g}' + ('' if bottleneck else '_basic')
-    return os.path.join(TEACHER_DIR, f'{name}_{dataset}.pt')
+    return os.path.join(TEACHER_DIR, f'{name}_{dataset}')
+
+
+def default_teacher_path(dataset: str, depth: int = 110, alpha: float = 84, bottleneck: bool = True) -> str:
+    """Where teacher.py writes, and train_search.py looks for, the teacher of `dataset`: the checkpoint in
+    its default --save folder, teachers/pyramidnet110_cifar10/checkpoint.pt for the paper's teacher."""
+    return os.path.join(default_teacher_folder(dataset, depth, alpha, bottleneck), utils.CHECKPOINT)
 
 
 def save_teacher(model: nn.Module, path: str, dataset: str, **extra) -> None:
     """Write a checkpoint that load_teacher rebuilds: arch, config, dataset, state_dict, plus `extra`
     (optimizer state, epoch, accuracy, ...). Atomic: a run killed mid-write keeps the previous file."""
     state = {'arch': model.arch, 'config': dict(model.config), 'dataset': dataset,
-             'state_dict': model.state_dict()}
+             'state_dict': model.state_dict(), 'script': 'teacher.py'}
     state.update(extra)
     utils.save_checkpoint(state, path)
 
 
 def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | None = None,
                  image_size: int = 32) -> nn.Module:
-    """The PyramidNet teacher in `path`, frozen (eval mode, no gradients), on `device`.
+    """The PyramidNet teacher in `path` (a checkpoint, or the teacher.py --save folder holding it), frozen
+    (eval mode, no gradients), on `device`.
 
     Raises utils.UserError with one sentence for a missing or damaged file, a teacher of another dataset,
     of other classes than `classes` (--dataset folder) or another image size, and a checkpoint of another
     architecture (or weights that do not fit its config).
     """
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, utils.CHECKPOINT)):
+        path = os.path.join(path, utils.CHECKPOINT)
     if not os.path.isfile(path):
         raise utils.UserError(f'no teacher checkpoint at {path}: train one with `python teacher.py --dataset '
                               f'{dataset} --gpu 0`, or pass --lambda_at 0 to search without a teacher')
@@ -355,7 +373,7 @@ def parse_args(argv=None):
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--epochs', type=int, default=300, help='App. A1')
     p.add_argument('--batch_size', type=int, default=32, help='App. A1')
-    p.add_argument('--learning_rate', type=float, default=0.025, help='SGD, App. A1')
+    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE, help='SGD, App. A1')
     p.add_argument('--lr_milestones', type=int, nargs='+', default=[150, 225],
                    help='epochs after which the lr is divided by 10 (A1 literally: 30 60 ... 270)')
     p.add_argument('--lr_gamma', type=float, default=0.1, help='lr factor at each milestone')
@@ -363,31 +381,31 @@ def parse_args(argv=None):
     p.add_argument('--weight_decay', type=float, default=1e-4, help='App. A1')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
     p.add_argument('--save', default=None,
-                   help='a .pt file (the checkpoint; logs go to a folder of the same name) or a folder '
-                        '(checkpoint.pt inside); default: the teacher path for pyramidnet, '
-                        'runs/resnet18_CALIBRATION_DATASET for resnet18')
+                   help='output folder: checkpoint.pt, log.txt, train_log.jsonl (default: '
+                        'teachers/pyramidnet110_DATASET, where train_search.py looks, for pyramidnet; '
+                        'runs/resnet18_CALIBRATION_DATASET for resnet18; the folder of --resume PATH)')
     p.add_argument('--resume', nargs='?', const='', default=None,
-                   help='continue from a checkpoint (default: the one in --save)')
+                   help='continue from a checkpoint (default: SAVE/checkpoint.pt)')
     p.add_argument('--seed', type=int, default=0, help='seeds weights, batches and augmentation')
     p.add_argument('--workers', type=int, default=4, help='data-loading processes')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device')
     p.add_argument('--device', default=None, choices=['cpu', 'cuda'], help='cpu to run on the CPU')
-    p.add_argument('--report_freq', type=int, default=100, help='steps between progress lines')
+    p.add_argument('--report_freq', type=int, default=100,
+                   help='steps between progress lines (also every 30 s; 0: none)')
     return p.parse_args(argv)
 
 
-def run_paths(args) -> tuple[str, str]:
-    """(checkpoint file, log folder) of a run."""
-    save = args.save
-    if save is None:
-        if args.arch == 'resnet18':
-            save = os.path.join('runs', f'resnet18_{args.calibration}_{args.dataset}')
-        else:
-            save = default_teacher_path(utils.dataset_name(args.dataset, args.data), args.depth, args.alpha,
-                                        args.block == 'bottleneck')
-    if save.endswith('.pt'):
-        return save, save[:-3]
-    return os.path.join(save, 'checkpoint.pt'), save
+def run_paths(args) -> tuple[str, str | None]:
+    """(SAVE folder, checkpoint to resume from or None) of a run: --save is a folder, as in every script."""
+    if args.save is not None and args.save.endswith('.pt'):
+        raise utils.UserError(f'--save {args.save} names a file, but --save is a folder (teacher.py writes '
+                              f'checkpoint.pt, log.txt and train_log.jsonl into it); drop the .pt')
+    if args.arch == 'resnet18':
+        default = os.path.join('runs', f'resnet18_{args.calibration}_{args.dataset}')
+    else:
+        default = default_teacher_folder(utils.dataset_name(args.dataset, args.data), args.depth, args.alpha,
+                                         args.block == 'bottleneck')
+    return utils.run_folder(args.save, args.resume, 'teacher', default=default)
 
 
 def make_model(args) -> nn.Module:
@@ -411,22 +429,44 @@ def cost_line(model: nn.Module, baseline: tuple[int, int] | None) -> str:
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     if args.arch == 'pyramidnet110' and args.calibration != 'none':
         raise utils.UserError('--calibration applies to --arch resnet18 only (the Table 1 study); drop it or '
                               'add --arch resnet18')
-    for name in ('epochs', 'batch_size', 'synthetic_size'):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    # Han et al.'s deepest PyramidNet has 272 layers and their widest alpha 270; beyond 1000 is a typo
+    utils.check_flags(args, {'depth': utils.Range(high=1000), 'alpha': utils.Range(0, 1000),
+                             'lr_milestones': utils.Range(1), 'lr_gamma': utils.Range(0, low_open=True)})
     utils.check_image_size(args.dataset, args.image_size)
+    if ARCHS[args.arch] == PYRAMID:
+        pyramid_widths(args.depth, args.alpha, args.block == 'bottleneck')  # a bad --depth fails here
+    log_dir, resume_path = run_paths(args)
+    args.save = log_dir  # the folder in use, as the checkpoint records it
+    ckpt_path = os.path.join(log_dir, utils.CHECKPOINT)
+    state, changed = None, {}
+    if resume_path is not None:
+        state = utils.load_resume(resume_path, 'teacher.py')
     device = utils.get_device(args.gpu, args.device)
-    ckpt_path, log_dir = run_paths(args)
-    resume_path = utils.resume_path(ckpt_path, args.resume)
+    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
+    train_data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                                   seed=args.seed, image_size=args.image_size, stats=data_stats)
+    test_data = utils.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
+                                  seed=args.seed, image_size=args.image_size, stats=data_stats)
+    if args.batch_size > len(train_data):
+        raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} training '
+                              f'images; use a smaller --batch_size')
     utils.set_seed(args.seed)
     model = make_model(args)  # before the log folder exists: a bad --depth leaves nothing behind
+    arch = model.arch
+    if state is not None:  # before the log folder too: a refused resume leaves nothing behind
+        for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
+                                   ('network config', 'config', model.config)):
+            utils.check_same(what, state.get(key), current, resume_path)
+        changed = utils.resume_flags(state, args, RESUME_MAY_CHANGE, resume_path)
     logger = utils.get_logger(log_dir, 'teacher')
     logger.info(f'args: {vars(args)}')
-    arch = model.arch
+    if data_stats is not None:
+        logger.info(utils.folder_summary(data_stats, test_data))
     baseline = None
     if arch == RESNET18:
         baseline = cost(ResNet18(utils.num_classes(args.dataset, args.data)))
@@ -440,28 +480,21 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     start, best = 0, 0.0
-    state = None
-    if resume_path is not None:
-        state = utils.load_checkpoint(resume_path)
-        for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
-                                   ('network config', 'config', model.config)):
-            utils.check_same(what, state.get(key), current, resume_path)
+    if state is not None:
         model.load_state_dict(state['state_dict'])
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         start, best = state['epoch'] + 1, state.get('best_top1', 0.0)
+        if 'learning_rate' in changed:  # the step schedule goes on as if the run had started with it
+            utils.set_learning_rate(optimizer, scheduler, args.learning_rate)
         utils.trim_jsonl(os.path.join(log_dir, 'train_log.jsonl'), start)
         logger.info(f'resumed from {resume_path} after epoch {start}')
+        if utils.describe_changes(changed, start):
+            logger.info(utils.describe_changes(changed, start))
 
-    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
-    train_data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
-                                   seed=args.seed, image_size=args.image_size, stats=data_stats)
-    test_data = utils.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
-                                  seed=args.seed, image_size=args.image_size, stats=data_stats)
-    if data_stats is not None:
-        logger.info(utils.folder_summary(data_stats, test_data))
     test_loader = utils.make_loader(test_data, max(args.batch_size, 256), False, args.workers,
                                     pin=device.type == 'cuda')
+    retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     criterion = nn.CrossEntropyLoss()
     amp_dtype = torch.bfloat16 if args.amp and device.type == 'cuda' else None
     test_loss = top1 = top5 = float('nan')
@@ -474,7 +507,9 @@ def main(argv=None):
         progress = utils.Progress(len(train_loader), args.report_freq, logger, f'epoch {epoch + 1} ')
         train_loss, train_top1 = utils.train_epoch(
             model, train_loader, optimizer, criterion, device, grad_clip=None, amp_dtype=amp_dtype,
-            channels_last=channels_last, progress=progress)
+            channels_last=channels_last, progress=progress,
+            check=functools.partial(utils.check_loss, limit=utils.loss_limit(utils.num_classes(args.dataset, args.data)),
+                                    epoch=epoch, kept=epoch, checkpoint=ckpt_path, retry=retry))
         scheduler.step()
         utils.log_unreadable(train_data, logger)
         seconds = time.time() - tic
@@ -499,6 +534,14 @@ def main(argv=None):
     logger.info(f'final: {describe(arch, model.config)} on {args.dataset}: test top1 {top1:.2f} '
                 f'(error {100 - top1:.2f}%) top5 {top5:.2f} (error {100 - top5:.2f}%), best top1 {best:.2f}; '
                 f'{cost_line(model, baseline)}; checkpoint {ckpt_path}')
+    if arch == PYRAMID:
+        after = f'python train_search.py --dataset {args.dataset} --teacher {log_dir}    (search with it)'
+    else:
+        after = 'python teacher.py --arch resnet18 --calibration OTHER    (another row of Table 1)'
+    utils.report_run(logger, log_dir, [
+        (utils.CHECKPOINT, 'the network (train_search.py --teacher reads it; --resume continues it)'),
+        ('log.txt', 'the log'), ('train_log.jsonl', 'one record per epoch: losses, accuracies, lr'),
+    ], [after], started)
 
 
 if __name__ == '__main__':

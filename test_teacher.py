@@ -118,7 +118,11 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_default_teacher_path():
-    assert teacher.default_teacher_path('cifar10') == os.path.join('teachers', 'pyramidnet110_cifar10.pt')
+    # teacher.py's default --save folder, and the checkpoint in it (where train_search.py looks)
+    assert teacher.default_teacher_path('cifar10') == os.path.join('teachers', 'pyramidnet110_cifar10',
+                                                                   'checkpoint.pt')
+    args = teacher.parse_args(['--dataset', 'cifar100'])
+    assert os.path.join(teacher.run_paths(args)[0], 'checkpoint.pt') == teacher.default_teacher_path('cifar100')
     assert teacher.default_teacher_path('cifar100', depth=11, alpha=12) != teacher.default_teacher_path('cifar100')
 
 
@@ -156,16 +160,20 @@ def test_load_teacher_errors(tmp_path):
 
 
 def test_train_end_to_end_writes_a_teacher(tmp_path, capsys):
-    save = str(tmp_path / 'teacher.pt')
+    save = str(tmp_path / 'teacher')
     teacher.main(TINY + ['--epochs', '1', '--save', save])
     out = capsys.readouterr().out
     assert 'final:' in out and 'checkpoint' in out
-    model = teacher.load_teacher(save, 'synthetic', 'cpu')
+    # one folder holds everything, and the end of the run says where and what next
+    assert sorted(os.listdir(save)) == ['checkpoint.pt', 'log.txt', 'train_log.jsonl']
+    assert f'its files, in {save}' in out
+    assert f'next: python train_search.py --dataset synthetic --teacher {save}' in out
+    model = teacher.load_teacher(save, 'synthetic', 'cpu')  # the folder, as train_search.py --teacher takes it
     assert model.config['depth'] == 11
-    with open(tmp_path / 'teacher' / 'train_log.jsonl') as f:
+    with open(os.path.join(save, 'train_log.jsonl')) as f:
         log = [json.loads(line) for line in f]
     assert len(log) == 1 and 0 <= log[0]['test_top1'] <= 100
-    state = torch.load(save, weights_only=False)
+    state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert state['finished'] and state['epoch'] == 0 and 'optimizer' in state
 
     # an existing checkpoint without --resume is refused

@@ -114,3 +114,57 @@ def test_random_arch_trains_and_is_saved(folder, tmp_path):
     assert run(TINY[:-2] + ['--arch', 'random:2', '--data', folder, '--epochs', '1', '--save', str(save)]) == 0
     assert genotypes.load(genotype_file=str(save / 'genotype.json')) == genotypes.random_genotype(2)
     assert json.loads((save / 'result.json').read_text())['arch'] == 'random:2'
+# ---------------------------------------------------------------------------------------------------------
+# Unreadable images are skipped, counted, and stop the run only past utils.MAX_CORRUPT_SHARE
+
+
+@pytest.fixture(scope='module')
+def damaged_folder(tmp_path_factory):
+    """2 classes x 4 training images (one of them a truncated JPEG) and 2 validation images each."""
+    root = tmp_path_factory.mktemp('damaged')
+    rng = np.random.default_rng(1)
+    for split, n in (('train', 4), ('val', 2)):
+        for label in ('ant', 'bee'):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    root / split / label / f'{i}.jpg')
+    bad = root / 'train' / 'bee' / '2.jpg'
+    bad.write_bytes(bad.read_bytes()[:40])  # a copy cut short
+    return root
+
+
+def test_skip_corrupt_falls_back_to_the_next_image_and_counts(damaged_folder, caplog):
+    import torchvision
+    data = torchvision.datasets.ImageFolder(str(damaged_folder / 'train'))
+    bad = next(i for i, (path, _) in enumerate(data.samples) if path.endswith(os.path.join('bee', '2.jpg')))
+    wrapped = utils.SkipCorrupt(data, max_share=0.25)  # 8 images an epoch: 2 may be skipped
+    assert len(wrapped) == len(data) and wrapped.limit == 2
+    image, label = wrapped[bad]
+    assert np.array_equal(np.asarray(image), np.asarray(data[bad + 1][0])) and label == data[bad + 1][1]
+    assert wrapped.skipped == 1 and 'skipped an unreadable image' in caplog.text and 'bee/2.jpg' in caplog.text
+    wrapped[bad]
+    with pytest.raises(utils.UserError, match=r'3 images could not be read this epoch, more than 25% of the 8 '):
+        wrapped[bad]
+    wrapped.reset()
+    assert wrapped.skipped == 0
+
+
+def test_a_corrupt_jpeg_is_skipped_and_counted_in_the_epoch_summary(damaged_folder, tmp_path, monkeypatch,
+                                                                     capsys):
+    args = TINY + ['--data', str(damaged_folder), '--epochs', '1', '--save', str(tmp_path / 'run')]
+    monkeypatch.setattr(utils, 'MAX_CORRUPT_SHARE', 0.2)  # 1 of 8 training images is within 20%
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert 'skipped an unreadable image' in out and os.path.join('bee', '2.jpg') in out
+    assert 'unreadable images skipped: 1 train, 0 val' in out
+    assert json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text())['skipped_train'] == 1
+    assert 'done in' in out and 'its files, in' in out
+
+    # at the default 0.1%, one unreadable image in 8 stops the run, also from a loader's worker process
+    monkeypatch.undo()
+    assert run(args[:args.index('--workers')] + ['--workers', '1'] + args[args.index('--workers') + 2:]
+               + ['--save', str(tmp_path / 'stopped')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: 1 images could not be read this epoch, more than 0.1% of the 8')
+    assert err.count('\n') == 1 and os.path.join('bee', '2.jpg') in err

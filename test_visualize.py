@@ -129,6 +129,46 @@ def test_cli_on_a_search_folder(tmp_path, capsys, space):
         assert 'matplotlib' in stderr
 
 
+@pytest.mark.skipif(not HAS_MPL, reason='needs matplotlib')
+def test_heatmap_of_a_near_uniform_A_is_not_one_colour(tmp_path):
+    """A young search: every weight within 1e-3 of 1/11. The saved PNG must show the drift: the colours of
+    the smallest and the largest weight differ clearly, and both fill whole cells of the heatmap."""
+    import matplotlib
+    import matplotlib.image
+    primitives = genotypes.PRIMITIVES
+    a = 1e-3 * np.random.default_rng(0).standard_normal((18, len(primitives)))  # the search's initial A
+    w = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+    assert np.abs(w - 1 / len(primitives)).max() < 1e-3
+    records = [{'epoch': 1, 'primitives': primitives, 'alphas_normal': w.tolist(), 'alphas_reduce': w.tolist()}]
+    visualize.plot_alphas(records, str(tmp_path), 'png')
+    pixels = matplotlib.image.imread(tmp_path / 'alphas_normal.png')[..., :3]
+    norm = visualize.heatmap_norm(w, len(primitives))
+    cmap = matplotlib.colormaps[visualize.HEATMAP_CMAP]
+    low, high = (np.array(cmap(norm(v))[:3]) for v in (w.min(), w.max()))
+    assert np.abs(high - low).max() > 0.5
+    for colour in (low, high):  # a cell of the 18 x 11 grid is some 20 x 15 pixels at 130 dpi
+        assert (np.abs(pixels - colour).max(-1) < 2 / 255).sum() >= 100
+    assert len(np.unique((pixels * 255).round().reshape(-1, 3), axis=0)) > 50
+
+
+def test_cell_drawing_explains_k_prime_and_draws_legend_like_edges():
+    normal = visualize.genotype_dots(genotypes.NOS_EXAMPLE)['normal']
+    assert "surrogate node of block k" in normal and "k\' &#8594; k is its second tier" in normal
+    for kind in ('feature', 'attention', 'dynamic'):  # glyph: the edge's line style and arrowhead
+        assert f'{visualize.KIND_GLYPH[kind]} {visualize.KIND_MEANING[kind]}' in normal
+    assert '&#9654;' in visualize.KIND_GLYPH['feature'] and visualize.KIND_ARROW['feature'] == 'normal'
+    assert '&#9675;' in visualize.KIND_GLYPH['attention'] and visualize.KIND_ARROW['attention'] == 'odot'
+    assert '&#9671;' in visualize.KIND_GLYPH['dynamic'] and visualize.KIND_ARROW['dynamic'] == 'odiamond'
+    # labels as c_{k-2} is meant to read (a subscript), not raw TeX
+    assert 'label=<0: c<sub>k-2</sub>>' in normal and 'label=<c<sub>k</sub>>' in normal
+    assert 'c_{k-2}' not in normal
+    # blocks in order: invisible edges pin each block before the next one's surrogate node
+    chain = [line.split('[')[0].strip() for line in normal.splitlines() if 'style=invis, weight' in line]
+    assert chain == ['"1" -> "2\'"', '"2" -> "3\'"', '"3" -> "4\'"', '"4" -> "5\'"']
+    darts = visualize.genotype_dots(genotypes.DARTS_V2)['normal']
+    assert 'surrogate' not in darts and '"2" -> "3" [style=invis' in darts
+
+
 def test_without_graphviz_and_matplotlib(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, 'graphviz', None)        # import graphviz -> ImportError
     monkeypatch.setitem(sys.modules, 'matplotlib', None)

@@ -25,6 +25,7 @@ in millions (utils.count_macs).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -37,7 +38,13 @@ import utils
 from model import NetworkCIFAR
 
 DEFAULT_ARCH = 'DARTS_V2'
+DEFAULT_LEARNING_RATE = 0.25  # NOS App. A.1
 WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 3e-4}  # NOS App. A.1
+# The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
+# match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
+# if the run had started with it); the others change only how the run is executed or logged.
+RESUME_MAY_CHANGE = ('learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'no_amp', 'no_channels_last',
+                     'data', 'save', 'resume')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
     p.add_argument('--epochs', type=int, default=600, help='NOS App. A.1')
     p.add_argument('--batch_size', type=int, default=128, help='NOS App. A.1')
-    p.add_argument('--learning_rate', type=float, default=0.25,
+    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
                    help='initial lr, cosine to 0; 0.25 is the NOS paper\'s (App. A.1), DARTS used 0.025')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight_decay', type=float, default=None,
@@ -81,19 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help='continue from PATH (default SAVE/checkpoint.pt)')
     p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
     p.add_argument('--workers', type=int, default=4, help='data-loading processes')
-    p.add_argument('--report_freq', type=int, default=50, help='log every N steps (0: never)')
+    p.add_argument('--report_freq', type=int, default=50, help='log every N steps (also every 30 s; 0: never)')
     return p
 
 
 def main(argv=None) -> dict:
+    started = time.time()
     args = build_parser().parse_args(argv)
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY[args.dataset]
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'synthetic_size'):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if not 0 <= args.drop_path_prob < 1:
-        raise utils.UserError(f'--drop_path_prob must be in [0, 1), got {args.drop_path_prob}')
+    utils.check_flags(args)
     utils.check_image_size(args.dataset, args.image_size)
     if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
         raise utils.UserError(f'the auxiliary tower fits 32- to 40-pixel images only (DARTS pools its 8x8 input to '
@@ -101,22 +105,23 @@ def main(argv=None) -> dict:
     genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
+    args.save = save  # the folder in use, as the checkpoint records it
     device = utils.get_device(args.gpu, args.device)
     cuda = device.type == 'cuda'
     amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
     channels_last = cuda and not args.no_channels_last
 
     # Everything that must match before the checkpoint is touched, so a mismatch costs nothing.
-    ckpt = None
+    ckpt, changed = None, {}
     if resume is not None:
-        ckpt = utils.load_checkpoint(resume)
+        ckpt = utils.load_resume(resume, 'train_cifar.py')
         utils.check_genotype(ckpt, genotype_json, label, resume)
         utils.check_same('dataset', ckpt['dataset'], args.dataset, resume)
         if args.dataset == 'synthetic':
             utils.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
             utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
-        utils.check_same('image_size', ckpt['args'].get('image_size', 32), args.image_size, resume)
+        changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
 
     logger = utils.get_logger(save, 'train_cifar')
     logger.info(f'args: {vars(args)}')
@@ -132,6 +137,9 @@ def main(argv=None) -> dict:
     test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
                                   image_size=args.image_size, stats=data_stats)
     num_classes = utils.num_classes(args.dataset, args.data)
+    if args.batch_size > len(train_data):
+        raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} training '
+                              f'images; use a smaller --batch_size')
     if data_stats is not None:
         logger.info(utils.folder_summary(data_stats, test_data))
 
@@ -155,13 +163,20 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
-        utils.trim_jsonl(metrics_path, start_epoch)
-        logger.info(f'resumed from {resume} after epoch {start_epoch}')
+        if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
+            utils.set_learning_rate(optimizer, scheduler, args.learning_rate)
+        dropped = utils.trim_jsonl(metrics_path, start_epoch)
+        logger.info(f'resumed from {resume} after epoch {start_epoch}'
+                    + (f'; dropped {dropped} line(s) of metrics.jsonl beyond it' if dropped else ''))
+        if utils.describe_changes(changed, start_epoch):
+            logger.info(utils.describe_changes(changed, start_epoch))
 
     # BatchNorm in the auxiliary tower cannot train on a batch of one image: drop such a last batch.
     drop_last = len(train_data) % args.batch_size == 1
     test_loader = utils.make_loader(test_data, args.batch_size, False, args.workers, pin=cuda)
     test = (float('nan'),) * 3
+    ckpt_path = os.path.join(save, 'checkpoint.pt')
+    retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     for epoch in range(start_epoch, args.epochs):
         g = utils.seed_epoch(args.seed, epoch)
         model.drop_path_prob = args.drop_path_prob * epoch / args.epochs
@@ -173,7 +188,9 @@ def main(argv=None) -> dict:
         train_loss, train_acc = utils.train_epoch(
             model, train_loader, optimizer, criterion, device,
             aux_weight=args.auxiliary_weight if args.auxiliary else 0., grad_clip=args.grad_clip,
-            amp_dtype=amp_dtype, channels_last=channels_last, progress=progress)
+            amp_dtype=amp_dtype, channels_last=channels_last, progress=progress,
+            check=functools.partial(utils.check_loss, limit=utils.loss_limit(num_classes), epoch=epoch,
+                                    kept=epoch, checkpoint=ckpt_path, retry=retry))
         scheduler.step()
         utils.log_unreadable(train_data, logger)
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
@@ -193,7 +210,8 @@ def main(argv=None) -> dict:
             'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label, 'genotype': genotype_json,
             'dataset': args.dataset, 'synthetic_size': args.synthetic_size, 'args': vars(args),
             'data_stats': data_stats,
-        }, os.path.join(save, 'checkpoint.pt'))
+            'script': 'train_cifar.py',
+        }, ckpt_path)
 
     if start_epoch >= args.epochs:  # resumed a finished run: report it again
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
@@ -213,6 +231,10 @@ def main(argv=None) -> dict:
     utils.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'
     logger.info(f'wrote {os.path.join(save, "result.json")}')
+    utils.report_run(logger, save, [
+        ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr'),
+        ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'test error, weights, multiply-adds'),
+    ], [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started)
     print(line, flush=True)
     return result
 

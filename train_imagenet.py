@@ -26,6 +26,7 @@ At the end every rank prints `rank R weights_sha256=...` (the same on all ranks)
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,13 @@ DEFAULT_ARCH = 'DARTS_V2'  # DARTS's default cell; pass --genotype_file for your
 REFERENCE_BATCH = 512  # the global batch that lr 0.25 belongs to (NOS App. A.2)
 MOBILE_MACS = 600e6    # mobile setting: < 600M multiply-adds at 224x224 (NOS Sec. 4.3)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_LEARNING_RATE = 0.25  # NOS App. A.2, for a global batch of REFERENCE_BATCH
+# The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
+# match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
+# run had started with it); --batch_size may change with the number of processes as long as the global batch
+# stays (checked on its own); the others change only how the run is executed or logged.
+RESUME_MAY_CHANGE = ('learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'no_amp',
+                     'no_channels_last', 'data', 'save', 'resume')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=300, help='NOS App. A.2')
     p.add_argument('--batch_size', type=int, default=None,
                    help=f'per process; default {REFERENCE_BATCH} / number of processes')
-    p.add_argument('--learning_rate', type=float, default=0.25,
+    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
                    help=f'peak lr for a global batch of {REFERENCE_BATCH}; scaled linearly with the global '
                         f'batch')
     p.add_argument('--warmup_epochs', type=float, default=5., help='linear warm-up, then linear decay to 0')
@@ -83,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='continue from PATH (default SAVE/checkpoint.pt)')
     p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
     p.add_argument('--workers', type=int, default=8, help='data-loading processes per training process')
-    p.add_argument('--report_freq', type=int, default=100, help='log every N steps (0: never)')
+    p.add_argument('--report_freq', type=int, default=100, help='log every N steps (also every 30 s; 0: never)')
     return p
 
 
@@ -91,6 +99,9 @@ def imagenet_folders(root: str):
     """DARTS's ImageNet pipeline on ImageFolder train/ and val/."""
     import torchvision
     import torchvision.transforms as T
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise utils.UserError(f'--data {root} is a file, but it must be a folder holding train/ and val/, each '
+                              f'with one folder of images per class (ImageFolder layout)')
     for split in ('train', 'val'):
         if not os.path.isdir(os.path.join(root, split)):
             raise utils.UserError(f'no {split}/ folder in {os.path.abspath(root)}: --data must hold train/ '
@@ -140,15 +151,14 @@ def all_mean(values: list[float], weight: float, device) -> list[float]:
 
 
 def main(argv=None) -> dict | None:
+    started = time.time()
     args = build_parser().parse_args(argv)
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if args.batch_size is None:
         args.batch_size = max(1, REFERENCE_BATCH // world)
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers'):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    utils.check_flags(args, {'warmup_epochs': utils.Range(0), 'label_smooth': utils.Range(0, 1)})
     global_batch = args.batch_size * world
     lr = args.learning_rate * global_batch / REFERENCE_BATCH
 
@@ -159,14 +169,16 @@ def main(argv=None) -> dict | None:
     train_data, val_data = imagenet_folders(args.data)
     num_classes = len(train_data.classes)
     save, resume = utils.run_folder(args.save, args.resume, 'eval-imagenet')
-    ckpt = None
+    args.save = save  # the folder in use, as the checkpoint records it
+    ckpt, changed = None, {}
     if resume is not None:
-        ckpt = utils.load_checkpoint(resume)
+        ckpt = utils.load_resume(resume, 'train_imagenet.py')
         utils.check_genotype(ckpt, genotype_json, label, resume)
         utils.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
         utils.check_same('global batch', ckpt['global_batch'], global_batch, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
             utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+        changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     cuda = device.type == 'cuda'
     amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
@@ -177,14 +189,14 @@ def main(argv=None) -> dict | None:
         dist.init_process_group('nccl' if cuda else 'gloo')
     try:
         return train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json,
-                     train_data, val_data, num_classes, save, resume, ckpt, global_batch, lr)
+                     train_data, val_data, num_classes, save, resume, ckpt, global_batch, lr, changed, started)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json, train_data,
-          val_data, num_classes, save, resume, ckpt, global_batch, lr):
+          val_data, num_classes, save, resume, ckpt, global_batch, lr, changed=None, started=None):
     cuda = device.type == 'cuda'
     logger = utils.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
     logger.info(f'args: {vars(args)}')
@@ -215,6 +227,9 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     # step has the global batch.
     train_sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank,
                                                         shuffle=True, seed=args.seed)
+    # an unreadable image is skipped with a warning, not fatal; past utils.MAX_CORRUPT_SHARE of an epoch the
+    # run stops (the data are damaged)
+    train_data = utils.SkipCorrupt(train_data, len(train_sampler), logger)
     steps = len(train_sampler) // args.batch_size
     if steps == 0:
         raise utils.UserError(f'{len(train_data)} training images make no batch of {args.batch_size} per '
@@ -227,9 +242,13 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
+        if 'learning_rate' in (changed or {}):  # the schedule goes on as if the run had started with it
+            utils.set_learning_rate(optimizer, scheduler, lr)
         if rank == 0:
             utils.trim_jsonl(os.path.join(save, 'metrics.jsonl'), start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}')
+        if utils.describe_changes(changed or {}, start_epoch):
+            logger.info(utils.describe_changes(changed, start_epoch))
     net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -238,10 +257,15 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     criterion = nn.CrossEntropyLoss()
     # Validation: every rank takes every world-th image, no padding, so the pooled numbers are exact.
     val_indices = list(range(rank, len(val_data), world))
+    val_data = utils.SkipCorrupt(val_data, len(val_indices), logger)
     val_loader = utils.make_loader(val_data, args.batch_size, False, args.workers, sampler=val_indices,
                                    pin=cuda)
     val = (float('nan'),) * 3
+    ckpt_path = os.path.join(save, 'checkpoint.pt')
+    retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     for epoch in range(start_epoch, args.epochs):
+        train_data.reset()
+        val_data.reset()
         # ranks draw different augmentations and drop-path masks, each reproducible for --resume
         g = utils.seed_epoch(args.seed + 10007 * rank, epoch)
         train_sampler.set_epoch(epoch)
@@ -253,7 +277,9 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         train_loss, train_acc = utils.train_epoch(
             model, train_loader, optimizer, train_criterion, device,
             aux_weight=args.auxiliary_weight if args.auxiliary else 0., grad_clip=args.grad_clip,
-            amp_dtype=amp_dtype, channels_last=channels_last, progress=progress, step_hook=scheduler.step)
+            amp_dtype=amp_dtype, channels_last=channels_last, progress=progress, step_hook=scheduler.step,
+            check=functools.partial(utils.check_loss, limit=utils.loss_limit(num_classes), epoch=epoch,
+                                    kept=epoch, checkpoint=ckpt_path, retry=retry))
         train_loss, train_acc = all_mean([train_loss, train_acc], 1., device)
         if world > 1:  # DDP keeps rank 0's BN statistics at each forward; end the epoch with them everywhere
             for b in net.buffers():
@@ -261,20 +287,25 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         val_local = utils.evaluate(net, val_loader, criterion, device, amp_dtype=amp_dtype,
                                    channels_last=channels_last)
         val = all_mean(list(val_local), float(len(val_indices)), device)
+        # unreadable images skipped this epoch, summed over the processes
+        skipped = [round(v * world) for v in all_mean([float(train_data.skipped), float(val_data.skipped)], 1.,
+                                                       device)]
         seconds = time.time() - start
         logger.info(f'epoch {epoch + 1}/{args.epochs} lr {epoch_lr:.5f} (first step) train_loss '
                     f'{train_loss:.4f} train_acc {train_acc:.2f} val_loss {val[0]:.4f} top1 {val[1]:.2f} '
-                    f'top5 {val[2]:.2f} ({seconds:.0f}s)')
+                    f'top5 {val[2]:.2f} ({seconds:.0f}s; unreadable images skipped: {skipped[0]} train, '
+                    f'{skipped[1]} val)')
         if rank == 0:
             utils.append_jsonl(os.path.join(save, 'metrics.jsonl'), {
                 'epoch': epoch + 1, 'lr': epoch_lr, 'train_loss': train_loss, 'train_acc': train_acc,
-                'val_loss': val[0], 'top1': val[1], 'top5': val[2], 'seconds': seconds})
+                'val_loss': val[0], 'top1': val[1], 'top5': val[2], 'seconds': seconds,
+                'skipped_train': skipped[0], 'skipped_val': skipped[1]})
             utils.save_checkpoint({
                 'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label,
                 'genotype': genotype_json, 'num_classes': num_classes, 'global_batch': global_batch,
-                'args': vars(args),
-            }, os.path.join(save, 'checkpoint.pt'))
+                'args': vars(args), 'script': 'train_imagenet.py',
+            }, ckpt_path)
 
     if start_epoch >= args.epochs:  # resumed a finished run: report it again
         val = all_mean(list(utils.evaluate(net, val_loader, criterion, device, amp_dtype=amp_dtype,
@@ -299,6 +330,10 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     }
     utils.write_json(os.path.join(save, 'result.json'), result)
     logger.info(f'wrote {os.path.join(save, "result.json")}')
+    utils.report_run(logger, save, [
+        ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr, skipped images'),
+        ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'errors, weights, multiply-adds'),
+    ], [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started or time.time())
     print(f'final top1_error={result["top1_error"]:.2f} top5_error={result["top5_error"]:.2f} '
           f'params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}', flush=True)
     return result

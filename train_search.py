@@ -35,6 +35,12 @@ from genotypes import OP_SUBSETS
 from model_search import SPACES, Network, resolve_ops, search_space_size
 
 KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
+DEFAULT_SAVE = 'runs/search'
+DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
+# The flags that may change when a search resumes (README "Resume"); every other flag defines the run and
+# must match the checkpoint's. A learning rate takes effect from the resumed epoch.
+RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'data',
+                     'teacher', 'save', 'resume')
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
 
 # Per-method defaults of the flags whose argparse default is None (methods.md): the paper's values.
@@ -60,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
     p.add_argument('--batch_size', type=int, default=64,
                    help='images per step, each level (App. A); the global batch, split evenly under torchrun')
-    p.add_argument('--learning_rate', type=float, default=0.025, help='weights: SGD, cosine schedule')
+    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
+                   help='weights: SGD, cosine schedule')
     p.add_argument('--learning_rate_min', type=float, default=None,
                    help='end of the cosine schedule (default: the method\'s, see README)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
@@ -79,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--at_levels', default='both',
                    help='where AGS enters: both (Eq. 12 and 13) | weights (Eq. 12 only: "distillation only", Fig. 6)')
     p.add_argument('--teacher', default=None,
-                   help='teacher checkpoint (default: teachers/pyramidnet110_DATASET.pt, what teacher.py writes)')
+                   help='teacher checkpoint, or the teacher.py --save folder holding it (default: '
+                        'teachers/pyramidnet110_DATASET, where `teacher.py --dataset DATASET` writes)')
     p.add_argument('--seed', type=int, default=2, help='seeds weights, A, batches and augmentation (DARTS: 2)')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device (single process; under torchrun LOCAL_RANK picks)')
     p.add_argument('--sync_bn', action='store_true',
@@ -88,10 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--double', action='store_true', help='float64 weights and data (slow; exactness checks)')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
     p.add_argument('--workers', type=int, default=2, help='data-loading processes')
-    p.add_argument('--report_freq', type=int, default=50, help='steps between progress lines')
-    p.add_argument('--save', default='runs/search', help='output folder: log, search_log.jsonl, genotype.json, checkpoint')
+    p.add_argument('--report_freq', type=int, default=50,
+                   help='steps between progress lines (also every 30 s; 0: none)')
+    p.add_argument('--save', default=None,
+                   help='output folder: log, search_log.jsonl, genotype.json, checkpoint (default: runs/search, '
+                        'or the folder of --resume PATH)')
     p.add_argument('--resume', nargs='?', const='', default=None,
-                   help='continue from a checkpoint (default: SAVE/checkpoint.pt)')
+                   help='continue from a checkpoint (default: SAVE/checkpoint.pt); see RESUME_MAY_CHANGE')
     args = p.parse_args(argv)
     fill_method_defaults(args)
     return args
@@ -121,14 +132,11 @@ def check_args(args) -> None:
     if args.dataset not in utils.DATASETS:
         raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
     utils.check_image_size(args.dataset, getattr(args, 'image_size', 32))
-    if args.layers < 3:
-        raise utils.UserError(f'--layers {args.layers} is too few: the proxy network needs at least 3 cells '
-                              f'(two of them reduction cells)')
-    if args.lambda_at < 0 or not math.isfinite(args.lambda_at):
-        raise utils.UserError(f'--lambda_at must be a finite number >= 0, got {args.lambda_at}')
-    for flag in ('epochs', 'batch_size', 'init_channels', 'synthetic_size'):
-        if getattr(args, flag) < 1:
-            raise utils.UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    utils.check_flags(args, {'train_portion': utils.Range(0, 1, low_open=True, high_open=True)})
+    if args.learning_rate_min > args.learning_rate:
+        raise utils.UserError(f'--learning_rate_min {args.learning_rate_min:g} is above --learning_rate '
+                              f'{args.learning_rate:g}; the cosine schedule runs from the second down to the '
+                              f'first')
     METHODS[args.method].check_args(args)
 
 
@@ -265,6 +273,7 @@ class DartsMethod:
       end_epoch(epoch, val_loader, device) -> extra fields of the epoch's search_log.jsonl record
       importance() -> {name: rows x ops array}: what the log tables and visualize.py show
       genotype(), state_dict(), load_state_dict(state)
+    load_state_dict keeps the learning rates of this run's flags: --arch_learning_rate may change on resume.
     """
     name = 'darts'
     uses_val_batch = True
@@ -316,7 +325,11 @@ class DartsMethod:
         return {'arch_optimizer': self.architect.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.architect.optimizer.load_state_dict(state['arch_optimizer'])
+        optimizer = self.architect.optimizer
+        lr = optimizer.param_groups[0]['lr']  # --arch_learning_rate of this run (may change on resume)
+        optimizer.load_state_dict(state['arch_optimizer'])
+        for group in optimizer.param_groups:
+            group['lr'] = lr
 
 
 METHODS = {'darts': DartsMethod}
@@ -342,23 +355,10 @@ def search_step(model: Network, architect: Architect, optimizer, x_train, y_trai
 # The loop
 
 
-def check_finite(values: dict, epoch: int, step: int, has_checkpoint: bool) -> None:
-    """Stop on a non-finite loss, naming the epoch and step and what was kept."""
-    losses = {k: v for k, v in values.items() if k.endswith(('_ce', '_at'))}
-    if all(math.isfinite(v) for v in losses.values()):
-        return
-    kept = (f'the last checkpoint (epoch {epoch}) is kept' if has_checkpoint
-            else 'no checkpoint was written')
-    text = ', '.join(f'{k} {v:.4g}' for k, v in losses.items())
-    raise utils.NonFiniteLoss(
-        f'the search loss became non-finite at epoch {epoch + 1}, step {step + 1} ({text}) and '
-        f'{kept}: lower --learning_rate or --arch_learning_rate (or check the data) and start again '
-        f'or --resume')
-
-
 def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, device, dtype, epoch, logger,
-                 report_freq, has_checkpoint) -> dict:
-    """One epoch of method.step; the validation batches cycle if the validation part is shorter.
+                 report_freq, has_checkpoint, loss_limit=math.inf, checkpoint='', retry='') -> dict:
+    """One epoch of method.step; the validation batches cycle if the validation part is shorter. A loss
+    that is not finite or above `loss_limit` stops the run (utils.check_loss; `retry`: the advice's flags).
     Under torchrun the figures are the global batch's: the per-process sums are added in the one sync."""
     sums, counts = {}, {'train': 0, 'val': 0}
     progress = utils.Progress(len(train_loader), report_freq, logger, prefix=f'epoch {epoch + 1} ')
@@ -382,8 +382,9 @@ def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, d
         totals = utils.all_sum(local).tolist()  # the one sync
         sizes = dict(zip(sizes, totals[len(keys):]))
         step_sums = dict(zip(keys, totals))
-        check_finite({k: v / max(1., sizes[k.split('_')[0]]) for k, v in step_sums.items()}, epoch, step,
-                     has_checkpoint)
+        utils.check_loss({k: v / max(1., sizes[k.split('_')[0]]) for k, v in step_sums.items()
+                          if k.endswith(('_ce', '_at'))}, loss_limit, epoch=epoch, step=step,
+                         kept=epoch if has_checkpoint else 0, checkpoint=checkpoint, retry=retry)
         for half, n in sizes.items():
             counts[half] += n
         for k, v in step_sums.items():
@@ -410,6 +411,25 @@ def format_matrix(name: str, weights, ops, space: str) -> str:
     lines = [f'{name} (columns: {", ".join(ops)})']
     lines += [f'  {label:>7} ' + ' '.join(f'{v:.3f}' for v in row) for label, row in zip(labels, weights)]
     return '\n'.join(lines)
+
+
+def _choices(genotype) -> list:
+    """The choices a genotype makes, in order: each (op, input) of a first tier, each second-tier op."""
+    out = []
+    for cell in (genotype.normal, genotype.reduce):
+        for entry in cell:
+            if len(entry) == 2 and isinstance(entry[0], str):  # classic: (op, input)
+                out.append(tuple(entry))
+            else:  # heterogeneous block: (op_i, i), (op_j, j), op_second
+                out += [tuple(entry[0]), tuple(entry[1]), entry[2]]
+    return out
+
+
+def genotype_changes(old, new) -> tuple[int, int]:
+    """(choices that differ, choices) between two genotypes of one space: what a researcher scans for
+    from epoch to epoch (a search that still changes its mind, or one that has settled)."""
+    a, b = _choices(old), _choices(new)
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b)), max(len(a), len(b))
 
 
 def settings_of(args) -> dict:
@@ -465,23 +485,29 @@ def check_processes(args, world: int) -> None:
 
 
 def main(argv=None) -> None:
+    started = time.time()
     args = parse_args(argv)
     check_args(args)
     world, rank, local_rank = utils.dist_env()
     check_processes(args, world)
-    ckpt_path = os.path.join(args.save, 'checkpoint.pt')
-    args.resume = utils.resume_path(ckpt_path, args.resume)
+    # --resume PATH without --save goes on in the checkpoint's own folder
+    args.save, args.resume = utils.run_folder(args.save, args.resume, 'search', default=DEFAULT_SAVE)
     settings = settings_of(args)
-    ckpt = None
+    ckpt, changed = None, {}
     if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
+        ckpt = utils.load_resume(args.resume, 'train_search.py')
         for key, value in settings.items():
             utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
+        changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     data_stats = utils.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
     data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
                              image_size=args.image_size, stats=data_stats, augment=not args.no_augment)
     train_idx, val_idx = utils.search_split(len(data), args.train_portion)
+    if args.batch_size > min(len(train_idx), len(val_idx)):
+        raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_idx)} images that '
+                              f'train the weights (or the {len(val_idx)} that train A); use a smaller '
+                              f'--batch_size')
     teacher_net = None
     if args.lambda_at > 0:
         import teacher
@@ -491,14 +517,15 @@ def main(argv=None) -> None:
     if world > 1:
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
-        search(args, world, rank, device, ckpt, settings, data, data_stats, train_idx, val_idx, teacher_net)
+        search(args, world, rank, device, ckpt, changed, settings, data, data_stats, train_idx, val_idx,
+               teacher_net, started)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def search(args, world, rank, device, ckpt, settings, data, data_stats, train_idx, val_idx,
-           teacher_net) -> None:
+def search(args, world, rank, device, ckpt, changed, settings, data, data_stats, train_idx, val_idx,
+           teacher_net, started) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
     logger = utils.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0)
@@ -542,13 +569,23 @@ def search(args, world, rank, device, ckpt, settings, data, data_stats, train_id
         method.load_state_dict(ckpt['method'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
-        if rank == 0:
-            utils.trim_jsonl(log_path, start_epoch)
+        if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
+            utils.set_learning_rate(optimizer, scheduler, args.learning_rate)
+        dropped = utils.trim_jsonl(log_path, start_epoch) if rank == 0 else 0
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
+        if dropped:
+            logger.info('dropped %d line(s) of %s beyond the checkpoint (an epoch that was not saved, or a '
+                        'line cut short by a kill)', dropped, log_path)
+        if utils.describe_changes(changed, start_epoch):
+            logger.info(utils.describe_changes(changed, start_epoch))
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
     pin = device.type == 'cuda'
+    limit = utils.loss_limit(utils.num_classes(args.dataset, args.data))
+    retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
+    previous = (genotypes.from_json(json.dumps(ckpt['genotype']), args.resume)
+                if ckpt is not None and 'genotype' in ckpt else None)
     train_data = torch.utils.data.Subset(data, train_idx)
     val_data = torch.utils.data.Subset(data, val_idx)
     for epoch in range(start_epoch, args.epochs):
@@ -565,7 +602,8 @@ def search(args, world, rank, device, ckpt, settings, data, data_stats, train_id
         method.start_epoch(epoch)
         stats = search_epoch(method, optimizer, train_loader, val_loader, teacher=teacher_net, eta=lr,
                              device=device, dtype=dtype, epoch=epoch, logger=logger,
-                             report_freq=args.report_freq, has_checkpoint=epoch > 0)
+                             report_freq=args.report_freq, has_checkpoint=epoch > 0, loss_limit=limit,
+                             checkpoint=ckpt_path, retry=retry)
         scheduler.step()
         utils.broadcast_state(model)  # rank 0's BatchNorm statistics everywhere (they differ without sync)
         utils.log_unreadable(data, logger)
@@ -577,8 +615,14 @@ def search(args, world, rank, device, ckpt, settings, data, data_stats, train_id
         logger.info('epoch %d: %s  (%.1f s)', epoch + 1,
                     '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds)
         logger.info('genotype = %r', genotype)
-        for name, matrix in importance.items():
-            logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space))
+        if previous is not None:
+            changed_choices, choices = genotype_changes(previous, genotype)
+            logger.info('genotype: %d of %d choices (op or input) changed since epoch %d', changed_choices,
+                        choices, epoch)
+        previous = genotype
+        for name, matrix in importance.items():  # log.txt only: two tables an epoch would bury the summary
+            logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space),
+                        extra=utils.FILE_ONLY)
         if rank != 0:
             continue
         record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'method': args.method,
@@ -591,7 +635,7 @@ def search(args, world, rank, device, ckpt, settings, data, data_stats, train_id
                                'optimizer': optimizer.state_dict(), 'method': method.state_dict(),
                                'scheduler': scheduler.state_dict(), 'settings': settings,
                                'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args),
-                               'data_stats': data_stats},
+                               'data_stats': data_stats, 'script': 'train_search.py'},
                               ckpt_path)
 
     if world > 1:  # each process's own word that it ends with the architecture of every other
@@ -608,8 +652,18 @@ def search(args, world, rank, device, ckpt, settings, data, data_stats, train_id
                      {'kind': 'search', 'method': args.method, 'space': args.space, 'dataset': args.dataset,
                       'seed': args.seed, 'epochs': args.epochs, 'settings': settings, **cost,
                       'genotype': json.loads(genotypes.to_json(genotype))})
+    genotype_path = os.path.join(args.save, 'genotype.json')
     logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
-                args.space, os.path.join(args.save, 'genotype.json'), genotype)
+                args.space, genotype_path, genotype)
+    utils.report_run(logger, args.save, [
+        ('log.txt', 'the log, with the importance tables of every epoch'),
+        ('search_log.jsonl', 'one record per epoch: losses, accuracies, importance, genotype'),
+        ('genotype.json', 'the derived cell'),
+        ('checkpoint.pt', 'the last epoch (--resume)'),
+        ('result.json', 'settings, search cost, genotype'),
+    ], [f'python visualize.py {args.save}    (draw the cells and the importance over the epochs)',
+        f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the cell)'],
+        started)
 
 
 def arch_checksum(model, importance: dict) -> str:

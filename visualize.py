@@ -38,6 +38,13 @@ KIND_STYLE = {'feature': 'solid', 'attention': 'dashed', 'dynamic': 'bold', 'non
 # Arrowheads echo the paper's operators: (+) features, (.) attention, (x) dynamic convolution.
 KIND_ARROW = {'feature': 'normal', 'attention': 'odot', 'dynamic': 'odiamond', 'none': 'normal'}
 KIND_SYMBOL = {'feature': '&#8853;', 'attention': '&#8857;', 'dynamic': '&#8855;'}
+# Legend glyphs drawn like the edges they explain: line style (solid, dashed, bold) and arrowhead (filled
+# triangle, open circle, open diamond), in box-drawing and geometric-shape characters.
+KIND_GLYPH = {'feature': '&#9472;&#9472;&#9472;&#9654;', 'attention': '&#9548;&#9548;&#9548;&#9675;',
+              'dynamic': '&#9473;&#9473;&#9473;&#9671;'}
+KIND_MEANING = {'feature': 'feature op (outputs added, &#8853;)',
+                'attention': 'attention op (multiplies, &#8857;)',
+                'dynamic': 'dynamic kernel (convolves, &#8855;)'}
 INPUT_FILL, SURROGATE_FILL, NODE_FILL, OUTPUT_FILL = 'darkseagreen2', 'gray92', 'lightblue', 'palegoldenrod'
 SEARCH_LOG = 'search_log.jsonl'
 
@@ -52,43 +59,61 @@ def _edge(src: str, dst: str, op: str) -> str:
             f'style={KIND_STYLE[kind]}, arrowhead={KIND_ARROW[kind]}];')
 
 
-def _title(text: str, kinds) -> str:
-    """An HTML-like graph label: the title over a legend of the op kinds the cell uses."""
+def _title(text: str, kinds, surrogate: bool = False) -> str:
+    """An HTML-like graph label: the title over a legend of the op kinds the cell uses, each with a glyph
+    drawn like its edges, and (heterogeneous cells) what the surrogate node k' is."""
     shown = [k for k in ('feature', 'attention', 'dynamic') if k in kinds]
-    cells = ''.join(f'<td><font color="{KIND_COLOR[k]}">{KIND_SYMBOL[k]} {k}</font></td>' for k in shown)
-    return (f'<<table border="0" cellspacing="4"><tr><td colspan="{len(shown)}">{text}</td></tr>'
-            f'<tr>{cells}</tr></table>>')
+    cells = ''.join(f'<td><font color="{KIND_COLOR[k]}">{KIND_GLYPH[k]} {KIND_MEANING[k]}</font></td>'
+                    for k in shown)
+    rows = f'<tr><td colspan="{len(shown)}">{text}</td></tr><tr>{cells}</tr>'
+    if surrogate:
+        rows += (f'<tr><td colspan="{len(shown)}"><table border="0" cellspacing="2"><tr>'
+                 f'<td border="1" style="rounded" bgcolor="{SURROGATE_FILL}">k\'</td>'
+                 f'<td>surrogate node of block k: its first tier (two ops from earlier nodes) meets here; '
+                 f'the edge k\' &#8594; k is its second tier</td></tr></table></td></tr>')
+    return f'<<table border="0" cellspacing="4">{rows}</table>>'
 
 
 def cell_dot(cell, name: str = 'normal') -> str:
-    """DOT text of one cell (a classic list of (op, input) pairs or NOS blocks); GenotypeError if malformed."""
+    """DOT text of one cell (a classic list of (op, input) pairs or NOS blocks); GenotypeError if malformed.
+
+    The inputs come first (c_{k-2} above c_{k-1}), then the blocks in order, left to right (invisible
+    edges pin each block's node before the next block's), then the output c_k; an op's label sits at the
+    middle of its edge, so the labels of long edges from the inputs spread along them.
+    """
     blocks = to_blocks(cell, name)
     classic = is_classic(list(cell))
     lines = [f'digraph {name} {{',
-             '  rankdir=LR;',
+             '  rankdir=LR; nodesep=0.35; ranksep=0.45; newrank=true;',
              ('  node [shape=rect, style="rounded,filled", fontname=helvetica, fontsize=16, height=0.5, '
               'width=0.5, penwidth=2];'),
              '  edge [fontname=helvetica, fontsize=12, penwidth=1.5];',
-             f'  "0" [label="0: c_{{k-2}}", fillcolor={INPUT_FILL}];',
-             f'  "1" [label="1: c_{{k-1}}", fillcolor={INPUT_FILL}];']
+             f'  "0" [label=<0: c<sub>k-2</sub>>, fillcolor={INPUT_FILL}];',
+             f'  "1" [label=<1: c<sub>k-1</sub>>, fillcolor={INPUT_FILL}];',
+             '  { rank=same; "0" -> "1" [style=invis]; }']
     kinds = set()
+    previous = '1'
     for k, ((op_i, i), (op_j, j), op_s) in enumerate(blocks):
         node = str(k + 2)
         lines.append(f'  "{node}" [fillcolor={NODE_FILL}];')
         if classic:  # DARTS's drawing: both edges straight into the node
+            lines.append(f'  "{previous}" -> "{node}" [style=invis, weight=10];')  # blocks in order
             lines += [_edge(str(i), node, op_i), _edge(str(j), node, op_j)]
             kinds.update(op_kind(op) for op in (op_i, op_j))
+            previous = node
             continue
         surrogate = f"{node}'"
         # first tier (Eq. 2-5) into the surrogate node k', second tier (Eq. 6-9) from k' to k
         lines.append(f'  "{surrogate}" [shape=ellipse, fillcolor={SURROGATE_FILL}];')
+        lines.append(f'  "{previous}" -> "{surrogate}" [style=invis, weight=10];')  # blocks in order
         lines += [_edge(str(i), surrogate, op_i), _edge(str(j), surrogate, op_j), _edge(surrogate, node, op_s)]
         kinds.update(op_kind(op) for op in (op_i, op_j, op_s))
-    lines.append(f'  "c_{{k}}" [fillcolor={OUTPUT_FILL}];')
+        previous = node
+    lines.append(f'  "c_{{k}}" [label=<c<sub>k</sub>>, fillcolor={OUTPUT_FILL}];')
     lines += [f'  "{k + 2}" -> "c_{{k}}" [color=gray50];' for k in range(len(blocks))]
     kind_label = 'classic DARTS cell' if classic else 'heterogeneous operator cell'
     lines += ['  labelloc=t; fontname=helvetica; fontsize=18;',
-              f'  label={_title(f"{name} cell ({kind_label})", kinds)};', '}']
+              f'  label={_title(f"{name} cell ({kind_label})", kinds, surrogate=not classic)};', '}']
     return '\n'.join(lines) + '\n'
 
 
@@ -133,6 +158,8 @@ def read_search_log(path: str) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                if not line.endswith('\n'):  # the last line, still being written by a running search
+                    break
                 raise UserError(f'{path} line {n} is not valid JSON; the file is damaged (a search writes one '
                                 f'JSON object per epoch)') from None
             missing = {'epoch', 'primitives', 'alphas_normal', 'alphas_reduce'} - set(rec)
@@ -223,6 +250,20 @@ OP_COLOR = {'sep_conv_3x3': '#1f77b4', 'sep_conv_5x5': '#17becf', 'dil_conv_3x3'
             'skip_connect': '#7f7f7f', 'none': '#000000', 'spatial_attention': '#ff7f0e',
             'channel_attention': '#d62728', 'dynamic_conv_3x3': '#2ca02c', 'dynamic_conv_5x5': '#006400'}
 KIND_LINE = {'feature': '-', 'none': ':', 'attention': '--', 'dynamic': '-.'}
+# The heatmaps of softmax(A) use a diverging scale centred on 1/|ops|, the uniform weight every row starts
+# at: white is "no preference yet", red above uniform, blue below. A scale from 0 to the maximum would paint
+# a young or small search, all of whose weights are near 1/|ops|, one flat colour.
+HEATMAP_CMAP = 'RdBu_r'
+
+
+def heatmap_norm(weights, n_ops: int):
+    """The colour scale of the heatmaps: centred on 1/n_ops, symmetric, spanning the largest deviation from
+    it over all the epochs shown (so panels compare), never narrower than 1e-6."""
+    import numpy as np
+    from matplotlib.colors import CenteredNorm
+    centre = 1. / n_ops
+    halfrange = max(float(np.abs(np.asarray(weights) - centre).max()), 1e-6)
+    return CenteredNorm(vcenter=centre, halfrange=halfrange)
 
 
 def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
@@ -266,11 +307,11 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
         nrows = math.ceil(len(show) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1.6, 3.6 * nrows + 1.4), sharex=True,
                                  sharey=True, squeeze=False, layout='constrained')
-        vmax = float(weights.max())
+        norm = heatmap_norm(weights[show], len(primitives))
         for ax in axes.flat[len(show):]:
             ax.axis('off')
         for n, (ax, e) in enumerate(zip(axes.flat, show)):
-            im = ax.imshow(weights[e], cmap='viridis', vmin=0, vmax=vmax, aspect='auto')
+            im = ax.imshow(weights[e], cmap=HEATMAP_CMAP, norm=norm, aspect='auto', interpolation='nearest')
             ax.set_title(f'epoch {epochs[e]}', fontsize=10)
             ax.set_xticks(range(len(primitives)))
             ax.set_yticks(range(len(rows)))
@@ -283,10 +324,11 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
                     tick.set_color(KIND_COLOR[op_kind(op)])
             if e == len(records) - 1:
                 for r, c in chosen:
-                    ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.5))
-        fig.colorbar(im, ax=axes, shrink=0.5, label='softmax weight')
+                    ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='black', lw=1.8))
+        fig.colorbar(im, ax=axes, shrink=0.5,
+                     label=f'softmax weight (white: uniform, 1/{len(primitives)} = {1 / len(primitives):.4f})')
         fig.suptitle(f'{cell} cell: softmax(A), edges (rows) x ops (columns)'
-                     + ('; red boxes: the derived cell' if chosen else ''))
+                     + ('; black boxes: the derived cell' if chosen else ''))
         path = os.path.join(out, f'alphas_{cell}.{fmt}')
         fig.savefig(path, dpi=130)
         plt.close(fig)
@@ -337,6 +379,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     genotype, records, default_out = load_input(args.genotype)
     out = args.out or default_out
+    utils.check_folder(out, '--out')
     dots = genotype_dots(genotype)
     os.makedirs(out, exist_ok=True)
     for name, text in dots.items():
