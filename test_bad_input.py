@@ -70,6 +70,8 @@ NUMBERS = [
       for s in ('search', 'cifar', 'teacher') for v in ('0', '1000000000')],
     *[case(s, ['--grad_clip', '-1'], '--grad_clip must be at least 0', '0 turns clipping off')
       for s in ('search', 'cifar', 'imagenet')],
+    *[case(s, ['--image_size', v], '--image_size applies to --dataset folder only')
+      for s in ('search', 'cifar', 'teacher') for v in ('-4', '64')],
     # network sizes
     *[case(s, ['--layers', v], '--layers must be in [3, 100]', 'two reduction cells')
       for s in ('search', 'cifar', 'imagenet', 'bench') for v in ('-1', '1', '2', '1000')],
@@ -225,7 +227,7 @@ def test_every_numeric_flag_is_covered():
     """Each numeric flag of every script has a range (utils.FLAG_RANGES or the script's own)."""
     covered = set(utils.FLAG_RANGES) | {'train_portion', 'warmup_epochs', 'label_smooth', 'depth', 'alpha',
                                         'lr_milestones', 'lr_gamma', 'iters', 'warmup', 'retrain_batch_size',
-                                        'teacher_depth'}
+                                        'teacher_depth', 'image_size'}  # image_size: utils.check_image_size
     parsers = {'search': train_search.parse_args, 'cifar': train_cifar.build_parser().parse_args,
                'imagenet': train_imagenet.build_parser().parse_args, 'teacher': teacher.parse_args,
                'bench': bench_search.parse_args}
