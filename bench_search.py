@@ -12,6 +12,11 @@ One search iteration is what `train_search.py` runs per batch: the architecture 
 step (Eq. 12), each a forward, a backward and an optimizer step. Inputs are random tensors already on the
 device, so data loading is not timed. Every row reports the median over `--iters` iterations after
 `--warmup`, and the peak memory on CUDA.
+
+`--agnas` adds a separate table on the DARTS space (`--agnas_only`: that table alone), its three rows timed
+in turn within each iteration: a `darts`-method iteration (first order, no AGS), an AGNAS step (one forward, backward and SGD step on a training batch;
+agnas.md §3) and one batch of AGNAS's importance pass (eval mode, no_grad; run over the validation half after
+every epoch). An AGNAS epoch costs about one step plus one importance batch per training batch.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+import agnas
 import genotypes
 import utils
 from model import NetworkCIFAR
@@ -39,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--teacher_depth', type=int, default=110, help='PyramidNet depth of the AGS teacher')
     p.add_argument('--iters', type=int, default=30, help='timed iterations per row (median reported)')
     p.add_argument('--warmup', type=int, default=5, help='untimed iterations first')
+    p.add_argument('--agnas', action='store_true', help='also time AGNAS against the darts method (own table)')
+    p.add_argument('--agnas_only', action='store_true', help='time only the AGNAS table')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
     return p.parse_args(argv)
@@ -98,6 +106,70 @@ def retrain_row(batch: int, amp: bool, args, device) -> tuple[float, float]:
     return timed(step, device, args.warmup, args.iters)
 
 
+def interleaved(fns, device, warmup: int, iters: int) -> list[tuple[float, float]]:
+    """Like `timed` for several functions, run in turn within each iteration, so that a shared machine's
+    changing load hits all of them alike and their ratio holds. [(median seconds, peak GiB or nan)]."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    peaks = [0.] * len(fns)
+    for _ in range(iters):
+        for i, fn in enumerate(fns):
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - t)
+            if device.type == 'cuda':
+                peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device) / 2**30)
+    return [(statistics.median(t), p if device.type == 'cuda' else float('nan')) for t, p in zip(times, peaks)]
+
+
+def agnas_rows(batch: int, args, device) -> list[tuple]:
+    """(what, batch, seconds, peak GiB) on the DARTS space, timed in turn (`interleaved`): the darts-method
+    iteration (the baseline), the AGNAS step and one batch of AGNAS's importance pass."""
+    x, xv = torch.randn(2, batch, 3, 32, 32, device=device)
+    y, yv = torch.randint(10, (2, batch), device=device)
+    torch.manual_seed(0)
+    darts = Network(args.init_channels, 10, args.layers, space='darts').to(device)
+    darts_opt = torch.optim.SGD(darts.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    architect = Architect(darts, momentum=0.9, weight_decay=3e-4, arch_learning_rate=6e-4, arch_weight_decay=1e-3)
+    torch.manual_seed(0)
+    model = agnas.build_network(args.init_channels, 10, args.layers, nn.CrossEntropyLoss(), space='darts')
+    model.to(device)
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    method = agnas.AGNASMethod(model, argparse.Namespace(lambda_at=0., grad_clip=5., stage_cell='first'))
+
+    def darts_iteration():
+        search_step(darts, architect, darts_opt, x, y, xv, yv, eta=0.025)['train_ce'].item()
+
+    def agnas_step():
+        method.step(x, y, None, None, None, 0.025, optimizer)['train_ce'].item()
+
+    def importance_batch():
+        agnas.importance_pass(model, [(xv, yv)], device)
+
+    (base, base_peak), (t, peak), (t_imp, peak_imp) = interleaved(
+        [darts_iteration, agnas_step, importance_batch], device, args.warmup, args.iters)
+    return [('darts method, 1st order, no AGS', batch, base, base_peak),
+            ('agnas step', batch, t, peak),
+            ('agnas importance pass, 1 batch', batch, t_imp, peak_imp)]
+
+
+def print_agnas_table(args, device) -> None:
+    print(f'AGNAS vs the darts method, DARTS space, {args.layers} cells / {args.init_channels} ch')
+    print(f'{"what":32} {"batch":>5} {"ms/iter":>9} {"images/s":>9} {"peak GiB":>9} {"vs darts":>9}')
+    for batch in args.batch_size:
+        rows = agnas_rows(batch, args, device)
+        base = rows[0][2]
+        for what, b, t, peak in rows:
+            images = b * (2 if what.startswith('darts') else 1)  # darts reads a train and a val batch
+            print(f'{what:32} {b:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} {t / base:8.2f}x')
+
+
 def main(argv=None):
     args = parse_args(argv)
     utils.check_flags(args, {'iters': utils.Range(1), 'warmup': utils.Range(0),
@@ -109,6 +181,8 @@ def main(argv=None):
     device = utils.get_device(args.gpu, args.device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+    if args.agnas_only:
+        return print_agnas_table(args, device)
     teacher = PyramidNet(args.teacher_depth, 84, 10, True).to(device).eval().requires_grad_(False)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
     print(f'device: {name}; torch {torch.__version__}; search net {args.layers} cells / {args.init_channels} '
@@ -134,6 +208,9 @@ def main(argv=None):
         images = batch * (2 if stage == 'search' else 1)  # a search iteration consumes a train and a val batch
         print(f'{stage:8} {space:12} {path:22} {batch:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} '
               f'{ratio:>9}')
+    if args.agnas:
+        print()
+        print_agnas_table(args, device)
 
 
 if __name__ == '__main__':

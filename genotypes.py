@@ -10,6 +10,9 @@ A cell list takes one of two forms (spec §5):
 Inputs are node indices: 0 and 1 are the cell's two inputs, 2.. the inner nodes before this block.
 A classic cell is the heterogeneous special case whose second-tier op is skip_connect.
 
+`StagedGenotype` (AGNAS) holds a different normal cell per stage and one cell per reduction; model.py asks
+`cell_genotype(genotype, i, layers)` for the plain Genotype of cell i, whatever the form.
+
 This module imports no torch: edit it, paste genotypes into it and validate them anywhere.
 """
 from __future__ import annotations
@@ -114,6 +117,72 @@ NOS_EXAMPLE = Genotype(
     reduce_concat=[2, 3, 4, 5])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Staged genotypes (AGNAS, ../shared/spec/agnas.md §2, §5, §7): one normal cell per stage and one reduction
+# cell per reduction, independent of depth. The two reduction cells split a network into three stages
+# (reductions at layers//3 and 2*layers//3, as everywhere here); every normal cell of stage s builds
+# normal[s], reduction cell r builds reduce[r]. Each cell is a classic or a heterogeneous cell as above.
+StagedGenotype = namedtuple('StagedGenotype', 'normal normal_concat reduce reduce_concat')
+STAGES = 3       # normal cells of a staged genotype: one per stage
+REDUCTIONS = 2   # reduction cells of a staged genotype
+
+# AGNAS (Sun et al., ICML 2022), the authors' released CIFAR-10 cells (agnas.md §5, verbatim): the first
+# normal cell of each stage of the 8-cell supernet (cells 0, 3, 6) and its reduction cells (2, 5).
+# NetworkCIFAR(36, 10, 20, True, AGNAS): 3,611,998 weights without the auxiliary tower.
+AGNAS = StagedGenotype(
+    normal=[
+        # Cell_0 (stage 1)
+        [('sep_conv_3x3', 0), ('dil_conv_3x3', 1), ('dil_conv_5x5', 0), ('skip_connect', 1),
+         ('sep_conv_3x3', 0), ('sep_conv_5x5', 3), ('dil_conv_5x5', 0), ('sep_conv_3x3', 3)],
+        # Cell_3 (stage 2)
+        [('skip_connect', 0), ('sep_conv_3x3', 1), ('dil_conv_5x5', 0), ('sep_conv_3x3', 1),
+         ('dil_conv_3x3', 0), ('sep_conv_5x5', 1), ('sep_conv_3x3', 1), ('dil_conv_5x5', 4)],
+        # Cell_6 (stage 3)
+        [('skip_connect', 0), ('dil_conv_5x5', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1),
+         ('sep_conv_5x5', 0), ('max_pool_3x3', 2), ('sep_conv_5x5', 0), ('sep_conv_3x3', 1)]],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        # Cell_2 (first reduction)
+        [('max_pool_3x3', 0), ('sep_conv_5x5', 1), ('skip_connect', 0), ('sep_conv_5x5', 1),
+         ('max_pool_3x3', 0), ('skip_connect', 1), ('sep_conv_5x5', 0), ('sep_conv_3x3', 1)],
+        # Cell_5 (second reduction)
+        [('skip_connect', 1), ('skip_connect', 0), ('dil_conv_3x3', 1), ('dil_conv_3x3', 0),
+         ('avg_pool_3x3', 0), ('max_pool_3x3', 1), ('avg_pool_3x3', 0), ('max_pool_3x3', 1)]],
+    reduce_concat=[2, 3, 4, 5])
+
+
+def staged_cell_names(kind: str) -> list[str]:
+    """How errors and drawings name the cells of a staged genotype: 'normal cell 1 (stage 1)', ..."""
+    if kind == 'normal':
+        return [f'normal cell {s + 1} (stage {s + 1})' for s in range(STAGES)]
+    return [f'reduce cell {r + 1} (reduction {r + 1})' for r in range(REDUCTIONS)]
+
+
+def validate_staged(genotype: StagedGenotype) -> StagedGenotype:
+    """Check every cell of a staged genotype; the message names which cell and why."""
+    fields = {}
+    for kind, count in (('normal', STAGES), ('reduce', REDUCTIONS)):
+        cells = getattr(genotype, kind)
+        what = 'one per stage' if kind == 'normal' else 'one per reduction'
+        if (not isinstance(cells, (list, tuple)) or not all(isinstance(c, (list, tuple)) for c in cells)
+                or is_classic(cells)):
+            raise GenotypeError(f'a staged genotype\'s {kind} must be a list of {count} cells ({what}), each a '
+                                f'list of (op, input) pairs or blocks; got {cells!r:.80}')
+        if len(cells) != count:
+            raise GenotypeError(f'a staged genotype needs {count} {kind} cells ({what}), got {len(cells)}')
+        out = []
+        for cell, name in zip(cells, staged_cell_names(kind)):
+            blocks = to_blocks(cell, name)
+            out.append([pair for b in blocks for pair in b[:2]] if is_classic(list(cell)) else blocks)
+        fields[kind] = out
+        concat = list(getattr(genotype, kind + '_concat'))
+        if concat != CONCAT:
+            raise GenotypeError(f'{kind}_concat must be {CONCAT} (the outputs of the {STEPS} blocks), '
+                                f'got {concat}')
+        fields[kind + '_concat'] = concat
+    return StagedGenotype(**fields)
+
+
 def edge_names(two_tier: bool = True, steps: int = STEPS) -> list[str]:
     """Names of the rows of a search network's A, in its edge order (spec §2): first-tier edges
     'i->k\'' into surrogate node k' (DARTS order), then second-tier edges 'k\'->k'; DARTS's single
@@ -176,6 +245,8 @@ def _pair(pair, cell_name, k):
 
 def validate(genotype: Genotype) -> Genotype:
     """Check both cells; returns the genotype (with tuples, not lists) or raises GenotypeError."""
+    if isinstance(genotype, StagedGenotype):  # staged form (AGNAS)
+        return validate_staged(genotype)
     if not isinstance(genotype, Genotype):
         raise GenotypeError(f'expected a Genotype(normal, normal_concat, reduce, reduce_concat), got '
                             f'{type(genotype).__name__}')
@@ -206,10 +277,18 @@ def cell_genotype(genotype, i: int, layers: int) -> Genotype:
     """
     if isinstance(genotype, Genotype):
         return genotype
+    if isinstance(genotype, StagedGenotype):  # staged form (AGNAS): the cell of i's stage or reduction
+        reductions = reduction_layers(layers)
+        stage = sum(i > r for r in reductions)  # 0 before the first reduction cell, 1 between, 2 after
+        r = reductions.index(i) if i in reductions else min(stage, REDUCTIONS - 1)
+        return Genotype(normal=genotype.normal[min(stage, STAGES - 1)], normal_concat=genotype.normal_concat,
+                        reduce=genotype.reduce[r], reduce_concat=genotype.reduce_concat)
     raise GenotypeError(f'expected a genotype, got {type(genotype).__name__}')
 
 
 def to_json(genotype: Genotype) -> str:
+    if isinstance(genotype, StagedGenotype):  # staged form (AGNAS): marked, so from_json knows it
+        return json.dumps({'staged': True, **genotype._asdict()}, indent=1)
     return json.dumps(genotype._asdict(), indent=1)
 
 
@@ -219,6 +298,8 @@ def from_json(text: str, source: str = 'genotype') -> Genotype:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise GenotypeError(f'{source} is not valid JSON: {e}') from None
+    if isinstance(data, dict) and data.get('staged') is True:  # staged form (AGNAS)
+        return _staged_from_dict(data, source)
     if not isinstance(data, dict) or set(data) != set(Genotype._fields):
         raise GenotypeError(f'{source} must be a JSON object with the keys {", ".join(Genotype._fields)}')
 
@@ -229,6 +310,22 @@ def from_json(text: str, source: str = 'genotype') -> Genotype:
              for k in ('normal', 'reduce')}
     return validate(Genotype(normal=cells['normal'], normal_concat=data['normal_concat'],
                              reduce=cells['reduce'], reduce_concat=data['reduce_concat']))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def _staged_from_dict(data: dict, source: str) -> StagedGenotype:
+    """The staged form of from_json: {"staged": true, "normal": [3 cells], ..., "reduce": [2 cells], ...}."""
+    keys = {'staged', *StagedGenotype._fields}
+    if set(data) != keys:
+        raise GenotypeError(f'{source}: a staged genotype must be a JSON object with the keys '
+                            f'{", ".join(sorted(keys))}')
+    cells = {k: [[_tuplify(e) for e in c] if isinstance(c, list) else c for c in data[k]]
+             if isinstance(data[k], list) else data[k] for k in ('normal', 'reduce')}
+    return validate_staged(StagedGenotype(normal=cells['normal'], normal_concat=data['normal_concat'],
+                                          reduce=cells['reduce'], reduce_concat=data['reduce_concat']))
 
 
 def save(genotype: Genotype, path: str) -> None:
@@ -298,7 +395,7 @@ def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
     if seed is not None:
         return random_genotype(seed)
     g = globals().get(arch)
-    if not isinstance(g, Genotype):
-        names = sorted(k for k, v in globals().items() if isinstance(v, Genotype))
+    if not isinstance(g, (Genotype, StagedGenotype)):
+        names = sorted(k for k, v in globals().items() if isinstance(v, (Genotype, StagedGenotype)))
         raise GenotypeError(f'no genotype named {arch!r} in genotypes.py; known: {", ".join(names)}')
     return validate(g)

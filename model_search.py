@@ -15,6 +15,13 @@ paper's space-generality experiment and side-by-side comparison.
 The architecture matrices are nn.Parameters named `alphas_normal` / `alphas_reduce`, so state_dict() and
 .to() carry them; `weights()` returns every other parameter and `arch_parameters()` the two matrices.
 `utils.count_params` leaves out `arch_parameters()`, so it reports the weight count as DARTS does.
+
+`Network(..., method='agnas', mixed_op=agnas.AttentionMixedOp)` is AGNAS's supernet (../shared/spec/agnas.md
+§7): the same cells, each edge gated by its own attention module instead of a softmax over A, so it has no
+architecture parameters. The gated edge lives in agnas.py (this file never imports a method file): the cells
+take a mixed-op factory, and `agnas.build_network` passes the gated one. The Network collects each edge's
+mean gates (`reset_importance`, `importance`) and derives one cell per supernet cell (`cell_genotypes`) and a
+staged genotype from them (`genotype(stage_cell)`, `staged_genotype`).
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ from operations import OPS, FactorizedReduce, ReLUConvBN, calibrate
 
 SPACES = ('nos', 'darts')
 ARCH_NAMES = ('alphas_normal', 'alphas_reduce')
+NETWORK_METHODS = ('darts', 'agnas')  # 'agnas': gated edges, no A (agnas.md §7)
+STAGE_CELLS = ('first', 'last', 'mean')  # which normal cell of a stage a staged genotype takes (agnas.md §6.6)
 
 
 def resolve_ops(space: str = 'nos', ops=None) -> list[str]:
@@ -97,9 +106,13 @@ def _add(a, b):
 
 
 class _CellBase(nn.Module):
-    """DARTS's cell frame: preprocessing of the two inputs (affine=False) and the first-tier edges."""
+    """DARTS's cell frame: preprocessing of the two inputs (affine=False) and the first-tier edges.
 
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops):
+    `mixed_op(C, stride, ops)` builds each edge: MixedOp, or a method's own edge (agnas.AttentionMixedOp).
+    """
+
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops,
+                 mixed_op=MixedOp):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
@@ -113,7 +126,7 @@ class _CellBase(nn.Module):
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride, ops))
+                self._ops.append(mixed_op(C, stride, ops))
 
 
 class DartsCell(_CellBase):
@@ -140,9 +153,10 @@ class NOSCell(_CellBase):
     reduced F in `calibrate` (Eq. 5).
     """
 
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops):
-        super().__init__(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops)
-        self._second = nn.ModuleList(MixedOp(C, 1, ops) for _ in range(steps))
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops,
+                 mixed_op=MixedOp):
+        super().__init__(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops, mixed_op)
+        self._second = nn.ModuleList(mixed_op(C, 1, ops) for _ in range(steps))
         self._num_first = len(self._ops)
 
     def forward(self, s0, s1, weights):
@@ -163,16 +177,34 @@ class NOSCell(_CellBase):
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
+class AGNASCell(DartsCell):
+    """AGNAS's search cell (agnas.md §1): DARTS's cell whose edges gate themselves (built with
+    agnas.AttentionMixedOp), so its forward takes no weights."""
+
+    def forward(self, s0, s1):
+        return super().forward(s0, s1, [None] * len(self._ops))
+
+
+class AGNASNOSCell(NOSCell):
+    """The heterogeneous cell with gated edges (agnas.md §8, this repo's own, experimental): NOS's forward
+    unchanged, every first- and second-tier edge's softmax weights replaced by its own gates."""
+
+    def forward(self, s0, s1):
+        return super().forward(s0, s1, [None] * (len(self._ops) + len(self._second)))
+
+
 class Network(nn.Module):
     """The search network (DARTS's signature first).
 
     C: initial channels; layers: cells, reductions at layers//3 and 2*layers//3 (needs layers >= 3);
     space: 'nos' (heterogeneous cell over `ops`) or 'darts' (DARTS's search network);
-    ops: None (all of the space's primitives), a key of genotypes.OP_SUBSETS, or a list of primitives.
+    ops: None (all of the space's primitives), a key of genotypes.OP_SUBSETS, or a list of primitives;
+    method: 'darts' (softmax over A) or 'agnas' (gated edges built by `mixed_op`, no A; see agnas.py).
     """
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
-                 multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None):
+                 multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None,
+                 method: str = 'darts', mixed_op=None):
         super().__init__()
         if layers < 3:
             raise ValueError(f'the search network needs at least 3 cells (two of them reduction cells), '
@@ -186,7 +218,16 @@ class Network(nn.Module):
         self._stem_multiplier = stem_multiplier
         self.space = space
         self.ops = resolve_ops(space, ops)
+        if method not in NETWORK_METHODS:
+            raise ValueError(f'unknown method {method!r}; valid methods: {", ".join(NETWORK_METHODS)}')
+        if method == 'agnas' and mixed_op is None:
+            raise ValueError("method='agnas' needs its gated edge: build it with agnas.build_network, or pass "
+                             "mixed_op=agnas.AttentionMixedOp")
+        self.method = method
+        self._mixed_op = mixed_op
         cell_cls = NOSCell if space == 'nos' else DartsCell
+        if method == 'agnas':
+            cell_cls = AGNASNOSCell if space == 'nos' else AGNASCell
 
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
@@ -201,7 +242,7 @@ class Network(nn.Module):
             if reduction:
                 C_curr *= 2
             self.cells.append(cell_cls(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                                       reduction_prev, self.ops))
+                                       reduction_prev, self.ops, mixed_op or MixedOp))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         # Attention-transfer stages (spec §6): the last cell before each reduction cell, and the last cell.
@@ -209,12 +250,15 @@ class Network(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
-        k = sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0)
-        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
-        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
+        if method != 'agnas':  # AGNAS has no architecture parameters: the gates decide (agnas.md §3)
+            k = sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0)
+            self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
+            self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
 
     # -- parameters ---------------------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
+        if self.method == 'agnas':
+            return []
         return [self.alphas_normal, self.alphas_reduce]
 
     def weights(self) -> list[nn.Parameter]:
@@ -224,8 +268,9 @@ class Network(nn.Module):
     def new(self) -> Network:
         """A fresh network of the same structure on the same device, holding a copy of the alphas."""
         model_new = Network(self._C, self._num_classes, self._layers, self._criterion, self._steps,
-                            self._multiplier, self._stem_multiplier, self.space, self.ops)
-        model_new.to(self.alphas_normal.device)
+                            self._multiplier, self._stem_multiplier, self.space, self.ops, self.method,
+                            self._mixed_op)
+        model_new.to(next(self.parameters()).device)
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
                 x.copy_(y)
@@ -237,12 +282,13 @@ class Network(nn.Module):
 
     def forward_stages(self, x: torch.Tensor):
         """(logits, [s1, s2, s3]): the outputs of the cells that pair with the teacher's three stages."""
-        w_normal = F.softmax(self.alphas_normal, dim=-1)
-        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        gated = self.method == 'agnas'  # AGNAS's edges weight themselves
+        w_normal = None if gated else F.softmax(self.alphas_normal, dim=-1)
+        w_reduce = None if gated else F.softmax(self.alphas_reduce, dim=-1)
         s0 = s1 = self.stem(x)
         stages = []
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            s0, s1 = s1, (cell(s0, s1) if gated else cell(s0, s1, w_reduce if cell.reduction else w_normal))
             if i in self.stage_layers:
                 stages.append(s1)
         out = self.global_pooling(s1)
@@ -257,7 +303,10 @@ class Network(nn.Module):
         return tuple(F.softmax(a.detach().float(), dim=-1).cpu().double().numpy()
                      for a in self.arch_parameters())
 
-    def genotype(self) -> Genotype:
+    def genotype(self, stage_cell: str = 'first', importance=None) -> Genotype | genotypes.StagedGenotype:
+        """The derived genotype; under method 'agnas' the staged one (see `staged_genotype`)."""
+        if self.method == 'agnas':
+            return self.staged_genotype(stage_cell, importance)
         wn, wr = self.arch_weights()
         derive = derive_cell if self.space == 'nos' else derive_darts_cell
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
@@ -266,6 +315,69 @@ class Network(nn.Module):
 
     def search_space_size(self) -> dict:
         return search_space_size(self.ops, self.space, self._steps)
+
+    # -- AGNAS: op importance from the gates (agnas.md §2, §7) -------------------------------------------
+    def cell_edges(self, cell) -> list[nn.Module]:
+        """A cell's edges in the row order of its importance matrix: first tier, then (NOS) second tier."""
+        return list(cell._ops) + list(getattr(cell, '_second', []))
+
+    def reset_importance(self) -> None:
+        for cell in self.cells:
+            for edge in self.cell_edges(cell):
+                edge.reset_importance()
+
+    def importance(self) -> np.ndarray:
+        """(layers, edges, ops) float64: each edge's mean gate per op over the images collected since
+        `reset_importance` (agnas.md §2: A_k / (images * C), in (0, 1))."""
+        return np.stack([np.stack([edge.mean_gates() for edge in self.cell_edges(cell)])
+                         for cell in self.cells])
+
+    def _derive(self, matrix) -> list:
+        derive = derive_cell if self.space == 'nos' else derive_darts_cell
+        return derive(matrix, self.ops, self._steps)
+
+    def cell_genotypes(self, importance=None) -> list[list]:
+        """One cell per supernet cell, each derived on its own from its matrix (agnas.md §2)."""
+        importance = self.importance() if importance is None else importance
+        return [self._derive(m) for m in _as_array(importance)]
+
+    def staged_genotype(self, stage_cell: str = 'first', importance=None) -> genotypes.StagedGenotype:
+        """One normal cell per stage (`stage_cell`: see `stage_matrices`) and the two reduction cells."""
+        importance = self.importance() if importance is None else importance
+        normal, reduce = stage_matrices(importance, stage_cell)
+        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        return genotypes.StagedGenotype(normal=[self._derive(m) for m in normal], normal_concat=concat,
+                                        reduce=[self._derive(m) for m in reduce], reduce_concat=concat)
+
+
+def stage_layout(layers: int) -> tuple[list[list[int]], list[int]]:
+    """([normal cells of stage 1, 2, 3], [the two reduction cells]) of a `layers`-cell network.
+
+    The reduction cells (layers//3, 2*layers//3) split it into three stages (agnas.md §2); a staged genotype
+    needs a normal cell in each, so at least 5 cells.
+    """
+    reductions = list(genotypes.reduction_layers(layers))
+    bounds = [-1] + reductions + [layers]
+    stages = [list(range(a + 1, b)) for a, b in itertools.pairwise(bounds)]
+    if any(not s for s in stages):
+        raise ValueError(f'a network of {layers} cells has no normal cell in stage '
+                         f'{1 + [bool(s) for s in stages].index(False)}; a staged genotype needs at least 5 cells')
+    return stages, reductions
+
+
+def stage_matrices(importance, stage_cell: str = 'first') -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The importance matrices behind a staged genotype: ([3 normal], [2 reduce]) from (layers, rows, ops).
+
+    stage_cell: 'first' takes each stage's first normal cell (the released AGNAS genotype: cells 0, 3, 6 of
+    8), 'last' its last one, 'mean' the mean of its normal cells' matrices. The reduction cells are the
+    supernet's own.
+    """
+    if stage_cell not in STAGE_CELLS:
+        raise ValueError(f'unknown stage_cell {stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
+    m = _as_array(importance)
+    stages, reductions = stage_layout(len(m))
+    pick = {'first': lambda s: m[s[0]], 'last': lambda s: m[s[-1]], 'mean': lambda s: m[s].mean(axis=0)}
+    return [pick[stage_cell](s) for s in stages], [m[r] for r in reductions]
 
 
 def _as_array(weights) -> np.ndarray:

@@ -12,8 +12,13 @@ attention-transfer loss against a frozen teacher's stage outputs of the same bat
 First-order by default; --unrolled uses DARTS's second-order step (finite-difference Hessian-vector
 product). Writes SAVE/search_log.jsonl, SAVE/genotype.json and SAVE/checkpoint.pt every epoch.
 
+--method agnas (agnas.py): no A; an attention module gates every edge, one level of training on the
+training half, an importance pass over the validation half after each epoch, and a staged genotype (one
+normal cell per stage, --stage_cell first | last | mean).
+
     python train_search.py --dataset cifar10 --data data              # NOS + AGS (needs a teacher)
     python train_search.py --dataset cifar10 --lambda_at 0            # plain DARTS-style search
+    python train_search.py --dataset cifar10 --method agnas --space darts --seed 0   # AGNAS (agnas.py)
     python train_search.py --dataset synthetic --device cpu --lambda_at 0 --epochs 1 --layers 5 \\
         --init_channels 8 --batch_size 16 --synthetic_size 128 --save /tmp/search-smoke
 """
@@ -29,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+import agnas
 import genotypes
 import utils
 from genotypes import OP_SUBSETS
-from model_search import SPACES, Network, resolve_ops, search_space_size
+from model_search import SPACES, STAGE_CELLS, Network, resolve_ops, search_space_size
 
 KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
 DEFAULT_SAVE = 'runs/search'
@@ -63,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
+    p.add_argument('--stage_cell', default='first',
+                   help=f'--method agnas: the normal cell each stage takes: {" | ".join(STAGE_CELLS)} (mean: '
+                        f'derived from the mean importance of the stage\'s cells)')
     p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
     p.add_argument('--batch_size', type=int, default=64,
                    help='images per step, each level (App. A); the global batch, split evenly under torchrun')
@@ -120,6 +129,8 @@ def check_args(args) -> None:
     """Bad flag values become one-sentence errors."""
     if args.method not in METHODS:
         raise utils.UserError(f'unknown --method {args.method!r}; valid methods: {", ".join(METHODS)}')
+    if args.stage_cell not in STAGE_CELLS:
+        raise utils.UserError(f'unknown --stage_cell {args.stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
     if args.at_levels not in AT_LEVELS:
         raise utils.UserError(f'unknown --at_levels {args.at_levels!r}; valid values: {", ".join(AT_LEVELS)}')
     if args.space not in SPACES:
@@ -332,7 +343,7 @@ class DartsMethod:
             group['lr'] = lr
 
 
-METHODS = {'darts': DartsMethod}
+METHODS = {'darts': DartsMethod, 'agnas': agnas.AGNASMethod}
 
 
 def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,
@@ -438,7 +449,8 @@ def settings_of(args) -> dict:
             'ops': resolve_ops(args.space, args.ops), 'layers': args.layers,
             'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
             'unrolled': args.unrolled, 'epochs': args.epochs, 'batch_size': args.batch_size,
-            'sync_bn': args.sync_bn, 'double': args.double}
+            'sync_bn': args.sync_bn, 'double': args.double,
+            'stage_cell': args.stage_cell if args.method == 'agnas' else None}  # None: older checkpoints resume
 
 
 def search_cost(log_path: str, device: torch.device, world: int = 1) -> dict:

@@ -16,6 +16,11 @@ Writes OUT/normal.dot and OUT/reduce.dot always, OUT/normal.FORMAT and OUT/reduc
 folder OUT/alphas_{normal,reduce}.FORMAT (the softmaxed A, epoch by epoch, the derived cell's choices
 outlined in the last panel) and OUT/alphas_evolution_{normal,reduce}.FORMAT (each edge's op weights over
 the epochs) through matplotlib (optional).
+
+A staged genotype (AGNAS: one normal cell per stage, one cell per reduction) draws all its cells:
+OUT/normal_stage{1,2,3}.dot and OUT/reduce_{1,2}.dot. For an AGNAS search folder (`--method agnas`), the
+heatmaps are OUT/importance_cells.FORMAT: the mean gates of every supernet cell after the last epoch, each
+cell's derived ops outlined and the cells the staged genotype took marked in their titles.
 """
 from __future__ import annotations
 
@@ -118,9 +123,21 @@ def cell_dot(cell, name: str = 'normal') -> str:
 
 
 def genotype_dots(genotype: Genotype) -> dict[str, str]:
-    """{'normal': DOT, 'reduce': DOT} of a validated genotype."""
+    """{'normal': DOT, 'reduce': DOT} of a validated genotype; a staged one gives every cell (see
+    staged_dots)."""
     genotype = genotypes.validate(genotype)
+    if isinstance(genotype, genotypes.StagedGenotype):
+        return staged_dots(genotype)
     return {'normal': cell_dot(genotype.normal, 'normal'), 'reduce': cell_dot(genotype.reduce, 'reduce')}
+
+
+def staged_dots(genotype: genotypes.StagedGenotype) -> dict[str, str]:
+    """A staged genotype's cells: {'normal_stage1': DOT, ..., 'normal_stage3', 'reduce_1', 'reduce_2'}."""
+    dots = {}
+    for kind, stem in (('normal', 'normal_stage'), ('reduce', 'reduce_')):
+        for n, cell in enumerate(getattr(genotype, kind), 1):
+            dots[f'{stem}{n}'] = cell_dot(cell, f'{stem}{n}')
+    return dots
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,7 +179,9 @@ def read_search_log(path: str) -> list[dict]:
                     break
                 raise UserError(f'{path} line {n} is not valid JSON; the file is damaged (a search writes one '
                                 f'JSON object per epoch)') from None
-            missing = {'epoch', 'primitives', 'alphas_normal', 'alphas_reduce'} - set(rec)
+            needed = ({'importance', 'cell_genotypes'} if rec.get('method') == 'agnas'  # gates, not A
+                      else {'alphas_normal', 'alphas_reduce'})
+            missing = ({'epoch', 'primitives'} | needed) - set(rec)
             if missing:
                 raise UserError(f'{path} line {n} lacks {", ".join(sorted(missing))}; it is not a search log '
                                 f'of train_search.py')
@@ -361,6 +380,79 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
     return written
 
 
+def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
+    """AGNAS: a heatmap of each supernet cell's mean gates (edges x ops) after the last epoch, the cell's own
+    derived ops outlined, and the cells that the staged genotype took named in the panel titles."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print('note: matplotlib is not installed (pip install matplotlib), so the importance matrices are '
+              'not drawn', file=sys.stderr)
+        return []
+    import numpy as np
+
+    last = records[-1]
+    primitives = last['primitives']
+    names = list(last['importance'])
+    try:
+        mats = np.array([last['importance'][k] for k in names], dtype=float)   # (cells, rows, ops)
+    except ValueError:
+        raise UserError('the importance matrices of the last search log record differ in shape; the log is '
+                        'damaged') from None
+    if mats.ndim != 3 or mats.shape[2] != len(primitives):
+        raise UserError(f'importance in the search log is not an (edges x {len(primitives)} ops) matrix per cell')
+    rows = edge_labels(mats.shape[1])
+    reductions = last.get('reduction_cells', [])
+    stages = last.get('stages', [])
+    rule = last.get('stage_cell', 'first')
+    taken = {}
+    for s, cells in enumerate(stages, 1):
+        if rule in ('first', 'last') and cells:
+            taken[cells[0] if rule == 'first' else cells[-1]] = f'stage {s}'
+        else:
+            taken.update({c: f'stage {s} (mean)' for c in cells})
+    taken.update({r: f'reduction {n}' for n, r in enumerate(reductions, 1)})
+
+    ncols = min(len(names), 4)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1.6, 3.6 * nrows + 1.4), sharex=True,
+                             sharey=True, squeeze=False, layout='constrained')
+    for ax in axes.flat[len(names):]:
+        ax.axis('off')
+    vmin, vmax = float(mats.min()), float(mats.max())
+    for i, ax in enumerate(axes.flat[:len(names)]):
+        im = ax.imshow(mats[i], cmap='viridis', vmin=vmin, vmax=vmax, aspect='auto')
+        kind = 'reduce' if i in reductions else 'normal'
+        title = f'{names[i]} ({kind})' + (f'\n-> {taken[i]}' if i in taken else '')
+        ax.set_title(title, fontsize=9, color='red' if i in taken else 'black')
+        ax.set_xticks(range(len(primitives)))
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=7)
+        if i + ncols >= len(names):
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xticklabels(primitives, rotation=90, fontsize=7)
+            for tick, op in zip(ax.get_xticklabels(), primitives):
+                tick.set_color(KIND_COLOR[op_kind(op)])
+        try:
+            chosen = chosen_cells(genotypes.validate(Genotype(last['cell_genotypes'][i], genotypes.CONCAT,
+                                                              last['cell_genotypes'][i], genotypes.CONCAT)).normal,
+                                  len(rows), primitives)
+        except (GenotypeError, ValueError, IndexError, TypeError):
+            chosen = []
+        for r, c in chosen:
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.5))
+    fig.colorbar(im, ax=axes, shrink=0.5, label='mean gate')
+    fig.suptitle(f'AGNAS: mean gates of each supernet cell, epoch {last["epoch"]}, edges (rows) x ops '
+                 f'(columns); red boxes: each cell\'s derived ops')
+    path = os.path.join(out, f'importance_cells.{fmt}')
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return [path]
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -386,7 +478,9 @@ def main(argv=None) -> None:
         with open(os.path.join(out, f'{name}.dot'), 'w') as f:
             f.write(text)
     written = render_cells(dots, out, args.format)
-    if records is not None:
+    if records is not None and records[-1].get('method') == 'agnas':
+        written += plot_importance(records, out, args.format)
+    elif records is not None:
         written += plot_alphas(records, out, args.format)
     for path in written:
         print(f'wrote {path}')
