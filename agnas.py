@@ -165,8 +165,9 @@ def importance_pass(model: Network, loader, device) -> dict:
     n = 0
     try:
         with torch.no_grad():
+            dtype = next(model.parameters()).dtype  # float64 under --double
             for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
                 batch_ce = F.cross_entropy(logits, y, reduction='sum').double()
                 batch_correct = (logits.argmax(1) == y).sum()
@@ -177,11 +178,20 @@ def importance_pass(model: Network, loader, device) -> dict:
         for e in edges:
             e.collecting = False
         model.train(was_training)
+    # under torchrun each process saw its share of the images: add up the gate sums and the counts
+    totals = utils.all_sum(torch.tensor([float(n), 0. if ce is None else ce.item(),
+                                         0. if correct is None else float(correct.item())],
+                                        dtype=torch.float64, device=device)).tolist()
+    if utils.world_size() > 1:
+        for e in edges:
+            e._gate_sum = utils.all_sum(e._gate_sum)
+            e._images = int(totals[0])
+    n = int(totals[0])
     if not n:
         raise utils.UserError('the validation half is empty, so AGNAS has no images to rank the ops with; '
                               'lower --train_portion')
-    return {'importance': model.importance(), 'images': n, 'val_ce': ce.item() / n,
-            'val_acc': 100. * correct.item() / n}
+    return {'importance': model.importance(), 'images': n, 'val_ce': totals[1] / n,
+            'val_acc': 100. * totals[2] / n}
 
 
 class AGNASMethod:
@@ -221,6 +231,7 @@ class AGNASMethod:
         self.lambda_at = args.lambda_at
         self.grad_clip = args.grad_clip
         self.stage_cell = args.stage_cell
+        self.batch_size = args.batch_size
         self.matrix = None  # the last importance pass, (layers, edges, ops)
         self.stages, self.reductions = stage_layout(len(model.cells))
 
@@ -234,9 +245,12 @@ class AGNASMethod:
         return {'train_ce': ce, 'train_at': at, 'train_correct': (logits.argmax(1) == y).sum()}
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
-        # the validation half in its stored order (the loop's loader shuffles), every image
-        ordered = utils.make_loader(val_loader.dataset, val_loader.batch_size, False, val_loader.num_workers,
-                                    pin=val_loader.pin_memory)
+        # the validation half in its stored order (the loop's loader shuffles), every image; under torchrun
+        # each process takes every world-th image and importance_pass adds the sums up
+        data, world = val_loader.dataset, utils.world_size()
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        ordered = utils.make_loader(data, max(1, self.batch_size // world), False, val_loader.num_workers,
+                                    sampler=list(range(rank, len(data), world)), pin=val_loader.pin_memory)
         out = importance_pass(self.model, ordered, device)
         self.matrix = out['importance']
         return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images'],
