@@ -33,6 +33,7 @@ import utils
 from model import NetworkCIFAR
 
 DEFAULT_ARCH = 'DARTS_V2'
+DEFAULT_LAYERS = 20
 WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4}  # NOS App. A.1
 
 
@@ -54,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--weight_decay', type=float, default=None,
                    help='default per dataset: 3e-4 for cifar10 (and synthetic), 5e-4 for cifar100')
     p.add_argument('--init_channels', type=int, default=36, help='channels of the first cells')
-    p.add_argument('--layers', type=int, default=20, help='cells in the network')
+    p.add_argument('--layers', type=int, default=None,
+                   help=f'cells in the network (default {DEFAULT_LAYERS}; a per-layer genotype sets its own)')
     p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
                    help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
     p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
     p.add_argument('--auxiliary_weight', type=float, default=0.4, help='weight of the auxiliary loss')
     p.add_argument('--cutout_length', type=int, default=16, help='0 turns cutout off')
+    p.add_argument('--autoaugment', action='store_true',
+                   help='torchvision\'s CIFAR-10 AutoAugment policy after crop and flip, cutout last (ADWPNAS)')
     p.add_argument('--drop_path_prob', type=float, default=0.3,
                    help='final drop-path probability; epoch e uses drop_path_prob * e / epochs')
     p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
@@ -80,12 +84,13 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY[args.dataset]
+    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    args.layers = utils.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'synthetic_size'):
         if getattr(args, name) < 1:
             raise utils.UserError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 <= args.drop_path_prob < 1:
         raise utils.UserError(f'--drop_path_prob must be in [0, 1), got {args.drop_path_prob}')
-    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
     device = utils.get_device(args.gpu, args.device)
@@ -111,7 +116,8 @@ def main(argv=None) -> dict:
                 f' device {device}, {"bf16 autocast" if amp_dtype else "fp32"}'
                 f'{", channels_last" if channels_last else ""}')
 
-    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size)
+    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
+                                   autoaugment=args.autoaugment)
     test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size)
     num_classes = utils.NUM_CLASSES[args.dataset]
 

@@ -198,10 +198,14 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(x) if self.transform else x), int(self.targets[i])
 
 
-def cifar_transforms(dataset: str, train: bool, cutout: int = 0):
-    """DARTS's CIFAR augmentation: random crop 32 pad 4, horizontal flip, normalise (+ cutout)."""
+def cifar_transforms(dataset: str, train: bool, cutout: int = 0, autoaugment: bool = False):
+    """DARTS's CIFAR augmentation: random crop 32 pad 4, horizontal flip, normalise (+ cutout). With
+    `autoaugment`, torchvision's CIFAR-10 AutoAugment policy follows the flip, and cutout stays last (ADWPNAS
+    Sec. 4.3)."""
     import torchvision.transforms as T
     t = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    if train and autoaugment:
+        t.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
     t += [T.ToTensor(), T.Normalize(CIFAR_MEAN[dataset], CIFAR_STD[dataset])]
     if train and cutout:
         t.append(Cutout(cutout))
@@ -220,8 +224,12 @@ def synthetic_transforms(train: bool, cutout: int = 0):
 
 
 def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic_size: int = 512,
-                seed: int = 0):
-    """CIFAR-10/100 through torchvision (no download: the error says how), or the synthetic data."""
+                seed: int = 0, autoaugment: bool = False):
+    """CIFAR-10/100 through torchvision (no download: the error says how), or the synthetic data.
+    `autoaugment` (CIFAR only) adds the CIFAR-10 AutoAugment policy to the training augmentation."""
+    if autoaugment and dataset == 'synthetic':
+        raise UserError('--autoaugment works on CIFAR images; the synthetic data are normalised tensors that '
+                        'its policy cannot process, so leave it out with --dataset synthetic')
     if dataset == 'synthetic':
         # train and test draw from the same class patterns (same seed), different samples
         n = synthetic_size if train else max(64, synthetic_size // 4)
@@ -235,7 +243,8 @@ def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic
     import torchvision
     cls = torchvision.datasets.CIFAR10 if dataset == 'cifar10' else torchvision.datasets.CIFAR100
     try:
-        return cls(root=root, train=train, download=False, transform=cifar_transforms(dataset, train, cutout))
+        return cls(root=root, train=train, download=False,
+                   transform=cifar_transforms(dataset, train, cutout, autoaugment))
     except RuntimeError:
         name = 'CIFAR-10' if dataset == 'cifar10' else 'CIFAR-100'
         raise UserError(
@@ -354,6 +363,19 @@ def resolve_genotype(arch: str | None, genotype_file: str | None, default: str):
         return genotypes.load(genotype_file=genotype_file), genotype_file
     arch = arch or default
     return genotypes.load(arch=arch), arch
+
+
+def genotype_layers(genotype, layers: int | None, default: int, label: str) -> int:
+    """The network's depth: a per-layer genotype (ADWPNAS) fixes it, so `--layers` may be left out and a
+    different value is refused; any other genotype takes `--layers` or `default`."""
+    import genotypes
+    if isinstance(genotype, genotypes.MacroGenotype):
+        depth = len(genotype.cells)
+        if layers is not None and layers != depth:
+            raise UserError(f'--layers {layers} conflicts with the per-layer genotype {label}, which has {depth} '
+                            f'cells; leave out --layers or pass --layers {depth}')
+        return depth
+    return default if layers is None else layers
 
 
 def check_genotype(ckpt: dict, genotype_json: str, label: str, path: str) -> None:
