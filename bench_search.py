@@ -2,6 +2,7 @@
 
     python bench_search.py --gpu 0                 # full size, on CUDA
     python bench_search.py --device cpu --iters 3  # the same on the CPU (slow)
+    python bench_search.py --device cpu --adwp_ranking 8   # ADWPNAS ranking check instead (spec adwpnas §7.10)
 
 Rows:
 - search, DARTS space, no AGS: the repo's stand-in for DARTS's own code. It is the baseline of the ratio column.
@@ -49,6 +50,19 @@ def parse_args(argv=None):
     p.add_argument('--agnas_only', action='store_true', help='time only the AGNAS table')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
+    adwp = p.add_argument_group('ADWPNAS ranking check (replaces the timing table when --adwp_ranking > 0)')
+    adwp.add_argument('--adwp_ranking', type=int, default=0, help='architectures to rank (0: time instead)')
+    adwp.add_argument('--adwp_space', default=None,
+                      help='intensive_space.json (default: the top-6 of seeded random DARTS alphas)')
+    adwp.add_argument('--adwp_dataset', default='synthetic', help='synthetic | cifar10')
+    adwp.add_argument('--data', default='data', help='where CIFAR lives')
+    adwp.add_argument('--adwp_synthetic_size', type=int, default=512, help='images of the synthetic data')
+    adwp.add_argument('--adwp_layers', type=int, default=5, help='cells of the HyperNetwork and the nets')
+    adwp.add_argument('--adwp_channels', type=int, default=8, help='their initial channels')
+    adwp.add_argument('--adwp_hyper_epochs', type=int, default=3, help='Stage-1 epochs of the HyperNetwork')
+    adwp.add_argument('--adwp_scratch_epochs', type=int, default=3, help='training epochs of each net')
+    adwp.add_argument('--adwp_batch_size', type=int, default=32, help='batch of both trainings')
+    adwp.add_argument('--adwp_seed', type=int, default=0, help='seeds data order, weights and the architectures')
     return p.parse_args(argv)
 
 
@@ -168,6 +182,29 @@ def print_agnas_table(args, device) -> None:
         for what, b, t, peak in rows:
             images = b * (2 if what.startswith('darts') else 1)  # darts reads a train and a val batch
             print(f'{what:32} {b:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} {t / base:8.2f}x')
+def adwp_ranking(args, device) -> dict:
+    """Spec adwpnas §7.10: Kendall's tau between predicted-weight and from-scratch val accuracy; prints a table."""
+    import json
+
+    import model_adwp
+    import search_adwp
+    if args.adwp_space:
+        with open(args.adwp_space) as f:
+            data = json.load(f)
+        space = model_adwp.check_space(data.get('space', data), None, args.adwp_space)
+    else:  # a made-up intensive space: the top-6 per node of seeded random per-edge softmaxes
+        g = torch.Generator().manual_seed(args.adwp_seed)
+        space = model_adwp.derive_intensive_space(*torch.randn(2, 14, 8, generator=g).softmax(-1), K=6)
+    out = search_adwp.ranking_check(space, archs=args.adwp_ranking, layers=args.adwp_layers, C=args.adwp_channels,
+                                    hyper_epochs=args.adwp_hyper_epochs, scratch_epochs=args.adwp_scratch_epochs,
+                                    batch_size=args.adwp_batch_size, dataset=args.adwp_dataset, data_root=args.data,
+                                    synthetic_size=args.adwp_synthetic_size, seed=args.adwp_seed, device=device)
+    print(f'{"arch":>4} {"predicted %":>11} {"scratch %":>9} {"params":>8}')
+    for r in out['rows']:
+        print(f'{r["arch"]:4d} {r["predicted_acc"]:11.2f} {r["scratch_acc"]:9.2f} {r["params"]:8d}')
+    mean = sum(r['predicted_acc'] for r in out['rows']) / len(out['rows'])
+    print(f'kendall_tau={out["kendall_tau"]:.3f} mean_predicted_acc={mean:.2f} chance={out["chance_acc"]:.2f}')
+    return out
 
 
 def main(argv=None):
@@ -179,6 +216,8 @@ def main(argv=None):
     except utils.UserError as e:
         raise utils.UserError(str(e).replace('--depth', '--teacher_depth')) from None
     device = utils.get_device(args.gpu, args.device)
+    if args.adwp_ranking > 0:
+        return adwp_ranking(args, device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     if args.agnas_only:

@@ -25,6 +25,9 @@ import random
 from collections import namedtuple
 
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
+# ADWPNAS's per-layer form (spec adwpnas §7): one cell for every layer of a fixed depth L, reductions at
+# L//3 and 2L//3 as always; `cells[i]` is a cell list (classic pairs or NOS blocks), `concat` is shared.
+MacroGenotype = namedtuple('MacroGenotype', 'cells concat')
 
 # The eleven primitives of the heterogeneous space, in the order that fixes the indices of the paper's
 # Fig. 5 (f0..f6, a0, a1, d0, d1).
@@ -247,6 +250,8 @@ def validate(genotype: Genotype) -> Genotype:
     """Check both cells; returns the genotype (with tuples, not lists) or raises GenotypeError."""
     if isinstance(genotype, StagedGenotype):  # staged form (AGNAS)
         return validate_staged(genotype)
+    if isinstance(genotype, MacroGenotype):
+        return validate_macro(genotype)
     if not isinstance(genotype, Genotype):
         raise GenotypeError(f'expected a Genotype(normal, normal_concat, reduce, reduce_concat), got '
                             f'{type(genotype).__name__}')
@@ -283,6 +288,8 @@ def cell_genotype(genotype, i: int, layers: int) -> Genotype:
         r = reductions.index(i) if i in reductions else min(stage, REDUCTIONS - 1)
         return Genotype(normal=genotype.normal[min(stage, STAGES - 1)], normal_concat=genotype.normal_concat,
                         reduce=genotype.reduce[r], reduce_concat=genotype.reduce_concat)
+    if isinstance(genotype, MacroGenotype):
+        return macro_cell(genotype, i, layers)
     raise GenotypeError(f'expected a genotype, got {type(genotype).__name__}')
 
 
@@ -300,6 +307,8 @@ def from_json(text: str, source: str = 'genotype') -> Genotype:
         raise GenotypeError(f'{source} is not valid JSON: {e}') from None
     if isinstance(data, dict) and data.get('staged') is True:  # staged form (AGNAS)
         return _staged_from_dict(data, source)
+    if isinstance(data, dict) and 'cells' in data:
+        return macro_from_dict(data, source)
     if not isinstance(data, dict) or set(data) != set(Genotype._fields):
         raise GenotypeError(f'{source} must be a JSON object with the keys {", ".join(Genotype._fields)}')
 
@@ -395,7 +404,77 @@ def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
     if seed is not None:
         return random_genotype(seed)
     g = globals().get(arch)
+    if isinstance(g, MacroGenotype):
+        return validate(g)
     if not isinstance(g, (Genotype, StagedGenotype)):
-        names = sorted(k for k, v in globals().items() if isinstance(v, (Genotype, StagedGenotype)))
+        names = sorted(k for k, v in globals().items() if isinstance(v, (Genotype, StagedGenotype, MacroGenotype)))
         raise GenotypeError(f'no genotype named {arch!r} in genotypes.py; known: {", ".join(names)}')
     return validate(g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ADWPNAS's per-layer form, MacroGenotype(cells, concat) (spec adwpnas §1.3, §7). Its JSON form is
+# {"cells": [...], "concat": [...]}; from_json dispatches on the "cells" key.
+
+
+def validate_macro(genotype: MacroGenotype) -> MacroGenotype:
+    """Check every cell (with to_blocks) and the shared concat; returns the genotype with tuples, or raises
+    GenotypeError naming the cell (its layer index and whether that layer is a reduction), the block and the
+    fault."""
+    cells = genotype.cells
+    if not isinstance(cells, (list, tuple)) or not cells:
+        raise GenotypeError(f'a per-layer genotype needs a non-empty list of cells, one per layer, got '
+                            f'{cells!r}')
+    reductions = reduction_layers(len(cells))
+    checked = []
+    for i, cell in enumerate(cells):
+        name = f'cell {i} ({"reduce" if i in reductions else "normal"})'
+        if not isinstance(cell, (list, tuple)):
+            raise GenotypeError(f'{name}: expected a list of (op, input) pairs, got {cell!r}')
+        blocks = to_blocks(cell, name)
+        checked.append([pair for b in blocks for pair in b[:2]] if is_classic(cell) else blocks)
+    concat = list(genotype.concat)
+    if concat != CONCAT:
+        raise GenotypeError(f'concat must be {CONCAT} (the outputs of the {STEPS} blocks), got {concat}')
+    return MacroGenotype(cells=checked, concat=concat)
+
+
+def macro_cell(genotype: MacroGenotype, i: int, layers: int) -> Genotype:
+    """Cell i of a `layers`-cell network as a plain Genotype; `Cell` picks its field by `reduction`, so the
+    one cell fills both."""
+    n = len(genotype.cells)
+    if n != layers:
+        raise GenotypeError(f'the per-layer genotype has {n} cells but the network has {layers} layers; '
+                            f'build the network with {n} layers (the scripts take the depth from the genotype '
+                            f'when --layers is left out)')
+    cell = genotype.cells[i]
+    return Genotype(normal=cell, normal_concat=genotype.concat, reduce=cell, reduce_concat=genotype.concat)
+
+
+def as_macro(genotype: Genotype, layers: int) -> MacroGenotype:
+    """A plain Genotype laid out over `layers` cells: its reduce cell at layers//3 and 2*layers//3, its
+    normal cell elsewhere (what NetworkCIFAR builds from the plain genotype)."""
+    genotype = validate(genotype)
+    cells = [list(genotype.reduce if i in reduction_layers(layers) else genotype.normal) for i in range(layers)]
+    return validate_macro(MacroGenotype(cells=cells, concat=genotype.normal_concat))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def macro_from_dict(data: dict, source: str = 'genotype') -> MacroGenotype:
+    """The per-layer genotype of a parsed {"cells", "concat"} JSON object, validated."""
+    if set(data) != set(MacroGenotype._fields):
+        raise GenotypeError(f'{source} is a per-layer genotype and must be a JSON object with exactly the keys '
+                            f'{", ".join(MacroGenotype._fields)}, got {", ".join(sorted(data))}')
+    cells = data['cells']
+    if isinstance(cells, list):
+        cells = [[_tuplify(e) for e in c] if isinstance(c, list) else c for c in cells]
+    return validate_macro(MacroGenotype(cells=cells, concat=data['concat']))
+
+
+def macro_repr(genotype: MacroGenotype) -> str:
+    """repr() with one cell per line (eval() of it in this module gives the genotype back)."""
+    lines = ',\n'.join(f'    {list(cell)!r}' for cell in genotype.cells)
+    return f'MacroGenotype(cells=[\n{lines}],\n  concat={list(genotype.concat)!r})'

@@ -39,6 +39,7 @@ from model import NetworkCIFAR
 
 DEFAULT_ARCH = 'DARTS_V2'
 DEFAULT_LEARNING_RATE = 0.25  # NOS App. A.1
+DEFAULT_LAYERS = 20
 WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 3e-4}  # NOS App. A.1
 # The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
@@ -70,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--weight_decay', type=float, default=None,
                    help='default per dataset: 3e-4 for cifar10 (and synthetic), 5e-4 for cifar100')
     p.add_argument('--init_channels', type=int, default=36, help='channels of the first cells')
-    p.add_argument('--layers', type=int, default=20, help='cells in the network')
+    p.add_argument('--layers', type=int, default=None,
+                   help=f'cells in the network (default {DEFAULT_LAYERS}; a per-layer genotype sets its own)')
     p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
                    help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
     p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
     p.add_argument('--auxiliary_weight', type=float, default=0.4, help='weight of the auxiliary loss')
     p.add_argument('--cutout_length', type=int, default=16, help='0 turns cutout off')
+    p.add_argument('--autoaugment', action='store_true',
+                   help='torchvision\'s CIFAR-10 AutoAugment policy after crop and flip, cutout last (ADWPNAS)')
     p.add_argument('--drop_path_prob', type=float, default=0.3,
                    help='final drop-path probability; epoch e uses drop_path_prob * e / epochs')
     p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
@@ -97,12 +101,13 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY[args.dataset]
+    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    args.layers = utils.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args)
     utils.check_image_size(args.dataset, args.image_size)
     if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
         raise utils.UserError(f'the auxiliary tower fits 32- to 40-pixel images only (DARTS pools its 8x8 input to '
                               f'2x2); add --no_auxiliary to train at --image_size {args.image_size}')
-    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
     args.save = save  # the folder in use, as the checkpoint records it
@@ -133,7 +138,7 @@ def main(argv=None) -> dict:
 
     data_stats = utils.data_stats(args.dataset, args.data, args.image_size, save, ckpt, resume)
     train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
-                                   image_size=args.image_size, stats=data_stats)
+                                   image_size=args.image_size, stats=data_stats, autoaugment=args.autoaugment)
     test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
                                   image_size=args.image_size, stats=data_stats)
     num_classes = utils.num_classes(args.dataset, args.data)

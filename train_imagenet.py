@@ -13,6 +13,8 @@ grad clip 5, drop-path 0, its augmentation (random resized crop 224, flip, colou
 
 --batch_size is per process; by default 512 / WORLD_SIZE, so the global batch is the paper's whatever the
 number of processes. lr 0.25 belongs to a global batch of 512 and is scaled linearly with the global batch.
+`--lr_schedule step` is DARTS's ImageNet schedule instead (ADWPNAS Sec. 4.3): lr 0.1 x 0.97 (--lr_gamma)
+per epoch, an absolute lr with no warm-up and no batch scaling.
 Several processes (torchrun) train with DistributedDataParallel: NCCL on CUDA, gloo with --device cpu.
 Rank 0 logs and writes SAVE/checkpoint.pt each epoch; --resume needs SAVE readable by every process.
 Rank 0 also writes SAVE/genotype.json (the cells trained; --arch random:SEED draws them from the NOS
@@ -42,6 +44,9 @@ import utils
 from model import NetworkImageNet
 
 DEFAULT_ARCH = 'DARTS_V2'  # DARTS's default cell; pass --genotype_file for your own
+DEFAULT_LAYERS = 14
+LR_SCHEDULES = ('linear', 'step')
+DEFAULT_LR = {'linear': 0.25, 'step': 0.1}  # NOS App. A.2 (for a global batch of 512); DARTS's ImageNet lr
 REFERENCE_BATCH = 512  # the global batch that lr 0.25 belongs to (NOS App. A.2)
 MOBILE_MACS = 600e6    # mobile setting: < 600M multiply-adds at 224x224 (NOS Sec. 4.3)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -66,15 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=300, help='NOS App. A.2')
     p.add_argument('--batch_size', type=int, default=None,
                    help=f'per process; default {REFERENCE_BATCH} / number of processes')
-    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
-                   help=f'peak lr for a global batch of {REFERENCE_BATCH}; scaled linearly with the global '
-                        f'batch')
+    p.add_argument('--learning_rate', type=float, default=None,
+                   help=f'linear: peak lr for a global batch of {REFERENCE_BATCH}, scaled linearly with the global '
+                        f'batch (default {DEFAULT_LR["linear"]}); step: the absolute initial lr (default '
+                        f'{DEFAULT_LR["step"]}, DARTS)')
+    p.add_argument('--lr_schedule', default='linear', choices=LR_SCHEDULES,
+                   help='linear: warm-up, then linear decay to 0 (NOS); step: DARTS\'s decay by --lr_gamma every '
+                        'epoch, no warm-up, no batch scaling (ADWPNAS)')
+    p.add_argument('--lr_gamma', type=float, default=0.97, help='--lr_schedule step: lr factor per epoch (DARTS)')
     p.add_argument('--warmup_epochs', type=float, default=5., help='linear warm-up, then linear decay to 0')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight_decay', type=float, default=3e-5, help='DARTS ImageNet (the paper is silent)')
     p.add_argument('--label_smooth', type=float, default=0.1, help='label smoothing of the training loss')
     p.add_argument('--init_channels', type=int, default=48, help='channels of the first cells')
-    p.add_argument('--layers', type=int, default=14, help='cells in the network')
+    p.add_argument('--layers', type=int, default=None,
+                   help=f'cells in the network (default {DEFAULT_LAYERS}; a per-layer genotype sets its own)')
     p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
                    help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
     p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
@@ -132,6 +143,11 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0., (total - step) / max(1, total - warmup))
 
 
+def step_factor(step: int, steps_per_epoch: int, gamma: float) -> float:
+    """DARTS's ImageNet schedule (its StepLR(1, gamma)): the lr of epoch e is gamma^e times the initial one."""
+    return gamma ** (step // steps_per_epoch)
+
+
 def state_checksum(state: dict) -> str:
     """sha256 of a state dict (weights and BN statistics), independent of the memory layout."""
     h = hashlib.sha256()
@@ -158,13 +174,17 @@ def main(argv=None) -> dict | None:
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if args.batch_size is None:
         args.batch_size = max(1, REFERENCE_BATCH // world)
-    utils.check_flags(args, {'warmup_epochs': utils.Range(0), 'label_smooth': utils.Range(0, 1)})
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LR[args.lr_schedule]
+    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    args.layers = utils.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
+    utils.check_flags(args, {'warmup_epochs': utils.Range(0), 'label_smooth': utils.Range(0, 1),
+                             'lr_gamma': utils.Range(0, 1, low_open=True)})
     global_batch = args.batch_size * world
-    lr = args.learning_rate * global_batch / REFERENCE_BATCH
+    lr = args.learning_rate * global_batch / REFERENCE_BATCH if args.lr_schedule == 'linear' else args.learning_rate
 
     # Every check that can fail runs on every rank before the process group exists, so a bad input ends
     # all processes with the same sentence instead of leaving some waiting in a collective.
-    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     genotype_json = genotypes.to_json(genotype)
     train_data, val_data = imagenet_folders(args.data)
     num_classes = len(train_data.classes)
@@ -176,6 +196,7 @@ def main(argv=None) -> dict | None:
         utils.check_genotype(ckpt, genotype_json, label, resume)
         utils.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
         utils.check_same('global batch', ckpt['global_batch'], global_batch, resume)
+        utils.check_same('lr_schedule', ckpt['args'].get('lr_schedule', 'linear'), args.lr_schedule, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
             utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
         changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
@@ -203,9 +224,11 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     logger.info(f'genotype {label}: {genotype!r}')
     if rank == 0:
         genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
-    logger.info(f'{world} process(es) x batch {args.batch_size} = global batch {global_batch}; lr {lr:g} '
-                f'(= {args.learning_rate:g} x {global_batch} / {REFERENCE_BATCH}), {args.warmup_epochs:g} '
-                f'warm-up epochs then linear decay to 0; {num_classes} classes, {len(train_data)} training '
+    schedule = (f'lr {lr:g} (= {args.learning_rate:g} x {global_batch} / {REFERENCE_BATCH}), '
+                f'{args.warmup_epochs:g} warm-up epochs then linear decay to 0' if args.lr_schedule == 'linear'
+                else f'lr {lr:g} x {args.lr_gamma:g} per epoch (step decay, no warm-up, no batch scaling)')
+    logger.info(f'{world} process(es) x batch {args.batch_size} = global batch {global_batch}; {schedule}; '
+                f'{num_classes} classes, {len(train_data)} training '
                 f'and {len(val_data)} validation images; device {device}, '
                 f'{"bf16 autocast" if amp_dtype else "fp32"}{", channels_last" if channels_last else ""}')
 
@@ -235,7 +258,10 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         raise utils.UserError(f'{len(train_data)} training images make no batch of {args.batch_size} per '
                               f'process; lower --batch_size')
     total, warmup = args.epochs * steps, min(round(args.warmup_epochs * steps), args.epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    if args.lr_schedule == 'step':
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: step_factor(s, steps, args.lr_gamma))
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])

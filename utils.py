@@ -354,10 +354,14 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(x) if self.transform else x), int(self.targets[i])
 
 
-def cifar_transforms(dataset: str, train: bool, cutout: int = 0):
-    """DARTS's CIFAR augmentation: random crop 32 pad 4, horizontal flip, normalise (+ cutout)."""
+def cifar_transforms(dataset: str, train: bool, cutout: int = 0, autoaugment: bool = False):
+    """DARTS's CIFAR augmentation: random crop 32 pad 4, horizontal flip, normalise (+ cutout). With
+    `autoaugment`, torchvision's CIFAR-10 AutoAugment policy follows the flip, and cutout stays last (ADWPNAS
+    Sec. 4.3)."""
     import torchvision.transforms as T
     t = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    if train and autoaugment:
+        t.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
     t += [T.ToTensor(), T.Normalize(CIFAR_MEAN[dataset], CIFAR_STD[dataset])]
     if train and cutout:
         t.append(Cutout(cutout))
@@ -376,10 +380,14 @@ def synthetic_transforms(train: bool, cutout: int = 0):
 
 
 def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic_size: int = 512,
-                seed: int = 0, *, image_size: int = 32, stats: dict | None = None, augment: bool = True):
+                seed: int = 0, *, image_size: int = 32, stats: dict | None = None, augment: bool = True,
+                autoaugment: bool = False):
     """CIFAR-10/100 through torchvision (no download: the error says how), the synthetic data, or your own
     images (`folder`: see folder_dataset; `stats` from data_stats, computed here when not given).
-    `augment=False` keeps the training split free of random augmentation (exactness checks)."""
+    `augment=False` keeps the training split free of random augmentation (exactness checks); `autoaugment`
+    (CIFAR only) adds the CIFAR-10 AutoAugment policy to the training augmentation."""
+    if autoaugment and dataset not in ('cifar10', 'cifar100'):
+        raise UserError(f'--autoaugment works on CIFAR images only; leave it out with --dataset {dataset}')
     if dataset == 'folder':
         return folder_dataset(root, train, image_size, stats, cutout, augment)
     if dataset == 'synthetic':
@@ -402,7 +410,7 @@ def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic
                         f'{name} data ({cls.base_folder}/ in torchvision\'s layout); pass that folder')
     try:
         return cls(root=root, train=train, download=False,
-                   transform=cifar_transforms(dataset, train and augment, cutout))
+                   transform=cifar_transforms(dataset, train and augment, cutout, autoaugment))
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
         folder = os.path.join(root, cls.base_folder)
         if os.path.isdir(folder) and os.listdir(folder):  # there, but torchvision's checksums disagree
@@ -1023,6 +1031,19 @@ def resolve_genotype(arch: str | None, genotype_file: str | None, default: str):
         return genotypes.load(genotype_file=genotype_file), genotype_file
     arch = arch or default
     return genotypes.load(arch=arch), arch
+
+
+def genotype_layers(genotype, layers: int | None, default: int, label: str) -> int:
+    """The network's depth: a per-layer genotype (ADWPNAS) fixes it, so `--layers` may be left out and a
+    different value is refused; any other genotype takes `--layers` or `default`."""
+    import genotypes
+    if isinstance(genotype, genotypes.MacroGenotype):
+        depth = len(genotype.cells)
+        if layers is not None and layers != depth:
+            raise UserError(f'--layers {layers} conflicts with the per-layer genotype {label}, which has {depth} '
+                            f'cells; leave out --layers or pass --layers {depth}')
+        return depth
+    return default if layers is None else layers
 
 
 def check_genotype(ckpt: dict, genotype_json: str, label: str, path: str) -> None:

@@ -1,0 +1,532 @@
+"""ADWPNAS macro search (Zhang, Chen, Gu, arXiv 2003.01335; spec adwpnas §1-4, §7).
+
+Stage 0 is an ordinary DARTS search (`train_search.py --space darts --lambda_at 0`). This script reads its
+search_log.jsonl (--space_from), keeps the intensive space of the epoch with the highest superiority
+(Eq. 2-3; or takes one with --intensive_space), then runs Algorithm 1 on a HyperNetwork with one set of
+architecture parameters per cell. The phase is a pure function of the epoch (`phase`):
+
+- train  (e < --hyper_epochs):            random alpha every step; SGD on w_G and the ordinary weights;
+- basic  (the other epochs):              Adam on alpha through the predicted weights; weights frozen;
+- cross  (--cross_start <= e < --cross_end): both, from one backward pass.
+
+Writes SAVE/intensive_space.json, SAVE/search_log.jsonl (one record per epoch), SAVE/genotype.json (the
+per-layer genotype of alpha*, the best validation epoch under the final generator, D9), SAVE/checkpoint.pt
+(every epoch, atomic; --resume continues across phase boundaries) and SAVE/log.txt.
+
+    python train_search.py --space darts --lambda_at 0 --layers 8 --batch_size 200 --epochs 30 \\
+        --arch_learning_rate 3e-4 --learning_rate_min 0.001 --save runs/adwp-space8          # stage 0
+    python search_adwp.py --space_from runs/adwp-space8/search_log.jsonl --layers 8 --save runs/adwp8
+    python train_cifar.py --genotype_file runs/adwp8/genotype.json --init_channels 36 --batch_size 98 \\
+        --epochs 1000 --learning_rate 0.025 --drop_path_prob 0.2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genotypes
+import model_adwp
+import utils
+from genotypes import DARTS_PRIMITIVES, STEPS
+from model_adwp import GEN_INPUTS, HyperNetwork, SpaceError, check_space
+
+PHASES = ('train', 'basic', 'cross')
+# (g_G, g_alpha): which parameters a phase updates (Alg. 1, Fig. 3)
+GATES = {'train': (True, False), 'basic': (False, True), 'cross': (True, True)}
+STAGE0 = '`python train_search.py --space darts --lambda_at 0`'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=utils.HelpFormatter)
+    src = p.add_argument_group('intensive space (give one)')
+    src.add_argument('--space_from', default=None, metavar='SEARCH_LOG',
+                     help=f'search_log.jsonl of a stage-0 search, {STAGE0}')
+    src.add_argument('--intensive_space', default=None, metavar='JSON',
+                     help='intensive_space.json of an earlier run (skips the selection)')
+    p.add_argument('--K', type=int, default=6, help='candidates kept per node (Sec. 4.1)')
+    p.add_argument('--n', type=int, default=2, help='epochs the superiority looks back (Eq. 3, Sec. 4.1)')
+    p.add_argument('--T', type=int, default=2, help='candidates kept per node in the result (Sec. 3.2.2)')
+    p.add_argument('--data', default='data', help='where CIFAR lives (torchvision layout)')
+    p.add_argument('--dataset', default='cifar10', help=f'{" | ".join(utils.DATASETS)}')
+    p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
+    p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set that trains (DARTS)')
+    p.add_argument('--layers', type=int, default=8, help='cells of the HyperNetwork (the searched depth)')
+    p.add_argument('--init_channels', type=int, default=16, help='channels of the first cells (DARTS)')
+    p.add_argument('--gen_input', default='cell',
+                   help='GeneratingBlock input: cell (all of p_l) | op (its own op probability), D3')
+    p.add_argument('--gen_hidden', type=int, default=64, help='GeneratingBlock hidden width (Sec. 4.2)')
+    p.add_argument('--alpha_std', type=float, default=1.0, help='std of the random alphas of the train phase (D2)')
+    p.add_argument('--arch_split', default='train', help='data of the alpha step: train (Alg. 1) | val (D8)')
+    p.add_argument('--hyper_epochs', type=int, default=60, help='I_train: epochs of HyperNetwork training (D1)')
+    p.add_argument('--cross_start', type=int, default=90, help='I_cs^start: first cross-search epoch')
+    p.add_argument('--cross_end', type=int, default=100, help='I_cs^end: first epoch after cross-search')
+    p.add_argument('--epochs', type=int, default=120, help='I_total')
+    p.add_argument('--batch_size', type=int, default=98, help='Sec. 4.2')
+    p.add_argument('--learning_rate', type=float, default=0.025, help='w_G and weights: SGD, cosine')
+    p.add_argument('--learning_rate_min', type=float, default=0.0, help='end of the cosine schedule (D10)')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--weight_decay', type=float, default=3e-4, help='w_G and weights')
+    p.add_argument('--grad_clip', type=float, default=5.0, help='gradient-norm clip of the weights (DARTS)')
+    p.add_argument('--arch_learning_rate', type=float, default=3e-4, help='alpha: Adam, betas (0.5, 0.999)')
+    p.add_argument('--arch_weight_decay', type=float, default=1e-3, help='alpha')
+    p.add_argument('--seed', type=int, default=2, help='seeds weights, alphas, batches and augmentation')
+    p.add_argument('--gpu', type=int, default=0, help='CUDA device')
+    p.add_argument('--device', default=None, help='cpu to run on the CPU')
+    p.add_argument('--workers', type=int, default=2, help='data-loading processes')
+    p.add_argument('--report_freq', type=int, default=50, help='steps between progress lines')
+    p.add_argument('--save', default='runs/adwp',
+                   help='output folder: log, intensive_space.json, search_log.jsonl, genotype.json, checkpoint')
+    p.add_argument('--resume', nargs='?', const='', default=None,
+                   help='continue from a checkpoint (default: SAVE/checkpoint.pt)')
+    return p.parse_args(argv)
+
+
+def phase(epoch: int, hyper_epochs: int = 60, cross_start: int = 90, cross_end: int = 100) -> str:
+    """The phase of 0-based `epoch` (Alg. 1; spec §3): 'train', 'cross' or 'basic'."""
+    if epoch < hyper_epochs:
+        return 'train'
+    if cross_start <= epoch < cross_end:
+        return 'cross'
+    return 'basic'
+
+
+def first_selectable(hyper_epochs: int, cross_start: int, cross_end: int) -> int:
+    """The first epoch whose alpha can become alpha* (D9): the generator no longer changes after it, i.e.
+    from cross_end on, or from hyper_epochs on when there is no cross-search (Fig. 5's blue run)."""
+    return cross_end if cross_start < cross_end else hyper_epochs
+
+
+def check_args(args) -> None:
+    """Bad flag values become one-sentence errors."""
+    if (args.space_from is None) == (args.intensive_space is None):
+        raise utils.UserError(f'give exactly one of --space_from SEARCH_LOG (the log of a stage-0 search, '
+                              f'{STAGE0}) and --intensive_space JSON')
+    if args.dataset not in utils.DATASETS:
+        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
+    if args.gen_input not in GEN_INPUTS:
+        raise utils.UserError(f'unknown --gen_input {args.gen_input!r}; choose one of {", ".join(GEN_INPUTS)}')
+    if args.arch_split not in ('train', 'val'):
+        raise utils.UserError(f'unknown --arch_split {args.arch_split!r}; choose train or val')
+    if args.layers < 3:
+        raise utils.UserError(f'--layers {args.layers} is too few: the HyperNetwork needs at least 3 cells '
+                              f'(two of them reduction cells)')
+    for flag in ('epochs', 'batch_size', 'init_channels', 'synthetic_size', 'gen_hidden', 'K'):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    if args.n < 0:
+        raise utils.UserError(f'--n must be at least 0, got {args.n}')
+    if args.T != 2:
+        raise utils.UserError(f'--T {args.T} is not supported: the evaluation networks build DARTS\'s cell, '
+                              f'two inputs per node, so only --T 2 gives a genotype that train_cifar.py builds')
+    if args.K < args.T:
+        raise utils.UserError(f'--K {args.K} keeps fewer candidates per node than the --T {args.T} picked')
+    if not (0 <= args.hyper_epochs <= args.cross_start <= args.cross_end <= args.epochs):
+        raise utils.UserError(f'the phase boundaries must satisfy 0 <= --hyper_epochs <= --cross_start <= '
+                              f'--cross_end <= --epochs, got {args.hyper_epochs}, {args.cross_start}, '
+                              f'{args.cross_end}, {args.epochs}')
+    if first_selectable(args.hyper_epochs, args.cross_start, args.cross_end) >= args.epochs:
+        raise utils.UserError(f'no basic-search epoch follows the last update of the generator (--cross_end '
+                              f'{args.cross_end}, --epochs {args.epochs}), so alpha* cannot be chosen; raise '
+                              f'--epochs, or pass --cross_start {args.epochs} --cross_end {args.epochs} for a run '
+                              f'without cross-search')
+    if not (args.alpha_std > 0 and math.isfinite(args.alpha_std)):
+        raise utils.UserError(f'--alpha_std must be a positive number, got {args.alpha_std}')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 0: the intensive space from a DARTS search log
+
+
+def read_stage0_log(path: str, n: int) -> tuple[list, list, list]:
+    """(weights, accuracies, epochs) of a stage-0 search_log.jsonl: per epoch the softmaxed (alphas_normal,
+    alphas_reduce), val_acc / 100 (the held-out half, never the test set) and the epoch number."""
+    if not os.path.isfile(path):
+        raise utils.UserError(f'--space_from {path} does not exist; give the search_log.jsonl of a stage-0 '
+                              f'search, {STAGE0}')
+    records = []
+    with open(path) as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise utils.UserError(f'line {k} of {path} is not JSON; --space_from needs the search_log.jsonl '
+                                      f'that {STAGE0} writes') from None
+    rows = sum(2 + j for j in range(STEPS))
+    for r in records:
+        ok = (isinstance(r, dict) and r.get('primitives') == DARTS_PRIMITIVES
+              and all(k in r for k in ('epoch', 'val_acc', 'alphas_normal', 'alphas_reduce'))
+              and all(_shape(r[k]) == (rows, len(DARTS_PRIMITIVES)) for k in ('alphas_normal', 'alphas_reduce')))
+        if not ok:
+            ops = r.get('primitives') if isinstance(r, dict) else None
+            raise utils.UserError(
+                f'{path} is not the log of a DARTS-space search (epoch {r.get("epoch") if isinstance(r, dict) else "?"}'
+                f' has primitives {ops}); ADWPNAS needs the search_log.jsonl of {STAGE0}, whose records hold '
+                f'{rows} x {len(DARTS_PRIMITIVES)} alphas over {", ".join(DARTS_PRIMITIVES)}')
+    if len(records) <= n:
+        raise utils.UserError(f'{path} holds {len(records)} epoch(s), but the superiority window (--n {n}) needs '
+                              f'at least {n + 1}; run the stage-0 search for at least {n + 1} epochs (the paper: '
+                              f'30) or lower --n')
+    weights = [(r['alphas_normal'], r['alphas_reduce']) for r in records]
+    return weights, [r['val_acc'] / 100. for r in records], [r['epoch'] for r in records]
+
+
+def _shape(x) -> tuple | None:
+    if not isinstance(x, list) or not x or not all(isinstance(row, list) for row in x):
+        return None
+    return (len(x), len(x[0])) if len({len(row) for row in x}) == 1 else None
+
+
+def intensive_space(args) -> dict:
+    """{'space', 'K', 'n', 'epoch', 'table', 'source'}: selected from --space_from, or read from
+    --intensive_space (a file this script wrote, or a bare {"normal", "reduce"} object)."""
+    if args.space_from is not None:
+        weights, accs, epochs = read_stage0_log(args.space_from, args.n)
+        chosen = model_adwp.select_intensive_space(weights, accs, args.K, args.n, epochs)
+        return {**chosen, 'source': os.path.abspath(args.space_from)}
+    path = args.intensive_space
+    if not os.path.isfile(path):
+        raise utils.UserError(f'--intensive_space {path} does not exist; pass the intensive_space.json of an '
+                              f'earlier search_adwp.py run, or use --space_from')
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise utils.UserError(f'--intensive_space {path} is not valid JSON ({e})') from None
+    raw = data.get('space', data) if isinstance(data, dict) else data
+    try:
+        space = check_space(raw, None, path)
+    except SpaceError as e:
+        raise utils.UserError(str(e)) from None
+    K = len(space['normal'][0])
+    if K != args.K:
+        raise utils.UserError(f'{path} keeps {K} candidates per node but --K is {args.K}; pass --K {K}')
+    return {'K': K, 'n': data.get('n'), 'epoch': data.get('epoch'), 'space': space,
+            'table': data.get('table', []), 'source': os.path.abspath(path)}
+
+
+def space_json(space: dict) -> dict:
+    return {kind: [[list(c) for c in node] for node in cell] for kind, cell in space.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step and one epoch
+
+
+def adwp_step(model: HyperNetwork, phase_name: str, x, y, w_opt, a_opt, *, alpha_gen=None,
+              alpha_std: float = 1., grad_clip: float = 5., arch_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Alg. 1 in `phase_name`; returns the detached (loss, correct count) of the batch learnt from.
+
+    train: alpha is a fresh draw of N(0, alpha_std^2) (D2); the loss updates the weights only.
+    basic: alpha is the parameter; the loss updates alpha only (the weights stay bit-identical).
+    cross: one backward pass feeds both optimisers.
+    With `arch_batch` (--arch_split val, D8), alpha takes its step on that batch first, and the train
+    batch then updates the weights only (cross) or is not used (basic).
+    """
+    model.train()
+    update_w, update_a = GATES[phase_name]
+    alphas = model.alphas if update_a else model.sample_alphas(alpha_std, alpha_gen)
+    if update_a and arch_batch is not None:
+        xa, ya = arch_batch
+        a_opt.zero_grad(set_to_none=True)
+        logits = model(xa, alphas)
+        loss = F.cross_entropy(logits, ya)
+        loss.backward(inputs=model.arch_parameters())
+        a_opt.step()
+        if not update_w:
+            return loss.detach(), (logits.detach().argmax(1) == ya).sum()
+        update_a = False
+    weights = model.weights()
+    inputs = (weights if update_w else []) + (model.arch_parameters() if update_a else [])
+    w_opt.zero_grad(set_to_none=True)
+    a_opt.zero_grad(set_to_none=True)
+    logits = model(x, alphas)
+    loss = F.cross_entropy(logits, y)
+    loss.backward(inputs=inputs)
+    if update_w:
+        if grad_clip:
+            nn.utils.clip_grad_norm_(weights, grad_clip)
+        w_opt.step()
+    if update_a:
+        a_opt.step()
+    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+
+def train_epoch(model, phase_name, loader, w_opt, a_opt, *, device, alpha_gen, alpha_std, grad_clip,
+                arch_loader=None, progress=None, epoch=0, has_checkpoint=False) -> tuple[float, float]:
+    """One epoch of adwp_step; returns (mean loss, top-1 %) of the batches learnt from."""
+    loss_sum, correct, seen = 0., 0., 0
+    arch_iter = iter(arch_loader) if arch_loader is not None else None
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        arch_batch = None
+        if arch_iter is not None:
+            try:
+                xa, ya = next(arch_iter)
+            except StopIteration:  # the validation half is shorter: cycle it
+                arch_iter = iter(arch_loader)
+                xa, ya = next(arch_iter)
+            arch_batch = (xa.to(device, non_blocking=True), ya.to(device, non_blocking=True))
+        loss, right = adwp_step(model, phase_name, x, y, w_opt, a_opt, alpha_gen=alpha_gen, alpha_std=alpha_std,
+                                grad_clip=grad_clip, arch_batch=arch_batch)
+        value, right = torch.stack([loss.float(), right.float()]).tolist()  # the one sync per step
+        if not math.isfinite(value):
+            kept = f'the last checkpoint (epoch {epoch}) is kept' if has_checkpoint else 'no checkpoint was written'
+            raise utils.NonFiniteLoss(f'the search loss became {value} at epoch {epoch + 1} ({phase_name} phase), '
+                                      f'step {step + 1}, and {kept}: lower --learning_rate or '
+                                      f'--arch_learning_rate and start again or --resume')
+        n = x.shape[0] if arch_batch is None or GATES[phase_name][0] else arch_batch[0].shape[0]
+        loss_sum, correct, seen = loss_sum + value * n, correct + right, seen + n
+        if progress is not None:
+            progress.step(step, n, f'loss {loss_sum / seen:.3f} top1 {100 * correct / seen:.2f}')
+    return loss_sum / seen, 100 * correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: HyperNetwork, loader, device, alphas=None, alpha_gen=None,
+             alpha_std: float = 1.) -> tuple[float, float]:
+    """(loss, top-1 %) over the loader with predicted weights: for `alphas` (kernels generated once), or,
+    with alphas None, a fresh random alpha per batch (the train phase's distribution)."""
+    model.eval()  # every BN uses batch statistics anyway (D7)
+    fixed = None
+    if alphas is not None:
+        p = model.probabilities(alphas)
+        alive = None if bool(torch.isfinite(alphas).all()) else (p > 0).flatten(1).tolist()
+        fixed = (p, model.generate(p, alive), alive)
+    loss_sum, correct, seen = 0., 0., 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if fixed is not None:
+            logits = model.run(x, *fixed[:2], fixed[2])
+        else:
+            logits = model(x, model.sample_alphas(alpha_std, alpha_gen))
+        loss_sum += F.cross_entropy(logits, y, reduction='sum').item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += x.shape[0]
+    return loss_sum / seen, 100 * correct / seen
+
+
+def alpha_generator(g: torch.Generator) -> torch.Generator:
+    """The epoch's generator of Stage-1 alphas: its own stream (not the global RNG, which the augmentation
+    of --workers 0 also draws from), seeded from the epoch's seed and apart from every loader seed."""
+    return torch.Generator().manual_seed(2 ** 32 + g.initial_seed())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def settings_of(args, space: dict) -> dict:
+    """What must match when a search resumes."""
+    keys = ('dataset', 'synthetic_size', 'train_portion', 'layers', 'init_channels', 'K', 'T', 'gen_input',
+            'gen_hidden', 'alpha_std', 'arch_split', 'hyper_epochs', 'cross_start', 'cross_end', 'epochs',
+            'batch_size', 'seed')
+    return {**{k: getattr(args, k) for k in keys}, 'intensive_space': space_json(space)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    check_args(args)
+    ckpt_path = os.path.join(args.save, 'checkpoint.pt')
+    args.resume = utils.resume_path(ckpt_path, args.resume)
+    chosen = intensive_space(args)
+    space = chosen['space']
+    settings = settings_of(args, space)
+    ckpt = None
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        for key, value in settings.items():
+            utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
+    device = utils.get_device(args.gpu, args.device)
+    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
+    train_idx, val_idx = utils.search_split(len(data), args.train_portion)
+
+    logger = utils.get_logger(args.save, 'search_adwp')
+    logger.info('args = %s', vars(args))
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    utils.write_json(os.path.join(args.save, 'intensive_space.json'),
+                     {'K': chosen['K'], 'n': chosen['n'], 'epoch': chosen['epoch'], 'source': chosen['source'],
+                      'space': space_json(space), 'table': chosen['table']})
+    logger.info('intensive space (K = %d) from %s, epoch %s', chosen['K'], chosen['source'], chosen['epoch'])
+    for row in chosen['table']:
+        s = row['superiority']
+        logger.info('  stage-0 epoch %3d  val_acc %.4f  superiority %s', row['epoch'], row['accuracy'],
+                    '-' if s is None else f'{s:.4f}')
+    for kind in ('normal', 'reduce'):
+        for j, node in enumerate(space[kind]):
+            logger.info('  %s node %d: %s', kind, j + 2, ', '.join(f'{op}<-{i}' for op, i in node))
+
+    utils.set_seed(args.seed)
+    model = HyperNetwork(args.init_channels, utils.NUM_CLASSES[args.dataset], args.layers, space,
+                         args.gen_input, args.gen_hidden).to(device)
+    w_opt = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
+                            weight_decay=args.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=args.arch_learning_rate, betas=(0.5, 0.999),
+                             weight_decay=args.arch_weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, float(args.epochs), eta_min=args.learning_rate_min)
+    n_gen = sum(p.numel() for p in model.generator_parameters())
+    n_all = sum(p.numel() for p in model.weights())
+    logger.info('HyperNetwork: %d cells, %d channels, alphas %s; w_G %d weights in %d GeneratingBlocks, '
+                'ordinary weights %d', args.layers, args.init_channels, tuple(model.alphas.shape), n_gen,
+                sum(len(c.generators) for c in model.cells), n_all - n_gen)
+    logger.info('macro space: C(%d, %d)^(4 x %d) = %.2e architectures; phases: train [0, %d), basic, cross [%d, '
+                '%d), basic to %d', args.K, args.T, args.layers, model_adwp.macro_space_size(args.K, args.T, STEPS, args.layers),
+                args.hyper_epochs, args.cross_start, args.cross_end, args.epochs)
+
+    log_path = os.path.join(args.save, 'search_log.jsonl')
+    geno_path = os.path.join(args.save, 'genotype.json')
+    start_epoch = 0
+    best = {'epoch': None, 'val_acc': None, 'alphas': None}
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        w_opt.load_state_dict(ckpt['optimizer'])
+        a_opt.load_state_dict(ckpt['arch_optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        best = ckpt['best']
+        start_epoch = ckpt['epoch']
+        utils.trim_jsonl(log_path, start_epoch)
+        logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # left by a run that stopped before its first checkpoint
+
+    pin = device.type == 'cuda'
+    train_data = torch.utils.data.Subset(data, train_idx)
+    val_data = torch.utils.data.Subset(data, val_idx)
+    val_loader = utils.make_loader(val_data, args.batch_size, False, args.workers, pin=pin)
+    select_from = first_selectable(args.hyper_epochs, args.cross_start, args.cross_end)
+    for epoch in range(start_epoch, args.epochs):
+        name = phase(epoch, args.hyper_epochs, args.cross_start, args.cross_end)
+        g = utils.seed_epoch(args.seed, epoch)
+        alpha_gen = alpha_generator(g)
+        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+        arch_loader = None
+        if args.arch_split == 'val' and GATES[name][1]:
+            arch_loader = utils.make_loader(val_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+        lr = scheduler.get_last_lr()[0]
+        logger.info('epoch %d/%d (%s) lr %e', epoch + 1, args.epochs, name, lr)
+        start = time.time()
+        progress = utils.Progress(len(train_loader), args.report_freq, logger, prefix=f'epoch {epoch + 1} ')
+        train_loss, train_acc = train_epoch(
+            model, name, train_loader, w_opt, a_opt, device=device, alpha_gen=alpha_gen, alpha_std=args.alpha_std,
+            grad_clip=args.grad_clip, arch_loader=arch_loader, progress=progress, epoch=epoch,
+            has_checkpoint=epoch > 0)
+        scheduler.step()
+        # the train phase has no alpha of its own: its val figure is the mean over random architectures
+        val_loss, val_acc = evaluate(model, val_loader, device, None if name == 'train' else model.alphas.detach(),
+                                     alpha_gen, args.alpha_std)
+        seconds = time.time() - start
+        genotype = genotypes.validate(model.genotype(args.T))
+        selectable = epoch >= select_from
+        if selectable and (best['val_acc'] is None or val_acc >= best['val_acc']):  # ties: the later epoch (D9)
+            best = {'epoch': epoch + 1, 'val_acc': val_acc, 'alphas': model.alphas.detach().cpu().clone()}
+        logger.info('epoch %d (%s): train_loss %.4f train_acc %.2f val_loss %.4f val_acc %.2f (%.1f s)%s',
+                    epoch + 1, name, train_loss, train_acc, val_loss, val_acc, seconds,
+                    f'; alpha* from epoch {best["epoch"]} (val_acc {best["val_acc"]:.2f})' if best['epoch'] else '')
+        p = model.probabilities(model.alphas.detach().cpu().double())
+        record = {'epoch': epoch + 1, 'phase': name, 'lr': lr, 'train_loss': train_loss, 'train_acc': train_acc,
+                  'val_loss': val_loss, 'val_acc': val_acc, 'seconds': seconds, 'selectable': selectable,
+                  'best_epoch': best['epoch'], 'alphas': p.numpy().round(6).tolist(),
+                  'genotype': json.loads(genotypes.to_json(genotype))}
+        utils.append_jsonl(log_path, record)
+        if best['epoch'] == epoch + 1:
+            genotypes.save(genotype, geno_path)
+        utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(), 'optimizer': w_opt.state_dict(),
+                               'arch_optimizer': a_opt.state_dict(), 'scheduler': scheduler.state_dict(),
+                               'settings': settings, 'best': best, 'args': vars(args)}, ckpt_path)
+
+    final = genotypes.validate(model.genotype(args.T, best['alphas']))
+    logger.info('final genotype: alpha* from epoch %d (val_acc %.2f); train it with train_cifar.py --genotype_file '
+                '%s, or paste:\n%s', best['epoch'], best['val_acc'], geno_path, genotypes.macro_repr(final))
+    return {'genotype': final, 'best_epoch': best['epoch'], 'best_val_acc': best['val_acc']}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ranking check (spec §7.10): do predicted weights rank architectures as training from scratch does?
+
+
+def kendall_tau(a: list, b: list) -> float:
+    """Kendall's tau-b of two equally long sequences (ties in either count as neither concordant nor
+    discordant; tau-b corrects the denominator for them). nan when either sequence is constant."""
+    n = len(a)
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return (concordant - discordant) / denom if denom else float('nan')
+
+
+def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, hyper_epochs: int = 3,
+                  scratch_epochs: int = 3, batch_size: int = 32, dataset: str = 'synthetic', data_root: str = 'data',
+                  synthetic_size: int = 512, seed: int = 0, device=None, logger=None) -> dict:
+    """Train a HyperNetwork for `hyper_epochs` of Stage 1, then for `archs` random discrete architectures
+    (top-2 of random alphas) compare the val top-1 with predicted weights (D14) against the val top-1 of
+    NetworkCIFAR trained from scratch for `scratch_epochs` on the same train half. Returns per-architecture
+    rows, Kendall's tau and the chance level."""
+    from model import NetworkCIFAR
+    device = device or torch.device('cpu')
+    data = utils.get_dataset(dataset, data_root, train=True, synthetic_size=synthetic_size)
+    train_idx, val_idx = utils.search_split(len(data), 0.5)
+    train_data, val_data = torch.utils.data.Subset(data, train_idx), torch.utils.data.Subset(data, val_idx)
+    val_loader = utils.make_loader(val_data, batch_size, False, 0)
+    num_classes = utils.NUM_CLASSES[dataset]
+
+    utils.set_seed(seed)
+    model = HyperNetwork(C, num_classes, layers, space).to(device)
+    w_opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    a_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, float(hyper_epochs))
+    for epoch in range(hyper_epochs):
+        g = utils.seed_epoch(seed, epoch)
+        loader = utils.make_loader(train_data, batch_size, True, 0, generator=g)
+        loss, acc = train_epoch(model, 'train', loader, w_opt, a_opt, device=device, alpha_gen=alpha_generator(g),
+                                alpha_std=1., grad_clip=5.)
+        sched.step()
+        if logger:
+            logger.info(f'stage 1 epoch {epoch + 1}/{hyper_epochs}: loss {loss:.3f} top1 {acc:.2f}')
+
+    sampler = torch.Generator().manual_seed(seed + 12345)
+    rows = []
+    for k in range(archs):
+        genotype = genotypes.validate(model.genotype(2, model.sample_alphas(1., sampler)))
+        predicted = evaluate(model, val_loader, device, model.discrete_alphas(genotype))[1]
+        utils.set_seed(seed + k)
+        net = NetworkCIFAR(C, num_classes, layers, False, genotype).to(device)
+        opt = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(scratch_epochs))
+        for epoch in range(scratch_epochs):
+            g = utils.seed_epoch(seed + k, epoch)
+            utils.train_epoch(net, utils.make_loader(train_data, batch_size, True, 0, generator=g), opt,
+                              nn.CrossEntropyLoss(), device)
+            s.step()
+        scratch = utils.evaluate(net, val_loader, nn.CrossEntropyLoss(), device)[1]
+        rows.append({'arch': k, 'predicted_acc': predicted, 'scratch_acc': scratch,
+                     'params': utils.count_params(net), 'genotype': genotype})
+        if logger:
+            logger.info(f'architecture {k + 1}/{archs}: predicted weights {predicted:.2f}%, from scratch '
+                        f'{scratch:.2f}%')
+    tau = kendall_tau([r['predicted_acc'] for r in rows], [r['scratch_acc'] for r in rows])
+    return {'rows': rows, 'kendall_tau': tau, 'chance_acc': 100. / num_classes}
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
