@@ -3,11 +3,16 @@
     python bench_search.py --gpu 0                 # full size, on CUDA
     python bench_search.py --device cpu --iters 3  # the same on the CPU (slow)
     python bench_search.py --device cpu --adwp_ranking 8   # ADWPNAS ranking check instead (spec adwpnas §7.10)
+    python bench_search.py --gpu 0 --eoinas        # EoiNAS iterations as ops are pruned, against darts
 
 Rows:
 - search, DARTS space, no AGS: the repo's stand-in for DARTS's own code. It is the baseline of the ratio column.
 - search, NOS space, with AGS: the PyramidNet-110 teacher, first-order.
 - retraining: `train_cifar.py`'s step at 20 cells / 36 channels, in fp32 and (on CUDA) in bf16 + channels_last.
+
+`--eoinas` prints its own table instead: the `darts` method on the DARTS space (no AGS) against EoiNAS's
+iteration (`eoinas.EoiNASMethod.step` after the warm-up: weight step, then A step, each on a Gumbel
+sample) with 8, 4, 2 ... ops alive per edge (`--alive`), and with the hard one-op forward.
 
 One search iteration is what `train_search.py` runs per batch: the architecture step (Eq. 13) plus the weight
 step (Eq. 12), each a forward, a backward and an optimizer step. Inputs are random tensors already on the
@@ -31,10 +36,12 @@ from torch import nn
 import agnas
 import genotypes
 import utils
+from eoinas import EoiNASMethod
 from model import NetworkCIFAR
 from model_search import Network
 from teacher import PyramidNet, pyramid_widths
 from train_search import Architect, search_step
+from train_search import parse_args as search_args
 
 
 def parse_args(argv=None):
@@ -63,6 +70,8 @@ def parse_args(argv=None):
     adwp.add_argument('--adwp_scratch_epochs', type=int, default=3, help='training epochs of each net')
     adwp.add_argument('--adwp_batch_size', type=int, default=32, help='batch of both trainings')
     adwp.add_argument('--adwp_seed', type=int, default=0, help='seeds data order, weights and the architectures')
+    p.add_argument('--eoinas', action='store_true', help='time EoiNAS as ops are pruned (its own table)')
+    p.add_argument('--alive', type=int, nargs='+', default=[8, 4, 2], help='--eoinas: ops alive per edge')
     return p.parse_args(argv)
 
 
@@ -102,6 +111,48 @@ def search_row(space: str, lambda_at: float, batch: int, args, device, teacher) 
         out['train_ce'].item()  # train_search.py syncs once per step too
 
     return timed(step, device, args.warmup, args.iters)
+
+
+# Ops kept when a row has k alive, most expensive first: the convolutions survive, so the saving
+# measured is the smallest a prune order can give (the parameter-free ops go first).
+EOINAS_KEEP = ['sep_conv_5x5', 'sep_conv_3x3', 'dil_conv_5x5', 'dil_conv_3x3', 'skip_connect', 'max_pool_3x3',
+               'avg_pool_3x3', 'none']
+
+
+def eoinas_row(alive: int, hard: bool, batch: int, args, device) -> tuple[float, float]:
+    """One EoiNAS iteration on the DARTS space with `alive` ops per edge (EOINAS_KEEP's first), or hard."""
+    sargs = search_args(['--method', 'eoinas', '--space', 'darts', '--layers', str(args.layers),
+                         '--init_channels', str(args.init_channels)] + (['--gumbel_hard'] if hard else []))
+    torch.manual_seed(0)
+    model = Network(args.init_channels, 10, args.layers, space='darts').to(device)
+    mask = torch.tensor([op in EOINAS_KEEP[:alive] for op in model.ops]).expand_as(model.alive_normal)
+    model.set_alive(mask, mask)
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    method = EoiNASMethod(model, sargs)
+    method.start_epoch(sargs.eoi_warmup)  # after the warm-up: both steps and the statistics
+    x, xv = torch.randn(2, batch, 3, 32, 32, device=device)
+    y, yv = torch.randint(10, (2, batch), device=device)
+
+    def step():
+        out = method.step(x, y, xv, yv, None, 0.025, optimizer)
+        out['train_ce'].item()
+
+    return timed(step, device, args.warmup, args.iters)
+
+
+def eoinas_table(args, device) -> None:
+    """darts against EoiNAS at each --alive count and hard, per batch size; ratios to darts."""
+    print(f'{"method":8} {"sampling":9} {"alive/edge":>10} {"batch":>5} {"ms/iter":>9} {"images/s":>9} '
+          f'{"peak GiB":>9} {"vs darts":>9}')
+    for batch in args.batch_size:
+        base, peak = search_row('darts', 0., batch, args, device, None)
+        rows = [('darts', 'softmax', 8, base, peak)]
+        for k in args.alive:
+            rows.append(('eoinas', 'soft', k, *eoinas_row(k, False, batch, args, device)))
+        rows.append(('eoinas', 'hard', 1, *eoinas_row(8, True, batch, args, device)))
+        for method, sampling, k, t, peak in rows:
+            print(f'{method:8} {sampling:9} {k:10d} {batch:5d} {t * 1e3:9.1f} {2 * batch / t:9.0f} {peak:9.2f} '
+                  f'{t / base:8.2f}x')
 
 
 def retrain_row(batch: int, amp: bool, args, device) -> tuple[float, float]:
@@ -222,8 +273,12 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     if args.agnas_only:
         return print_agnas_table(args, device)
-    teacher = PyramidNet(args.teacher_depth, 84, 10, True).to(device).eval().requires_grad_(False)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
+    if args.eoinas:
+        print(f'device: {name}; torch {torch.__version__}; search net {args.layers} cells / {args.init_channels} '
+              f'ch, DARTS space; median of {args.iters} after {args.warmup} warm-up')
+        return eoinas_table(args, device)
+    teacher = PyramidNet(args.teacher_depth, 84, 10, True).to(device).eval().requires_grad_(False)
     print(f'device: {name}; torch {torch.__version__}; search net {args.layers} cells / {args.init_channels} '
           f'ch, teacher PyramidNet-{args.teacher_depth}; median of {args.iters} after {args.warmup} warm-up')
     rows = []

@@ -186,6 +186,23 @@ def validate_staged(genotype: StagedGenotype) -> StagedGenotype:
     return StagedGenotype(**fields)
 
 
+# EoiNAS: NOT the paper's cell. The paper shows its searched cells only as a drawing (Fig. 6), and the
+# authors' repository (ZLab540/EoiNAS c337faa) holds several unlabelled candidates. This one is `GNAS` of
+# its EoiNAS_train_semantic/genotypes.py (cell lists verbatim): of the candidates it is the closest to the
+# paper's sizes (3.45M weights at CIFAR 20 cells / 36 channels against Table 1's 3.4M; 5.04M weights at
+# ImageNet 14 / 48 against Table 2's 5.0M, and 548M multiply-adds by utils.count_macs, 587M by the spec's
+# count, against 570M) and to §4.6's description (a chain 2->3->4->5, skips from the inputs at nodes 3-5).
+# Unverified (../shared/spec/eoinas.md §6): to reproduce EoiNAS, retrain the genotype.json of your own
+# `train_search.py --method eoinas --space darts` run.
+EOINAS_REPO_CANDIDATE = Genotype(
+    normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 2),
+            ('skip_connect', 1), ('sep_conv_5x5', 3), ('skip_connect', 1), ('dil_conv_5x5', 4)],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_5x5', 1),
+            ('sep_conv_5x5', 0), ('dil_conv_5x5', 3), ('dil_conv_5x5', 2), ('dil_conv_5x5', 3)],
+    reduce_concat=[2, 3, 4, 5])
+
+
 def edge_names(two_tier: bool = True, steps: int = STEPS) -> list[str]:
     """Names of the rows of a search network's A, in its edge order (spec §2): first-tier edges
     'i->k\'' into surrogate node k' (DARTS order), then second-tier edges 'k\'->k'; DARTS's single

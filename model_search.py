@@ -22,6 +22,11 @@ architecture parameters. The gated edge lives in agnas.py (this file never impor
 take a mixed-op factory, and `agnas.build_network` passes the gated one. The Network collects each edge's
 mean gates (`reset_importance`, `importance`) and derives one cell per supernet cell (`cell_genotypes`) and a
 staged genotype from them (`genotype(stage_cell)`, `staged_genotype`).
+Pruning and sampling (EoiNAS, ../shared/spec/eoinas.md §8) mask rather than delete: the bool buffers
+`alive_normal` / `alive_reduce` (all True unless a method prunes) keep every shape fixed, so checkpoints
+and --resume work unchanged, and each MixedOp computes its alive ops only. `Network.tau` switches the edge
+weights from the softmax (None, DARTS) to one Gumbel-softmax sample per forward and cell type
+(`sample_weights`).
 """
 from __future__ import annotations
 
@@ -71,6 +76,23 @@ def resolve_ops(space: str = 'nos', ops=None) -> list[str]:
     return ops
 
 
+def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """softmax over each row's alive ops (Eq. 2 of EoiNAS); pruned entries are exactly 0."""
+    return F.softmax(alpha.masked_fill(~alive, float('-inf')), dim=-1)
+
+
+def sample_weights(alpha: torch.Tensor, alive: torch.Tensor, tau: float, hard: bool = False):
+    """One Gumbel-softmax sample per row over the alive ops (EoiNAS Eq. 5; spec §1).
+
+    Soft (EoiNAS's code): h = softmax((alpha + g) / tau), g ~ Gumbel(0, 1), pruned entries 0. Hard (GDAS):
+    the one-hot of argmax h with the straight-through gradient of h. Returns (weights, index) where index
+    = argmax(alpha + g) per row, distributed as Categorical(softmax(alpha)) over the alive ops whatever tau.
+    Noise is drawn for every entry, pruned or not, so the random stream does not depend on what is alive.
+    """
+    weights = F.gumbel_softmax(alpha.masked_fill(~alive, float('-inf')), tau=tau, hard=hard, dim=-1)
+    return weights, weights.detach().argmax(dim=-1)
+
+
 class MixedOp(nn.Module):
     """One relaxed edge (Eq. 11): every op applied to X, weighted by w = softmax(a_edge), grouped by kind.
 
@@ -78,6 +100,11 @@ class MixedOp(nn.Module):
     attention ops (None without any; spatial (N,1,H,W) and channel (N,C,1,1) maps broadcast to
     (N,C,H,W)); the list of w_o * o(X) for dynamic ops. Pools are followed by BatchNorm(affine=False),
     as in DARTS's MixedOp. DARTS's `none` counts as a feature op (it adds w * 0, exactly as in DARTS).
+
+    Only the ops in `active` (op indices; all by default) are computed: the Network sets it to the edge's
+    alive ops, or to the one sampled op in hard mode. Features are None when no active op is a feature
+    op (possible on a pruned NOS edge). `skip_dropout` > 0 applies dropout after a stride-1 skip_connect
+    (EoiNAS's code; spec §1).
     """
 
     def __init__(self, C: int, stride: int, ops: list[str]):
@@ -92,13 +119,22 @@ class MixedOp(nn.Module):
         self.feature_idx = [i for i, k in enumerate(kinds) if k in ('feature', 'none')]
         self.attention_idx = [i for i, k in enumerate(kinds) if k == 'attention']
         self.dynamic_idx = [i for i, k in enumerate(kinds) if k == 'dynamic']
+        self.active = list(range(len(ops)))
+        self.skip_idx = ops.index('skip_connect') if 'skip_connect' in ops and stride == 1 else None
+        self.skip_dropout = 0.
+
+    def _run(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self._ops[i](x)
+        if i == self.skip_idx and self.skip_dropout > 0:
+            out = F.dropout(out, self.skip_dropout, self.training)
+        return out
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor):
-        features = sum(weights[i] * self._ops[i](x) for i in self.feature_idx)
-        attention = (sum(weights[i] * self._ops[i](x) for i in self.attention_idx)
-                     if self.attention_idx else None)
-        kernels = [weights[i] * self._ops[i](x) for i in self.dynamic_idx]
-        return features, attention, kernels
+        active = self.active
+        features = [weights[i] * self._run(i, x) for i in self.feature_idx if i in active]
+        attention = [weights[i] * self._run(i, x) for i in self.attention_idx if i in active]
+        kernels = [weights[i] * self._run(i, x) for i in self.dynamic_idx if i in active]
+        return sum(features) if features else None, sum(attention) if attention else None, kernels
 
 
 def _add(a, b):
@@ -166,14 +202,20 @@ class NOSCell(_CellBase):
             feats, att, kernels = None, None, []
             for j, h in enumerate(states):
                 f, a, d = self._ops[offset + j](h, weights[offset + j])
-                feats = _add(feats, f)                 # Eq. 2
+                if f is not None:
+                    feats = _add(feats, f)             # Eq. 2
                 if a is not None:
                     att = _add(att, a)                 # Eq. 3
                 kernels += d                           # Eq. 4
             offset += len(states)
+            if feats is None:
+                raise RuntimeError(f'node {k + 2}: no first-tier edge has an alive feature op (a pruning '
+                                   f'rule was broken)')
             surrogate = calibrate(feats, att, kernels)  # Eq. 5: S_k = F + F*A + sum_D dwconv(F, D)
             f, a, d = self._second[k](surrogate, weights[self._num_first + k])  # Eq. 6-8
-            states.append(calibrate(f, a, d))           # Eq. 9
+            # A pruned second tier may hold no feature op: F is then S_k itself, the residual that the
+            # evaluation network's block applies an attention or dynamic second-tier op to (nos.md §4).
+            states.append(calibrate(surrogate if f is None else f, a, d))  # Eq. 9
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
@@ -250,10 +292,17 @@ class Network(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
+        k = sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0)
         if method != 'agnas':  # AGNAS has no architecture parameters: the gates decide (agnas.md §3)
-            k = sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0)
             self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
             self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
+        # Alive ops per row (pruning masks, never deletes: shapes stay fixed for checkpoints and --resume).
+        self.register_buffer('alive_normal', torch.ones(k, len(self.ops), dtype=torch.bool))
+        self.register_buffer('alive_reduce', torch.ones(k, len(self.ops), dtype=torch.bool))
+        self.tau = None            # None: softmax relaxation (DARTS); a float: Gumbel-softmax temperature
+        self.gumbel_hard = False   # with tau: GDAS's one-op forward, straight-through gradient
+        self.last_sample = None    # with tau: (2, rows) sampled op per row (normal, reduce) of the last forward
+        self._sync_alive()
 
     # -- parameters ---------------------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -274,7 +323,64 @@ class Network(nn.Module):
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
                 x.copy_(y)
+        model_new.set_alive(self.alive_normal, self.alive_reduce)
         return model_new
+
+    # -- alive ops (pruning) ------------------------------------------------------------------------------
+    def set_alive(self, normal: torch.Tensor, reduce: torch.Tensor) -> None:
+        """Set the alive masks (bool, rows x ops); every row keeps at least one op."""
+        with torch.no_grad():
+            self.alive_normal.copy_(normal)
+            self.alive_reduce.copy_(reduce)
+        self._sync_alive()
+
+    def _sync_alive(self) -> None:
+        """Cache the alive op indices per row on the CPU (once per prune or load, not per forward)."""
+        rows = [m.tolist() for m in (self.alive_normal, self.alive_reduce)]
+        if any(not any(r) for m in rows for r in m):
+            raise ValueError('every row of the alive masks needs at least one alive op')
+        self._alive_rows = [[[o for o, a in enumerate(r) if a] for r in m] for m in rows]
+        self._all_alive = all(all(r) for m in rows for r in m)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # a checkpoint written before the masks existed has every op alive
+        state_dict = {'alive_normal': torch.ones_like(self.alive_normal),
+                      'alive_reduce': torch.ones_like(self.alive_reduce), **state_dict}
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._sync_alive()
+        return result
+
+    def set_skip_dropout(self, p: float) -> None:
+        """Dropout after every stride-1 skip_connect (EoiNAS's search net; 0 turns it off)."""
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.skip_dropout = p
+
+    def _set_active(self, rows_normal, rows_reduce) -> None:
+        for cell in self.cells:
+            edges = list(cell._ops) + list(getattr(cell, '_second', []))  # the rows of A, in order
+            for op, active in zip(edges, rows_reduce if cell.reduction else rows_normal):
+                op.active = active
+
+    def edge_weights(self):
+        """(normal, reduce) weights of the mixed edges for one forward: the (masked) softmax of A, or
+        with `tau` one Gumbel-softmax sample per cell type shared by all its cells (EoiNAS Eq. 5)."""
+        if self.tau is None:
+            self._set_active(*self._alive_rows)
+            if self._all_alive:
+                return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
+            return (masked_softmax(self.alphas_normal, self.alive_normal),
+                    masked_softmax(self.alphas_reduce, self.alive_reduce))
+        (w_normal, i_normal), (w_reduce, i_reduce) = (
+            sample_weights(a, m, self.tau, self.gumbel_hard)
+            for a, m in ((self.alphas_normal, self.alive_normal), (self.alphas_reduce, self.alive_reduce)))
+        self.last_sample = torch.stack([i_normal, i_reduce])
+        if self.gumbel_hard:  # one op per edge; the indices go to the CPU once per forward, as in GDAS
+            picked = self.last_sample.tolist()
+            self._set_active(*([[i] for i in rows] for rows in picked))
+        else:
+            self._set_active(*self._alive_rows)
+        return w_normal, w_reduce
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,8 +389,10 @@ class Network(nn.Module):
     def forward_stages(self, x: torch.Tensor):
         """(logits, [s1, s2, s3]): the outputs of the cells that pair with the teacher's three stages."""
         gated = self.method == 'agnas'  # AGNAS's edges weight themselves
-        w_normal = None if gated else F.softmax(self.alphas_normal, dim=-1)
-        w_reduce = None if gated else F.softmax(self.alphas_reduce, dim=-1)
+        if gated:
+            w_normal = w_reduce = None
+        else:
+            w_normal, w_reduce = self.edge_weights()
         s0 = s1 = self.stem(x)
         stages = []
         for i, cell in enumerate(self.cells):
@@ -299,15 +407,20 @@ class Network(nn.Module):
 
     # -- derivation ---------------------------------------------------------------------------------------
     def arch_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """The softmaxed rows of A (normal, reduce) as float64 arrays."""
-        return tuple(F.softmax(a.detach().float(), dim=-1).cpu().double().numpy()
-                     for a in self.arch_parameters())
+        """The softmaxed rows of A (normal, reduce) over the alive ops, as float64 arrays (pruned: 0)."""
+        return tuple(masked_softmax(a.detach().float(), m).cpu().double().numpy()
+                     for a, m in zip(self.arch_parameters(), (self.alive_normal, self.alive_reduce)))
 
     def genotype(self, stage_cell: str = 'first', importance=None) -> Genotype | genotypes.StagedGenotype:
-        """The derived genotype; under method 'agnas' the staged one (see `staged_genotype`)."""
+        """The derived genotype; under method 'agnas' the staged one (see `staged_genotype`). Otherwise the
+        discrete cell derived from `importance` ((normal, reduce) rows x ops; default: the softmaxed A), with
+        pruned entries set to -inf so that only alive ops can be chosen (EoiNAS §3.3; spec §5)."""
         if self.method == 'agnas':
             return self.staged_genotype(stage_cell, importance)
-        wn, wr = self.arch_weights()
+        if importance is None:
+            importance = self.arch_weights()
+        wn, wr = (np.where(m.cpu().numpy(), _as_array(w), -np.inf)
+                  for w, m in zip(importance, (self.alive_normal, self.alive_reduce)))
         derive = derive_cell if self.space == 'nos' else derive_darts_cell
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
         return Genotype(normal=derive(wn, self.ops, self._steps), normal_concat=concat,

@@ -6,6 +6,9 @@ attention maps as an extra loss). A method is an object with a small interface (
 `darts` method); each other method lives in the file named after it and is registered in METHODS. Flags
 a user does not give take the method's paper value (METHOD_DEFAULTS); the log prints what was used.
 
+--method eoinas (eoinas.py): Gumbel-softmax sampling, the operation-importance indicator and gradual
+operation pruning (EoiNAS; ../shared/spec/eoinas.md), on either space.
+
 --method darts: each step first updates the architecture matrices A on a validation batch (Eq. 13), then the network
 weights on a training batch (Eq. 12); with --lambda_at > 0 both objectives add lambda * L_AT, the
 attention-transfer loss against a frozen teacher's stage outputs of the same batch (spec §6).
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 import agnas
+import eoinas
 import genotypes
 import utils
 from genotypes import OP_SUBSETS
@@ -91,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--layers', type=int, default=8, help='cells of the proxy network')
     p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set for weights')
     p.add_argument('--lambda_at', type=float, default=None,
-                   help='AGS weight; 0 = no teacher (default: the method\'s: 1000 for darts)')
+                   help='AGS weight; 0 = no teacher (default: the method\'s: 1000 for darts, 0 for eoinas)')
     p.add_argument('--at_levels', default='both',
                    help='where AGS enters: both (Eq. 12 and 13) | weights (Eq. 12 only: "distillation only", Fig. 6)')
     p.add_argument('--teacher', default=None,
@@ -112,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'or the folder of --resume PATH)')
     p.add_argument('--resume', nargs='?', const='', default=None,
                    help='continue from a checkpoint (default: SAVE/checkpoint.pt); see RESUME_MAY_CHANGE')
+    eoinas.add_args(p)
     args = p.parse_args(argv)
     fill_method_defaults(args)
     return args
@@ -131,6 +136,11 @@ def check_args(args) -> None:
         raise utils.UserError(f'unknown --method {args.method!r}; valid methods: {", ".join(METHODS)}')
     if args.stage_cell not in STAGE_CELLS:
         raise utils.UserError(f'unknown --stage_cell {args.stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
+    for name, cls in METHODS.items():  # a method's own flags would be ignored by another method
+        given = [f for f in getattr(cls, 'flags', ()) if name != args.method and getattr(args, f, None) is not None]
+        if given:
+            raise utils.UserError(f'--{given[0]} belongs to --method {name} and --method {args.method} would ignore '
+                                  f'it; drop it or pass --method {name}')
     if args.at_levels not in AT_LEVELS:
         raise utils.UserError(f'unknown --at_levels {args.at_levels!r}; valid values: {", ".join(AT_LEVELS)}')
     if args.space not in SPACES:
@@ -177,12 +187,15 @@ class Architect:
     (`unrolled`): at the weights after one virtual SGD step w' = w - eta * (momentum * buf + grad + wd * w)
     on the training objective, minus eta times the Hessian-vector product, by finite differences.
     The unrolled copy of the network is built once here (not per step), so a run consumes the random
-    generator identically whether or not it was resumed.
+    generator identically whether or not it was resumed. `arch_grad_clip` > 0 clips A's gradient norm
+    before the Adam step (EoiNAS's code); DARTS does not clip.
     """
 
     def __init__(self, model: Network, *, momentum: float, weight_decay: float, arch_learning_rate: float,
-                 arch_weight_decay: float, lambda_at: float = 0., unrolled: bool = False):
+                 arch_weight_decay: float, lambda_at: float = 0., unrolled: bool = False,
+                 arch_grad_clip: float = 0.):
         self.model = model
+        self.arch_grad_clip = arch_grad_clip
         self.network_momentum = momentum
         self.network_weight_decay = weight_decay
         self.lambda_at = lambda_at
@@ -206,6 +219,8 @@ class Architect:
         for p, g in zip(arch, grads):
             p.grad = g
         utils.average_gradients(arch)
+        if self.arch_grad_clip:
+            nn.utils.clip_grad_norm_(arch, self.arch_grad_clip)
         self.optimizer.step()
         return ce.detach(), at.detach(), logits.detach()
 
@@ -285,6 +300,8 @@ class DartsMethod:
       importance() -> {name: rows x ops array}: what the log tables and visualize.py show
       genotype(), state_dict(), load_state_dict(state)
     load_state_dict keeps the learning rates of this run's flags: --arch_learning_rate may change on resume.
+      flags (optional)                   names of the method's own flags (argparse default None); check_args
+                                         refuses them with another method, which would ignore them
     """
     name = 'darts'
     uses_val_batch = True
@@ -343,7 +360,7 @@ class DartsMethod:
             group['lr'] = lr
 
 
-METHODS = {'darts': DartsMethod, 'agnas': agnas.AGNASMethod}
+METHODS = {'darts': DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod}
 
 
 def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,

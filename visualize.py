@@ -21,6 +21,9 @@ A staged genotype (AGNAS: one normal cell per stage, one cell per reduction) dra
 OUT/normal_stage{1,2,3}.dot and OUT/reduce_{1,2}.dot. For an AGNAS search folder (`--method agnas`), the
 heatmaps are OUT/importance_cells.FORMAT: the mean gates of every supernet cell after the last epoch, each
 cell's derived ops outlined and the cells the staged genotype took marked in their titles.
+the epochs) through matplotlib (optional). A search that prunes ops (--method eoinas) also gets the same
+two plots of its importance matrix I (OUT/importance_*.FORMAT), and pruned ops are crossed out in the
+heatmaps and end their lines in the evolution plots.
 """
 from __future__ import annotations
 
@@ -285,8 +288,11 @@ def heatmap_norm(weights, n_ops: int):
     return CenteredNorm(vcenter=centre, halfrange=halfrange)
 
 
-def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
-    """Heatmaps of the softmaxed A per cell type over the epochs, and each edge's op weights over epochs."""
+def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') -> list[str]:
+    """Heatmaps of the softmaxed A per cell type over the epochs, and each edge's op weights over epochs.
+
+    key 'importance': the same plots of the method's importance matrix (the record's `importance`; EoiNAS's
+    I = beta + lambda C). Records with `alive` (a pruning method) cross out the pruned ops."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -303,13 +309,17 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
     written = []
     for cell in ('normal', 'reduce'):
         try:
-            weights = np.array([r[f'alphas_{cell}'] for r in records], dtype=float)  # (E, rows, ops)
+            weights = np.array([r['importance'][cell] if key == 'importance' else r[f'alphas_{cell}']
+                                for r in records], dtype=float)  # (E, rows, ops)
         except ValueError:
             raise UserError(f'the alphas_{cell} of the search log change shape between epochs; the log mixes '
                             f'runs: search into a fresh --save folder') from None
         if weights.ndim != 3 or weights.shape[2] != len(primitives):
             raise UserError(f'alphas_{cell} in the search log is not an (edges x {len(primitives)} ops) matrix '
                             f'per epoch')
+        # pruned ops: `alive` of a record is after that epoch's prune; a line ends at its op's prune
+        alive = (np.array([r['alive'][cell] for r in records], dtype=bool)
+                 if all('alive' in r for r in records) else None)
         rows = edge_labels(weights.shape[1])
         genotype = records[-1].get('genotype')
         chosen = []
@@ -341,14 +351,19 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
                 ax.set_xticklabels(primitives, rotation=90, fontsize=7)
                 for tick, op in zip(ax.get_xticklabels(), primitives):
                     tick.set_color(KIND_COLOR[op_kind(op)])
+            if alive is not None:
+                dead_r, dead_c = np.nonzero(~alive[e])
+                ax.scatter(dead_c, dead_r, marker='x', s=18, color='gray', linewidths=1)
             if e == len(records) - 1:
                 for r, c in chosen:
                     ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='black', lw=1.8))
+        what, label = (('importance I', 'importance') if key == 'importance' else ('softmax(A)', 'softmax weight'))
         fig.colorbar(im, ax=axes, shrink=0.5,
-                     label=f'softmax weight (white: uniform, 1/{len(primitives)} = {1 / len(primitives):.4f})')
-        fig.suptitle(f'{cell} cell: softmax(A), edges (rows) x ops (columns)'
-                     + ('; black boxes: the derived cell' if chosen else ''))
-        path = os.path.join(out, f'alphas_{cell}.{fmt}')
+                     label=f'{label} (white: uniform, 1/{len(primitives)} = {1 / len(primitives):.4f})')
+        fig.suptitle(f'{cell} cell: {what}, edges (rows) x ops (columns)'
+                     + ('; black boxes: the derived cell' if chosen else '')
+                     + ('; x: pruned' if alive is not None else ''))
+        path = os.path.join(out, f'{key}_{cell}.{fmt}')
         fig.savefig(path, dpi=130)
         plt.close(fig)
         written.append(path)
@@ -360,6 +375,9 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
                                  sharey=True, squeeze=False, layout='constrained')
         for ax in axes.flat[len(rows):]:
             ax.axis('off')
+        if alive is not None:  # values up to the epoch whose prune removed the op
+            before = np.concatenate([np.ones_like(alive[:1]), alive[:-1]])
+            weights = np.where(before, weights, np.nan)
         for r, ax in enumerate(axes.flat[:len(rows)]):
             for o, op in enumerate(primitives):
                 ax.plot(epochs, weights[:, r, o], color=OP_COLOR.get(op, 'black'), lw=1.4,
@@ -371,9 +389,9 @@ def plot_alphas(records: list[dict], out: str, fmt: str) -> list[str]:
         for ax in axes.flat[max(0, len(rows) - ncols):len(rows)]:  # the lowest panel of each column
             ax.xaxis.set_tick_params(labelbottom=True)
             ax.set_xlabel('epoch', fontsize=9)
-        fig.supylabel('softmax weight', fontsize=10)
-        fig.suptitle(f'{cell} cell: op weights of each edge over the search')
-        path = os.path.join(out, f'alphas_evolution_{cell}.{fmt}')
+        fig.supylabel(label, fontsize=10)
+        fig.suptitle(f'{cell} cell: {what} of each edge over the search')
+        path = os.path.join(out, f'{key}_evolution_{cell}.{fmt}')
         fig.savefig(path, dpi=130)
         plt.close(fig)
         written.append(path)
@@ -482,6 +500,8 @@ def main(argv=None) -> None:
         written += plot_importance(records, out, args.format)
     elif records is not None:
         written += plot_alphas(records, out, args.format)
+        if all('alive' in r and 'importance' in r for r in records):  # a pruning method: also its I
+            written += plot_alphas(records, out, args.format, key='importance')
     for path in written:
         print(f'wrote {path}')
 
