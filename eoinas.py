@@ -341,7 +341,9 @@ class EoiNASMethod:
         t_val = self._teacher_stages(teacher if self.architect.lambda_at > 0 else None, xv)
         val_ce, val_at, val_logits = self.architect.step(x, y, t_train, xv, yv, t_val, eta, optimizer)
         correct = (val_logits.argmax(1) == yv).sum()
-        self.stats.record_val(model.last_sample, correct * (100. / len(yv)))
+        # Ca is the top-1 of the global batch: under torchrun each process holds a share (a no-op otherwise)
+        share = utils.all_sum(torch.stack([correct.to(torch.float64), correct.new_tensor(len(yv), dtype=torch.float64)]))
+        self.stats.record_val(model.last_sample, share[0] * (100. / share[1]))
         out.update(val_ce=val_ce, val_at=val_at, val_correct=correct)
         return out
 

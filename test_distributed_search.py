@@ -139,3 +139,17 @@ def test_global_batch_sampler_splits_each_batch_as_one_process_cuts_it():
              for r in range(2)]
     assert [a + b for a, b in zip(*parts)] == one  # 4+4+2 images: every batch split in halves
     assert len(utils.GlobalBatchSampler(9, 4, 0, 2)) == 2  # a last batch of one image makes no pair
+
+
+@pytest.mark.parametrize('method, extra', [
+    ('eoinas', ['--eoi_warmup', '1', '--prune_every', '1']),  # samples, Ce/Ca and prunes agree
+    ('agnas', ['--layers', '5']),                               # the importance pass's sums agree
+])
+def test_every_method_ends_with_one_architecture_on_every_rank(method, extra, tmp_path):
+    args = TINY + ['--method', method, '--epochs', '3', *extra, '--save', tmp_path]
+    out = finish(launch(args, 2))
+    sums = {line.split()[1]: line.split('=')[1] for line in out.splitlines() if 'arch_sha256=' in line}
+    assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
+    with open(os.path.join(tmp_path, 'search_log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    assert [r['method'] for r in records] == [method] * 3
