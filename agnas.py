@@ -231,7 +231,7 @@ class AGNASMethod:
         self.lambda_at = args.lambda_at
         self.grad_clip = args.grad_clip
         self.stage_cell = args.stage_cell
-        self.batch_size = args.batch_size
+        self.batch_size = getattr(args, 'batch_size', 64)
         self.matrix = None  # the last importance pass, (layers, edges, ops)
         self.stages, self.reductions = stage_layout(len(model.cells))
 

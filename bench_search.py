@@ -261,7 +261,12 @@ def adwp_ranking(args, device) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     utils.check_flags(args, {'iters': utils.Range(1), 'warmup': utils.Range(0),
-                             'retrain_batch_size': utils.Range(0), 'teacher_depth': utils.Range(high=1000)})
+                             'retrain_batch_size': utils.Range(0), 'teacher_depth': utils.Range(high=1000),
+                             'alive': utils.Range(1, 11), 'adwp_ranking': utils.Range(0, 1000),
+                             'adwp_synthetic_size': utils.Range(1, 100000), 'adwp_layers': utils.Range(3, 100),
+                             'adwp_channels': utils.Range(1, 1024), 'adwp_hyper_epochs': utils.Range(1, 1000),
+                             'adwp_scratch_epochs': utils.Range(1, 1000), 'adwp_batch_size': utils.Range(1, 4096),
+                             'adwp_seed': utils.Range(0, 10**6)})
     try:  # a --teacher_depth that makes no bottleneck PyramidNet fails here, before any network is built
         pyramid_widths(args.teacher_depth, 84, True)
     except utils.UserError as e:

@@ -331,7 +331,7 @@ def test_nos_node_rule_on_adversarial_importance():
         model_masks = torch.from_numpy(alive)
         model = Network(4, 10, 3)
         model.set_alive(model_masks, model_masks)
-        genotypes.validate(model.genotype((imp, imp)))
+        genotypes.validate(model.genotype(importance=(imp, imp)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_derivation_ignores_pruned_ops_and_none():
     imp[:, 0] = 4.          # none strongest of the alive, never chosen
     mask = torch.from_numpy(alive)
     model.set_alive(mask, mask)
-    g = model.genotype((imp, imp))
+    g = model.genotype(importance=(imp, imp))
     ops = [op for op, _ in g.normal + g.reduce]
     assert 'dil_conv_5x5' not in ops and 'none' not in ops
     assert g.normal == derive_darts_cell(np.where(alive, imp, -np.inf))
@@ -405,7 +405,7 @@ def test_derivation_ignores_pruned_ops_and_none():
         for r, o in select_prunes(imp, alive, PRIMITIVES, 'nos'):
             alive[r, o] = False
         nos.set_alive(torch.from_numpy(alive), torch.from_numpy(alive))
-        g = genotypes.validate(nos.genotype((imp, imp)))
+        g = genotypes.validate(nos.genotype(importance=(imp, imp)))
         assert not genotypes.is_classic(g.normal)
         for k, (first_i, first_j, second) in enumerate(g.normal):
             assert all(alive[row_of(i, k), PRIMITIVES.index(op)] for op, i in (first_i, first_j))

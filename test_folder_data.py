@@ -18,7 +18,7 @@ import utils
 
 CLASSES = ('cat', 'dog', 'fox')
 SIZE = 16  # pixels: written at the --image_size used, so the statistics need no resizing by hand
-COMMON = ['--dataset', 'folder', '--image_size', SIZE, '--device', 'cpu', '--workers', '0', '--batch_size', '8',
+COMMON = ['--dataset', 'folder', '--image_size', SIZE, '--device', 'cpu', '--workers', '0', '--batch_size', '4',
           '--report_freq', '0']
 SEARCH = COMMON + ['--layers', '3', '--init_channels', '4', '--epochs', '1']
 TEACHER = COMMON + ['--depth', '11', '--alpha', '12', '--epochs', '1']
@@ -67,7 +67,7 @@ def read_json(path):
 def test_classes_and_statistics_match_a_hand_computation(data):
     assert utils.num_classes('folder', str(data)) == 3
     assert teacher.default_teacher_path(utils.dataset_name('folder', 'data/flowers/')) == os.path.join(
-        'teachers', 'pyramidnet110_folder-flowers.pt')  # each folder its own default teacher
+        'teachers', 'pyramidnet110_folder-flowers', 'checkpoint.pt')  # each folder its own default teacher
     pixels = np.stack([np.asarray(Image.open(data / 'train' / c / f'{i}.png'), dtype=np.float64) / 255
                        for c in CLASSES for i in range(4)])
     stats = utils.folder_stats(str(data), SIZE)
