@@ -467,3 +467,11 @@ def test_phase_is_a_pure_function_of_the_epoch():
         ['train', 'train', 'basic', 'basic', 'cross', 'cross', 'basic', 'basic']
     assert {search_adwp.phase(e, 60, 120, 120) for e in range(60, 120)} == {'basic'}  # Fig. 5, no cross-search
     assert search_adwp.first_selectable(60, 90, 100) == 100 and search_adwp.first_selectable(60, 120, 120) == 60
+
+
+def test_kendall_tau_against_hand_counts():
+    tau = search_adwp.kendall_tau
+    assert tau([1, 2, 3, 4], [1, 3, 2, 4]) == (5 - 1) / 6  # one discordant pair of six
+    assert tau([1, 2, 3], [3, 2, 1]) == -1
+    assert math.isclose(tau([1, 1, 2], [1, 2, 3]), 2 / math.sqrt(2 * 3))  # tau-b: one pair tied in the first
+    assert math.isnan(tau([1, 1, 1], [1, 2, 3]))
