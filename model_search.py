@@ -221,7 +221,7 @@ class _Layout:
     Entries of 'F' (the stacked feature outputs): separable convs x edges, dilated convs x edges, pools x
     sources, FactorizedReduce x edges (stride 2) or identity x sources (stride 1). 'SA': spatial attention
     maps x edges. 'D' (kernels of the node's one depthwise conv, see `_node`): dynamic kernels (in column
-    order) per edge, channel attention x edges (a kernel with CA at its centre tap), and, in the group that
+    order) x edges, channel attention x edges (a kernel with CA at its centre tap), and, in the group that
     carries it (`spec['carrier']`), the identity kernel with coefficient `one`. In a group from an inner
     node, 'F' and 'D' end with the targets' pending sums from the earlier groups (coefficient 1: `fold`),
     so that one contraction also does that addition.
@@ -277,7 +277,7 @@ class _Layout:
         self.delta = spec.get('carrier', False) and any(n in DYNAMIC_SIZES or n == 'channel_attention'
                                                          for n in ops)
         if self.dyn or self.ca:
-            index['D'] = [[coef(name, e // K, kt) if e % K == kt else zero for e in range(E) for name in self.dyn]
+            index['D'] = [[i for name in self.dyn for i in per_edge(name, kt)]
                           + (per_edge('channel_attention', kt) if self.ca else [])
                           + ([one] if self.delta else [])
                           + ([one if j == kt else zero for j in range(K)] if 'D' in self.fold else [])
@@ -374,24 +374,42 @@ def _merge(ranges) -> list[tuple[int, int]]:
 
 class _FanOut(torch.autograd.Function):
     """n uses of one tensor whose gradients are summed by one reduction (two kernels: stack, sum) rather
-    than by autograd's n - 1 pairwise adds."""
+    than by autograd's n - 1 pairwise adds. With repeat=K, x (N, S*C, H, W) is first copied K times per
+    source, edge-major (N, S*K*C, H, W), and the same reduction also sums over the copies."""
 
     @staticmethod
-    def forward(ctx, x, n):
+    def forward(ctx, x, n, S, K):
         ctx.set_materialize_grads(False)
+        ctx.shape = (S, K)
+        if K > 1:
+            N, _, H, W = x.shape
+            C = x.shape[1] // S
+            x = x.view(N, S, 1, C, H, W).expand(N, S, K, C, H, W).contiguous().view(N, S * K * C, H, W)
         return tuple(x.view_as(x) for _ in range(n))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [g for g in grads if g is not None]
         if not grads:
-            return None, None
-        return (torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]), None
+            return None, None, None, None
+        S, K = ctx.shape
+        if K == 1:
+            return (torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]), None, None, None
+        N, _, H, W = grads[0].shape
+        g = torch.stack(grads).view(len(grads), N, S, K, -1, H, W).sum((0, 3))
+        return g.view(N, -1, H, W), None, None, None
 
 
-def _fan_out(x: torch.Tensor, n: int):
-    """n handles on x for n consumers (see _FanOut); plain x when the pairwise adds are as cheap."""
-    return _FanOut.apply(x, n) if n > 3 and torch.is_grad_enabled() and x.requires_grad else (x,) * n
+def _fan_out(x: torch.Tensor, n: int, S: int = 1, K: int = 1):
+    """n handles on x (on its K-fold copy per source, see _FanOut) for n consumers; plain x (or the copy)
+    when the pairwise adds are as cheap."""
+    if (n > 3 or K > 1 and n > 1) and torch.is_grad_enabled() and x.requires_grad:
+        return _FanOut.apply(x, n, S, K)
+    if K > 1:
+        N, _, H, W = x.shape
+        C = x.shape[1] // S
+        x = x.view(N, S, 1, C, H, W).expand(N, S, K, C, H, W).contiguous().view(N, S * K * C, H, W)
+    return (x,) * n
 
 
 def _contract(stack: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -445,7 +463,7 @@ class FastEdges(nn.Module):
             self.fr1 = param(E * C // 2, C, 1, 1)
             self.fr2 = param(E * C // 2, C, 1, 1)
         # 1x1 convs from X with the edge's stride, each followed by BN and ReLU: the spatial attention's
-        # first conv (per edge), and the kernel generators' bottlenecks (per edge, then per dynamic op)
+        # first conv (per edge), and the kernel generators' bottlenecks (per dynamic op, then per edge)
         if self.has_sa:
             self.xsa = param(E * self.m_att, C, 1, 1)
             self.sa2 = param(E, self.m_att, 3, 3)
@@ -453,8 +471,8 @@ class FastEdges(nn.Module):
             self.ca1 = param(E * self.m_att, C, 1, 1)
             self.ca2 = param(E * C, self.m_att, 1, 1)
         if self.dyn:
-            self.xdyn = param(E * len(self.dyn) * self.m_dyn, C, 1, 1)
-            # kernel transform (C -> k*k) of each op, and decode (C/8 -> C) per edge, then per op
+            self.xdyn = nn.ParameterDict({n: param(E * self.m_dyn, C, 1, 1) for n in self.dyn})
+            # kernel transform (C -> k*k) of each op, and decode (C/8 -> C) per op, then per edge
             # (edge, tap row, tap column, input channel): the padding to ks x ks needs no reshape
             self.transform = nn.ParameterDict({n: param(E, DYNAMIC_SIZES[n], DYNAMIC_SIZES[n], C, fan_in=C)
                                                for n in self.dyn})
@@ -501,28 +519,26 @@ class FastEdges(nn.Module):
                 var.index_copy_(0, idx, v)
         return out
 
-    def _dyn_rows(self, kept, width: int, start: int = 0) -> list[tuple[int, int]]:
-        """Ranges of the (edge, dynamic op) blocks of the kept ops in an (e, op, width) layout."""
-        return [(start + (e * len(self.dyn) + j) * width, start + (e * len(self.dyn) + j + 1) * width)
-                for e in range(self.E) for j, n in enumerate(self.dyn) if n in kept]
+    def _dyn_rows(self, kept, width: int) -> list[tuple[int, int]]:
+        """Ranges of the kept dynamic ops' blocks in an (op, edge, width) layout."""
+        return [(j * self.E * width, (j + 1) * self.E * width) for j, n in enumerate(self.dyn) if n in kept]
 
-    def _transform_weight(self, kept) -> torch.Tensor:
-        """The kernel transforms of the kept ops, (e, op, ks*ks) rows: a 3x3 op's k*k rows sit at the centre
-        of the ks x ks grid, the border rows are zero (their taps are masked out, see `_tap_bias`)."""
+    def _transform_weights(self, kept) -> list[torch.Tensor]:
+        """The kernel transforms of the kept ops, (edge, ks*ks) rows each: a 3x3 op's k*k rows sit at the
+        centre of the ks x ks grid, the border rows are zero (their taps are masked out, see `_tap_bias`)."""
         ks, E = self.kernel_size, self.E
-        parts = []
+        out = []
         for n in kept:
             k = DYNAMIC_SIZES[n]
             w = self.transform[n]
             if k < ks:
                 p = (ks - k) // 2
                 w = F.pad(w, (0, 0, p, p, p, p))
-            parts.append(w.reshape(E, 1, ks * ks, self.C))
-        w = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        return w.view(E * len(kept) * ks * ks, self.C, 1, 1)
+            out.append(w.view(E * ks * ks, self.C, 1, 1))
+        return out
 
     def _tap_bias(self, kept, ref: torch.Tensor):
-        """(ops, 1, ks*ks): 0 on the taps of each kept op, -inf on a smaller kernel's border (so that the
+        """(ops, 1, 1, ks*ks): 0 on the taps of each kept op, -inf on a smaller kernel's border (so that the
         softmax over taps of Fig. 1 (c) runs over its own k*k taps only); None when no op needs it."""
         ks = self.kernel_size
         if all(DYNAMIC_SIZES[n] == ks for n in kept):
@@ -533,17 +549,21 @@ class FastEdges(nn.Module):
             for j, n in enumerate(kept):
                 p = (ks - DYNAMIC_SIZES[n]) // 2
                 bias[j, p:ks - p, p:ks - p] = 0
-            self._cache[key] = bias.view(len(kept), 1, ks * ks).to(ref.device)
+            self._cache[key] = bias.view(len(kept), 1, 1, ks * ks).to(ref.device)
         return self._cache[key]
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, xs: list[torch.Tensor], coef: dict, lay: _Layout, pending=None) -> dict:
         S, K, E, C, stride = self.S, self.K, self.E, self.C, self.stride
-        x = xs[0] if S == 1 else torch.cat(xs, 1)  # (N, S*C, H, W)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)  # (N, S*C, H, W)
         N, _, H, W = x.shape
         Ho, Wo = (H, W) if stride == 1 else ((H + 1) // 2, (W + 1) // 2)
-        uses = (int(bool(lay.conv or lay.fr)) + len(lay.pools) + int(lay.sa) + 2 * int(bool(lay.dyn))
-                + int(lay.ca) + int(lay.identity))
+        # one source at stride 1: ONE 1x1 conv from X for [sa conv | bottlenecks | CA's first conv |
+        # kernel transforms] (CA's conv moves before its global pool: both are linear, they commute)
+        merged = S == 1 and stride == 1 and (lay.sa + len(lay.dyn) + lay.ca) > 1
+        nd = len(lay.dyn)
+        uses = (int(bool(lay.conv or lay.fr)) + len(lay.pools) + int(lay.identity)
+                + (int(lay.sa or lay.ca or bool(nd)) if merged else int(lay.sa) + 2 * nd + int(lay.ca)))
         x_uses = iter(_fan_out(x, uses))
         out = {}
 
@@ -553,12 +573,10 @@ class FastEdges(nn.Module):
             r = F.relu(next(x_uses))
         if lay.conv:
             # every edge's copy of ReLU(X), edge-major, so that each op is one depthwise conv over E*C channels
-            # (one copy, whose backward is one sum; a channel-multiplied conv on ReLU(X) would instead need
-            # its outputs reordered, and that reorder costs two ops per op in the backward)
-            rr = r if K == 1 else r.view(N, S, 1, C, H, W).expand(N, S, K, C, H, W).contiguous().view(
-                N, E * C, H, W)
+            # (one copy; a channel-multiplied conv on ReLU(X) would instead need its outputs reordered, and
+            # that reorder costs two ops per op in the backward)
             d = []
-            for n, rr_n in zip(lay.conv, _fan_out(rr, len(lay.conv))):
+            for n, rr_n in zip(lay.conv, _fan_out(r, len(lay.conv), S, K)):
                 _, pad, dil, _ = CONV_OPS[n]
                 d.append(F.conv2d(rr_n, self.dw1[n], None, stride, pad, dil, E * C))
             i = [self.conv.index(n) for n in lay.conv]
@@ -578,16 +596,27 @@ class FastEdges(nn.Module):
                                                                           groups=S)]
             bn_ranges.append(self.bn1_segments['fr'])
             split.append(E * C)
+        dyn_rows = self._dyn_rows(lay.dyn, self.m_dyn)
+        x_dyn = [self.xdyn[n] for n in lay.dyn]
+        x_tf = self._transform_weights(lay.dyn)
+        if merged:
+            w = ([self.xsa] if lay.sa else []) + x_dyn + ([self.ca1] if lay.ca else []) + x_tf
+            y = F.conv2d(next(x_uses), torch.cat(w) if len(w) > 1 else w[0])
+            n_bn = E * self.m_att * lay.sa + nd * E * self.m_dyn
+            y_bn, y_ca, y_tf = y.split([n_bn, E * self.m_att * lay.ca, nd * E * self.kernel_size ** 2], 1)
+            if n_bn:
+                bn_in.append(y_bn)
+        else:
+            if lay.sa:
+                bn_in.append(F.conv2d(next(x_uses), self.xsa, stride=stride, groups=S))
+            bn_in += [F.conv2d(next(x_uses), w, stride=stride, groups=S) for w in x_dyn]
         if lay.sa:
-            bn_in.append(F.conv2d(next(x_uses), self.xsa, stride=stride, groups=S))
             bn_ranges.append(self.bn1_segments['sa'])
             split.append(E * self.m_att)
         if lay.dyn:
-            rows = self._dyn_rows(lay.dyn, self.m_dyn)
-            bn_in.append(F.conv2d(next(x_uses), self._take(self.xdyn, rows), stride=stride, groups=S))
             a0 = self.bn1_segments['dyn'][0]
-            bn_ranges += [(a0 + a, a0 + b) for a, b in rows]
-            split.append(len(rows) * self.m_dyn)
+            bn_ranges += [(a0 + a, a0 + b) for a, b in dyn_rows]
+            split.append(nd * E * self.m_dyn)
         pieces = []
         if bn_in:
             b1 = self._batch_norm(torch.cat(bn_in, 1) if len(bn_in) > 1 else bn_in[0], self.bn1_mean,
@@ -637,21 +666,27 @@ class FastEdges(nn.Module):
         ks = self.kernel_size
         kk = ks * ks
         kernels = []
-        if lay.dyn:  # Fig. 1: every (edge, op) at once, each op's k*k taps on the ks x ks grid
-            nd = len(lay.dyn)
-            z = F.relu(next(pieces)).view(N * E * nd, self.m_dyn, Ho * Wo)                   # (a) bottleneck
-            mask = F.conv2d(next(x_uses), self._transform_weight(lay.dyn), stride=stride, groups=S)
-            mask = mask.view(N * E * nd, kk, Ho * Wo).softmax(dim=2)                          # (b) over positions
-            taps = torch.bmm(z, mask.transpose(1, 2)).view(N, E * nd * self.m_dyn, ks, ks)
+        if lay.dyn:  # Fig. 1: every (op, edge) at once, each op's k*k taps on the ks x ks grid
+            z = F.relu(next(pieces)).view(N * nd * E, self.m_dyn, Ho * Wo)                   # (a) bottleneck
+            if not merged:
+                y_tf = [F.conv2d(next(x_uses), w, stride=stride, groups=S) for w in x_tf]
+                y_tf = torch.cat(y_tf, 1) if nd > 1 else y_tf[0]
+            if merged:  # a slice of the merged conv's output: one copy, so that the view below is one
+                y_tf = y_tf.contiguous()
+            mask = y_tf.view(N * nd * E, kk, Ho * Wo).softmax(dim=2)                       # (b) over positions
+            taps = torch.bmm(z, mask.transpose(1, 2)).view(N, nd * E * self.m_dyn, ks, ks)
             w = self._take(self.decode, self._dyn_rows(lay.dyn, C))
-            kern = F.conv2d(taps, w, groups=E * nd).view(N, E, nd, C, kk)                    # (c) decode
+            kern = F.conv2d(taps, w, groups=nd * E).view(N, nd, E, C, kk)                    # (c) decode
             bias = self._tap_bias(lay.dyn, kern)
             if bias is not None:
                 kern = kern + bias
-            kernels.append(kern.softmax(dim=4).view(N, E * nd, C * kk))                      # softmax over taps
+            kernels.append(kern.softmax(dim=4).view(N, nd * E, C * kk))                      # softmax over taps
         if lay.ca:  # global pool, 1x1 conv C -> C/16, ReLU, 1x1 conv -> C, sigmoid: a kernel's centre tap
-            g = F.adaptive_avg_pool2d(next(x_uses), 1)
-            g = torch.sigmoid(F.conv2d(F.relu(F.conv2d(g, self.ca1, groups=S)), self.ca2, groups=E))
+            if merged:
+                g = F.adaptive_avg_pool2d(y_ca, 1)
+            else:
+                g = F.conv2d(F.adaptive_avg_pool2d(next(x_uses), 1), self.ca1, groups=S)
+            g = torch.sigmoid(F.conv2d(F.relu(g), self.ca2, groups=E))
             kernels.append(F.pad(g.view(N, E, C, 1), (kk // 2, kk // 2)).view(N, E, C * kk))
         if lay.delta:
             kernels.append(self.delta.expand(N, 1, C * kk))
@@ -704,12 +739,12 @@ class FastEdges(nn.Module):
             out['ca2'] = cat([op.conv_2.weight for op in ops_of('channel_attention')])
         dyn = {n: ops_of(n) for n in self.dyn}
         if self.dyn:
-            out['xdyn'] = cat([dyn[n][e].bottleneck[0].weight for e in range(E) for n in self.dyn])
             for n in self.dyn:
+                out[f'xdyn.{n}'] = cat([op.bottleneck[0].weight for op in dyn[n]])
                 w = cat([op.transform.weight for op in dyn[n]])
                 k = DYNAMIC_SIZES[n]
                 out[f'transform.{n}'] = None if w is None else w.view(E, k, k, self.C)
-            out['decode'] = cat([dyn[n][e].decode.weight for e in range(E) for n in self.dyn])
+            out['decode'] = cat([dyn[n][e].decode.weight for n in self.dyn for e in range(E)])
         for stat in ('mean', 'var'):
             pieces = []
             for key in self.bn1_segments:
@@ -721,8 +756,8 @@ class FastEdges(nn.Module):
                 elif key == 'sa':
                     pieces += [getattr(op.bn_1, f'running_{stat}') for op in ops_of('spatial_attention')]
                 elif key == 'dyn':
-                    pieces += [getattr(dyn[n][e].bottleneck[1], f'running_{stat}') for e in range(E)
-                               for n in self.dyn]
+                    pieces += [getattr(dyn[n][e].bottleneck[1], f'running_{stat}') for n in self.dyn
+                               for e in range(E)]
                 elif key[0] == 'pool':  # the same statistics on every edge of a source: take edge (s, 0)
                     pieces += [getattr(ops_of(key[1])[s * K][1], f'running_{stat}') for s in range(S)]
                 else:
@@ -730,6 +765,58 @@ class FastEdges(nn.Module):
             if pieces:
                 out[f'bn1_{stat}'] = cat(pieces)
         return {k: v for k, v in out.items() if v is not None}
+
+
+class _FastPreprocess(nn.Module):
+    """The reference's preprocessing of the two cell inputs (ReLU, 1x1 conv, non-affine BN; FactorizedReduce
+    for s0 after a reduction cell), returned as one (N, 2C, H, W) tensor: the X of the input group. One
+    BatchNorm over both; when both inputs have the same width and s0 needs no reduction, also one ReLU and
+    one grouped conv. (F.batch_norm with the modules' fixed momentum 0.1: their step counter never mattered.)
+    """
+
+    def __init__(self, C_prev_prev: int, C_prev: int, C: int, reduction_prev: bool):
+        super().__init__()
+        self.C = C
+        self.pair = not reduction_prev and C_prev_prev == C_prev
+        self.reduce0 = reduction_prev
+
+        def param(c_out, c_in):  # nn.Conv2d's initialisation
+            return nn.Parameter(torch.empty(c_out, c_in, 1, 1).uniform_(-c_in ** -0.5, c_in ** -0.5))
+
+        if self.pair:
+            self.w = param(2 * C, C_prev)
+        else:
+            if reduction_prev:
+                self.w0a, self.w0b = param(C // 2, C_prev_prev), param(C // 2, C_prev_prev)
+            else:
+                self.w0 = param(C, C_prev_prev)
+            self.w1 = param(C, C_prev)
+        self.register_buffer('bn_mean', torch.zeros(2 * C))
+        self.register_buffer('bn_var', torch.ones(2 * C))
+
+    def forward(self, s0, s1):
+        if self.pair:
+            z = F.conv2d(F.relu(torch.cat([s0, s1], 1)), self.w, groups=2)
+        else:
+            r0, r1 = F.relu(s0), F.relu(s1)
+            z = ([F.conv2d(r0, self.w0a, stride=2), F.conv2d(r0[:, :, 1:, 1:], self.w0b, stride=2)]
+                 if self.reduce0 else [F.conv2d(r0, self.w0)])
+            z = torch.cat(z + [F.conv2d(r1, self.w1)], 1)
+        return F.batch_norm(z, self.bn_mean, self.bn_var, None, None, self.training, BN_MOMENTUM, BN_EPS)
+
+    def from_plain(self, p0: nn.Module, p1: nn.Module, get) -> dict:
+        """From the reference cell's preprocess0 (ReLUConvBN or FactorizedReduce) and preprocess1."""
+        bn0 = p0.bn if self.reduce0 else p0[2]
+        w0 = [p0.conv_1.weight, p0.conv_2.weight] if self.reduce0 else [p0[1].weight]
+        out = {'bn_mean': [bn0.running_mean, p1[2].running_mean], 'bn_var': [bn0.running_var, p1[2].running_var]}
+        if self.pair:
+            out['w'] = [w0[0], p1[1].weight]
+        elif self.reduce0:
+            out.update(w0a=[w0[0]], w0b=[w0[1]], w1=[p1[1].weight])
+        else:
+            out.update(w0=[w0[0]], w1=[p1[1].weight])
+        out = {k: [get(t) for t in v] for k, v in out.items()}  # None: no gradient (buffers)
+        return {k: torch.cat(v) for k, v in out.items() if all(t is not None for t in v)}
 
 
 class FastCell(nn.Module):
@@ -745,11 +832,7 @@ class FastCell(nn.Module):
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops, space):
         super().__init__()
         self.reduction = reduction
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
-        else:
-            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.preprocess = _FastPreprocess(C_prev_prev, C_prev, C, reduction_prev)
         self._steps = steps
         self._multiplier = multiplier
         self.space = space
@@ -758,9 +841,11 @@ class FastCell(nn.Module):
                                               spec.get('carrier', False)) for spec in self.specs)
 
     def forward(self, s0, s1, weights: FastWeights):
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        h, w = states[0].shape[-2:]
+        x = self.preprocess(s0, s1)  # (N, 2C, H, W): both preprocessed inputs, the input group's X
+        h, w = x.shape[-2:]
         size = ((h + 1) // 2, (w + 1) // 2) if self.reduction else (h, w)
+        states = [x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]]  # views; only a multiplier > steps reads them
+        shape = (x.shape[0], x.shape[1] // 2, *size)
         coefs = weights.split()
         groups = iter(zip(self.groups, coefs, weights.layouts))
 
@@ -772,7 +857,7 @@ class FastCell(nn.Module):
                     out[kind] = out[kind] + v if kind in out else v
             return out
 
-        pending = run(states)  # (N, K, ...) per kind: what the nodes still to come have received
+        pending = run([x])  # (N, K, ...) per kind: what the nodes still to come have received
         for k in range(self._steps):
             current, rest = {}, {}
             for kind, v in pending.items():
@@ -781,9 +866,9 @@ class FastCell(nn.Module):
                 else:
                     first, rest[kind] = v.split([1, v.shape[1] - 1], 1)
                     current[kind] = first.squeeze(1)
-            node = _node(current, states[0], size)
+            node = _node(current, x, shape)
             if self.space == 'nos':
-                node = _node({kind: v.squeeze(1) for kind, v in run([node]).items()}, node, size)  # Eq. 6-9
+                node = _node({kind: v.squeeze(1) for kind, v in run([node]).items()}, x, shape)  # Eq. 6-9
             states.append(node)
             if k < self._steps - 1:
                 pending = run([node], rest)
@@ -791,13 +876,8 @@ class FastCell(nn.Module):
 
     def from_plain(self, plain: nn.Module, ops: list[str], get) -> dict:
         """Every parameter (and, with get=detach, buffer) of this cell from the reference cell `plain`."""
-        out = {}
-        for name, t in plain.named_parameters():
-            if name.startswith('preprocess'):
-                out[name] = get(t)
-        for name, t in plain.named_buffers():
-            if name.startswith('preprocess'):
-                out[name] = get(t)
+        out = {f'preprocess.{k}': v for k, v in self.preprocess.from_plain(plain.preprocess0, plain.preprocess1,
+                                                                          get).items()}
         n_first = len(plain._ops)
         for i, (spec, group) in enumerate(zip(self.specs, self.groups)):
             mixed = [plain._ops[r] if r < n_first else plain._second[r - n_first]
@@ -807,14 +887,14 @@ class FastCell(nn.Module):
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _node(c: dict, like: torch.Tensor, size) -> torch.Tensor:
+def _node(c: dict, like: torch.Tensor, shape) -> torch.Tensor:
     """A node from its summed contributions (Eq. 5 / 9): S = F + F*(SA + CA) + dwconv(F, D), computed as
     dwconv(F, D + CA*delta + delta) + F*SA, where delta is the identity kernel: dwconv is linear in the
     kernel, and a kernel that is c at its centre tap scales by c. The groups already put CA and delta in
     'D' (`FastEdges.forward`). F is zero when every feature op into the node is dead."""
     f = c.get('F')
     if f is None:
-        f = like.new_zeros(like.shape[0], like.shape[1], *size)
+        f = like.new_zeros(shape)
     if 'D' not in c:
         return f + f * c['SA'] if 'SA' in c else f
     f = f.contiguous()  # a slice of the pending sums; the per-sample conv folds the batch into channels
