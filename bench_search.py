@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import statistics
 import time
 
@@ -166,14 +167,21 @@ def saved_bytes(forward) -> int:
 
 
 def cpu_ms(step, warmup: int, iters: int, threads: int = 1) -> float:
-    """Median ms per call of step() on the CPU with `threads` intra-op threads."""
+    """Median CPU ms per call of step() with `threads` intra-op threads: the process's CPU time (user +
+    system), which other processes on a shared machine barely change, unlike wall-clock time."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t, _ = timed(step, torch.device('cpu'), warmup, iters)
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(iters):
+            t = time.process_time()
+            step()
+            times.append(time.process_time() - t)
     finally:
         torch.set_num_threads(old)
-    return t * 1e3
+    return statistics.median(times) * 1e3
 
 
 COUNT_ROWS = (  # (label, space, AGS, fast): the DARTS reference first; it is the ratio's baseline
@@ -201,7 +209,7 @@ def count_table(args) -> list[dict]:
         row = {'label': label, 'space': space, 'fast': fast, 'ops': sum(ops.values()), 'by_op': ops}
         if ags:
             x = torch.randn(args.count_batch, 3, 32, 32)
-            row['teacher_ops'] = 2 * sum(count_kernel_ops(lambda: teacher_stages(teacher, x)).values())
+            row['teacher_ops'] = 2 * sum(count_kernel_ops(functools.partial(teacher_stages, teacher, x)).values())
         step, forward = make_search(space, lambda_at, batch, args, device, teacher, fast=fast, foreach=True)
         row['saved'] = saved_bytes(forward)
         row['ms'] = cpu_ms(step, args.warmup, args.iters) if args.iters else float('nan')
@@ -214,7 +222,8 @@ def print_count_table(rows: list[dict], args) -> None:
     plain = {r['space']: r for r in rows if not r['fast']}
     print(f'{args.layers} cells / {args.init_channels} ch; kernel ops of one first-order iteration (A step + '
           f'weight step, foreach optimizers) at batch {args.count_batch}; saved MiB of one forward and CPU '
-          f'ms (1 thread, median of {args.iters} after {args.warmup}) at batch {args.batch_size[0]}')
+          f'ms (process CPU time, 1 thread, median of {args.iters} after {args.warmup}) at batch '
+          f'{args.batch_size[0]}')
     print(f'{"path":32} {"kernel ops":>10} {"vs DARTS":>8} {"saved MiB":>9} {"vs DARTS":>8} {"CPU ms":>9} '
           f'{"vs DARTS":>8} {"vs plain":>8}')
     for r in rows:
@@ -223,7 +232,9 @@ def print_count_table(rows: list[dict], args) -> None:
               f'{r["saved"] / base["saved"]:7.2f}x {r["ms"]:9.1f} {r["ms"] / base["ms"]:7.2f}x {vs_plain:>8}')
     for r in rows:
         if 'teacher_ops' in r:
-            print(f'{r["label"]}: the teacher\'s two forwards are {r["teacher_ops"]} of its kernel ops')
+            rest = r['ops'] - r['teacher_ops']
+            print(f'{r["label"]}: the teacher\'s two forwards are {r["teacher_ops"]} of its kernel ops; without '
+                  f'them {rest} ({rest / base["ops"]:.2f}x)')
     if args.top:
         for r in rows:
             print(f'{r["label"]}: ' + ', '.join(f'{n} {c}' for n, c in r['by_op'].most_common(args.top)))

@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='A: Adam, betas (0.5, 0.999) (default: the method\'s)')
     p.add_argument('--arch_weight_decay', type=float, default=1e-3, help='A (App. A)')
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step (DARTS)')
+    p.add_argument('--no_fast', action='store_true',
+                   help='search with the per-edge reference cells instead of the fast path (same search)')
     p.add_argument('--epochs', type=int, default=None, help='search epochs (default: the method\'s)')
     p.add_argument('--init_channels', type=int, default=16, help='channels of the first cells (DARTS)')
     p.add_argument('--layers', type=int, default=8, help='cells of the proxy network')
@@ -270,7 +272,7 @@ class DartsMethod:
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
-                       ops=resolve_ops(args.space, args.ops))
+                       ops=resolve_ops(args.space, args.ops), fast=not getattr(args, 'no_fast', False))
 
     def __init__(self, model: Network, args):
         self.model = model
@@ -401,7 +403,7 @@ def settings_of(args) -> dict:
     return {'dataset': args.dataset, 'method': args.method, 'space': args.space,
             'ops': resolve_ops(args.space, args.ops), 'layers': args.layers,
             'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
-            'unrolled': args.unrolled, 'epochs': args.epochs}
+            'unrolled': args.unrolled, 'epochs': args.epochs, 'fast': not getattr(args, 'no_fast', False)}
 
 
 def search_cost(log_path: str, device: torch.device) -> dict:
