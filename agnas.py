@@ -218,6 +218,10 @@ class AGNASMethod:
                                   f'stages needs a normal cell, so use at least {MIN_LAYERS} cells')
 
     @classmethod
+    def fast(cls, args) -> bool:
+        return False  # the fast path has no gated edges yet: AGNAS runs on the reference cells
+
+    @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return build_network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(),
                              space=args.space, ops=resolve_ops(args.space, args.ops))

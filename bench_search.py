@@ -4,6 +4,7 @@
     python bench_search.py --device cpu --iters 3  # the same on the CPU (slow)
     python bench_search.py --device cpu --adwp_ranking 8   # ADWPNAS ranking check instead (spec adwpnas §7.10)
     python bench_search.py --gpu 0 --eoinas        # EoiNAS iterations as ops are pruned, against darts
+    python bench_search.py --device cpu --count    # kernel ops, saved bytes, 1-thread CPU ms (issue 11)
 
 Rows:
 - search, DARTS space, no AGS: the repo's stand-in for DARTS's own code. It is the baseline of the ratio column.
@@ -23,15 +24,23 @@ device, so data loading is not timed. Every row reports the median over `--iters
 in turn within each iteration: a `darts`-method iteration (first order, no AGS), an AGNAS step (one forward, backward and SGD step on a training batch;
 agnas.md §3) and one batch of AGNAS's importance pass (eval mode, no_grad; run over the validation half after
 every epoch). An AGNAS epoch costs about one step plus one importance batch per training batch.
+`--count` prints another table instead, with the counting rule of issue 11 (`count_kernel_ops`,
+`saved_bytes`, `cpu_ms`): per search path (the plain per-edge cells and the fast path, `Network(fast=True)`),
+the kernel ops of one first-order iteration, the bytes saved for backward by one forward, and the CPU time
+at batch 64 on one thread; each with its ratio to the DARTS-space plain row, which stands in for DARTS's
+own search code (the same network op for op).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import statistics
 import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import agnas
 import genotypes
@@ -40,7 +49,7 @@ from eoinas import EoiNASMethod
 from model import NetworkCIFAR
 from model_search import Network
 from teacher import PyramidNet, pyramid_widths
-from train_search import Architect, search_step
+from train_search import METHODS, Architect, search_loss, search_step, teacher_stages
 from train_search import parse_args as search_args
 
 
@@ -72,6 +81,12 @@ def parse_args(argv=None):
     adwp.add_argument('--adwp_seed', type=int, default=0, help='seeds data order, weights and the architectures')
     p.add_argument('--eoinas', action='store_true', help='time EoiNAS as ops are pruned (its own table)')
     p.add_argument('--alive', type=int, nargs='+', default=[8, 4, 2], help='--eoinas: ops alive per edge')
+    p.add_argument('--count', action='store_true',
+                   help='print issue 11\'s table instead (kernel ops, saved MiB, 1-thread CPU ms; CPU only)')
+    p.add_argument('--count_batch', type=int, default=2, help='batch of the kernel-op count (--count)')
+    p.add_argument('--top', type=int, default=0, help='with --count: the N most frequent ops of each row')
+    p.add_argument('--methods', nargs='+', choices=sorted(METHODS), default=None,
+                   help='with --count: only these methods\' rows (the DARTS reference row is always measured)')
     return p.parse_args(argv)
 
 
@@ -97,19 +112,52 @@ def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def search_row(space: str, lambda_at: float, batch: int, args, device, teacher) -> tuple[float, float]:
+def make_search(space: str, lambda_at: float, batch: int, args, device, teacher, *, fast: bool = False,
+                foreach: bool | None = None, method: str = 'darts'):
+    """One first-order search iteration as train_search.py runs it (Eq. 13 then Eq. 12), on random tensors;
+    with `method` 'eoinas' or 'agnas' that method's step instead (EoiNAS after its warm-up: a weight step
+    and an A step on fresh Gumbel samples, with its skip dropout; AGNAS: one single-level step).
+
+    Returns (step, forward): `step()` runs the iteration; `forward()` is the weight step's forward (the loss
+    of Eq. 12, teacher included), for `saved_bytes`. `foreach=True` makes both optimizers use the foreach
+    implementation, their default on CUDA (issue 11's rule); gradient clipping already does on every device.
+    """
     torch.manual_seed(0)
-    model = Network(args.init_channels, 10, args.layers, space=space).to(device)
-    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
-    architect = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=6e-4,
-                          arch_weight_decay=1e-3, lambda_at=lambda_at)
+    if method == 'darts':
+        model = Network(args.init_channels, 10, args.layers, space=space, fast=fast).to(device)
+        architect = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=6e-4,
+                              arch_weight_decay=1e-3, lambda_at=lambda_at)
+    else:
+        sargs = search_args(['--method', method, '--space', space, '--lambda_at', str(lambda_at), '--layers',
+                             str(args.layers), '--init_channels', str(args.init_channels)]
+                            + ([] if fast else ['--no_fast']))
+        model = METHODS[method].build_model(sargs, 10).to(device)
+        runner = METHODS[method](model, sargs)
+        if method == 'eoinas':
+            runner.start_epoch(sargs.eoi_warmup)  # after the warm-up: both steps, sampling, skip dropout
+        architect = getattr(runner, 'architect', None)
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=foreach)
+    for group in architect.optimizer.param_groups if architect else ():
+        group['foreach'] = foreach
     x, xv = torch.randn(2, batch, 3, 32, 32, device=device)
     y, yv = torch.randint(10, (2, batch), device=device)
+    teacher = teacher if lambda_at > 0 else None
 
     def step():
-        out = search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=0.025)
+        if method == 'darts':
+            out = search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=0.025)
+        else:
+            out = runner.step(x, y, xv, yv, teacher, 0.025, optimizer)
         out['train_ce'].item()  # train_search.py syncs once per step too
 
+    def forward():
+        return search_loss(model, x, y, teacher_stages(teacher, x), lambda_at)[0]
+
+    return step, forward
+
+
+def search_row(space: str, lambda_at: float, batch: int, args, device, teacher) -> tuple[float, float]:
+    step, _ = make_search(space, lambda_at, batch, args, device, teacher)
     return timed(step, device, args.warmup, args.iters)
 
 
@@ -153,6 +201,139 @@ def eoinas_table(args, device) -> None:
         for method, sampling, k, t, peak in rows:
             print(f'{method:8} {sampling:9} {k:10d} {batch:5d} {t * 1e3:9.1f} {2 * batch / t:9.0f} {peak:9.2f} '
                   f'{t / base:8.2f}x')
+# ---------------------------------------------------------------------------------------------------------
+# Issue 11's counting rule: kernel ops per iteration, bytes saved for backward, CPU time on one thread
+
+NO_KERNEL_OPS = ('detach', 'lift_fresh', 'set_', 'resize_', '_local_scalar_dense')
+
+
+def launches_kernel(func) -> bool:
+    """Every aten op counts except views (`func.is_view`) and ops that launch no kernel: detach, empty*
+    (allocation only: empty, empty_like, empty_strided, new_empty, new_empty_strided), lift_fresh, set_,
+    resize_, _local_scalar_dense."""
+    name = func.overloadpacket.__name__
+    return not (func.is_view or name in NO_KERNEL_OPS or name.startswith(('empty', 'new_empty')))
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts, by name, the aten ops that reach the dispatcher (forward, backward and optimizers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if launches_kernel(func):
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernel_ops(fn) -> collections.Counter:
+    """Runs fn() once to warm up (optimizer state, lazy buffers), then once more under `KernelCounter`;
+    returns its Counter (op name -> calls). The total is `sum(counter.values())`."""
+    fn()
+    with KernelCounter() as counter:
+        fn()
+    return counter.ops
+
+
+def saved_bytes(forward) -> int:
+    """Bytes autograd saves for backward while `forward()` runs (a saved_tensors_hooks pack hook), each
+    storage counted once however many saved tensors view it; parameters included."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[(s.device, s.data_ptr())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
+def cpu_ms(step, warmup: int, iters: int, threads: int = 1) -> float:
+    """Median CPU ms per call of step() with `threads` intra-op threads: the process's CPU time (user +
+    system), which other processes on a shared machine barely change, unlike wall-clock time."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(iters):
+            t = time.process_time()
+            step()
+            times.append(time.process_time() - t)
+    finally:
+        torch.set_num_threads(old)
+    return statistics.median(times) * 1e3
+
+
+COUNT_ROWS = (  # (label, method, space, AGS, fast): the DARTS reference first; it is the ratio's baseline
+    ('DARTS space, plain (reference)', 'darts', 'darts', False, False),
+    ('NOS + AGS, plain', 'darts', 'nos', True, False),
+    ('DARTS space, fast', 'darts', 'darts', False, True),
+    ('NOS + AGS, fast', 'darts', 'nos', True, True),
+    ('EoiNAS, DARTS space, plain', 'eoinas', 'darts', False, False),
+    ('EoiNAS, DARTS space, fast', 'eoinas', 'darts', False, True),
+    ('EoiNAS, NOS + AGS, plain', 'eoinas', 'nos', True, False),
+    ('EoiNAS, NOS + AGS, fast', 'eoinas', 'nos', True, True),
+    ('AGNAS, DARTS space, plain', 'agnas', 'darts', False, False),  # no fast path for gated edges yet
+    ('AGNAS, NOS, plain', 'agnas', 'nos', False, False),
+)
+
+
+def count_table(args) -> list[dict]:
+    """Issue 11's table on the CPU: per row, kernel ops of one iteration at --count_batch (the count does
+    not depend on the batch), MiB saved by one forward at the timing batch, and 1-thread ms at that batch
+    (skipped with --iters 0). The teacher (PyramidNet-`--teacher_depth`, random weights: what it computes
+    does not change the count) runs in the AGS rows, as it does in train_search.py."""
+    device = torch.device('cpu')
+    teacher = PyramidNet(args.teacher_depth, 84, 10, True).eval().requires_grad_(False)
+    batch = args.batch_size[0]
+    rows = []
+    for label, method, space, ags, fast in COUNT_ROWS:
+        if args.methods and method not in args.methods and label != COUNT_ROWS[0][0]:
+            continue
+        lambda_at = 1000. if ags else 0.
+        step, _ = make_search(space, lambda_at, args.count_batch, args, device, teacher, fast=fast,
+                              foreach=True, method=method)
+        ops = count_kernel_ops(step)
+        row = {'label': label, 'key': (method, space), 'fast': fast, 'ops': sum(ops.values()), 'by_op': ops}
+        if ags:
+            x = torch.randn(args.count_batch, 3, 32, 32)
+            row['teacher_ops'] = 2 * sum(count_kernel_ops(functools.partial(teacher_stages, teacher, x)).values())
+        step, forward = make_search(space, lambda_at, batch, args, device, teacher, fast=fast, foreach=True,
+                                    method=method)
+        row['saved'] = saved_bytes(forward)
+        row['ms'] = cpu_ms(step, args.warmup, args.iters) if args.iters else float('nan')
+        rows.append(row)
+    return rows
+
+
+def print_count_table(rows: list[dict], args) -> None:
+    base = rows[0]
+    plain = {r['key']: r for r in rows if not r['fast']}
+    print(f'{args.layers} cells / {args.init_channels} ch; kernel ops of one first-order iteration (A step + '
+          f'weight step, foreach optimizers) at batch {args.count_batch}; saved MiB of one forward and CPU '
+          f'ms (process CPU time, 1 thread, median of {args.iters} after {args.warmup}) at batch '
+          f'{args.batch_size[0]}')
+    print(f'{"method, space, path":32} {"kernel ops":>10} {"vs DARTS":>8} {"saved MiB":>9} {"vs DARTS":>8} {"CPU ms":>9} '
+          f'{"vs DARTS":>8} {"vs plain":>8}')
+    for r in rows:
+        vs_plain = f'{r["ms"] / plain[r["key"]]["ms"]:.2f}x' if r['key'] in plain else '-'
+        print(f'{r["label"]:32} {r["ops"]:10d} {r["ops"] / base["ops"]:7.2f}x {r["saved"] / 2**20:9.1f} '
+              f'{r["saved"] / base["saved"]:7.2f}x {r["ms"]:9.1f} {r["ms"] / base["ms"]:7.2f}x {vs_plain:>8}')
+    for r in rows:
+        if 'teacher_ops' in r:
+            rest = r['ops'] - r['teacher_ops']
+            print(f'{r["label"]}: the teacher\'s two forwards are {r["teacher_ops"]} of its kernel ops; without '
+                  f'them {rest} ({rest / base["ops"]:.2f}x)')
+    if args.top:
+        for r in rows:
+            print(f'{r["label"]}: ' + ', '.join(f'{n} {c}' for n, c in r['by_op'].most_common(args.top)))
 
 
 def retrain_row(batch: int, amp: bool, args, device) -> tuple[float, float]:
@@ -233,6 +414,8 @@ def print_agnas_table(args, device) -> None:
         for what, b, t, peak in rows:
             images = b * (2 if what.startswith('darts') else 1)  # darts reads a train and a val batch
             print(f'{what:32} {b:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} {t / base:8.2f}x')
+
+
 def adwp_ranking(args, device) -> dict:
     """Spec adwpnas §7.10: Kendall's tau between predicted-weight and from-scratch val accuracy; prints a table."""
     import json
@@ -266,11 +449,21 @@ def main(argv=None):
                              'adwp_synthetic_size': utils.Range(1, 100000), 'adwp_layers': utils.Range(3, 100),
                              'adwp_channels': utils.Range(1, 1024), 'adwp_hyper_epochs': utils.Range(1, 1000),
                              'adwp_scratch_epochs': utils.Range(1, 1000), 'adwp_batch_size': utils.Range(1, 4096),
-                             'adwp_seed': utils.Range(0, 10**6)})
+                             'adwp_seed': utils.Range(0, 10**6), 'count_batch': utils.Range(1, 4096),
+                             'top': utils.Range(0, 1000)})
     try:  # a --teacher_depth that makes no bottleneck PyramidNet fails here, before any network is built
         pyramid_widths(args.teacher_depth, 84, True)
     except utils.UserError as e:
         raise utils.UserError(str(e).replace('--depth', '--teacher_depth')) from None
+    if args.count:
+        if args.device != 'cpu':
+            raise utils.UserError('--count measures on the CPU; pass --device cpu')
+        if args.layers < agnas.MIN_LAYERS and (args.methods is None or 'agnas' in args.methods):
+            raise utils.UserError(f'the AGNAS rows need --layers {agnas.MIN_LAYERS} or more (a normal cell per stage); '
+                                  f'raise --layers, or leave them out with --methods darts eoinas')
+        print(f'device: CPU; torch {torch.__version__}; teacher PyramidNet-{args.teacher_depth} in the AGS rows')
+        print_count_table(count_table(args), args)
+        return
     device = utils.get_device(args.gpu, args.device)
     if args.adwp_ranking > 0:
         return adwp_ranking(args, device)

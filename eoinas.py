@@ -287,9 +287,15 @@ class EoiNASMethod:
                     f'longer --prune_every')
 
     @classmethod
+    def fast(cls, args) -> bool:
+        # a hard sample runs one op per edge, which only the reference cells skip to (the fast path computes
+        # every alive op); soft sampling, masks and skip dropout run on either
+        return not args.no_fast and not args.gumbel_hard
+
+    @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
-                       ops=resolve_ops(args.space, args.ops))
+                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
 
     def __init__(self, model: Network, args):
         loop = _loop()

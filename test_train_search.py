@@ -91,7 +91,7 @@ def test_search_writes_genotype_log_and_checkpoint(searched):
     # A moved away from its start (the network is built right after seeding with --seed 2), and the
     # genotype is the one A derives
     utils.set_seed(2)
-    model = Network(8, 10, 5)
+    model = Network(8, 10, 5, fast=ckpt['settings']['fast'])
     start = [a.detach().clone() for a in model.arch_parameters()]
     model.load_state_dict(ckpt['model'])
     assert all((a - s).abs().min() > 0 for a, s in zip(model.arch_parameters(), start))

@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='A: Adam, betas (0.5, 0.999) (default: the method\'s)')
     p.add_argument('--arch_weight_decay', type=float, default=1e-3, help='A (App. A)')
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step (DARTS)')
+    p.add_argument('--no_fast', action='store_true',
+                   help='search with the per-edge reference cells instead of the fast path (same search)')
     p.add_argument('--epochs', type=int, default=None, help='search epochs (default: the method\'s)')
     p.add_argument('--init_channels', type=int, default=16, help='channels of the first cells (DARTS)')
     p.add_argument('--layers', type=int, default=8, help='cells of the proxy network')
@@ -293,6 +295,7 @@ class DartsMethod:
     This class is also the interface of every method; the loop in main() calls nothing else:
       defaults(args), check_args(args)   (classmethods) the method's flag values and refusals
       build_model(args, num_classes)     (classmethod) the supernet
+      fast(args)                         (classmethod) whether build_model builds the fast path (issue 11)
       uses_val_batch                     whether step() reads a validation batch
       start_epoch(epoch)                 per-epoch schedules, before the epoch's steps
       step(x, y, xv, yv, teacher, eta, optimizer) -> dict of detached tensors (a subset of KEYS)
@@ -315,9 +318,13 @@ class DartsMethod:
         pass
 
     @classmethod
+    def fast(cls, args) -> bool:
+        return not args.no_fast
+
+    @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
-                       ops=resolve_ops(args.space, args.ops))
+                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
 
     def __init__(self, model: Network, args):
         self.model = model
@@ -466,7 +473,7 @@ def settings_of(args) -> dict:
             'ops': resolve_ops(args.space, args.ops), 'layers': args.layers,
             'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
             'unrolled': args.unrolled, 'epochs': args.epochs, 'batch_size': args.batch_size,
-            'sync_bn': args.sync_bn, 'double': args.double,
+            'sync_bn': args.sync_bn, 'double': args.double, 'fast': METHODS[args.method].fast(args),
             'stage_cell': args.stage_cell if args.method == 'agnas' else None}  # None: older checkpoints resume
 
 
@@ -525,8 +532,14 @@ def main(argv=None) -> None:
     ckpt, changed = None, {}
     if args.resume:
         ckpt = utils.load_resume(args.resume, 'train_search.py')
+        saved = {'fast': False, **ckpt.get('settings', {})}  # older checkpoints: the reference cells
+        if saved['fast'] != settings['fast']:
+            raise utils.UserError(f'checkpoint {args.resume} was made with the '
+                                  f'{"fast path" if saved["fast"] else "reference cells (--no_fast)"}, whose weights '
+                                  f'are laid out differently; resume {"without" if saved["fast"] else "with"} '
+                                  f'--no_fast')
         for key, value in settings.items():
-            utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
+            utils.check_same(key, saved.get(key), value, args.resume)
         changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     data_stats = utils.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
