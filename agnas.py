@@ -78,10 +78,14 @@ class AttentionMixedOp(MixedOp):
     Builds its ops as MixedOp does (DARTS's ops with affine=False, a pool followed by BatchNorm(affine=False))
     and returns MixedOp's triple (features, attention, kernels), so DARTS's and NOS's cells use it unchanged:
     - DARTS space: features = sum_k gate_k * o_k(x) (Eq. 7-8); no attention, no kernels.
-    - NOS space (§8, experimental): features = sum g_o * o(x) over feature ops, attention = sum g_o * a_o(x),
-      kernels = [g_o * D_o] (exact: dwconv is linear in the kernel). Op descriptors: GAP(o(x)) for a
+    - NOS space (§8, experimental): features = sum w_o * o(x) over feature ops, attention = sum w_o * a_o(x),
+      kernels = [w_o * D_o] (exact: dwconv is linear in the kernel). Op descriptors: GAP(o(x)) for a
       feature op, GAP(x' * a(x)) for an attention op, GAP(dwconv(x', D)) for a dynamic op, x' being the
-      edge's skip_connect output.
+      edge's skip_connect output. w = g / sum_o g_o per channel (this repo's decision; §8 says w = g): raw
+      gates make an edge a sum of about 5.5 ops that the surrogate node's kernels and maps multiply and the
+      identity ops compound node to node (initial cross-entropy 866 in the 5-cell, 16-channel supernet),
+      while normalised ones make it a convex combination, as NOS's softmax does. The importance stays
+      the raw gates.
     `weights` is accepted and ignored (the cells pass None): the gates replace the softmax weights.
 
     While `collecting` (see `importance_pass`), every forward adds gates.sum over batch and channels to a
@@ -130,6 +134,8 @@ class AttentionMixedOp(MixedOp):
             s = gates.detach().sum(dim=(0, 2), dtype=torch.float64)
             self._gate_sum = s if self._gate_sum is None else self._gate_sum + s
             self._images += x.shape[0]
+        if not self.plain:  # NOS variant: convex weights per channel (see the class docstring)
+            gates = gates / gates.sum(dim=1, keepdim=True)
         g = gates[:, :, :, None, None]                                 # broadcast over H, W (or k, k)
         features = sum(g[:, i] * outs[i] for i in self.feature_idx)   # Eq. 7-8
         attention = sum(g[:, i] * outs[i] for i in self.attention_idx) if self.attention_idx else None
