@@ -81,6 +81,8 @@ def parse_args(argv=None):
     adwp.add_argument('--adwp_seed', type=int, default=0, help='seeds data order, weights and the architectures')
     p.add_argument('--eoinas', action='store_true', help='time EoiNAS as ops are pruned (its own table)')
     p.add_argument('--alive', type=int, nargs='+', default=[8, 4, 2], help='--eoinas: ops alive per edge')
+    p.add_argument('--fast_rows', action='store_true',
+                   help='the timing table also times the fast path (Network(fast=True)) of both spaces')
     p.add_argument('--count', action='store_true',
                    help='print issue 11\'s table instead (kernel ops, saved MiB, 1-thread CPU ms; CPU only)')
     p.add_argument('--count_batch', type=int, default=2, help='batch of the kernel-op count (--count)')
@@ -156,8 +158,9 @@ def make_search(space: str, lambda_at: float, batch: int, args, device, teacher,
     return step, forward
 
 
-def search_row(space: str, lambda_at: float, batch: int, args, device, teacher) -> tuple[float, float]:
-    step, _ = make_search(space, lambda_at, batch, args, device, teacher)
+def search_row(space: str, lambda_at: float, batch: int, args, device, teacher, fast: bool = False):
+    """(median seconds, peak GiB) of a first-order darts-method iteration."""
+    step, _ = make_search(space, lambda_at, batch, args, device, teacher, fast=fast)
     return timed(step, device, args.warmup, args.iters)
 
 
@@ -167,12 +170,14 @@ EOINAS_KEEP = ['sep_conv_5x5', 'sep_conv_3x3', 'dil_conv_5x5', 'dil_conv_3x3', '
                'avg_pool_3x3', 'none']
 
 
-def eoinas_row(alive: int, hard: bool, batch: int, args, device) -> tuple[float, float]:
-    """One EoiNAS iteration on the DARTS space with `alive` ops per edge (EOINAS_KEEP's first), or hard."""
+def eoinas_step(alive: int, hard: bool, fast: bool, batch: int, args, device):
+    """One EoiNAS iteration (a function) on the DARTS space with `alive` ops per edge (EOINAS_KEEP's first),
+    or hard (GDAS's one-op forward, on the reference cells); its skip dropout on, as after the warm-up."""
     sargs = search_args(['--method', 'eoinas', '--space', 'darts', '--layers', str(args.layers),
-                         '--init_channels', str(args.init_channels)] + (['--gumbel_hard'] if hard else []))
+                         '--init_channels', str(args.init_channels)] + (['--gumbel_hard'] if hard else [])
+                        + ([] if fast else ['--no_fast']))
     torch.manual_seed(0)
-    model = Network(args.init_channels, 10, args.layers, space='darts').to(device)
+    model = EoiNASMethod.build_model(sargs, 10).to(device)
     mask = torch.tensor([op in EOINAS_KEEP[:alive] for op in model.ops]).expand_as(model.alive_normal)
     model.set_alive(mask, mask)
     optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
@@ -185,22 +190,29 @@ def eoinas_row(alive: int, hard: bool, batch: int, args, device) -> tuple[float,
         out = method.step(x, y, xv, yv, None, 0.025, optimizer)
         out['train_ce'].item()
 
-    return timed(step, device, args.warmup, args.iters)
+    return step
 
 
 def eoinas_table(args, device) -> None:
-    """darts against EoiNAS at each --alive count and hard, per batch size; ratios to darts."""
-    print(f'{"method":8} {"sampling":9} {"alive/edge":>10} {"batch":>5} {"ms/iter":>9} {"images/s":>9} '
+    """darts against EoiNAS at each --alive count (reference cells and fast path) and hard, per batch size,
+    timed in turn within each iteration (`interleaved`); ratios to the darts method on the reference cells."""
+    print(f'{"method":8} {"path":5} {"sampling":9} {"alive/edge":>10} {"batch":>5} {"ms/iter":>9} {"images/s":>9} '
           f'{"peak GiB":>9} {"vs darts":>9}')
     for batch in args.batch_size:
-        base, peak = search_row('darts', 0., batch, args, device, None)
-        rows = [('darts', 'softmax', 8, base, peak)]
-        for k in args.alive:
-            rows.append(('eoinas', 'soft', k, *eoinas_row(k, False, batch, args, device)))
-        rows.append(('eoinas', 'hard', 1, *eoinas_row(8, True, batch, args, device)))
-        for method, sampling, k, t, peak in rows:
-            print(f'{method:8} {sampling:9} {k:10d} {batch:5d} {t * 1e3:9.1f} {2 * batch / t:9.0f} {peak:9.2f} '
-                  f'{t / base:8.2f}x')
+        rows = [('darts', 'plain', 'softmax', 8, make_search('darts', 0., batch, args, device, None)[0]),
+                ('darts', 'fast', 'softmax', 8, make_search('darts', 0., batch, args, device, None, fast=True)[0])]
+        for fast in (False, True):
+            for k in args.alive:
+                rows.append(('eoinas', 'fast' if fast else 'plain', 'soft', k,
+                             eoinas_step(k, False, fast, batch, args, device)))
+        rows.append(('eoinas', 'plain', 'hard', 1, eoinas_step(8, True, False, batch, args, device)))
+        times = interleaved([r[-1] for r in rows], device, args.warmup, args.iters)
+        base = times[0][0]
+        for (method, path, sampling, k, _), (t, peak) in zip(rows, times):
+            print(f'{method:8} {path:5} {sampling:9} {k:10d} {batch:5d} {t * 1e3:9.1f} {2 * batch / t:9.0f} '
+                  f'{peak:9.2f} {t / base:8.2f}x')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Issue 11's counting rule: kernel ops per iteration, bytes saved for backward, CPU time on one thread
 
@@ -485,6 +497,11 @@ def main(argv=None):
         rows.append(('search', 'darts', 'eager fp32, no AGS', batch, base, peak, base))
         t, peak = search_row('nos', 1000., batch, args, device, teacher)
         rows.append(('search', 'nos', 'eager fp32, AGS', batch, t, peak, base))
+        if args.fast_rows:
+            t, peak = search_row('darts', 0., batch, args, device, None, fast=True)
+            rows.append(('search', 'darts', 'fast fp32, no AGS', batch, t, peak, base))
+            t, peak = search_row('nos', 1000., batch, args, device, teacher, fast=True)
+            rows.append(('search', 'nos', 'fast fp32, AGS', batch, t, peak, base))
     if args.retrain_batch_size:
         b = args.retrain_batch_size
         t, peak = retrain_row(b, False, args, device)

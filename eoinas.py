@@ -290,7 +290,7 @@ class EoiNASMethod:
     def fast(cls, args) -> bool:
         # a hard sample runs one op per edge, which only the reference cells skip to (the fast path computes
         # every alive op); soft sampling, masks and skip dropout run on either
-        return not args.no_fast and not args.gumbel_hard
+        return _loop().DartsMethod.fast(args) and not args.gumbel_hard
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:

@@ -339,7 +339,7 @@ def test_nos_node_rule_on_adversarial_importance():
 
 
 def test_state_after_a_prune():
-    model, method, optimizer = tiny_method()
+    model, method, optimizer = tiny_method(extra=['--no_fast'])  # the per-edge cells: it inspects one edge
     x, y, xv, yv = batches()
     method.start_epoch(1)
     method.step(x, y, xv, yv, None, 0.025, optimizer)
@@ -540,7 +540,9 @@ def test_bench_times_eoinas_as_ops_are_pruned(capsys):
     bench_search.main(['--device', 'cpu', '--eoinas', '--layers', '3', '--init_channels', '4', '--batch_size', '2',
                        '--iters', '1', '--warmup', '0', '--alive', '2'])
     rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[2:]]
-    assert [r[:3] for r in rows] == [['darts', 'softmax', '8'], ['eoinas', 'soft', '2'], ['eoinas', 'hard', '1']]
+    assert [r[:4] for r in rows] == [['darts', 'plain', 'softmax', '8'], ['darts', 'fast', 'softmax', '8'],
+                                     ['eoinas', 'plain', 'soft', '2'], ['eoinas', 'fast', 'soft', '2'],
+                                     ['eoinas', 'plain', 'hard', '1']]
     assert rows[0][-1] == '1.00x'
 
 

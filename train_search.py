@@ -319,7 +319,9 @@ class DartsMethod:
 
     @classmethod
     def fast(cls, args) -> bool:
-        return not args.no_fast
+        # --sync_bn converts BatchNorm modules; the fast path's BatchNorms are functional, so it runs the
+        # reference cells (README "The fast search path")
+        return not args.no_fast and not args.sync_bn
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
@@ -592,6 +594,8 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     logger.info('method %s; search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, '
                 '%.2e exact', args.method, args.space, len(model.ops), ', '.join(model.ops), size['paper'],
                 size['exact'])
+    logger.info('search cells: %s', 'the fast path (model_search.FastCell)' if model.fast else
+                'the per-edge reference cells' + ('' if args.no_fast else ' (this setting has no fast path)'))
     n_weights = utils.count_params(model)
     logger.info('param size = %.6fMB (%d weights)', n_weights / 1e6, n_weights)
     if world > 1:
