@@ -27,6 +27,11 @@ Pruning and sampling (EoiNAS, ../shared/spec/eoinas.md §8) mask rather than del
 and --resume work unchanged, and each MixedOp computes its alive ops only. `Network.tau` switches the edge
 weights from the softmax (None, DARTS) to one Gumbel-softmax sample per forward and cell type
 (`sample_weights`).
+
+`Network(..., fast=True)` computes the same search in fewer, larger kernels (`FastCell`, issue 11; see the
+section "The fast path" below): DartsCell / NOSCell stay the readable reference, and test_fast_search.py
+proves the two equal. It serves the softmax and Gumbel-softmax weights, the alive masks and skip dropout; a
+hard Gumbel sample and AGNAS's gated edges run on the reference cells.
 """
 from __future__ import annotations
 
