@@ -45,7 +45,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import agnas
 import genotypes
 import utils
-from eoinas import EoiNASMethod
 from model import NetworkCIFAR
 from model_search import Network
 from teacher import PyramidNet, pyramid_widths
@@ -115,10 +114,11 @@ def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
 
 
 def make_search(space: str, lambda_at: float, batch: int, args, device, teacher, *, fast: bool = False,
-                foreach: bool | None = None, method: str = 'darts'):
+                foreach: bool | None = None, method: str = 'darts', flags=(), alive: int | None = None):
     """One first-order search iteration as train_search.py runs it (Eq. 13 then Eq. 12), on random tensors;
     with `method` 'eoinas' or 'agnas' that method's step instead (EoiNAS after its warm-up: a weight step
-    and an A step on fresh Gumbel samples, with its skip dropout; AGNAS: one single-level step).
+    and an A step on fresh Gumbel samples, with its skip dropout; AGNAS: one single-level step), built from
+    train_search.py's flags plus `flags`; `alive`: only EOINAS_KEEP's first `alive` ops alive on every edge.
 
     Returns (step, forward): `step()` runs the iteration; `forward()` is the weight step's forward (the loss
     of Eq. 12, teacher included), for `saved_bytes`. `foreach=True` makes both optimizers use the foreach
@@ -131,9 +131,12 @@ def make_search(space: str, lambda_at: float, batch: int, args, device, teacher,
                               arch_weight_decay=1e-3, lambda_at=lambda_at)
     else:
         sargs = search_args(['--method', method, '--space', space, '--lambda_at', str(lambda_at), '--layers',
-                             str(args.layers), '--init_channels', str(args.init_channels)]
+                             str(args.layers), '--init_channels', str(args.init_channels), *flags]
                             + ([] if fast else ['--no_fast']))
         model = METHODS[method].build_model(sargs, 10).to(device)
+        if alive is not None:
+            mask = torch.tensor([op in EOINAS_KEEP[:alive] for op in model.ops]).expand_as(model.alive_normal)
+            model.set_alive(mask, mask)
         runner = METHODS[method](model, sargs)
         if method == 'eoinas':
             runner.start_epoch(sargs.eoi_warmup)  # after the warm-up: both steps, sampling, skip dropout
@@ -173,24 +176,8 @@ EOINAS_KEEP = ['sep_conv_5x5', 'sep_conv_3x3', 'dil_conv_5x5', 'dil_conv_3x3', '
 def eoinas_step(alive: int, hard: bool, fast: bool, batch: int, args, device):
     """One EoiNAS iteration (a function) on the DARTS space with `alive` ops per edge (EOINAS_KEEP's first),
     or hard (GDAS's one-op forward, on the reference cells); its skip dropout on, as after the warm-up."""
-    sargs = search_args(['--method', 'eoinas', '--space', 'darts', '--layers', str(args.layers),
-                         '--init_channels', str(args.init_channels)] + (['--gumbel_hard'] if hard else [])
-                        + ([] if fast else ['--no_fast']))
-    torch.manual_seed(0)
-    model = EoiNASMethod.build_model(sargs, 10).to(device)
-    mask = torch.tensor([op in EOINAS_KEEP[:alive] for op in model.ops]).expand_as(model.alive_normal)
-    model.set_alive(mask, mask)
-    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
-    method = EoiNASMethod(model, sargs)
-    method.start_epoch(sargs.eoi_warmup)  # after the warm-up: both steps and the statistics
-    x, xv = torch.randn(2, batch, 3, 32, 32, device=device)
-    y, yv = torch.randint(10, (2, batch), device=device)
-
-    def step():
-        out = method.step(x, y, xv, yv, None, 0.025, optimizer)
-        out['train_ce'].item()
-
-    return step
+    return make_search('darts', 0., batch, args, device, None, fast=fast, method='eoinas',
+                       flags=['--gumbel_hard'] if hard else [], alive=alive)[0]
 
 
 def eoinas_table(args, device) -> None:

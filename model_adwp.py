@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import genotypes
 from genotypes import CONCAT, DARTS_PRIMITIVES, STEPS, MacroGenotype
+from model_search import as_array
 from operations import OPS, FactorizedReduce, ReLUConvBN
 
 CELL_TYPES = ('normal', 'reduce')
@@ -38,12 +38,6 @@ GEN_INPUTS = ('cell', 'op')  # D3: the GeneratingBlock reads all of p_l, or its 
 # Stage 0: the intensive space (Sec. 3.1.2; spec §1.2)
 
 
-def _as_array(weights) -> np.ndarray:
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().cpu().double().numpy()
-    return np.asarray(weights, dtype=np.float64)
-
-
 def derive_intensive_cell(weights, K: int = 6, ops=DARTS_PRIMITIVES, steps: int = STEPS) -> list:
     """O*_t of one cell type: for every intermediate node j, the K best (op, input) candidates.
 
@@ -52,7 +46,7 @@ def derive_intensive_cell(weights, K: int = 6, ops=DARTS_PRIMITIVES, steps: int 
     lower input, then the lower op index. Each node gets exactly K candidates (Eq. 5), listed in canonical
     order (input, then op index) so that the HyperNetwork's alpha columns do not depend on the scores.
     """
-    w = _as_array(weights)
+    w = as_array(weights)
     ops = list(ops)
     n_edges = sum(2 + j for j in range(steps))
     if w.shape != (n_edges, len(ops)):
@@ -402,7 +396,7 @@ def derive_macro(alphas, space: dict, T: int = 2) -> MacroGenotype:
     """Sec. 3.2.2: in every cell l and node j keep the T candidates of highest p_(l,j,.) (ties: the lower
     candidate index), strongest first. Two picks may read the same input (D11). Cell l takes its candidates
     from O*_reduce at layers//3 and 2*layers//3, else from O*_normal."""
-    a = torch.as_tensor(_as_array(alphas))
+    a = torch.as_tensor(as_array(alphas))
     layers = a.shape[0]
     p = F.softmax(a, dim=-1).numpy()
     reductions = genotypes.reduction_layers(layers)

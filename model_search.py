@@ -1185,15 +1185,15 @@ class Network(nn.Module):
 
     def forward_stages(self, x: torch.Tensor):
         """(logits, [s1, s2, s3]): the outputs of the cells that pair with the teacher's three stages."""
+        if self.fast and self.gumbel_hard:  # refused before a sample is drawn
+            raise ValueError('the fast path computes every alive op; a hard Gumbel sample (one op per edge) '
+                             'runs on the reference cells: build the network with fast=False')
         gated = self.method == 'agnas'  # AGNAS's edges weight themselves
         if gated:
             w_normal = w_reduce = None
         else:
             w_normal, w_reduce = self.edge_weights()
         if self.fast:  # one gather of the contraction weights per cell type, shared by its cells
-            if self.gumbel_hard:
-                raise ValueError('the fast path computes every alive op; a hard Gumbel sample (one op per edge) '
-                                 'runs on the reference cells: build the network with fast=False')
             dropout = self.training and self._skip_dropout > 0
             w_normal, w_reduce = (self._fast_plans[r].prepare(w, None if self._all_alive else self._alive_lists[r],
                                                               dropout)
@@ -1249,7 +1249,7 @@ class Network(nn.Module):
             return self.staged_genotype(stage_cell, importance)
         if importance is None:
             importance = self.arch_weights()
-        wn, wr = (np.where(m.cpu().numpy(), _as_array(w), -np.inf)
+        wn, wr = (np.where(m.cpu().numpy(), as_array(w), -np.inf)
                   for w, m in zip(importance, (self.alive_normal, self.alive_reduce)))
         derive = derive_cell if self.space == 'nos' else derive_darts_cell
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
@@ -1282,7 +1282,7 @@ class Network(nn.Module):
     def cell_genotypes(self, importance=None) -> list[list]:
         """One cell per supernet cell, each derived on its own from its matrix (agnas.md §2)."""
         importance = self.importance() if importance is None else importance
-        return [self._derive(m) for m in _as_array(importance)]
+        return [self._derive(m) for m in as_array(importance)]
 
     def staged_genotype(self, stage_cell: str = 'first', importance=None) -> genotypes.StagedGenotype:
         """One normal cell per stage (`stage_cell`: see `stage_matrices`) and the two reduction cells."""
@@ -1317,13 +1317,14 @@ def stage_matrices(importance, stage_cell: str = 'first') -> tuple[list[np.ndarr
     """
     if stage_cell not in STAGE_CELLS:
         raise ValueError(f'unknown stage_cell {stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
-    m = _as_array(importance)
+    m = as_array(importance)
     stages, reductions = stage_layout(len(m))
     pick = {'first': lambda s: m[s[0]], 'last': lambda s: m[s[-1]], 'mean': lambda s: m[s].mean(axis=0)}
     return [pick[stage_cell](s) for s in stages], [m[r] for r in reductions]
 
 
-def _as_array(weights) -> np.ndarray:
+def as_array(weights) -> np.ndarray:
+    """A weight or importance matrix (tensor, array or nested lists) as a float64 numpy array."""
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().double().numpy()
     return np.asarray(weights, dtype=np.float64)
@@ -1342,7 +1343,7 @@ def derive_cell(weights, ops=PRIMITIVES, steps: int = genotypes.STEPS) -> list:
     tier takes the lowest op index among equal maxima. `none` (not a NOS op) is never chosen.
     Returns blocks ((op_i, i), (op_j, j), op_second).
     """
-    w = _as_array(weights)
+    w = as_array(weights)
     ops = list(ops)
     n_first = sum(2 + k for k in range(steps))
     if w.shape != (n_first + steps, len(ops)):
@@ -1372,7 +1373,7 @@ def derive_darts_cell(weights, ops=DARTS_PRIMITIVES, steps: int = genotypes.STEP
     """DARTS's derivation (its model_search.genotype): per node, the two incoming edges whose strongest
     non-none op is strongest (stable sort: ties keep the lower input), each with that op (ties: lower op
     index). Returns DARTS's flat list of (op, input) pairs, strongest edge first."""
-    w = _as_array(weights)
+    w = as_array(weights)
     ops = list(ops)
     n_edges = sum(2 + k for k in range(steps))
     if w.shape != (n_edges, len(ops)):
