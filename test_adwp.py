@@ -22,13 +22,7 @@ from operations import OPS
 OP = {name: i for i, name in enumerate(DARTS_PRIMITIVES)}
 
 
-def run(main, args):
-    """A script's main() as the command line runs it; returns the exit code (0 when it returns)."""
-    try:
-        utils.run_main(lambda: main([str(a) for a in args]))
-    except SystemExit as e:
-        return e.code
-    return 0
+run = utils.exit_code  # (main, argv) -> the exit code the command line would give
 
 
 def fails_with(capsys, main, args, *words):

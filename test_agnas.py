@@ -339,12 +339,7 @@ def test_visualize_draws_every_staged_cell():
 # 10: end to end
 
 
-def run(main, args):
-    try:
-        utils.run_main(lambda: main([str(a) for a in args]))
-    except SystemExit as e:
-        return e.code
-    return 0
+run = utils.exit_code  # (main, argv) -> the exit code the command line would give
 
 
 def read_log(save):

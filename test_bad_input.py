@@ -212,11 +212,7 @@ def test_bad_input_is_one_sentence(script, args, words, builds_model, paths, tmp
         request.getfixturevalue('no_networks')
     values = {**{k: str(v) for k, v in paths.items()}, 'tmp': str(tmp_path)}
     argv = [a.format(**values) for a in BASE[script] + args]
-    try:
-        utils.run_main(lambda: SCRIPTS[script].main(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    code = utils.exit_code(SCRIPTS[script].main, argv)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err, err
     for w in words:

@@ -101,12 +101,7 @@ def test_killed_torchrun_search_resumes_exactly(two_process_run, tmp_path):
 def refusal(monkeypatch, capsys, world, args):
     monkeypatch.setenv('WORLD_SIZE', str(world))
     monkeypatch.setenv('LOCAL_WORLD_SIZE', str(world))
-    try:
-        utils.run_main(lambda: train_search.main([str(a) for a in args]))
-    except SystemExit as e:
-        assert e.code == 2
-    else:
-        raise AssertionError('not refused')
+    assert utils.exit_code(train_search.main, args) == 2, 'not refused'
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1, err
     return err

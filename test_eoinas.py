@@ -561,8 +561,4 @@ def test_visualize_plots_the_importance_and_marks_pruned_ops(searched, tmp_path,
 
 
 def run_visualize(visualize, argv):
-    try:
-        utils.run_main(lambda: visualize.main(argv))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return utils.exit_code(visualize.main, argv)

@@ -270,29 +270,24 @@ def test_one_seed_builds_the_same_network_on_both_paths():
         assert torch.equal(after_fast, torch.randn(3))  # the random stream after building either is the same
 
 
-def test_a_checkpoint_resumes_only_with_its_own_layout(tmp_path, capsys):
+def test_a_checkpoint_resumes_only_with_its_own_layout(tmp_path, capsys, monkeypatch):
     """The fast path stacks the weights by source group: resuming a fast checkpoint with --no_fast (or the
     reverse) is refused in one sentence that names the flag, before any weight is loaded."""
     args = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3', '--init_channels', '4',
             '--batch_size', '8', '--synthetic_size', '16', '--report_freq', '0', '--space', 'darts', '--lambda_at',
             '0', '--epochs', '2', '--save', str(tmp_path)]
-    stop = {'epoch': 1}
     real = utils.save_checkpoint
 
     def save_then_stop(state, path):
         real(state, path)
-        if state['epoch'] == stop['epoch']:
+        if state['epoch'] == 1:
             raise KeyboardInterrupt
-    try:
-        utils.save_checkpoint = save_then_stop
-        with pytest.raises(KeyboardInterrupt):
-            train_search.main(args)
-    finally:
-        utils.save_checkpoint = real
+    monkeypatch.setattr(utils, 'save_checkpoint', save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_search.main(args)
+    monkeypatch.setattr(utils, 'save_checkpoint', real)
     assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['settings']['fast'] is True
-    with pytest.raises(SystemExit) as e:
-        utils.run_main(lambda: train_search.main(args + ['--resume', '--no_fast']))
-    assert e.value.code != 0
+    assert utils.exit_code(train_search.main, args + ['--resume', '--no_fast']) != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'made with the fast path' in err and 'resume without --no_fast' in err
     train_search.main(args + ['--resume'])  # its own layout resumes

@@ -42,13 +42,7 @@ def data(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp('images'))
 
 
-def run(main, args):
-    """main() in-process as the command line runs it; returns the exit code (0 when it returns)."""
-    try:
-        utils.run_main(lambda: main([str(a) for a in args]))
-    except SystemExit as e:
-        return e.code
-    return 0
+run = utils.exit_code  # (main, argv) -> the exit code the command line would give
 
 
 def fails_with(capsys, main, args, *words):

@@ -18,11 +18,7 @@ EPOCHS = ['--epochs', '3']
 
 def run(argv):
     """main() as the command line runs it: returns the exit code (0 on success)."""
-    try:
-        utils.run_main(lambda: train_cifar.main(argv))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return utils.exit_code(train_cifar.main, argv)
 
 
 def fail(argv, capsys):

@@ -35,11 +35,7 @@ def folder(tmp_path_factory):
 
 
 def run(argv):
-    try:
-        utils.run_main(lambda: train_imagenet.main(argv))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return utils.exit_code(train_imagenet.main, argv)
 
 
 def test_two_processes_keep_the_same_weights(folder, tmp_path):

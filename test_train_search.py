@@ -37,11 +37,7 @@ def tiny_teacher(tmp_path_factory):
 
 def run(args):
     """main() in-process as the command line runs it; returns the exit code (0 when it returns)."""
-    try:
-        utils.run_main(lambda: train_search.main([str(a) for a in args]))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return utils.exit_code(train_search.main, args)
 
 
 def read_log(save):

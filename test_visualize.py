@@ -83,11 +83,7 @@ def fake_log(path, primitives, rows, genotype, epochs=3):
 
 def run_cli(argv, capsys):
     """visualize's main through utils.run_main, in-process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        utils.run_main(lambda: visualize.main(argv))
-    except SystemExit as e:
-        code = e.code
+    code = utils.exit_code(visualize.main, argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 

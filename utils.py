@@ -30,6 +30,16 @@ class UserError(Exception):
     """Bad input (missing data, wrong checkpoint, no CUDA, ...): the message says what to do."""
 
 
+def exit_code(main, argv) -> int:
+    """main(argv) in-process as the command line runs it (through `run_main`): the exit code it would give
+    (0 when it returns). argv items may be paths or numbers; they are passed as strings."""
+    try:
+        run_main(lambda: main([str(a) for a in argv]))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def run_main(main) -> None:
     """Run a script's main(); a UserError or GenotypeError becomes one line on stderr and exit code 2, and so
     does running out of memory (an absurd --batch_size or network size)."""
