@@ -535,6 +535,7 @@ class FastEdges(nn.Module):
             self.register_buffer('delta', F.pad(torch.ones(1, 1, C, 1), (kk // 2, kk // 2)).view(1, 1, C * kk),
                                  persistent=False)
         self._cache = {}
+        self.structural_zeros = 0
         self.skip_dropout = 0.  # EoiNAS: dropout after each stride-1 edge's skip_connect (MixedOp.skip_dropout)
 
         def param(*shape, fan_in=None):  # nn.Conv2d's initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -563,10 +564,17 @@ class FastEdges(nn.Module):
             self.ca2 = param(E * C, self.m_att, 1, 1)
         if self.dyn:
             self.xdyn = nn.ParameterDict({n: param(E * self.m_dyn, C, 1, 1) for n in self.dyn})
-            # kernel transform (C -> k*k) of each op, and decode (C/8 -> C) per op, then per edge
-            # (edge, tap row, tap column, input channel): the padding to ks x ks needs no reshape
-            self.transform = nn.ParameterDict({n: param(E, DYNAMIC_SIZES[n], DYNAMIC_SIZES[n], C, fan_in=C)
-                                               for n in self.dyn})
+            # kernel transform (C -> k*k) of each op, and decode (C/8 -> C) per op, then per edge.
+            # Transform layout (edge, tap row, tap column, input channel) on the node's ks x ks grid: a
+            # smaller op's k x k taps sit at its centre and its border rows are zero. Their taps are masked
+            # out of the softmax (`_tap_bias`), so the border gets no gradient and stays exactly zero (weight
+            # decay of 0 is 0), and no forward has to pad the weights (issue 11: one op per op and step)
+            k = DYNAMIC_SIZES
+            self.transform = nn.ParameterDict(
+                {n: nn.Parameter(self._on_grid(param(E, k[n], k[n], C, fan_in=C).detach(), self.kernel_size))
+                 for n in self.dyn})
+            # their zero borders, which utils.count_params leaves out (the reference has no such weights)
+            self.structural_zeros = E * C * sum(self.kernel_size ** 2 - k[n] ** 2 for n in self.dyn)
             self.decode = param(E * len(self.dyn) * C, self.m_dyn, 1, 1)
         # BN1: one non-affine BatchNorm over [pointwise outputs of the first conv stage | pools |
         # FactorizedReduce | sa conv | bottlenecks]; the buffer range of each piece
@@ -614,19 +622,15 @@ class FastEdges(nn.Module):
         """Ranges of the kept dynamic ops' blocks in an (op, edge, width) layout."""
         return [(j * self.E * width, (j + 1) * self.E * width) for j, n in enumerate(self.dyn) if n in kept]
 
+    @staticmethod
+    def _on_grid(w: torch.Tensor, ks: int) -> torch.Tensor:
+        """(E, k, k, C) transform rows zero-padded to the node's ks x ks grid."""
+        p = (ks - w.shape[1]) // 2
+        return F.pad(w, (0, 0, p, p, p, p)) if p else w
+
     def _transform_weights(self, kept) -> list[torch.Tensor]:
-        """The kernel transforms of the kept ops, (edge, ks*ks) rows each: a 3x3 op's k*k rows sit at the
-        centre of the ks x ks grid, the border rows are zero (their taps are masked out, see `_tap_bias`)."""
-        ks, E = self.kernel_size, self.E
-        out = []
-        for n in kept:
-            k = DYNAMIC_SIZES[n]
-            w = self.transform[n]
-            if k < ks:
-                p = (ks - k) // 2
-                w = F.pad(w, (0, 0, p, p, p, p))
-            out.append(w.view(E * ks * ks, self.C, 1, 1))
-        return out
+        """The kernel transforms of the kept ops as 1x1 conv weights, (edge, ks*ks) rows each."""
+        return [self.transform[n].view(self.E * self.kernel_size ** 2, self.C, 1, 1) for n in kept]
 
     def _tap_bias(self, kept, ref: torch.Tensor):
         """(ops, 1, 1, ks*ks): 0 on the taps of each kept op, -inf on a smaller kernel's border (so that the
@@ -846,7 +850,8 @@ class FastEdges(nn.Module):
                 out[f'xdyn.{n}'] = cat([op.bottleneck[0].weight for op in dyn[n]])
                 w = cat([op.transform.weight for op in dyn[n]])
                 k = DYNAMIC_SIZES[n]
-                out[f'transform.{n}'] = None if w is None else w.view(E, k, k, self.C)
+                out[f'transform.{n}'] = None if w is None else self._on_grid(w.view(E, k, k, self.C),
+                                                                              self.kernel_size)
             out['decode'] = cat([dyn[n][e].decode.weight for n in self.dyn for e in range(E)])
         for stat in ('mean', 'var'):
             pieces = []
@@ -1102,6 +1107,10 @@ class Network(nn.Module):
         if self.method == 'agnas':
             return []
         return [self.alphas_normal, self.alphas_reduce]
+
+    def structural_zeros(self) -> int:
+        """Weights that are zero by construction (the fast path's transform borders), not weights to count."""
+        return sum(m.structural_zeros for m in self.modules() if isinstance(m, FastEdges))
 
     def weights(self) -> list[nn.Parameter]:
         """All parameters except the architecture matrices (what the weight optimizer updates)."""

@@ -104,6 +104,12 @@ def test_float64_search_steps_give_the_same_architecture(space, steps):
     torch.testing.assert_close(fast.alphas_reduce, plain.alphas_reduce, rtol=1e-8, atol=1e-10)
     assert (plain.alphas_normal.detach() - start).abs().max() > 0.03  # A really moved
     assert fast.genotype() == plain.genotype()
+    if space == 'nos':  # the 3x3 transforms' borders on the 5x5 grid stayed exactly zero (no weight there)
+        borders = [g.transform['dynamic_conv_3x3'] for c in fast.cells for g in c.groups if g.dyn]
+        assert borders and all(t[:, [0, -1]].abs().sum() == 0 and t[:, :, [0, -1]].abs().sum() == 0
+                               and t[:, 1:-1, 1:-1].abs().sum() > 0 for t in borders)
+        assert fast.structural_zeros() > 0
+        assert utils.count_params(fast) == utils.count_params(plain)
 
 
 def test_alive_mask_skips_dead_ops_and_equals_the_pruned_reference():

@@ -1103,9 +1103,11 @@ def attention_transfer_loss(student: list[torch.Tensor], teacher: list[torch.Ten
 
 def count_params(model: nn.Module, exclude: str = 'auxiliary') -> int:
     """Trainable weights, leaving out those whose name contains `exclude` (DARTS leaves out its head) and
-    a search network's architecture parameters (`model.arch_parameters()`; DARTS does not count them)."""
+    a search network's architecture parameters (`model.arch_parameters()`; DARTS does not count them) and
+    the weights that are zero by construction (`model.structural_zeros()`, the search network's fast path)."""
     arch = {id(p) for p in model.arch_parameters()} if hasattr(model, 'arch_parameters') else set()
-    return sum(p.numel() for n, p in model.named_parameters() if exclude not in n and id(p) not in arch)
+    zeros = model.structural_zeros() if hasattr(model, 'structural_zeros') else 0
+    return sum(p.numel() for n, p in model.named_parameters() if exclude not in n and id(p) not in arch) - zeros
 
 
 def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> int:
