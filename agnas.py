@@ -26,7 +26,7 @@ from torch import nn
 
 import genotypes
 import utils
-from model_search import MixedOp, Network, resolve_ops, stage_layout
+from model_search import FastEdges, MixedOp, Network, resolve_ops, stage_layout
 from operations import dynamic_conv
 
 # The AGNAS search settings (agnas.md §3) for the flags whose argparse default is None (methods.md).
@@ -143,15 +143,160 @@ class AttentionMixedOp(MixedOp):
         return features, attention, kernels
 
 
+class FastGatedEdges(FastEdges):
+    """The gated edges of one source group on the fast path (issue 11): model_search.FastEdges's op outputs
+    for all E edges at once, weighed by E GateAttentions instead of A. The same computation as E
+    `AttentionMixedOp`s (test_agnas.py proves it), in a few batched kernels:
+    - descriptors (Eq. 4): one mean over the group's stacked op outputs gives every entry's GAP. Over NOS (§8,
+      see AttentionMixedOp), with x' the edges' skip outputs: GAP(x' * SA) as one batched product;
+      GAP(x' * CA) = CA * GAP(x'); GAP(dwconv(x', D)) = sum over taps t of D_t * B_t / HW, where B_t, the sum
+      of the zero-padded x' over the window that tap t reads, is one depthwise conv of x' with an all-ones
+      H x W kernel (dwconv is linear in x'). Each edge's (m, C) descriptors are gathered from these, a zero
+      row for `none`;
+    - the E attention modules (Eq. 5) as two grouped 1x1 convs: gates (N, E, m, C);
+    - the weighted sums (Eq. 7-8; NOS: Eq. 2-4, 6-8 with w = g / sum_o g) as one contraction per kind whose
+      coefficients are per sample and channel: (N, K, Q, C) gathered from the gates at once, then
+      einsum('nkqc,nqc..->nkc..').
+    Parameters: FastEdges's, and `gate_fc1` (E*C, m*C, 1) / `gate_fc2` (E*m*C, C, 1), the edges' W1 / W2
+    stacked edge by edge. Collects its gates like AttentionMixedOp (`collecting`, `mean_gates`: (E, m)).
+    """
+
+    def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False):
+        super().__init__(C, stride, ops, S, K, carrier)
+        m = self.m = len(ops)
+        self.ops = list(ops)
+        self.plain = not (self.has_sa or self.has_ca or self.dyn)  # DARTS's space: feature ops only
+        hidden = C  # GateAttention's r = m: the hidden width is m*C / m
+
+        def linear(*shape):  # nn.Linear's initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            return nn.Parameter(torch.empty(*shape, 1).uniform_(-shape[1] ** -0.5, shape[1] ** -0.5))
+
+        self.gate_fc1 = linear(self.E * hidden, m * C)   # W1 of every edge (Eq. 5)
+        self.gate_fc2 = linear(self.E * m * C, hidden)   # W2 of every edge (Eq. 5)
+        self.collecting = False
+        self.reset_importance()
+
+    reset_importance = AttentionMixedOp.reset_importance
+
+    def mean_gates(self) -> np.ndarray:
+        """(E, m) float64: each edge's mean gate per op (see AttentionMixedOp.mean_gates)."""
+        if not self._images:
+            raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
+        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
+
+    def _gated_index(self, lay, device) -> tuple:
+        """(descriptor index, coefficient index, entries per kind): where each edge's op descriptors sit in
+        the descriptor table, and where each (target, entry) coefficient sits in [gates | 0 | 1]."""
+        key = ('gated', id(lay), device)
+        if key in self._cache:
+            return self._cache[key]
+        E, m = self.E, self.m
+        edge_of_row = {r: e for e, r in enumerate(r for rr in lay.rows for r in rr)}
+        zero, one = E * m, E * m + 1
+
+        def local(i):  # A's flat (row, op) index, as the layout holds it -> (edge, op) of this group
+            if i in (lay.zero, lay.one):
+                return zero if i == lay.zero else one
+            r, o = divmod(i, lay.ncol)
+            return edge_of_row[r] * m + o
+
+        kinds = [k for k in ('F', 'SA', 'D') if k in lay.index]
+        coef = {k: [[local(i) for i in row] for row in lay.index[k]] for k in kinds}
+        # the descriptor table: [GAP of each F entry | GAP(x' SA) per edge | GAP(x' CA) per edge |
+        # GAP(dwconv(x', D)) per dynamic op and edge | 0]
+        where = {i: q for row in coef['F'] for q, i in enumerate(row) if i < zero}
+        n_f = len(coef['F'][0])
+        col = {n: o for o, n in enumerate(self.ops)}
+        extra = {}
+        a = n_f
+        for names in (['spatial_attention'] if lay.sa else [], ['channel_attention'] if lay.ca else [], lay.dyn):
+            for n in names:
+                for e in range(E):
+                    extra[e * m + col[n]] = a + e
+                a += E
+        desc = [where.get(i, extra.get(i, a)) for i in range(E * m)]  # `a`: the zero row (`none`)
+        skip = sorted({where[e * m + col['skip_connect']] for e in range(E)}) if not self.plain else []
+        flat = [i for k in kinds for row in coef[k] for i in row]
+        out = (torch.tensor(desc, device=device), torch.tensor(flat, device=device),
+               [(k, len(coef[k][0])) for k in kinds], (skip[0], len(skip)) if skip else None)
+        if skip:
+            assert skip == list(range(skip[0], skip[0] + len(skip)))  # the skip entries are adjacent
+        self._cache[key] = out
+        return out
+
+    def _const(self, value: float, ref: torch.Tensor) -> torch.Tensor:
+        key = ('const', value, ref.device, ref.dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.full((1, 1, 1), value, dtype=ref.dtype, device=ref.device)
+        return self._cache[key].expand(ref.shape[0], 1, ref.shape[2])
+
+    def mix(self, stacks: dict, coef: dict, lay) -> dict:
+        f = stacks['F']                                        # (N, Q, C, H, W)
+        N, _, C, H, W = f.shape
+        E, m = self.E, self.m
+        desc_index, coef_index, entries, skip = self._gated_index(lay, f.device)
+        pooled = f.mean((3, 4))                                # GAP of every entry (Eq. 4)
+        table = [pooled]
+        if skip is not None:  # NOS (§8): descriptors of the attention and dynamic ops from the skip output
+            a, n_skip = skip                                   # x': n_skip = S (identity) or E (FR) entries
+            x_skip = f[:, a:a + n_skip]                        # (N, n_skip, C, H, W)
+            per = E // n_skip                                  # edges per skip entry
+            if lay.sa:  # GAP(x' * SA): (N, n_skip, per, HW) @ (N, n_skip, HW, C)
+                sa = stacks['SA'].view(N, n_skip, per, H * W)
+                table.append(torch.matmul(sa, x_skip.flatten(3).transpose(2, 3)).view(N, E, C) / (H * W))
+            nd, kk = len(lay.dyn), self.kernel_size ** 2
+            if lay.ca:  # CA sits at the centre tap of its kernel entries (FastEdges.forward)
+                ca = stacks['D'][:, nd * E:(nd + 1) * E].flatten(3)[..., kk // 2]   # (N, E, C)
+                table.append((ca.view(N, n_skip, per, C) * pooled[:, a:a + n_skip, None]).view(N, E, C))
+            if nd:  # GAP(dwconv(x', D)) = sum_t D_t B_t / HW
+                ks = self.kernel_size
+                key = ('ones', n_skip * C, H, W, f.device, f.dtype)
+                if key not in self._cache:
+                    self._cache[key] = torch.ones(n_skip * C, 1, H, W, dtype=f.dtype, device=f.device)
+                box = F.conv2d(x_skip.reshape(N, n_skip * C, H, W), self._cache[key], padding=ks // 2,
+                               groups=n_skip * C)              # (N, n_skip*C, ks, ks): B per tap
+                kern = stacks['D'][:, :nd * E].reshape(N, nd, n_skip, per, C, kk)
+                d = (kern * box.view(N, 1, n_skip, 1, C, kk)).sum(5)
+                table.append(d.view(N, nd * E, C) / (H * W))
+        table.append(self._const(0., pooled))
+        desc = torch.cat(table, 1).index_select(1, desc_index)                 # (N, E*m, C)
+        hidden = F.relu(F.conv1d(desc.view(N, E * m * C, 1), self.gate_fc1, groups=E))
+        gates = torch.sigmoid(F.conv1d(hidden, self.gate_fc2, groups=E)).view(N, E, m, C)   # Eq. 5
+        if self.collecting:                                                    # Eq. 6, summed over the images
+            total = gates.detach().sum(dim=(0, 3), dtype=torch.float64)
+            self._gate_sum = total if self._gate_sum is None else self._gate_sum + total
+            self._images += N
+        if not self.plain:  # NOS variant: convex weights per channel (AttentionMixedOp)
+            gates = gates / gates.sum(dim=2, keepdim=True)
+        w = torch.cat([gates.view(N, E * m, C), self._const(0., pooled), self._const(1., pooled)], 1)
+        w = w.index_select(1, coef_index).split([self.K * q for _, q in entries], 1)
+        out = {}
+        for (kind, q), wk in zip(entries, w):  # Eq. 7-8: sum over entries q of w[n, k, q, c] * entry q
+            wk = wk.view(N, self.K, q, C)
+            t = stacks[kind]
+            out[kind] = (torch.einsum('nkqc,nqhw->nkchw', wk, t.squeeze(2)) if kind == 'SA'
+                         else torch.einsum('nkqc,nqchw->nkchw', wk, t))
+        return out
+
+    def from_plain(self, mixed: list, ops: list[str], get) -> dict:
+        out = super().from_plain(mixed, ops, get)
+        for name, attr in (('gate_fc1', 'fc1'), ('gate_fc2', 'fc2')):
+            ts = [get(getattr(e.attention, attr).weight) for e in mixed]
+            if all(t is not None for t in ts):
+                out[name] = torch.cat(ts).unsqueeze(-1)
+        return out
+
+
 def build_network(C: int, num_classes: int, layers: int, criterion=None, space: str = 'darts', ops=None,
                   **kwargs) -> Network:
-    """AGNAS's supernet: model_search.Network with gated edges and no architecture parameters."""
+    """AGNAS's supernet: model_search.Network with gated edges and no architecture parameters (with
+    fast=True, the fast path's FastGatedEdges)."""
     return Network(C, num_classes, layers, criterion, space=space, ops=ops, method='agnas',
-                   mixed_op=AttentionMixedOp, **kwargs)
+                   mixed_op=AttentionMixedOp, fast_edges=FastGatedEdges, **kwargs)
 
 
-def gated_edges(model: Network) -> list[AttentionMixedOp]:
-    return [m for m in model.modules() if isinstance(m, AttentionMixedOp)]
+def gated_edges(model: Network) -> list[AttentionMixedOp | FastGatedEdges]:
+    return [m for m in model.modules() if isinstance(m, (AttentionMixedOp, FastGatedEdges))]
 
 
 def importance_pass(model: Network, loader, device) -> dict:
@@ -225,12 +370,14 @@ class AGNASMethod:
 
     @classmethod
     def fast(cls, args) -> bool:
-        return False  # the fast path has no gated edges yet: AGNAS runs on the reference cells
+        # FastGatedEdges unless --no_fast; --sync_bn converts BatchNorm modules, and the fast path's are
+        # functional, so it runs the reference cells (as darts does)
+        return not args.no_fast and not args.sync_bn
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return build_network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(),
-                             space=args.space, ops=resolve_ops(args.space, args.ops))
+                             space=args.space, ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
 
     def __init__(self, model: Network, args):
         # train_search.py imports this file to register the method, so its step is imported here, not at

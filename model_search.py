@@ -311,6 +311,7 @@ class _Layout:
         ncol = len(ops)
         col = {name: i for i, name in enumerate(ops)}
         rows = spec['rows']
+        self.rows, self.ncol, self.zero, self.one = rows, ncol, zero, one  # how to read `index` (gated edges)
         S, K = len(rows), len(rows[0])
         E = S * K
         stride = spec['stride']
@@ -378,6 +379,8 @@ class FastWeights:
         self.layouts, self.flat, self.shapes = layouts, flat, shapes
 
     def split(self) -> list[dict]:
+        if self.flat is None:  # gated edges (AGNAS): no coefficients, each group weighs itself
+            return [{} for _ in self.layouts]
         pieces = iter(self.flat.split([k * n for _, _, (k, n) in self.shapes]))
         out = [{} for _ in self.layouts]
         for (g, kind, (k, n)), piece in zip(self.shapes, pieces):
@@ -425,7 +428,9 @@ class FastPlan:
             self._layouts[key] = layouts
         return self._layouts[key], key
 
-    def prepare(self, weights: torch.Tensor, alive=None, dropout: bool = False) -> FastWeights:
+    def prepare(self, weights: torch.Tensor | None, alive=None, dropout: bool = False) -> FastWeights:
+        if weights is None:  # gated edges: the layouts only
+            return FastWeights(self.layouts(alive, dropout)[0], None, [])
         if weights.shape != (self.rows, len(self.ops)):
             raise ValueError(f'expected weights of shape ({self.rows}, {len(self.ops)}), got '
                              f'{tuple(weights.shape)}')
@@ -660,7 +665,7 @@ class FastEdges(nn.Module):
         uses = (int(bool(lay.conv or lay.fr)) + len(lay.pools) + int(lay.identity)
                 + (int(lay.sa or lay.ca or bool(nd)) if merged else int(lay.sa) + 2 * nd + int(lay.ca)))
         x_uses = iter(_fan_out(x, uses))
-        out = {}
+        stacks = {}  # per kind, the entries that `mix` weighs and sums for each target
 
         # BN1's input: [first conv stage | pools | FactorizedReduce | sa conv | bottlenecks]
         bn_in, bn_ranges, split = [], [], []
@@ -756,12 +761,12 @@ class FastEdges(nn.Module):
                 stack = torch.cat([t if t.dim() == 6 else t.view(N, -1, 2, C // 2, Ho, Wo) for t in stack], 1)
             else:
                 stack = torch.cat(stack, 1) if len(stack) > 1 else stack[0]
-            out['F'] = _contract(stack.view(N, -1, C * Ho * Wo), coef['F']).view(N, K, C, Ho, Wo)
+            stacks['F'] = stack.view(N, -1, C, Ho, Wo)
 
         # spatial attention (Eq. 3 / 7): 1x1 conv, BN, ReLU (above), 3x3 conv -> 1 per edge, sigmoid
         if lay.sa:
             sa = torch.sigmoid(F.conv2d(F.relu(next(pieces)), self.sa2, padding=1, groups=E))  # (N, E, Ho, Wo)
-            out['SA'] = _contract(sa.view(N, E, Ho * Wo), coef['SA']).view(N, K, 1, Ho, Wo)
+            stacks['SA'] = sa.view(N, E, 1, Ho, Wo)
 
         # the node's kernel entries: dynamic kernels (Eq. 4 / 8), channel attention, identity (see _node)
         ks = self.kernel_size
@@ -801,10 +806,19 @@ class FastEdges(nn.Module):
             kernels.append(pending['D'].reshape(N, K, C * kk))
         if lay.dyn or lay.ca:
             stack = torch.cat(kernels, 1) if len(kernels) > 1 else kernels[0]
-            out['D'] = _contract(stack, coef['D']).view(N, K, C, ks, ks)
-        elif lay.delta:  # the identity alone (every kernel op pruned here): coefficient 1
+            stacks['D'] = stack.view(N, -1, C, ks, ks)
+        out = self.mix(stacks, coef, lay)
+        if lay.delta and 'D' not in out:  # the identity alone (every kernel op pruned here): coefficient 1
             out['D'] = kernels[0].view(N, 1, C, ks, ks).expand(N, K, C, ks, ks)
         return out
+
+    def mix(self, stacks: dict, coef: dict, lay: _Layout) -> dict:
+        """The weighted sums over ops and edges (Eq. 2-4 / 6-8) for every kind: stacks[kind] (N, Q, c, h, w)
+        (the Q stacked entries; c = C channels, 1 for spatial attention maps; h x w: the resolution, or the
+        kernel's taps for 'D') -> (N, K, c, h, w), one contraction each with the (K, Q) coefficients that `FastPlan.prepare` gathered. A gated edge
+        (agnas.FastGatedEdges) overrides this with its per-sample, per-channel gates."""
+        return {kind: _contract(t.flatten(2), coef[kind]).view(t.shape[0], -1, *t.shape[2:])
+                for kind, t in stacks.items()}
 
     # -- the reference's weights ----------------------------------------------------------------------
     def from_plain(self, mixed: list, ops: list[str], get) -> dict:
@@ -937,7 +951,8 @@ class FastCell(nn.Module):
     node = F), and its own group adds its contributions to the later nodes.
     """
 
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops, space):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, ops, space,
+                 edges=None):
         super().__init__()
         self.reduction = reduction
         self.preprocess = _FastPreprocess(C_prev_prev, C_prev, C, reduction_prev)
@@ -945,7 +960,8 @@ class FastCell(nn.Module):
         self._multiplier = multiplier
         self.space = space
         self.specs = _group_specs(steps, space, reduction)
-        self.groups = nn.ModuleList(FastEdges(C, spec['stride'], ops, len(spec['sources']), len(spec['targets']),
+        edges = edges or FastEdges  # or a method's own group of edges (agnas.FastGatedEdges)
+        self.groups = nn.ModuleList(edges(C, spec['stride'], ops, len(spec['sources']), len(spec['targets']),
                                               spec.get('carrier', False)) for spec in self.specs)
 
     def forward(self, s0, s1, weights: FastWeights):
@@ -1018,6 +1034,7 @@ class Network(nn.Module):
     space: 'nos' (heterogeneous cell over `ops`) or 'darts' (DARTS's search network);
     ops: None (all of the space's primitives), a key of genotypes.OP_SUBSETS, or a list of primitives;
     method: 'darts' (softmax over A) or 'agnas' (gated edges built by `mixed_op`, no A; see agnas.py);
+    fast_edges: with method 'agnas' and fast=True, the fast path's gated group of edges (agnas.FastGatedEdges);
     fast: False builds the readable per-edge cells (DartsCell / NOSCell, the reference); True builds
     FastCell, the same search in fewer, larger kernels (issue 11; equal to the reference up to float
     round-off, test_fast_search.py). Its parameters are the reference's stacked by source group, and it
@@ -1031,7 +1048,7 @@ class Network(nn.Module):
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None,
-                 method: str = 'darts', mixed_op=None, fast: bool = False):
+                 method: str = 'darts', mixed_op=None, fast: bool = False, fast_edges=None):
         super().__init__()
         if layers < 3:
             raise ValueError(f'the search network needs at least 3 cells (two of them reduction cells), '
@@ -1056,9 +1073,11 @@ class Network(nn.Module):
         if method == 'agnas':
             cell_cls = AGNASNOSCell if space == 'nos' else AGNASCell
         self.fast = fast
+        self._fast_edges = fast_edges
         if fast:
-            if method == 'agnas':
-                raise ValueError("the fast path does not build AGNAS's gated edges yet; use fast=False")
+            if method == 'agnas' and fast_edges is None:
+                raise ValueError("method='agnas' with fast=True needs the fast path's gated edges: build it with "
+                                 "agnas.build_network, or pass fast_edges=agnas.FastGatedEdges")
             self._fast_plans = {r: FastPlan(steps, space, self.ops, r) for r in (False, True)}
 
         C_curr = stem_multiplier * C
@@ -1078,7 +1097,7 @@ class Network(nn.Module):
             if fast:  # the reference cell's initial weights: one seed, one search, whichever the path
                 with torch.random.fork_rng(devices=[]):
                     fast_cell = FastCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                                         reduction_prev, self.ops, space)
+                                         reduction_prev, self.ops, space, fast_edges)
                 fast_cell.load_state_dict(fast_cell.from_plain(cell, self.ops, torch.Tensor.detach))
                 cell = fast_cell
             self.cells.append(cell)
@@ -1120,7 +1139,7 @@ class Network(nn.Module):
         """A fresh network of the same structure on the same device, holding a copy of the alphas."""
         model_new = Network(self._C, self._num_classes, self._layers, self._criterion, self._steps,
                             self._multiplier, self._stem_multiplier, self.space, self.ops, self.method,
-                            self._mixed_op, self.fast)
+                            self._mixed_op, self.fast, self._fast_edges)
         model_new.to(next(self.parameters()).device)
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
@@ -1202,7 +1221,7 @@ class Network(nn.Module):
             w_normal = w_reduce = None
         else:
             w_normal, w_reduce = self.edge_weights()
-        if self.fast:  # one gather of the contraction weights per cell type, shared by its cells
+        if self.fast:  # one gather of the contraction weights per cell type (gated: layouts only), shared
             dropout = self.training and self._skip_dropout > 0
             w_normal, w_reduce = (self._fast_plans[r].prepare(w, None if self._all_alive else self._alive_lists[r],
                                                               dropout)
@@ -1210,7 +1229,8 @@ class Network(nn.Module):
         s0 = s1 = self.stem(x)
         stages = []
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, (cell(s0, s1) if gated else cell(s0, s1, w_reduce if cell.reduction else w_normal))
+            w = w_reduce if cell.reduction else w_normal
+            s0, s1 = s1, (cell(s0, s1) if gated and not self.fast else cell(s0, s1, w))
             if i in self.stage_layers:
                 stages.append(s1)
         out = self.global_pooling(s1)
@@ -1275,14 +1295,22 @@ class Network(nn.Module):
 
     def reset_importance(self) -> None:
         for cell in self.cells:
-            for edge in self.cell_edges(cell):
+            for edge in (cell.groups if self.fast else self.cell_edges(cell)):
                 edge.reset_importance()
 
     def importance(self) -> np.ndarray:
         """(layers, edges, ops) float64: each edge's mean gate per op over the images collected since
         `reset_importance` (agnas.md §2: A_k / (images * C), in (0, 1))."""
-        return np.stack([np.stack([edge.mean_gates() for edge in self.cell_edges(cell)])
-                         for cell in self.cells])
+        if not self.fast:
+            return np.stack([np.stack([edge.mean_gates() for edge in self.cell_edges(cell)])
+                             for cell in self.cells])
+        out = np.empty((len(self.cells), self._fast_plans[False].rows, len(self.ops)))
+        for i, cell in enumerate(self.cells):  # a group's (E, ops) gates back to the rows of its edges
+            for spec, group in zip(cell.specs, cell.groups):
+                gates = group.mean_gates()
+                for e, row in enumerate(r for rr in spec['rows'] for r in rr):
+                    out[i, row] = gates[e]
+        return out
 
     def _derive(self, matrix) -> list:
         derive = derive_cell if self.space == 'nos' else derive_darts_cell

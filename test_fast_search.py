@@ -2,11 +2,13 @@
 weight gradients, architecture gradients and running statistics on one batch; the same A and genotype after
 a few dozen float64 steps; dead ops of an alive mask not computed and weighed 0. Also the counting rule of
 bench_search.py on hand-made cases."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import agnas
 import bench_search
 import model_search
 import train_search
@@ -197,6 +199,82 @@ def test_skip_dropout_drops_each_edge_on_its_own():
     assert group.S * group.K == 8 and not torch.equal(stack[:, :4], stack[:, 4:8])  # two edges of source 0
 
 
+def agnas_pair(space, seed=0):
+    """A reference AGNAS supernet (AttentionMixedOp edges) and a fast one (FastGatedEdges) holding the same
+    weights, float64; five cells, the fewest AGNAS searches with."""
+    torch.manual_seed(seed)
+    plain = agnas.build_network(4, 10, 5, space=space).double()
+    fast = agnas.build_network(4, 10, 5, space=space, fast=True).double()
+    fast.load_plain(plain)
+    return plain, fast
+
+
+@pytest.mark.parametrize('space', ['darts', 'nos'])
+def test_agnas_gated_edges_match_the_reference(space):
+    """AGNAS on the fast path: the loss, the gradient of every weight (ops and the gates' FCs) and the
+    BatchNorm statistics equal the reference's in float64 (each gradient to 1e-9 of its largest entry:
+    the NOS variant normalises its gates, which costs a few more ulps), and so do the gates an importance
+    pass collects."""
+    plain, fast = agnas_pair(space)
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(10, (3,))
+    losses = []
+    for model in (plain, fast):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    expected = fast.plain_tensors(plain, lambda t: t.grad)
+    assert set(expected) == {n for n, _ in fast.named_parameters()}
+    assert any('gate_fc1' in n for n in expected)
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-9 * expected[name].abs().max(),
+                                   msg=name)
+    buffers = fast.plain_tensors(plain)
+    for name, b in fast.named_buffers():
+        if name in buffers:
+            torch.testing.assert_close(b, buffers[name], rtol=1e-12, atol=1e-15, msg=name)
+    loader = [(x, y), (x[:2], y[:2])]
+    passes = [agnas.importance_pass(model, loader, torch.device('cpu')) for model in (plain, fast)]
+    assert passes[0]['images'] == passes[1]['images'] == 5
+    np.testing.assert_allclose(passes[1]['importance'], passes[0]['importance'], rtol=1e-12, atol=0)
+    assert passes[1]['importance'].shape == (5, 14 if space == 'darts' else 18, len(fast.ops))
+    assert fast.staged_genotype('first', passes[1]['importance']) == plain.staged_genotype('first',
+                                                                                           passes[0]['importance'])
+
+
+def test_agnas_float32_matches_to_round_off():
+    plain, fast = agnas_pair('nos')
+    plain.float(), fast.float()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('space', ['darts', 'nos'])
+def test_agnas_steps_give_the_same_importance_and_genotype(space):
+    """A dozen single-level AGNAS steps (AGNASMethod.step: CE, clip, SGD on every weight) and its
+    end-of-epoch importance pass from one seed: the same importance matrices and staged genotype."""
+    args = train_search.parse_args(['--method', 'agnas', '--space', space, '--layers', '5', '--init_channels',
+                                    '4', '--batch_size', '4'])
+    plain, fast = agnas_pair(space)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(10, (4,), generator=g))
+               for _ in range(3)]
+    val = torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64),
+                                         torch.randint(10, (6,), generator=g))
+    methods = []
+    for model in (plain, fast):
+        optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+        method = agnas.AGNASMethod(model, args)
+        for step in range(12):
+            x, y = batches[step % 3]
+            method.step(x, y, None, None, None, 0.025, optimizer)
+        method.end_epoch(0, utils.make_loader(val, 4, False, 0), torch.device('cpu'))
+        methods.append(method)
+    np.testing.assert_allclose(methods[1].matrix, methods[0].matrix, rtol=1e-8, atol=0)
+    assert methods[1].genotype() == methods[0].genotype()
+
+
 def test_train_search_picks_the_path_per_method():
     def build(flags):
         args = train_search.parse_args(['--layers', '5', '--init_channels', '4', '--lambda_at', '0'] + flags)
@@ -204,7 +282,8 @@ def test_train_search_picks_the_path_per_method():
 
     assert build(['--method', 'eoinas']).fast
     assert not build(['--method', 'eoinas', '--space', 'darts', '--gumbel_hard']).fast  # one op per edge
-    assert not build(['--method', 'agnas', '--space', 'darts']).fast  # gated edges: the reference cells
+    assert build(['--method', 'agnas', '--space', 'darts']).fast  # agnas.FastGatedEdges
+    assert not build(['--method', 'agnas', '--space', 'darts', '--no_fast']).fast
     model = Network(4, 10, 3, space='darts', fast=True)
     model.tau, model.gumbel_hard = 1., True
     with pytest.raises(ValueError, match='reference cells'):
