@@ -23,7 +23,8 @@ device, so data loading is not timed. Every row reports the median over `--iters
 `--agnas` adds a separate table on the DARTS space (`--agnas_only`: that table alone), its three rows timed
 in turn within each iteration: a `darts`-method iteration (first order, no AGS), an AGNAS step (one forward, backward and SGD step on a training batch;
 agnas.md §3) and one batch of AGNAS's importance pass (eval mode, no_grad; run over the validation half after
-every epoch). An AGNAS epoch costs about one step plus one importance batch per training batch.
+every epoch); with `--fast_rows` the same two on the fast path (agnas.FastGatedEdges). An AGNAS epoch costs
+about one step plus one importance batch per training batch.
 `--count` prints another table instead, with the counting rule of issue 11 (`count_kernel_ops`,
 `saved_bytes`, `cpu_ms`): per search path (the plain per-edge cells and the fast path, `Network(fast=True)`),
 the kernel ops of one first-order iteration, the bytes saved for backward by one forward, and the CPU time
@@ -279,8 +280,10 @@ COUNT_ROWS = (  # (label, method, space, AGS, fast): the DARTS reference first; 
     ('EoiNAS, DARTS space, fast', 'eoinas', 'darts', False, True),
     ('EoiNAS, NOS + AGS, plain', 'eoinas', 'nos', True, False),
     ('EoiNAS, NOS + AGS, fast', 'eoinas', 'nos', True, True),
-    ('AGNAS, DARTS space, plain', 'agnas', 'darts', False, False),  # no fast path for gated edges yet
+    ('AGNAS, DARTS space, plain', 'agnas', 'darts', False, False),
+    ('AGNAS, DARTS space, fast', 'agnas', 'darts', False, True),
     ('AGNAS, NOS, plain', 'agnas', 'nos', False, False),
+    ('AGNAS, NOS, fast', 'agnas', 'nos', False, True),
 )
 
 
@@ -375,44 +378,43 @@ def interleaved(fns, device, warmup: int, iters: int) -> list[tuple[float, float
 
 def agnas_rows(batch: int, args, device) -> list[tuple]:
     """(what, batch, seconds, peak GiB) on the DARTS space, timed in turn (`interleaved`): the darts-method
-    iteration (the baseline), the AGNAS step and one batch of AGNAS's importance pass."""
+    iteration (the baseline), the AGNAS step and one batch of AGNAS's importance pass, on the reference cells
+    and, with --fast_rows, on the fast path (agnas.FastGatedEdges) too."""
     x, xv = torch.randn(2, batch, 3, 32, 32, device=device)
     y, yv = torch.randint(10, (2, batch), device=device)
     torch.manual_seed(0)
     darts = Network(args.init_channels, 10, args.layers, space='darts').to(device)
     darts_opt = torch.optim.SGD(darts.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(darts, momentum=0.9, weight_decay=3e-4, arch_learning_rate=6e-4, arch_weight_decay=1e-3)
-    torch.manual_seed(0)
-    model = agnas.build_network(args.init_channels, 10, args.layers, nn.CrossEntropyLoss(), space='darts')
-    model.to(device)
-    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
-    method = agnas.AGNASMethod(model, argparse.Namespace(lambda_at=0., grad_clip=5., stage_cell='first'))
 
     def darts_iteration():
         search_step(darts, architect, darts_opt, x, y, xv, yv, eta=0.025)['train_ce'].item()
 
-    def agnas_step():
-        method.step(x, y, None, None, None, 0.025, optimizer)['train_ce'].item()
-
-    def importance_batch():
-        agnas.importance_pass(model, [(xv, yv)], device)
-
-    (base, base_peak), (t, peak), (t_imp, peak_imp) = interleaved(
-        [darts_iteration, agnas_step, importance_batch], device, args.warmup, args.iters)
-    return [('darts method, 1st order, no AGS', batch, base, base_peak),
-            ('agnas step', batch, t, peak),
-            ('agnas importance pass, 1 batch', batch, t_imp, peak_imp)]
+    fns, names = [darts_iteration], ['darts method, 1st order, no AGS']
+    for fast in (False, True) if args.fast_rows else (False,):
+        torch.manual_seed(0)
+        model = agnas.build_network(args.init_channels, 10, args.layers, nn.CrossEntropyLoss(), space='darts',
+                                    fast=fast).to(device)
+        optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+        method = agnas.AGNASMethod(model, argparse.Namespace(lambda_at=0., grad_clip=5., stage_cell='first'))
+        fns += [functools.partial(lambda m, o: m.step(x, y, None, None, None, 0.025, o)['train_ce'].item(),
+                                  method, optimizer),
+                functools.partial(lambda m: agnas.importance_pass(m, [(xv, yv)], device), model)]
+        path = ', fast' if fast else ''
+        names += [f'agnas step{path}', f'agnas importance pass{path}, 1 batch']
+    times = interleaved(fns, device, args.warmup, args.iters)
+    return [(name, batch, t, peak) for name, (t, peak) in zip(names, times)]
 
 
 def print_agnas_table(args, device) -> None:
     print(f'AGNAS vs the darts method, DARTS space, {args.layers} cells / {args.init_channels} ch')
-    print(f'{"what":32} {"batch":>5} {"ms/iter":>9} {"images/s":>9} {"peak GiB":>9} {"vs darts":>9}')
+    print(f'{"what":38} {"batch":>5} {"ms/iter":>9} {"images/s":>9} {"peak GiB":>9} {"vs darts":>9}')
     for batch in args.batch_size:
         rows = agnas_rows(batch, args, device)
         base = rows[0][2]
         for what, b, t, peak in rows:
             images = b * (2 if what.startswith('darts') else 1)  # darts reads a train and a val batch
-            print(f'{what:32} {b:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} {t / base:8.2f}x')
+            print(f'{what:38} {b:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} {t / base:8.2f}x')
 
 
 def adwp_ranking(args, device) -> dict:
