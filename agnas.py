@@ -11,7 +11,9 @@ reduction cells form the `genotypes.StagedGenotype` (agnas.md §2).
 
 Layout (methods.md): the supernet is model_search.Network; this file holds only what is AGNAS's own, and
 model_search.py never imports it. `build_network` hands `AttentionMixedOp` to the Network as its mixed-op
-factory. `AGNASMethod` is the `--method agnas` of train_search.py.
+factory. `AGNASMethod` is the `--method agnas` of train_search.py. On the fast path (model_search's
+`Network(fast=True)`, train_search.py's default) `FastGatedEdges` computes the gated edges of a whole source
+group at once; test_fast_search.py proves it equal to `AttentionMixedOp`.
 
 Over the NOS space (agnas.md §8, this repo's own, experimental) the gates replace NOS's softmax weights:
 features, attention maps and dynamic kernels are each gated before NOS's calibration, and each op's pooled
@@ -230,16 +232,18 @@ class FastGatedEdges(FastEdges):
             self._cache[key] = torch.full((1, 1, 1), value, dtype=ref.dtype, device=ref.device)
         return self._cache[key].expand(ref.shape[0], 1, ref.shape[2])
 
-    def mix(self, stacks: dict, coef: dict, lay) -> dict:
+    def mix(self, stacks: dict, coef: dict, lay, skip=None) -> dict:
         f = stacks['F']                                        # (N, Q, C, H, W)
         N, _, C, H, W = f.shape
         E, m = self.E, self.m
-        desc_index, coef_index, entries, skip = self._gated_index(lay, f.device)
+        desc_index, coef_index, entries, skip_entries = self._gated_index(lay, f.device)
         pooled = f.mean((3, 4))                                # GAP of every entry (Eq. 4)
         table = [pooled]
-        if skip is not None:  # NOS (§8): descriptors of the attention and dynamic ops from the skip output
-            a, n_skip = skip                                   # x': n_skip = S (identity) or E (FR) entries
-            x_skip = f[:, a:a + n_skip]                        # (N, n_skip, C, H, W)
+        if skip_entries is not None:  # NOS (§8): descriptors of the attention and dynamic ops from x'
+            a, n_skip = skip_entries                           # x': n_skip = S (identity) or E (FR) entries
+            # (N, n_skip, C, H, W): the identity is the group's input itself (saved for backward anyway);
+            # FactorizedReduce's output is a strided view into BN1's output, copied so that only it is saved
+            x_skip = skip.reshape(N, n_skip, C, H, W)
             per = E // n_skip                                  # edges per skip entry
             if lay.sa:  # GAP(x' * SA): (N, n_skip, per, HW) @ (N, n_skip, HW, C)
                 sa = stacks['SA'].view(N, n_skip, per, H * W)
@@ -253,7 +257,7 @@ class FastGatedEdges(FastEdges):
                 key = ('ones', n_skip * C, H, W, f.device, f.dtype)
                 if key not in self._cache:
                     self._cache[key] = torch.ones(n_skip * C, 1, H, W, dtype=f.dtype, device=f.device)
-                box = F.conv2d(x_skip.reshape(N, n_skip * C, H, W), self._cache[key], padding=ks // 2,
+                box = F.conv2d(x_skip.view(N, n_skip * C, H, W), self._cache[key], padding=ks // 2,
                                groups=n_skip * C)              # (N, n_skip*C, ks, ks): B per tap
                 kern = stacks['D'][:, :nd * E].reshape(N, nd, n_skip, per, C, kk)
                 d = (kern * box.view(N, 1, n_skip, 1, C, kk)).sum(5)

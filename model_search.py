@@ -30,8 +30,9 @@ weights from the softmax (None, DARTS) to one Gumbel-softmax sample per forward 
 
 `Network(..., fast=True)` computes the same search in fewer, larger kernels (`FastCell`, issue 11; see the
 section "The fast path" below): DartsCell / NOSCell stay the readable reference, and test_fast_search.py
-proves the two equal. It serves the softmax and Gumbel-softmax weights, the alive masks and skip dropout; a
-hard Gumbel sample and AGNAS's gated edges run on the reference cells.
+proves the two equal. It serves the softmax and Gumbel-softmax weights, the alive masks and skip dropout, and
+(with a method's own `fast_edges`, agnas.FastGatedEdges) edges that weigh themselves; a hard Gumbel sample
+runs on the reference cells.
 """
 from __future__ import annotations
 
@@ -748,12 +749,16 @@ class FastEdges(nn.Module):
                 stack.append(final)
         if lay.pools:
             stack.append(next(pieces))
+        skip = None  # the edges' skip_connect outputs, (N, S or E, C, Ho, Wo), for a gated `mix`
         if lay.fr:  # BN1 holds it as (half, e, C/2): each edge's C channels are its two halves
             stack.append(next(pieces).view(N, 2, E, C // 2, Ho, Wo).transpose(1, 2))
+            skip = stack[-1]
         if lay.identity_edges:  # each edge's own dropout mask, as each reference MixedOp draws its own
             stack.append(F.dropout(_per_edge(next(x_uses), S, K), self.skip_dropout, self.training))
         elif lay.identity:
             stack.append(next(x_uses))
+        if lay.identity:
+            skip = stack[-1]
         if 'F' in lay.fold:
             stack.append(pending['F'].reshape(N, K * C, Ho, Wo))
         if stack:
@@ -807,16 +812,19 @@ class FastEdges(nn.Module):
         if lay.dyn or lay.ca:
             stack = torch.cat(kernels, 1) if len(kernels) > 1 else kernels[0]
             stacks['D'] = stack.view(N, -1, C, ks, ks)
-        out = self.mix(stacks, coef, lay)
+        out = self.mix(stacks, coef, lay, skip.view(N, -1, C, Ho, Wo) if skip is not None and skip.dim() == 4
+                       else skip)
         if lay.delta and 'D' not in out:  # the identity alone (every kernel op pruned here): coefficient 1
             out['D'] = kernels[0].view(N, 1, C, ks, ks).expand(N, K, C, ks, ks)
         return out
 
-    def mix(self, stacks: dict, coef: dict, lay: _Layout) -> dict:
+    def mix(self, stacks: dict, coef: dict, lay: _Layout, skip=None) -> dict:
         """The weighted sums over ops and edges (Eq. 2-4 / 6-8) for every kind: stacks[kind] (N, Q, c, h, w)
         (the Q stacked entries; c = C channels, 1 for spatial attention maps; h x w: the resolution, or the
         kernel's taps for 'D') -> (N, K, c, h, w), one contraction each with the (K, Q) coefficients that `FastPlan.prepare` gathered. A gated edge
-        (agnas.FastGatedEdges) overrides this with its per-sample, per-channel gates."""
+        (agnas.FastGatedEdges) overrides this with its per-sample, per-channel gates; `skip` (the edges'
+        skip_connect outputs, (N, S, C, h, w), or FactorizedReduce's (N, E, 2, C/2, h, w) view; None
+        without skip_connect) is for it."""
         return {kind: _contract(t.flatten(2), coef[kind]).view(t.shape[0], -1, *t.shape[2:])
                 for kind, t in stacks.items()}
 
