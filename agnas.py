@@ -74,6 +74,17 @@ def gap(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
+def box_sums(x: torch.Tensor, k: int, ones: torch.Tensor | None = None) -> torch.Tensor:
+    """B (N, C, k, k): B[..., i, j] sums the zero-padded x over the H x W window that tap (i, j) of a k x k
+    'same' depthwise conv reads, so that GAP(dwconv(x, D)) = sum_t D_t B_t / HW for any kernel D (dwconv is
+    linear in x): one depthwise conv of x with an all-ones H x W kernel (`ones`, (C, 1, H, W), may be
+    passed in to skip its allocation)."""
+    C, H, W = x.shape[1:]
+    if ones is None:
+        ones = x.new_ones(C, 1, H, W)
+    return F.conv2d(x, ones, padding=k // 2, groups=C)
+
+
 class AttentionMixedOp(MixedOp):
     """An edge whose op outputs are gated by its own GateAttention (agnas.md §1, §7).
 
@@ -253,12 +264,10 @@ class FastGatedEdges(FastEdges):
                 ca = stacks['D'][:, nd * E:(nd + 1) * E].flatten(3)[..., kk // 2]   # (N, E, C)
                 table.append((ca.view(N, n_skip, per, C) * pooled[:, a:a + n_skip, None]).view(N, E, C))
             if nd:  # GAP(dwconv(x', D)) = sum_t D_t B_t / HW
-                ks = self.kernel_size
                 key = ('ones', n_skip * C, H, W, f.device, f.dtype)
                 if key not in self._cache:
                     self._cache[key] = torch.ones(n_skip * C, 1, H, W, dtype=f.dtype, device=f.device)
-                box = F.conv2d(x_skip.view(N, n_skip * C, H, W), self._cache[key], padding=ks // 2,
-                               groups=n_skip * C)              # (N, n_skip*C, ks, ks): B per tap
+                box = box_sums(x_skip.view(N, n_skip * C, H, W), self.kernel_size, self._cache[key])
                 kern = stacks['D'][:, :nd * E].reshape(N, nd, n_skip, per, C, kk)
                 d = (kern * box.view(N, 1, n_skip, 1, C, kk)).sum(5)
                 table.append(d.view(N, nd * E, C) / (H * W))

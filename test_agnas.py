@@ -452,3 +452,16 @@ def test_bench_times_agnas_against_the_darts_method(capsys):
     rows = [line.rsplit(maxsplit=5) for line in lines[2:]]
     assert [r[0] for r in rows] == ['darts method, 1st order, no AGS', 'agnas step', 'agnas importance pass, 1 batch']
     assert rows[0][-1] == '1.00x' and all(float(r[2]) > 0 for r in rows)
+
+
+def test_box_sums_give_the_gap_of_a_dynamic_conv_without_it():
+    """GAP(dwconv(x, D)) = sum_t D_t B_t / HW (FastGatedEdges' descriptor of a dynamic op), on a hand-made
+    input: with x = 1 everywhere, B counts the in-image pixels each tap reads."""
+    ones = torch.ones(1, 1, 3, 4, dtype=torch.float64)
+    b = agnas.box_sums(ones, 3)
+    expected = torch.tensor([[6., 8., 6.], [9., 12., 9.], [6., 8., 6.]], dtype=torch.float64)  # (H-|dy|)(W-|dx|)
+    assert torch.equal(b[0, 0], expected)
+    torch.manual_seed(0)
+    x, d = torch.randn(2, 3, 5, 6, dtype=torch.float64), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close((d * agnas.box_sums(x, 5)).sum((2, 3)) / 30, agnas.gap(dynamic_conv(x, d)),
+                               rtol=1e-12, atol=1e-14)
