@@ -199,23 +199,24 @@ def test_skip_dropout_drops_each_edge_on_its_own():
     assert group.S * group.K == 8 and not torch.equal(stack[:, :4], stack[:, 4:8])  # two edges of source 0
 
 
-def agnas_pair(space, seed=0):
+def agnas_pair(space, ops=None, seed=0):
     """A reference AGNAS supernet (AttentionMixedOp edges) and a fast one (FastGatedEdges) holding the same
     weights, float64; five cells, the fewest AGNAS searches with."""
     torch.manual_seed(seed)
-    plain = agnas.build_network(4, 10, 5, space=space).double()
-    fast = agnas.build_network(4, 10, 5, space=space, fast=True).double()
+    plain = agnas.build_network(4, 10, 5, space=space, ops=ops).double()
+    fast = agnas.build_network(4, 10, 5, space=space, ops=ops, fast=True).double()
     fast.load_plain(plain)
     return plain, fast
 
 
-@pytest.mark.parametrize('space', ['darts', 'nos'])
-def test_agnas_gated_edges_match_the_reference(space):
+@pytest.mark.parametrize('space, ops', [('darts', None), ('nos', None),
+                                       ('nos', ['dil_conv_3x3', 'skip_connect', 'channel_attention'])])
+def test_agnas_gated_edges_match_the_reference(space, ops):
     """AGNAS on the fast path: the loss, the gradient of every weight (ops and the gates' FCs) and the
     BatchNorm statistics equal the reference's in float64 (each gradient to 1e-9 of its largest entry:
     the NOS variant normalises its gates, which costs a few more ulps), and so do the gates an importance
     pass collects."""
-    plain, fast = agnas_pair(space)
+    plain, fast = agnas_pair(space, ops)
     torch.manual_seed(1)
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(10, (3,))
     losses = []
