@@ -821,10 +821,10 @@ class FastEdges(nn.Module):
     def mix(self, stacks: dict, coef: dict, lay: _Layout, skip=None) -> dict:
         """The weighted sums over ops and edges (Eq. 2-4 / 6-8) for every kind: stacks[kind] (N, Q, c, h, w)
         (the Q stacked entries; c = C channels, 1 for spatial attention maps; h x w: the resolution, or the
-        kernel's taps for 'D') -> (N, K, c, h, w), one contraction each with the (K, Q) coefficients that `FastPlan.prepare` gathered. A gated edge
-        (agnas.FastGatedEdges) overrides this with its per-sample, per-channel gates; `skip` (the edges'
-        skip_connect outputs, (N, S, C, h, w), or FactorizedReduce's (N, E, 2, C/2, h, w) view; None
-        without skip_connect) is for it."""
+        kernel's taps for 'D') -> (N, K, c, h, w), one contraction each with the (K, Q) coefficients that
+        `FastPlan.prepare` gathered. A gated edge (agnas.FastGatedEdges) overrides this with its per-sample,
+        per-channel gates; `skip` is for it: the edges' skip_connect outputs, (N, S, C, h, w), or
+        FactorizedReduce's (N, E, 2, C/2, h, w) view; None without skip_connect."""
         return {kind: _contract(t.flatten(2), coef[kind]).view(t.shape[0], -1, *t.shape[2:])
                 for kind, t in stacks.items()}
 
