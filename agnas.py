@@ -85,7 +85,33 @@ def box_sums(x: torch.Tensor, k: int, ones: torch.Tensor | None = None) -> torch
     return F.conv2d(x, ones, padding=k // 2, groups=C)
 
 
-class AttentionMixedOp(MixedOp):
+class GateStatistics:
+    """Op importance from the gates (Eq. 6; agnas.md §2), for AttentionMixedOp and FastGatedEdges: while
+    `collecting` (see `importance_pass`), `collect(gates)` adds the gates summed over the batch and the
+    channels to a float64 accumulator on the gates' device (no host sync), and the batch size to an image
+    count. `mean_gates()`: each op's mean gate, (m,) for one edge, (E, m) for a group."""
+
+    collecting = False
+
+    def reset_importance(self) -> None:
+        self._gate_sum = None   # float64 on the device of the gates
+        self._images = 0
+
+    def collect(self, gates: torch.Tensor) -> None:
+        """gates (N, ..., m, C): batch first, channels last."""
+        if self.collecting:
+            total = gates.detach().sum(dim=(0, -1), dtype=torch.float64)
+            self._gate_sum = total if self._gate_sum is None else self._gate_sum + total
+            self._images += gates.shape[0]
+
+    def mean_gates(self) -> np.ndarray:
+        """Each op's mean gate over the collected images and its C channels, float64."""
+        if not self._images:
+            raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
+        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
+
+
+class AttentionMixedOp(GateStatistics, MixedOp):
     """An edge whose op outputs are gated by its own GateAttention (agnas.md §1, §7).
 
     Builds its ops as MixedOp does (DARTS's ops with affine=False, a pool followed by BatchNorm(affine=False))
@@ -101,8 +127,7 @@ class AttentionMixedOp(MixedOp):
       the raw gates.
     `weights` is accepted and ignored (the cells pass None): the gates replace the softmax weights.
 
-    While `collecting` (see `importance_pass`), every forward adds gates.sum over batch and channels to a
-    float64 accumulator on the gates' device (no host sync) and the batch size to an image count.
+    Its gates are collected while `collecting` (GateStatistics).
     """
 
     def __init__(self, C: int, stride: int, ops: list[str]):
@@ -114,18 +139,7 @@ class AttentionMixedOp(MixedOp):
             raise ValueError('AGNAS over attention or dynamic ops needs skip_connect among the ops: their '
                              'descriptors pool their effect on the skip output (agnas.md §8)')
         self.skip_idx = ops.index('skip_connect') if 'skip_connect' in ops else None
-        self.collecting = False
         self.reset_importance()
-
-    def reset_importance(self) -> None:
-        self._gate_sum = None   # (m,) float64 on the device of the gates
-        self._images = 0
-
-    def mean_gates(self) -> np.ndarray:
-        """Each op's mean gate over the collected images and its C channels (agnas.md §2), float64 (m,)."""
-        if not self._images:
-            raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
-        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
 
     def forward(self, x: torch.Tensor, weights=None):
         outs = [op(x) for op in self._ops]
@@ -143,10 +157,7 @@ class AttentionMixedOp(MixedOp):
                     desc.append(gap(o))
             pooled = torch.stack(desc, dim=1)
         gates = self.attention(pooled)                                 # (N, m, C), Eq. 4-5
-        if self.collecting:                                            # Eq. 6, summed over the images
-            s = gates.detach().sum(dim=(0, 2), dtype=torch.float64)
-            self._gate_sum = s if self._gate_sum is None else self._gate_sum + s
-            self._images += x.shape[0]
+        self.collect(gates)                                            # Eq. 6, summed over the images
         if not self.plain:  # NOS variant: convex weights per channel (see the class docstring)
             gates = gates / gates.sum(dim=1, keepdim=True)
         g = gates[:, :, :, None, None]                                 # broadcast over H, W (or k, k)
@@ -156,7 +167,7 @@ class AttentionMixedOp(MixedOp):
         return features, attention, kernels
 
 
-class FastGatedEdges(FastEdges):
+class FastGatedEdges(GateStatistics, FastEdges):
     """The gated edges of one source group on the fast path (issue 11): model_search.FastEdges's op outputs
     for all E edges at once, weighed by E GateAttentions instead of A. The same computation as E
     `AttentionMixedOp`s (test_agnas.py proves it), in a few batched kernels:
@@ -171,7 +182,7 @@ class FastGatedEdges(FastEdges):
       coefficients are per sample and channel: (N, K, Q, C) gathered from the gates at once, then
       einsum('nkqc,nqc..->nkc..').
     Parameters: FastEdges's, and `gate_fc1` (E*C, m*C, 1) / `gate_fc2` (E*m*C, C, 1), the edges' W1 / W2
-    stacked edge by edge. Collects its gates like AttentionMixedOp (`collecting`, `mean_gates`: (E, m)).
+    stacked edge by edge. Collects its gates like AttentionMixedOp (GateStatistics; `mean_gates`: (E, m)).
     """
 
     def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False):
@@ -186,16 +197,7 @@ class FastGatedEdges(FastEdges):
 
         self.gate_fc1 = linear(self.E * hidden, m * C)   # W1 of every edge (Eq. 5)
         self.gate_fc2 = linear(self.E * m * C, hidden)   # W2 of every edge (Eq. 5)
-        self.collecting = False
         self.reset_importance()
-
-    reset_importance = AttentionMixedOp.reset_importance
-
-    def mean_gates(self) -> np.ndarray:
-        """(E, m) float64: each edge's mean gate per op (see AttentionMixedOp.mean_gates)."""
-        if not self._images:
-            raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
-        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
 
     def _gated_index(self, lay, device) -> tuple:
         """(descriptor index, coefficient index, entries per kind): where each edge's op descriptors sit in
@@ -275,10 +277,7 @@ class FastGatedEdges(FastEdges):
         desc = torch.cat(table, 1).index_select(1, desc_index)                 # (N, E*m, C)
         hidden = F.relu(F.conv1d(desc.view(N, E * m * C, 1), self.gate_fc1, groups=E))
         gates = torch.sigmoid(F.conv1d(hidden, self.gate_fc2, groups=E)).view(N, E, m, C)   # Eq. 5
-        if self.collecting:                                                    # Eq. 6, summed over the images
-            total = gates.detach().sum(dim=(0, 3), dtype=torch.float64)
-            self._gate_sum = total if self._gate_sum is None else self._gate_sum + total
-            self._images += N
+        self.collect(gates)                                                    # Eq. 6, summed over the images
         if not self.plain:  # NOS variant: convex weights per channel (AttentionMixedOp)
             gates = gates / gates.sum(dim=2, keepdim=True)
         w = torch.cat([gates.view(N, E * m, C), self._const(0., pooled), self._const(1., pooled)], 1)
@@ -308,8 +307,8 @@ def build_network(C: int, num_classes: int, layers: int, criterion=None, space: 
                    mixed_op=AttentionMixedOp, fast_edges=FastGatedEdges, **kwargs)
 
 
-def gated_edges(model: Network) -> list[AttentionMixedOp | FastGatedEdges]:
-    return [m for m in model.modules() if isinstance(m, (AttentionMixedOp, FastGatedEdges))]
+def gated_edges(model: Network) -> list[GateStatistics]:
+    return [m for m in model.modules() if isinstance(m, GateStatistics)]
 
 
 def importance_pass(model: Network, loader, device) -> dict:
