@@ -567,7 +567,15 @@ class FastEdges(nn.Module):
             self.sa2 = param(E, self.m_att, 3, 3)
         if self.has_ca:
             self.ca1 = param(E * self.m_att, C, 1, 1)
-            self.ca2 = param(E * C, self.m_att, 1, 1)
+            # the second conv writes CA straight onto the centre tap of the node's kernel (see `_node`): its
+            # rows for the other k*k - 1 taps are zero and their bias -inf, so the sigmoid gives exactly 0
+            # there and passes no gradient back (those rows stay zero), and no forward pads CA into a kernel
+            kk = self.kernel_size ** 2
+            self.ca2 = nn.Parameter(self._on_taps(param(E * C, self.m_att, 1, 1).detach(), kk))
+            bias = torch.full((E * C, kk), float('-inf'))
+            bias[:, kk // 2] = 0
+            self.register_buffer('ca_bias', bias.flatten() if kk > 1 else None, persistent=False)
+            self.structural_zeros += E * C * (kk - 1) * self.m_att
         if self.dyn:
             self.xdyn = nn.ParameterDict({n: param(E * self.m_dyn, C, 1, 1) for n in self.dyn})
             # kernel transform (C -> k*k) of each op, and decode (C/8 -> C) per op, then per edge.
@@ -579,8 +587,9 @@ class FastEdges(nn.Module):
             self.transform = nn.ParameterDict(
                 {n: nn.Parameter(self._on_grid(param(E, k[n], k[n], C, fan_in=C).detach(), self.kernel_size))
                  for n in self.dyn})
-            # their zero borders, which utils.count_params leaves out (the reference has no such weights)
-            self.structural_zeros = E * C * sum(self.kernel_size ** 2 - k[n] ** 2 for n in self.dyn)
+            # their zero borders, which utils.count_params leaves out (the reference has no such weights),
+            # as it leaves out ca2's rows off the centre tap
+            self.structural_zeros += E * C * sum(self.kernel_size ** 2 - k[n] ** 2 for n in self.dyn)
             self.decode = param(E * len(self.dyn) * C, self.m_dyn, 1, 1)
         # BN1: one non-affine BatchNorm over [pointwise outputs of the first conv stage | pools |
         # FactorizedReduce | sa conv | bottlenecks]; the buffer range of each piece
@@ -633,6 +642,16 @@ class FastEdges(nn.Module):
         """(E, k, k, C) transform rows zero-padded to the node's ks x ks grid."""
         p = (ks - w.shape[1]) // 2
         return F.pad(w, (0, 0, p, p, p, p)) if p else w
+
+    @staticmethod
+    def _on_taps(w: torch.Tensor, kk: int) -> torch.Tensor:
+        """(E*C, m, 1, 1) conv weights -> (E*C*kk, m, 1, 1): each output channel's row at the centre of its kk
+        taps, zero rows at the others."""
+        if kk == 1:
+            return w
+        rows = w.new_zeros(w.shape[0], kk, w.shape[1])
+        rows[:, kk // 2] = w.flatten(1)
+        return rows.view(-1, w.shape[1], 1, 1)
 
     def _transform_weights(self, kept) -> list[torch.Tensor]:
         """The kernel transforms of the kept ops as 1x1 conv weights, (edge, ks*ks) rows each."""
@@ -803,8 +822,8 @@ class FastEdges(nn.Module):
                 g = F.adaptive_avg_pool2d(y_ca, 1)
             else:
                 g = F.conv2d(F.adaptive_avg_pool2d(next(x_uses), 1), self.ca1, groups=S)
-            g = torch.sigmoid(F.conv2d(F.relu(g), self.ca2, groups=E))
-            kernels.append(F.pad(g.view(N, E, C, 1), (kk // 2, kk // 2)).view(N, E, C * kk))
+            g = torch.sigmoid(F.conv2d(F.relu(g), self.ca2, self.ca_bias, groups=E))  # (N, E*C*kk, 1, 1)
+            kernels.append(g.view(N, E, C * kk))
         if lay.delta:
             kernels.append(self.delta.expand(N, 1, C * kk))
         if 'D' in lay.fold:
@@ -865,7 +884,8 @@ class FastEdges(nn.Module):
             out['sa2'] = cat([op.conv_2.weight for op in ops_of('spatial_attention')])
         if self.has_ca:
             out['ca1'] = cat([op.conv_1.weight for op in ops_of('channel_attention')])
-            out['ca2'] = cat([op.conv_2.weight for op in ops_of('channel_attention')])
+            w = cat([op.conv_2.weight for op in ops_of('channel_attention')])
+            out['ca2'] = None if w is None else self._on_taps(w, self.kernel_size ** 2)
         dyn = {n: ops_of(n) for n in self.dyn}
         if self.dyn:
             for n in self.dyn:

@@ -110,6 +110,11 @@ def test_float64_search_steps_give_the_same_architecture(space, steps):
         borders = [g.transform['dynamic_conv_3x3'] for c in fast.cells for g in c.groups if g.dyn]
         assert borders and all(t[:, [0, -1]].abs().sum() == 0 and t[:, :, [0, -1]].abs().sum() == 0
                                and t[:, 1:-1, 1:-1].abs().sum() > 0 for t in borders)
+        # ca2's rows off the centre tap (CA written straight onto the node kernel) stayed exactly zero too
+        ca2 = [g.ca2.view(g.E * g.C, g.kernel_size ** 2, -1) for c in fast.cells for g in c.groups if g.has_ca]
+        centre = ca2[0].shape[1] // 2
+        assert ca2 and all(t[:, :centre].abs().sum() == 0 and t[:, centre + 1:].abs().sum() == 0
+                           and t[:, centre].abs().sum() > 0 for t in ca2)
         assert fast.structural_zeros() > 0
         assert utils.count_params(fast) == utils.count_params(plain)
 
