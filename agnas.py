@@ -170,7 +170,7 @@ class AttentionMixedOp(GateStatistics, MixedOp):
 class FastGatedEdges(GateStatistics, FastEdges):
     """The gated edges of one source group on the fast path (issue 11): model_search.FastEdges's op outputs
     for all E edges at once, weighed by E GateAttentions instead of A. The same computation as E
-    `AttentionMixedOp`s (test_agnas.py proves it), in a few batched kernels:
+    `AttentionMixedOp`s (test_fast_search.py proves it), in a few batched kernels:
     - descriptors (Eq. 4): one mean over the group's stacked op outputs gives every entry's GAP. Over NOS (§8,
       see AttentionMixedOp), with x' the edges' skip outputs: GAP(x' * SA) as one batched product;
       GAP(x' * CA) = CA * GAP(x'); GAP(dwconv(x', D)) = sum over taps t of D_t * B_t / HW, where B_t, the sum
@@ -382,9 +382,10 @@ class AGNASMethod:
 
     @classmethod
     def fast(cls, args) -> bool:
-        # FastGatedEdges unless --no_fast; --sync_bn converts BatchNorm modules, and the fast path's are
-        # functional, so it runs the reference cells (as darts does)
-        return not args.no_fast and not args.sync_bn
+        # FastGatedEdges whenever darts would take the fast path (imported here: train_search.py imports this
+        # file to register the method)
+        from train_search import DartsMethod
+        return DartsMethod.fast(args)
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:

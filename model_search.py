@@ -768,7 +768,7 @@ class FastEdges(nn.Module):
                 stack.append(final)
         if lay.pools:
             stack.append(next(pieces))
-        skip = None  # the edges' skip_connect outputs, (N, S or E, C, Ho, Wo), for a gated `mix`
+        skip = None  # for a gated `mix`: the skip outputs (N, S, C, Ho, Wo), or FactorizedReduce's 6-d view
         if lay.fr:  # BN1 holds it as (half, e, C/2): each edge's C channels are its two halves
             stack.append(next(pieces).view(N, 2, E, C // 2, Ho, Wo).transpose(1, 2))
             skip = stack[-1]
@@ -777,7 +777,7 @@ class FastEdges(nn.Module):
         elif lay.identity:
             stack.append(next(x_uses))
         if lay.identity:
-            skip = stack[-1]
+            skip = stack[-1].view(N, -1, C, Ho, Wo)
         if 'F' in lay.fold:
             stack.append(pending['F'].reshape(N, K * C, Ho, Wo))
         if stack:
@@ -831,8 +831,7 @@ class FastEdges(nn.Module):
         if lay.dyn or lay.ca:
             stack = torch.cat(kernels, 1) if len(kernels) > 1 else kernels[0]
             stacks['D'] = stack.view(N, -1, C, ks, ks)
-        out = self.mix(stacks, coef, lay, skip.view(N, -1, C, Ho, Wo) if skip is not None and skip.dim() == 4
-                       else skip)
+        out = self.mix(stacks, coef, lay, skip)
         if lay.delta and 'D' not in out:  # the identity alone (every kernel op pruned here): coefficient 1
             out['D'] = kernels[0].view(N, 1, C, ks, ks).expand(N, K, C, ks, ks)
         return out
