@@ -9,10 +9,10 @@ weights, ops and attention FCs, train in one level on the training half (Alg. 1)
 from which each supernet cell is derived by DARTS's rule, and one normal cell per stage plus the two
 reduction cells form the `genotypes.StagedGenotype` (agnas.md §2).
 
-Layout (methods.md): the supernet is model_search.Network; this file holds only what is AGNAS's own, and
-model_search.py never imports it. `build_network` hands `AttentionMixedOp` to the Network as its mixed-op
-factory. `AGNASMethod` is the `--method agnas` of train_search.py. On the fast path (model_search's
-`Network(fast=True)`, train_search.py's default) `FastGatedEdges` computes the gated edges of a whole source
+Layout: the supernet is model_search.Network; this file holds only what is AGNAS's own, and no model file
+imports it. `build_network` hands `AttentionMixedOp` to the Network as its mixed-op factory. `AGNASMethod` is
+the `--method agnas` of train_search.py (the shared weight step is darts.weight_step). On the fast path
+(model_search_fast's `Network(fast=True)`, train_search.py's default) `FastGatedEdges` computes the gated edges of a whole source
 group at once; test_fast_search.py proves it equal to `AttentionMixedOp`.
 
 Over the NOS space (agnas.md §8, this repo's own, experimental) the gates replace NOS's softmax weights:
@@ -26,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import darts
+import datasets
 import genotypes
 import utils
-from model_search import FastEdges, MixedOp, Network, resolve_ops, stage_layout
+from model_search import MixedOp, resolve_ops, stage_layout
+from model_search_fast import FastEdges, Network
 from operations import dynamic_conv
 
 # The AGNAS search settings (agnas.md §3) for the flags whose argparse default is None (methods.md).
@@ -168,7 +171,7 @@ class AttentionMixedOp(GateStatistics, MixedOp):
 
 
 class FastGatedEdges(GateStatistics, FastEdges):
-    """The gated edges of one source group on the fast path (issue 11): model_search.FastEdges's op outputs
+    """The gated edges of one source group on the fast path (issue 11): model_search_fast.FastEdges's op outputs
     for all E edges at once, weighed by E GateAttentions instead of A. The same computation as E
     `AttentionMixedOp`s (test_fast_search.py proves it), in a few batched kernels:
     - descriptors (Eq. 4): one mean over the group's stacked op outputs gives every entry's GAP. Over NOS (§8,
@@ -358,7 +361,7 @@ def importance_pass(model: Network, loader, device) -> dict:
 
 
 class AGNASMethod:
-    """--method agnas (train_search.py's method interface, see DartsMethod there).
+    """--method agnas (train_search.py's method interface, see darts.DartsMethod).
 
     Single level (Alg. 1): each step is CE (+ lambda_at * L_AT with --lambda_at > 0) on the training batch,
     backward, gradient-norm clip and an SGD step on all weights; no validation batch is drawn. After every
@@ -382,10 +385,7 @@ class AGNASMethod:
 
     @classmethod
     def fast(cls, args) -> bool:
-        # FastGatedEdges whenever darts would take the fast path (imported here: train_search.py imports this
-        # file to register the method)
-        from train_search import DartsMethod
-        return DartsMethod.fast(args)
+        return darts.DartsMethod.fast(args)  # FastGatedEdges whenever darts would take the fast path
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
@@ -393,10 +393,6 @@ class AGNASMethod:
                              space=args.space, ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
 
     def __init__(self, model: Network, args):
-        # train_search.py imports this file to register the method, so its step is imported here, not at
-        # the top: one weight step for every method (train_search.weight_step)
-        from train_search import teacher_stages, weight_step
-        self._weight_step, self._teacher_stages = weight_step, teacher_stages
         self.model = model
         self.lambda_at = args.lambda_at
         self.grad_clip = args.grad_clip
@@ -410,8 +406,8 @@ class AGNASMethod:
 
     def step(self, x, y, xv, yv, teacher, eta, optimizer) -> dict:
         self.model.train()
-        t = self._teacher_stages(teacher if self.lambda_at > 0 else None, x)
-        ce, at, logits = self._weight_step(self.model, optimizer, x, y, t, self.lambda_at, self.grad_clip)
+        t = darts.teacher_stages(teacher if self.lambda_at > 0 else None, x)
+        ce, at, logits = darts.weight_step(self.model, optimizer, x, y, t, self.lambda_at, self.grad_clip)
         return {'train_ce': ce, 'train_at': at, 'train_correct': (logits.argmax(1) == y).sum()}
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
@@ -419,7 +415,7 @@ class AGNASMethod:
         # each process takes every world-th image and importance_pass adds the sums up
         data, world = val_loader.dataset, utils.world_size()
         rank = torch.distributed.get_rank() if world > 1 else 0
-        ordered = utils.make_loader(data, max(1, self.batch_size // world), False, val_loader.num_workers,
+        ordered = datasets.make_loader(data, max(1, self.batch_size // world), False, val_loader.num_workers,
                                     sampler=list(range(rank, len(data), world)), pin=val_loader.pin_memory)
         out = importance_pass(self.model, ordered, device)
         self.matrix = out['importance']

@@ -46,10 +46,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import agnas
 import genotypes
 import utils
+from darts import Architect, search_loss, search_step, teacher_stages
 from model import NetworkCIFAR
-from model_search import Network
+from model_search_fast import Network
 from teacher import PyramidNet, pyramid_widths
-from train_search import METHODS, Architect, search_loss, search_step, teacher_stages
+from train_search import METHODS
 from train_search import parse_args as search_args
 
 

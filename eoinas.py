@@ -13,8 +13,8 @@ What it computes, with sources and the decisions where paper and authors' code d
   row's alive ops, the lowest is masked out (`select_prunes`), Adam's state is cleared and Ce is reset.
 The cell is derived from the last I with the pruned ops masked out (spec §5).
 
-`train_search.py` imports this module to register the method; this module uses the loop's generic steps
-(Architect, weight_step, teacher_stages) and imports them when first used, so neither import is circular.
+`train_search.py` imports this module to register the method; this module uses DARTS's architecture step and
+the shared weight step (darts.Architect, darts.weight_step, darts.teacher_stages), never the loop.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+import darts
 import genotypes
 import utils
 from genotypes import op_kind
-from model_search import Network, masked_softmax, resolve_ops
+from model_search import masked_softmax, resolve_ops
+from model_search_fast import Network
 
 CELLS = ('normal', 'reduce')
 ACC_MODES = ('last', 'mean')
@@ -214,13 +216,7 @@ class EoiStats:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The method (train_search.py's interface: see DartsMethod there)
-
-
-def _loop():
-    """train_search, imported when first used: it imports this module to register the method."""
-    import train_search
-    return train_search
+# The method (train_search.py's interface: see darts.DartsMethod)
 
 
 def _flag(args, name):
@@ -290,7 +286,7 @@ class EoiNASMethod:
     def fast(cls, args) -> bool:
         # a hard sample runs one op per edge, which only the reference cells skip to (the fast path computes
         # every alive op); soft sampling, masks and skip dropout run on either
-        return _loop().DartsMethod.fast(args) and not args.gumbel_hard
+        return darts.DartsMethod.fast(args) and not args.gumbel_hard
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
@@ -298,7 +294,6 @@ class EoiNASMethod:
                        ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
 
     def __init__(self, model: Network, args):
-        loop = _loop()
         self.model = model
         self.ops = list(model.ops)
         self.space = args.space
@@ -308,10 +303,9 @@ class EoiNASMethod:
         self.settings = {k: getattr(args, k) for k in FLAGS}
         for k, v in self.settings.items():
             setattr(self, k, v)
-        self._weight_step, self._teacher_stages = loop.weight_step, loop.teacher_stages
         # --at_levels weights: the teacher guides the weights only
         arch_lambda = args.lambda_at if args.at_levels == 'both' else 0.
-        self.architect = loop.Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
+        self.architect = darts.Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
                                         arch_learning_rate=args.arch_learning_rate,
                                         arch_weight_decay=args.arch_weight_decay, lambda_at=arch_lambda,
                                         arch_grad_clip=ARCH_GRAD_CLIP)
@@ -338,13 +332,13 @@ class EoiNASMethod:
         then the statistics. Returns detached tensors; nothing syncs (except hard mode's indices)."""
         model = self.model
         model.train()
-        t_train = self._teacher_stages(teacher if self.lambda_at > 0 else None, x)
-        ce, at, logits = self._weight_step(model, optimizer, x, y, t_train, self.lambda_at, self.grad_clip)
+        t_train = darts.teacher_stages(teacher if self.lambda_at > 0 else None, x)
+        ce, at, logits = darts.weight_step(model, optimizer, x, y, t_train, self.lambda_at, self.grad_clip)
         out = {'train_ce': ce, 'train_at': at, 'train_correct': (logits.argmax(1) == y).sum()}
         if not self.uses_val_batch:
             return out
         self.stats.record_train(model.last_sample)
-        t_val = self._teacher_stages(teacher if self.architect.lambda_at > 0 else None, xv)
+        t_val = darts.teacher_stages(teacher if self.architect.lambda_at > 0 else None, xv)
         val_ce, val_at, val_logits = self.architect.step(x, y, t_train, xv, yv, t_val, eta, optimizer)
         correct = (val_logits.argmax(1) == yv).sum()
         # Ca is the top-1 of the global batch: under torchrun each process holds a share (a no-op otherwise)

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import datasets
 import genotypes
 import model_adwp
+import runs
 import utils
 from genotypes import DARTS_PRIMITIVES, STEPS
 from model_adwp import GEN_INPUTS, HyperNetwork, SpaceError, check_space
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--n', type=int, default=2, help='epochs the superiority looks back (Eq. 3, Sec. 4.1)')
     p.add_argument('--T', type=int, default=2, help='candidates kept per node in the result (Sec. 3.2.2)')
     p.add_argument('--data', default='data', help='where CIFAR lives (torchvision layout)')
-    p.add_argument('--dataset', default='cifar10', help=f'{" | ".join(utils.DATASETS)}')
+    p.add_argument('--dataset', default='cifar10', help=f'{" | ".join(datasets.DATASETS)}')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set that trains (DARTS)')
     p.add_argument('--layers', type=int, default=8, help='cells of the HyperNetwork (the searched depth)')
@@ -108,8 +110,8 @@ def check_args(args) -> None:
     if (args.space_from is None) == (args.intensive_space is None):
         raise utils.UserError(f'give exactly one of --space_from SEARCH_LOG (the log of a stage-0 search, '
                               f'{STAGE0}) and --intensive_space JSON')
-    if args.dataset not in utils.DATASETS:
-        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
+    if args.dataset not in datasets.DATASETS:
+        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(datasets.DATASETS)}')
     if args.gen_input not in GEN_INPUTS:
         raise utils.UserError(f'unknown --gen_input {args.gen_input!r}; choose one of {", ".join(GEN_INPUTS)}')
     if args.arch_split not in ('train', 'val'):
@@ -336,24 +338,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_args(args)
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
-    args.resume = utils.resume_path(ckpt_path, args.resume)
+    args.resume = runs.resume_path(ckpt_path, args.resume)
     chosen = intensive_space(args)
     space = chosen['space']
     settings = settings_of(args, space)
     ckpt = None
     if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
+        ckpt = runs.load_checkpoint(args.resume)
         for key, value in settings.items():
-            utils.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
+            runs.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
     device = utils.get_device(args.gpu, args.device)
-    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
-    train_idx, val_idx = utils.search_split(len(data), args.train_portion)
+    data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
+    train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
 
-    logger = utils.get_logger(args.save, 'search_adwp')
+    logger = runs.get_logger(args.save, 'search_adwp')
     logger.info('args = %s', vars(args))
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    utils.write_json(os.path.join(args.save, 'intensive_space.json'),
+    runs.write_json(os.path.join(args.save, 'intensive_space.json'),
                      {'K': chosen['K'], 'n': chosen['n'], 'epoch': chosen['epoch'], 'source': chosen['source'],
                       'space': space_json(space), 'table': chosen['table']})
     logger.info('intensive space (K = %d) from %s, epoch %s', chosen['K'], chosen['source'], chosen['epoch'])
@@ -366,7 +368,7 @@ def main(argv=None) -> dict:
             logger.info('  %s node %d: %s', kind, j + 2, ', '.join(f'{op}<-{i}' for op, i in node))
 
     utils.set_seed(args.seed)
-    model = HyperNetwork(args.init_channels, utils.NUM_CLASSES[args.dataset], args.layers, space,
+    model = HyperNetwork(args.init_channels, datasets.NUM_CLASSES[args.dataset], args.layers, space,
                          args.gen_input, args.gen_hidden).to(device)
     w_opt = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
                             weight_decay=args.weight_decay)
@@ -393,7 +395,7 @@ def main(argv=None) -> dict:
         scheduler.load_state_dict(ckpt['scheduler'])
         best = ckpt['best']
         start_epoch = ckpt['epoch']
-        utils.trim_jsonl(log_path, start_epoch)
+        runs.trim_jsonl(log_path, start_epoch)
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
     elif os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
@@ -401,16 +403,16 @@ def main(argv=None) -> dict:
     pin = device.type == 'cuda'
     train_data = torch.utils.data.Subset(data, train_idx)
     val_data = torch.utils.data.Subset(data, val_idx)
-    val_loader = utils.make_loader(val_data, args.batch_size, False, args.workers, pin=pin)
+    val_loader = datasets.make_loader(val_data, args.batch_size, False, args.workers, pin=pin)
     select_from = first_selectable(args.hyper_epochs, args.cross_start, args.cross_end)
     for epoch in range(start_epoch, args.epochs):
         name = phase(epoch, args.hyper_epochs, args.cross_start, args.cross_end)
         g = utils.seed_epoch(args.seed, epoch)
         alpha_gen = alpha_generator(g)
-        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+        train_loader = datasets.make_loader(train_data, args.batch_size, True, args.workers, generator=g, pin=pin)
         arch_loader = None
         if args.arch_split == 'val' and GATES[name][1]:
-            arch_loader = utils.make_loader(val_data, args.batch_size, True, args.workers, generator=g, pin=pin)
+            arch_loader = datasets.make_loader(val_data, args.batch_size, True, args.workers, generator=g, pin=pin)
         lr = scheduler.get_last_lr()[0]
         logger.info('epoch %d/%d (%s) lr %e', epoch + 1, args.epochs, name, lr)
         start = time.time()
@@ -436,10 +438,10 @@ def main(argv=None) -> dict:
                   'val_loss': val_loss, 'val_acc': val_acc, 'seconds': seconds, 'selectable': selectable,
                   'best_epoch': best['epoch'], 'alphas': p.numpy().round(6).tolist(),
                   'genotype': json.loads(genotypes.to_json(genotype))}
-        utils.append_jsonl(log_path, record)
+        runs.append_jsonl(log_path, record)
         if best['epoch'] == epoch + 1:
             genotypes.save(genotype, geno_path)
-        utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(), 'optimizer': w_opt.state_dict(),
+        runs.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(), 'optimizer': w_opt.state_dict(),
                                'arch_optimizer': a_opt.state_dict(), 'scheduler': scheduler.state_dict(),
                                'settings': settings, 'best': best, 'args': vars(args)}, ckpt_path)
 
@@ -484,11 +486,11 @@ def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, h
     rows, Kendall's tau and the chance level."""
     from model import NetworkCIFAR
     device = device or torch.device('cpu')
-    data = utils.get_dataset(dataset, data_root, train=True, synthetic_size=synthetic_size)
-    train_idx, val_idx = utils.search_split(len(data), 0.5)
+    data = datasets.get_dataset(dataset, data_root, train=True, synthetic_size=synthetic_size)
+    train_idx, val_idx = datasets.search_split(len(data), 0.5)
     train_data, val_data = torch.utils.data.Subset(data, train_idx), torch.utils.data.Subset(data, val_idx)
-    val_loader = utils.make_loader(val_data, batch_size, False, 0)
-    num_classes = utils.NUM_CLASSES[dataset]
+    val_loader = datasets.make_loader(val_data, batch_size, False, 0)
+    num_classes = datasets.NUM_CLASSES[dataset]
 
     utils.set_seed(seed)
     model = HyperNetwork(C, num_classes, layers, space).to(device)
@@ -497,7 +499,7 @@ def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, h
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, float(hyper_epochs))
     for epoch in range(hyper_epochs):
         g = utils.seed_epoch(seed, epoch)
-        loader = utils.make_loader(train_data, batch_size, True, 0, generator=g)
+        loader = datasets.make_loader(train_data, batch_size, True, 0, generator=g)
         loss, acc = train_epoch(model, 'train', loader, w_opt, a_opt, device=device, alpha_gen=alpha_generator(g),
                                 alpha_std=1., grad_clip=5.)
         sched.step()
@@ -515,7 +517,7 @@ def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, h
         s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(scratch_epochs))
         for epoch in range(scratch_epochs):
             g = utils.seed_epoch(seed + k, epoch)
-            utils.train_epoch(net, utils.make_loader(train_data, batch_size, True, 0, generator=g), opt,
+            utils.train_epoch(net, datasets.make_loader(train_data, batch_size, True, 0, generator=g), opt,
                               nn.CrossEntropyLoss(), device)
             s.step()
         scratch = utils.evaluate(net, val_loader, nn.CrossEntropyLoss(), device)[1]

@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 
+import runs
 import utils
 from genotypes import OP_SUBSETS
 
@@ -56,7 +57,7 @@ def _checkpoint(path: str) -> dict:
     if not os.path.isfile(ckpt_path):
         return {}
     try:
-        return utils.load_checkpoint(ckpt_path)
+        return runs.load_checkpoint(ckpt_path)
     except utils.UserError:
         return {}
 
@@ -88,7 +89,7 @@ def read_run(path: str) -> dict:
             except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
                 return {'status': 'unfinished', 'dir': path, 'kind': '?', 'why': f'{name} cannot be read ({e})'}
             break
-    log = utils.read_jsonl(os.path.join(path, 'search_log.jsonl'))
+    log = runs.read_jsonl(os.path.join(path, 'search_log.jsonl'))
     if (result or {}).get('kind') == 'search' or 'search_result.json' in present or (result is None and log):
         return _read_search(path, result, log)
     if result is not None:
@@ -98,7 +99,7 @@ def read_run(path: str) -> dict:
                 'why': 'only a log.txt: the run is in its first epoch, or stopped before the first ended '
                        '(its log.txt says why)'}
     ckpt = _checkpoint(path)
-    done = [r['epoch'] for r in utils.read_jsonl(os.path.join(path, 'metrics.jsonl'))]
+    done = [r['epoch'] for r in runs.read_jsonl(os.path.join(path, 'metrics.jsonl'))]
     epoch = done[-1] if done else ckpt.get('epoch', 0)
     total = ckpt.get('args', {}).get('epochs')
     dataset = ckpt.get('dataset', 'imagenet' if 'num_classes' in ckpt else '?')

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import datasets
+import runs
 import utils
 from operations import OPS, DynamicKernel, calibrate, dynamic_conv
 
@@ -280,7 +282,7 @@ def default_teacher_folder(dataset: str, depth: int = 110, alpha: float = 84, bo
 def default_teacher_path(dataset: str, depth: int = 110, alpha: float = 84, bottleneck: bool = True) -> str:
     """Where teacher.py writes, and train_search.py looks for, the teacher of `dataset`: the checkpoint in
     its default --save folder, teachers/pyramidnet110_cifar10/checkpoint.pt for the paper's teacher."""
-    return os.path.join(default_teacher_folder(dataset, depth, alpha, bottleneck), utils.CHECKPOINT)
+    return os.path.join(default_teacher_folder(dataset, depth, alpha, bottleneck), runs.CHECKPOINT)
 
 
 def save_teacher(model: nn.Module, path: str, dataset: str, **extra) -> None:
@@ -289,7 +291,7 @@ def save_teacher(model: nn.Module, path: str, dataset: str, **extra) -> None:
     state = {'arch': model.arch, 'config': dict(model.config), 'dataset': dataset,
              'state_dict': model.state_dict(), 'script': 'teacher.py'}
     state.update(extra)
-    utils.save_checkpoint(state, path)
+    runs.save_checkpoint(state, path)
 
 
 def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | None = None,
@@ -301,12 +303,12 @@ def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | Non
     of other classes than `classes` (--dataset folder) or another image size, and a checkpoint of another
     architecture (or weights that do not fit its config).
     """
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, utils.CHECKPOINT)):
-        path = os.path.join(path, utils.CHECKPOINT)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, runs.CHECKPOINT)):
+        path = os.path.join(path, runs.CHECKPOINT)
     if not os.path.isfile(path):
         raise utils.UserError(f'no teacher checkpoint at {path}: train one with `python teacher.py --dataset '
                               f'{dataset} --gpu 0`, or pass --lambda_at 0 to search without a teacher')
-    state = utils.load_checkpoint(path)
+    state = runs.load_checkpoint(path)
     if not isinstance(state, dict) or not {'arch', 'config', 'dataset', 'state_dict'} <= set(state):
         raise utils.UserError(f'{path} is not a teacher checkpoint of this project (it lacks the arch, config, '
                               f'dataset and weights that teacher.py writes); train one with `python teacher.py '
@@ -343,7 +345,7 @@ def check_teacher_data(state: dict, path: str, classes: list[str] | None, image_
     if classes is not None and state.get('classes') != classes:
         saved = state.get('classes') or []
         raise utils.UserError(f'the teacher {path} was trained on other classes than this run\'s data '
-                              f'({utils.class_difference(saved, classes, "the teacher", "the data")}); train a '
+                              f'({datasets.class_difference(saved, classes, "the teacher", "the data")}); train a '
                               f'teacher on this data with `python teacher.py --dataset folder --data PATH` and pass '
                               f'it with --teacher')
     if state.get('image_size', 32) != image_size:
@@ -366,7 +368,7 @@ def parse_args(argv=None):
     p.add_argument('--block', default='bottleneck', choices=['bottleneck', 'basic'], help='PyramidNet unit')
     p.add_argument('--calibration', default='none', choices=CALIBRATIONS,
                    help='ResNet-18: op inserted after stages 1, 2, 3 (Table 1)')
-    p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS, help='the search dataset')
+    p.add_argument('--dataset', default='cifar10', choices=datasets.DATASETS, help='the search dataset')
     p.add_argument('--data', default='data',
                    help='folder holding the CIFAR data; for --dataset folder, PATH with train/ and test/ or val/')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
@@ -403,13 +405,13 @@ def run_paths(args) -> tuple[str, str | None]:
     if args.arch == 'resnet18':
         default = os.path.join('runs', f'resnet18_{args.calibration}_{args.dataset}')
     else:
-        default = default_teacher_folder(utils.dataset_name(args.dataset, args.data), args.depth, args.alpha,
+        default = default_teacher_folder(datasets.dataset_name(args.dataset, args.data), args.depth, args.alpha,
                                          args.block == 'bottleneck')
-    return utils.run_folder(args.save, args.resume, 'teacher', default=default)
+    return runs.run_folder(args.save, args.resume, 'teacher', default=default)
 
 
 def make_model(args) -> nn.Module:
-    num_classes = utils.num_classes(args.dataset, args.data)
+    num_classes = datasets.num_classes(args.dataset, args.data)
     if ARCHS[args.arch] == PYRAMID:
         return PyramidNet(args.depth, args.alpha, num_classes, args.block == 'bottleneck')
     return ResNet18(num_classes, args.calibration)
@@ -437,20 +439,20 @@ def main(argv=None):
     # Han et al.'s deepest PyramidNet has 272 layers and their widest alpha 270; beyond 1000 is a typo
     utils.check_flags(args, {'depth': utils.Range(high=1000), 'alpha': utils.Range(0, 1000),
                              'lr_milestones': utils.Range(1), 'lr_gamma': utils.Range(0, low_open=True)})
-    utils.check_image_size(args.dataset, args.image_size)
+    datasets.check_image_size(args.dataset, args.image_size)
     if ARCHS[args.arch] == PYRAMID:
         pyramid_widths(args.depth, args.alpha, args.block == 'bottleneck')  # a bad --depth fails here
     log_dir, resume_path = run_paths(args)
     args.save = log_dir  # the folder in use, as the checkpoint records it
-    ckpt_path = os.path.join(log_dir, utils.CHECKPOINT)
+    ckpt_path = os.path.join(log_dir, runs.CHECKPOINT)
     state, changed = None, {}
     if resume_path is not None:
-        state = utils.load_resume(resume_path, 'teacher.py')
+        state = runs.load_resume(resume_path, 'teacher.py')
     device = utils.get_device(args.gpu, args.device)
-    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
-    train_data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+    data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
+    train_data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
                                    seed=args.seed, image_size=args.image_size, stats=data_stats)
-    test_data = utils.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
+    test_data = datasets.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
                                   seed=args.seed, image_size=args.image_size, stats=data_stats)
     if args.batch_size > len(train_data):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} training '
@@ -461,15 +463,15 @@ def main(argv=None):
     if state is not None:  # before the log folder too: a refused resume leaves nothing behind
         for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
                                    ('network config', 'config', model.config)):
-            utils.check_same(what, state.get(key), current, resume_path)
-        changed = utils.resume_flags(state, args, RESUME_MAY_CHANGE, resume_path)
-    logger = utils.get_logger(log_dir, 'teacher')
+            runs.check_same(what, state.get(key), current, resume_path)
+        changed = runs.resume_flags(state, args, RESUME_MAY_CHANGE, resume_path)
+    logger = runs.get_logger(log_dir, 'teacher')
     logger.info(f'args: {vars(args)}')
     if data_stats is not None:
-        logger.info(utils.folder_summary(data_stats, test_data))
+        logger.info(datasets.folder_summary(data_stats, test_data))
     baseline = None
     if arch == RESNET18:
-        baseline = cost(ResNet18(utils.num_classes(args.dataset, args.data)))
+        baseline = cost(ResNet18(datasets.num_classes(args.dataset, args.data)))
     logger.info(f'{describe(arch, model.config)}: {cost_line(model, baseline)}')
     model.to(device)
     channels_last = device.type == 'cuda'
@@ -486,13 +488,13 @@ def main(argv=None):
         scheduler.load_state_dict(state['scheduler'])
         start, best = state['epoch'] + 1, state.get('best_top1', 0.0)
         if 'learning_rate' in changed:  # the step schedule goes on as if the run had started with it
-            utils.set_learning_rate(optimizer, scheduler, args.learning_rate)
-        utils.trim_jsonl(os.path.join(log_dir, 'train_log.jsonl'), start)
+            runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
+        runs.trim_jsonl(os.path.join(log_dir, 'train_log.jsonl'), start)
         logger.info(f'resumed from {resume_path} after epoch {start}')
-        if utils.describe_changes(changed, start):
-            logger.info(utils.describe_changes(changed, start))
+        if runs.describe_changes(changed, start):
+            logger.info(runs.describe_changes(changed, start))
 
-    test_loader = utils.make_loader(test_data, max(args.batch_size, 256), False, args.workers,
+    test_loader = datasets.make_loader(test_data, max(args.batch_size, 256), False, args.workers,
                                     pin=device.type == 'cuda')
     retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     criterion = nn.CrossEntropyLoss()
@@ -500,7 +502,7 @@ def main(argv=None):
     test_loss = top1 = top5 = float('nan')
     for epoch in range(start, args.epochs):
         g = utils.seed_epoch(args.seed, epoch)
-        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g,
+        train_loader = datasets.make_loader(train_data, args.batch_size, True, args.workers, generator=g,
                                          pin=device.type == 'cuda')
         lr = optimizer.param_groups[0]['lr']
         tic = time.time()
@@ -508,10 +510,10 @@ def main(argv=None):
         train_loss, train_top1 = utils.train_epoch(
             model, train_loader, optimizer, criterion, device, grad_clip=None, amp_dtype=amp_dtype,
             channels_last=channels_last, progress=progress,
-            check=functools.partial(utils.check_loss, limit=utils.loss_limit(utils.num_classes(args.dataset, args.data)),
+            check=functools.partial(utils.check_loss, limit=utils.loss_limit(datasets.num_classes(args.dataset, args.data)),
                                     epoch=epoch, kept=epoch, checkpoint=ckpt_path, retry=retry))
         scheduler.step()
-        utils.log_unreadable(train_data, logger)
+        datasets.log_unreadable(train_data, logger)
         seconds = time.time() - tic
         test_loss, top1, top5 = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                                                channels_last=channels_last)
@@ -519,7 +521,7 @@ def main(argv=None):
         logger.info(f'epoch {epoch + 1}/{args.epochs} lr {lr:.2e} train loss {train_loss:.4f} top1 '
                     f'{train_top1:.2f} | test loss {test_loss:.4f} top1 {top1:.2f} top5 {top5:.2f} | '
                     f'{seconds:.0f}s ({seconds / len(train_loader):.3f}s/step)')
-        utils.append_jsonl(os.path.join(log_dir, 'train_log.jsonl'), {
+        runs.append_jsonl(os.path.join(log_dir, 'train_log.jsonl'), {
             'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss, 'train_top1': train_top1,
             'test_loss': test_loss, 'test_top1': top1, 'test_top5': top5, 'seconds': seconds})
         save_teacher(model, ckpt_path, args.dataset, epoch=epoch, epochs=args.epochs,
@@ -538,8 +540,8 @@ def main(argv=None):
         after = f'python train_search.py --dataset {args.dataset} --teacher {log_dir}    (search with it)'
     else:
         after = 'python teacher.py --arch resnet18 --calibration OTHER    (another row of Table 1)'
-    utils.report_run(logger, log_dir, [
-        (utils.CHECKPOINT, 'the network (train_search.py --teacher reads it; --resume continues it)'),
+    runs.report_run(logger, log_dir, [
+        (runs.CHECKPOINT, 'the network (train_search.py --teacher reads it; --resume continues it)'),
         ('log.txt', 'the log'), ('train_log.jsonl', 'one record per epoch: losses, accuracies, lr'),
     ], [after], started)
 

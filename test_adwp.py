@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import datasets
 import genotypes as G
 import model_adwp as M
+import runs
 import search_adwp
 import train_cifar
 import train_imagenet
@@ -319,15 +321,15 @@ def test_autoaugment_sits_between_flip_and_cutout():
     import numpy as np
     import torchvision.transforms as T
     from PIL import Image
-    t = utils.cifar_transforms('cifar10', True, cutout=16, autoaugment=True).transforms
+    t = datasets.cifar_transforms('cifar10', True, cutout=16, autoaugment=True).transforms
     kinds = [type(x) for x in t]
-    assert kinds == [T.RandomCrop, T.RandomHorizontalFlip, T.AutoAugment, T.ToTensor, T.Normalize, utils.Cutout]
+    assert kinds == [T.RandomCrop, T.RandomHorizontalFlip, T.AutoAugment, T.ToTensor, T.Normalize, datasets.Cutout]
     assert t[2].policy == T.AutoAugmentPolicy.CIFAR10
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert utils.cifar_transforms('cifar10', True, 16, True)(img).shape == (3, 32, 32)
-    assert T.AutoAugment not in map(type, utils.cifar_transforms('cifar10', True, 16).transforms)
+    assert datasets.cifar_transforms('cifar10', True, 16, True)(img).shape == (3, 32, 32)
+    assert T.AutoAugment not in map(type, datasets.cifar_transforms('cifar10', True, 16).transforms)
     with pytest.raises(utils.UserError, match='--autoaugment'):
-        utils.get_dataset('synthetic', 'data', True, autoaugment=True)
+        datasets.get_dataset('synthetic', 'data', True, autoaugment=True)
 
 
 def test_imagenet_step_decay_is_absolute_per_epoch_and_takes_the_depth_from_the_genotype(tmp_path, capsys):
@@ -350,7 +352,7 @@ def test_imagenet_step_decay_is_absolute_per_epoch_and_takes_the_depth_from_the_
     # DARTS's lr 0.1 by default, not scaled to the global batch of 3, halved after each epoch, no warm-up
     assert [r['lr'] for r in read_jsonl(tmp_path / 'run' / 'metrics.jsonl')] == [0.1, 0.05]
     assert 'lr 0.1 x 0.5 per epoch (step decay' in (tmp_path / 'run' / 'log.txt').read_text()
-    assert utils.load_checkpoint(str(tmp_path / 'run' / 'checkpoint.pt'))['args']['layers'] == 3
+    assert runs.load_checkpoint(str(tmp_path / 'run' / 'checkpoint.pt'))['args']['layers'] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,14 +396,14 @@ def test_pipeline_stage0_search_and_one_epoch_of_retraining(stage0, tmp_path, ca
     assert run(train_cifar.main, retrain + ['--save', tmp_path / 'eval']) == 0  # depth from the genotype
     result = json.loads((tmp_path / 'eval' / 'result.json').read_text())
     assert 'final test_error=' in capsys.readouterr().out and len(result['genotype']['cells']) == 5
-    assert utils.load_checkpoint(str(tmp_path / 'eval' / 'checkpoint.pt'))['args']['layers'] == 5
+    assert runs.load_checkpoint(str(tmp_path / 'eval' / 'checkpoint.pt'))['args']['layers'] == 5
 
 
 def test_search_resumed_at_every_phase_boundary_ends_bit_identical(stage0, tmp_path, monkeypatch):
     args = ['--space_from', stage0, '--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3',
             '--init_channels', '4', '--batch_size', '8', '--synthetic_size', '16', '--report_freq', '0'] + PHASES_2111
     assert run(search_adwp.main, args + ['--save', tmp_path / 'straight']) == 0
-    real_save = utils.save_checkpoint
+    real_save = runs.save_checkpoint
     stops = [2, 3, 4]  # train -> basic, basic -> cross, cross -> basic
 
     def save_then_die(state, path):  # killed right after the checkpoint of a phase's last epoch
@@ -410,14 +412,14 @@ def test_search_resumed_at_every_phase_boundary_ends_bit_identical(stage0, tmp_p
             stops.pop(0)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
     killed = tmp_path / 'killed'
     assert run(search_adwp.main, args + ['--save', killed]) == 130
     for _ in range(3):
         assert run(search_adwp.main, args + ['--save', killed, '--resume']) in (0, 130)
     assert not stops
-    a = utils.load_checkpoint(str(tmp_path / 'straight' / 'checkpoint.pt'))
-    b = utils.load_checkpoint(str(killed / 'checkpoint.pt'))
+    a = runs.load_checkpoint(str(tmp_path / 'straight' / 'checkpoint.pt'))
+    b = runs.load_checkpoint(str(killed / 'checkpoint.pt'))
     assert a['epoch'] == b['epoch'] == 5 and a['model'].keys() == b['model'].keys()
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert a['best']['epoch'] == b['best']['epoch'] and torch.equal(a['best']['alphas'], b['best']['alphas'])

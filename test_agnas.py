@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import agnas
+import datasets
 import genotypes
+import runs
 import teacher
 import train_cifar
 import train_search
@@ -266,7 +268,7 @@ def test_importance_pass_runs_in_eval_mode_without_grad_over_every_image():
     torch.manual_seed(0)
     net = agnas.build_network(4, 10, 5)
     data = torch.utils.data.TensorDataset(torch.randn(37, 3, 16, 16), torch.randint(10, (37,)))
-    loader = utils.make_loader(data, 16, False, 0)
+    loader = datasets.make_loader(data, 16, False, 0)
     seen = []
     edge = agnas.gated_edges(net)[0]
     edge.register_forward_hook(lambda mod, inp, out: seen.append((mod.training, torch.is_grad_enabled())))
@@ -378,7 +380,7 @@ def check_search_outputs(save, space, ops, rows, epochs, stage_cell):
     assert r['importance_images'] == 8 and r['stages'] == [[0], [2], [4]] and r['reduction_cells'] == [1, 3]
     assert genotypes.from_json(json.dumps(r['genotype'])) == g and len(r['cell_genotypes']) == 5
     assert 'val_acc' in r and 'val_ce' in r
-    ckpt = utils.load_checkpoint(str(save / 'checkpoint.pt'))
+    ckpt = runs.load_checkpoint(str(save / 'checkpoint.pt'))
     assert set(ckpt['method']) == {'importance'} and ckpt['settings']['stage_cell'] == stage_cell
     assert ckpt['args']['learning_rate_min'] == 0.001 and ckpt['args']['lambda_at'] == 0
     # the genotype is the one that the last importance pass derives
@@ -406,19 +408,19 @@ class Stop(Exception):
 
 
 def test_resume_ends_bit_identical(darts_search, tmp_path, monkeypatch):
-    save_checkpoint = utils.save_checkpoint
+    save_checkpoint = runs.save_checkpoint
 
     def save_then_stop(state, path):  # the run dies right after its first checkpoint
         save_checkpoint(state, path)
         raise Stop
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_stop)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_stop)
     with pytest.raises(Stop):
         train_search.main([str(a) for a in DARTS_SEARCH + ['--save', tmp_path]])
-    monkeypatch.setattr(utils, 'save_checkpoint', save_checkpoint)
-    assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == 1
+    monkeypatch.setattr(runs, 'save_checkpoint', save_checkpoint)
+    assert runs.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == 1
     assert run(train_search.main, DARTS_SEARCH + ['--save', tmp_path, '--resume']) == 0
 
-    a, b = (utils.load_checkpoint(str(d / 'checkpoint.pt')) for d in (darts_search, tmp_path))
+    a, b = (runs.load_checkpoint(str(d / 'checkpoint.pt')) for d in (darts_search, tmp_path))
     assert a['epoch'] == b['epoch'] == 2 and a['model'].keys() == b['model'].keys()
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k

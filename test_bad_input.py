@@ -225,7 +225,7 @@ def test_every_numeric_flag_is_covered():
                                         'lr_milestones', 'lr_gamma', 'iters', 'warmup', 'retrain_batch_size',
                                         'teacher_depth', 'image_size', 'alive', 'adwp_ranking', 'adwp_synthetic_size',
                                         'adwp_layers', 'adwp_channels', 'adwp_hyper_epochs', 'adwp_scratch_epochs',
-                                        'adwp_batch_size', 'adwp_seed', 'count_batch', 'top'}  # image_size: utils.check_image_size
+                                        'adwp_batch_size', 'adwp_seed', 'count_batch', 'top'}  # image_size: datasets.check_image_size
     parsers = {'search': train_search.parse_args, 'cifar': train_cifar.build_parser().parse_args,
                'imagenet': train_imagenet.build_parser().parse_args, 'teacher': teacher.parse_args,
                'bench': bench_search.parse_args}

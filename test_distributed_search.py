@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import runs
 import train_search
 import utils
 
@@ -46,7 +47,7 @@ def finish(proc) -> str:
 
 
 def ckpt(save):
-    return utils.load_checkpoint(os.path.join(save, 'checkpoint.pt'))
+    return runs.load_checkpoint(os.path.join(save, 'checkpoint.pt'))
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +90,7 @@ def test_killed_torchrun_search_resumes_exactly(two_process_run, tmp_path):
             break
         time.sleep(0.02)
     proc.wait()
-    killed_at = utils.load_checkpoint(str(path))['epoch']
+    killed_at = runs.load_checkpoint(str(path))['epoch']
     assert 1 <= killed_at < 4, 'the run ended before it could be killed'
     finish(launch(args + ['--resume'], 2))
     resumed, whole = ckpt(tmp_path), ckpt(save)

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import bench_search
+import darts
 import eoinas
 import genotypes
+import runs
 import train_search
 import utils
 from eoinas import (
@@ -24,7 +26,8 @@ from eoinas import (
     temperature,
 )
 from genotypes import DARTS_PRIMITIVES, PRIMITIVES, op_kind
-from model_search import Network, derive_darts_cell, sample_weights
+from model_search import derive_darts_cell, sample_weights
+from model_search_fast import Network
 from operations import calibrate
 from test_train_search import TINY, fails_with, read_log, run
 
@@ -144,7 +147,7 @@ def test_pruned_ops_are_never_computed_and_keep_no_gradient():
     for tau in (None, 1.):  # the masked softmax and the soft sample
         calls.clear()
         model.tau = tau
-        train_search.weight_step(model, optimizer, x, y, None, 0., 5.)
+        darts.weight_step(model, optimizer, x, y, None, 0., 5.)
         expected = {(c, r, o) for c, cell in enumerate(model.cells) for r in range(14) for o in range(8)
                     if masks[int(cell.reduction)][r, o]}
         assert set(calls) == expected and set(calls.values()) == {1}
@@ -446,14 +449,14 @@ def test_tiny_search_prunes_one_op_per_edge_and_epoch(searched):
     assert 'val_acc' not in records[0] and 'val_acc' in records[1]  # the warm-up trains the weights only
     g = genotypes.load(genotype_file=str(searched / 'genotype.json'))
     assert genotypes.is_classic(g.normal)
-    ckpt = utils.load_checkpoint(str(searched / 'checkpoint.pt'))
+    ckpt = runs.load_checkpoint(str(searched / 'checkpoint.pt'))
     alive = ckpt['model']['alive_normal']
     assert all(alive[row_of(i, k // 2), DARTS_PRIMITIVES.index(op)] for k, (op, i) in enumerate(g.normal))
 
 
 def test_killed_search_resumes_bit_identical(searched, tmp_path, monkeypatch):
     save = tmp_path / 'killed'
-    save_checkpoint = utils.save_checkpoint
+    save_checkpoint = runs.save_checkpoint
 
     def killed_after_epoch_3(state, path):
         save_checkpoint(state, path)
@@ -461,11 +464,11 @@ def test_killed_search_resumes_bit_identical(searched, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed right after the checkpoint of epoch 3
 
     with monkeypatch.context() as m:
-        m.setattr(utils, 'save_checkpoint', killed_after_epoch_3)
+        m.setattr(runs, 'save_checkpoint', killed_after_epoch_3)
         assert run(E2E + ['--space', 'darts', '--save', save]) == 130
     assert run(E2E + ['--space', 'darts', '--save', save, '--resume']) == 0
-    a = utils.load_checkpoint(str(searched / 'checkpoint.pt'))
-    b = utils.load_checkpoint(str(save / 'checkpoint.pt'))
+    a = runs.load_checkpoint(str(searched / 'checkpoint.pt'))
+    b = runs.load_checkpoint(str(save / 'checkpoint.pt'))
     assert a['epoch'] == b['epoch'] == 5
     assert_bitwise(a['model'], b['model'])
     assert_bitwise(a['method'], b['method'])

@@ -10,10 +10,14 @@ from torch import nn
 
 import agnas
 import bench_search
-import model_search
+import darts
+import datasets
+import model_search_fast
+import runs
 import train_search
 import utils
-from model_search import FastCell, Network, NOSCell
+from model_search import NOSCell
+from model_search_fast import FastCell, Network
 
 TINY = {'C': 4, 'num_classes': 10, 'layers': 3}  # three cells: normal, reduction, reduction (stages 8/4/2 px)
 
@@ -97,11 +101,11 @@ def test_float64_search_steps_give_the_same_architecture(space, steps):
     start = plain.alphas_normal.detach().clone()
     for model in (plain, fast):
         optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
-        architect = train_search.Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-3,
+        architect = darts.Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-3,
                                            arch_weight_decay=1e-3, lambda_at=lambda_at)
         for step in range(steps):
             (x, y), (xv, yv) = batches[step % 4], batches[(step + 1) % 4]
-            train_search.search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=0.025)
+            darts.search_step(model, architect, optimizer, x, y, xv, yv, teacher=teacher, eta=0.025)
     torch.testing.assert_close(fast.alphas_normal, plain.alphas_normal, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(fast.alphas_reduce, plain.alphas_reduce, rtol=1e-8, atol=1e-10)
     assert (plain.alphas_normal.detach() - start).abs().max() > 0.03  # A really moved
@@ -200,7 +204,7 @@ def test_skip_dropout_drops_each_edge_on_its_own():
     assert not torch.allclose(fast(x), plain(x))  # dropout really acted
     assert fast._fast_plans[False].layouts(None, dropout=True)[0][0].identity_edges
     group = fast.cells[0].groups[0]
-    stack = F.dropout(model_search._per_edge(torch.ones(1, 2 * 4, 3, 3, dtype=torch.float64), 2, 4), 0.5, True)
+    stack = F.dropout(model_search_fast._per_edge(torch.ones(1, 2 * 4, 3, 3, dtype=torch.float64), 2, 4), 0.5, True)
     assert group.S * group.K == 8 and not torch.equal(stack[:, :4], stack[:, 4:8])  # two edges of source 0
 
 
@@ -275,7 +279,7 @@ def test_agnas_steps_give_the_same_importance_and_genotype(space):
         for step in range(12):
             x, y = batches[step % 3]
             method.step(x, y, None, None, None, 0.025, optimizer)
-        method.end_epoch(0, utils.make_loader(val, 4, False, 0), torch.device('cpu'))
+        method.end_epoch(0, datasets.make_loader(val, 4, False, 0), torch.device('cpu'))
         methods.append(method)
     np.testing.assert_allclose(methods[1].matrix, methods[0].matrix, rtol=1e-8, atol=0)
     assert methods[1].genotype() == methods[0].genotype()
@@ -317,7 +321,7 @@ def test_fast_flag_builds_fast_cells_and_new_keeps_it():
 def test_train_search_uses_the_fast_path_unless_no_fast():
     for flags, cell_cls in (([], FastCell), (['--no_fast'], NOSCell)):
         args = train_search.parse_args(['--layers', '3', '--init_channels', '4', '--lambda_at', '0'] + flags)
-        model = train_search.DartsMethod.build_model(args, 10)
+        model = darts.DartsMethod.build_model(args, 10)
         assert isinstance(model.cells[0], cell_cls)
         # a checkpoint of one layout cannot resume the other: the settings say which it was
         assert train_search.settings_of(args)['fast'] == (cell_cls is FastCell)
@@ -367,19 +371,19 @@ def test_a_checkpoint_resumes_only_with_its_own_layout(tmp_path, capsys, monkeyp
     args = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3', '--init_channels', '4',
             '--batch_size', '8', '--synthetic_size', '16', '--report_freq', '0', '--space', 'darts', '--lambda_at',
             '0', '--epochs', '2', '--save', str(tmp_path)]
-    real = utils.save_checkpoint
+    real = runs.save_checkpoint
 
     def save_then_stop(state, path):
         real(state, path)
         if state['epoch'] == 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_stop)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_search.main(args)
-    monkeypatch.setattr(utils, 'save_checkpoint', real)
-    assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['settings']['fast'] is True
+    monkeypatch.setattr(runs, 'save_checkpoint', real)
+    assert runs.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['settings']['fast'] is True
     assert utils.exit_code(train_search.main, args + ['--resume', '--no_fast']) != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'made with the fast path' in err and 'resume without --no_fast' in err
     train_search.main(args + ['--resume'])  # its own layout resumes
-    assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == 2
+    assert runs.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == 2

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
+import runs
 import teacher
 import train_cifar
 import train_search
@@ -59,23 +61,23 @@ def read_json(path):
 
 
 def test_classes_and_statistics_match_a_hand_computation(data):
-    assert utils.num_classes('folder', str(data)) == 3
-    assert teacher.default_teacher_path(utils.dataset_name('folder', 'data/flowers/')) == os.path.join(
+    assert datasets.num_classes('folder', str(data)) == 3
+    assert teacher.default_teacher_path(datasets.dataset_name('folder', 'data/flowers/')) == os.path.join(
         'teachers', 'pyramidnet110_folder-flowers', 'checkpoint.pt')  # each folder its own default teacher
     pixels = np.stack([np.asarray(Image.open(data / 'train' / c / f'{i}.png'), dtype=np.float64) / 255
                        for c in CLASSES for i in range(4)])
-    stats = utils.folder_stats(str(data), SIZE)
+    stats = datasets.folder_stats(str(data), SIZE)
     np.testing.assert_allclose(stats['mean'], pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(stats['std'], pixels.std(axis=(0, 1, 2)), rtol=1e-6)
     assert stats['classes'] == list(CLASSES) and stats['images'] == stats['train_images'] == 12
 
     # the training images come interleaved, so both sides of the search split hold every class equally
-    train = utils.get_dataset('folder', str(data), train=True, image_size=SIZE, stats=stats)
-    weights, arch = utils.search_split(len(train), 0.5)
+    train = datasets.get_dataset('folder', str(data), train=True, image_size=SIZE, stats=stats)
+    weights, arch = datasets.search_split(len(train), 0.5)
     assert [np.bincount([train.targets[i] for i in half]).tolist() for half in (weights, arch)] == [[2, 2, 2]] * 2
     x, y = train[0]
     assert x.shape == (3, SIZE, SIZE) and 0 <= y < 3
-    test = utils.get_dataset('folder', str(data), train=False, image_size=SIZE, stats=stats)
+    test = datasets.get_dataset('folder', str(data), train=False, image_size=SIZE, stats=stats)
     assert len(test) == 6 and test.classes == list(CLASSES)
 
 
@@ -87,10 +89,10 @@ def teacher_path(data, tmp_path_factory):
 
 
 def test_teacher_search_and_retraining_run_on_the_folder(data, teacher_path, tmp_path):
-    state = utils.load_checkpoint(str(teacher_path))
+    state = runs.load_checkpoint(str(teacher_path))
     assert state['classes'] == list(CLASSES) and state['image_size'] == SIZE and state['config']['num_classes'] == 3
     stats = read_json(teacher_path.parent / 'data_stats.json')
-    assert state['data_stats'] == stats == utils.folder_stats(str(data), SIZE)
+    assert state['data_stats'] == stats == datasets.folder_stats(str(data), SIZE)
 
     search = tmp_path / 'search'
     assert run(train_search.main, SEARCH + ['--data', data, '--teacher', teacher_path, '--lambda_at', '1000',
@@ -99,7 +101,7 @@ def test_teacher_search_and_retraining_run_on_the_folder(data, teacher_path, tmp
         record = json.loads(f.readline())
     assert record['train_at'] > 0  # the teacher's attention maps guided the search
     assert read_json(search / 'data_stats.json') == stats
-    assert utils.load_checkpoint(str(search / 'checkpoint.pt'))['data_stats'] == stats
+    assert runs.load_checkpoint(str(search / 'checkpoint.pt'))['data_stats'] == stats
 
     retrain = tmp_path / 'retrain'
     assert run(train_cifar.main, RETRAIN + ['--data', data, '--genotype_file', search / 'genotype.json',
@@ -111,25 +113,25 @@ def test_teacher_search_and_retraining_run_on_the_folder(data, teacher_path, tmp
 
 def test_resumed_search_uses_the_stored_statistics(data, tmp_path, monkeypatch):
     args = SEARCH[:-1] + ['2', '--space', 'darts', '--data', data, '--lambda_at', '0', '--save', tmp_path]
-    real_save = utils.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
         real_save(state, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
     assert run(train_search.main, args) == 130
-    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     stats = read_json(tmp_path / 'data_stats.json')
     os.remove(tmp_path / 'data_stats.json')
 
     def no_recomputing(*a, **k):
         raise AssertionError('a resumed run recomputed the statistics')
 
-    monkeypatch.setattr(utils, 'folder_stats', no_recomputing)
+    monkeypatch.setattr(datasets, 'folder_stats', no_recomputing)
     assert run(train_search.main, args + ['--resume']) == 0
     assert read_json(tmp_path / 'data_stats.json') == stats  # written again, from the checkpoint
-    ckpt = utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))
+    ckpt = runs.load_checkpoint(str(tmp_path / 'checkpoint.pt'))
     assert ckpt['epoch'] == 2 and ckpt['data_stats'] == stats
 
 
@@ -148,7 +150,7 @@ def broken(tmp_path, data, how):
     return root
 
 
-@pytest.mark.filterwarnings('ignore::utils.UnreadableImageWarning')
+@pytest.mark.filterwarnings('ignore::datasets.UnreadableImageWarning')
 @pytest.mark.parametrize('how,words', [
     ('no train', ['no train/ folder', 'PATH/train/CLASS/IMAGE']),
     ('empty class', [os.path.join('train', 'gnu'), 'holds no images']),
@@ -181,26 +183,26 @@ def test_bad_sizes_and_a_teacher_of_other_classes_are_refused(data, tmp_path, ca
 def test_unreadable_images_are_skipped_named_and_counted_across_workers(data, tmp_path, capsys):
     root = broken(tmp_path, data, 'unreadable') / 'train'
     bad = str(root / 'dog' / '1.png')
-    folder = utils.SafeImageFolder(str(root), max_share=0.5)
+    folder = datasets.SafeImageFolder(str(root), max_share=0.5)
     index = [p for p, _ in folder.samples].index(bad)
-    with pytest.warns(utils.UnreadableImageWarning, match='dog'):
+    with pytest.warns(datasets.UnreadableImageWarning, match='dog'):
         image, target = folder[index]
     path, next_target = folder.samples[index + 1]  # the next image took its place
     assert target == next_target and np.array_equal(np.asarray(image), np.asarray(Image.open(path)))
     assert folder.skipped == 1 and folder.skipped_files() == [bad]
 
     # a worker process counts into the same shared memory; the main process logs it
-    folder = utils.SafeImageFolder(str(root), transform=lambda im: torch.zeros(1), max_share=0.5)
+    folder = datasets.SafeImageFolder(str(root), transform=lambda im: torch.zeros(1), max_share=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         batches = list(torch.utils.data.DataLoader(folder, batch_size=4, num_workers=1))
     assert sum(len(y) for _, y in batches) == 12 and folder.skipped == 1
-    utils.log_unreadable(torch.utils.data.Subset(folder, [0]), utils.get_logger(None, 'test_folder'))
+    datasets.log_unreadable(torch.utils.data.Subset(folder, [0]), runs.get_logger(None, 'test_folder'))
     assert f'1 unreadable image(s) skipped so far (a run stops above 1%): {bad}' in capsys.readouterr().out
 
     # past the share, the worker's error reaches the main process as the one sentence
-    folder = utils.SafeImageFolder(str(root), transform=lambda im: torch.zeros(1))
-    with pytest.raises(utils.TooManyUnreadable) as e, warnings.catch_warnings():
+    folder = datasets.SafeImageFolder(str(root), transform=lambda im: torch.zeros(1))
+    with pytest.raises(datasets.TooManyUnreadable) as e, warnings.catch_warnings():
         warnings.simplefilter('ignore')
         list(torch.utils.data.DataLoader(folder, batch_size=4, num_workers=1))
     assert str(e.value).startswith('1 of the 12 images') and '\n' not in str(e.value)

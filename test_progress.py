@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import runs
 import utils
 
 
@@ -59,9 +60,9 @@ def test_format_sig_keeps_three_significant_digits(value, text):
 
 
 def test_file_only_lines_go_to_log_txt_not_to_the_terminal(tmp_path, capsys):
-    log = utils.get_logger(str(tmp_path), 'file_only_test')
+    log = runs.get_logger(str(tmp_path), 'file_only_test')
     log.info('summary line')
-    log.info('a long table', extra=utils.FILE_ONLY)
+    log.info('a long table', extra=runs.FILE_ONLY)
     for h in log.handlers:
         h.flush()
     out = capsys.readouterr().out
@@ -72,7 +73,7 @@ def test_file_only_lines_go_to_log_txt_not_to_the_terminal(tmp_path, capsys):
 
 def test_report_run_names_the_files_that_exist_and_the_next_command(tmp_path, logger, caplog):
     (tmp_path / 'log.txt').write_text('x')
-    utils.report_run(logger, str(tmp_path), [('log.txt', 'the log'), ('checkpoint.pt', 'never written')],
+    runs.report_run(logger, str(tmp_path), [('log.txt', 'the log'), ('checkpoint.pt', 'never written')],
                      ['python visualize.py X'], started=0.)
     text = '\n'.join(lines(caplog))
     assert f'its files, in {tmp_path}' in text and 'the log' in text and 'never written' not in text

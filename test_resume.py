@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+import runs
 import train_cifar
 import train_search
 import utils
@@ -58,7 +59,7 @@ def test_set_learning_rate_rebases_the_schedule(kind):
                 state = scheduler.state_dict()
                 scheduler = SCHEDULES[kind](opt)
                 scheduler.load_state_dict(state)
-                utils.set_learning_rate(opt, scheduler, switch_to)
+                runs.set_learning_rate(opt, scheduler, switch_to)
                 assert opt.param_groups[0]['initial_lr'] == switch_to and scheduler.base_lrs == [switch_to]
             out.append(opt.param_groups[0]['lr'])
             assert scheduler.get_last_lr() == [out[-1]]
@@ -81,17 +82,17 @@ def test_resume_flags_refuse_run_defining_flags_and_return_the_changeable_ones()
                 'a_new_flag': 1}  # a flag the checkpoint does not know is not compared
         return argparse.Namespace(**{**base, **changes})
 
-    changed = utils.resume_flags(ckpt, namespace(learning_rate=0.01, workers=0), may, 'ck.pt')
+    changed = runs.resume_flags(ckpt, namespace(learning_rate=0.01, workers=0), may, 'ck.pt')
     assert changed == {'learning_rate': (0.025, 0.01), 'workers': (2, 0), 'resume': (None, 'x/checkpoint.pt')}
-    assert utils.describe_changes(changed, 3) == ('changed on resume, in effect from epoch 4: --learning_rate '
+    assert runs.describe_changes(changed, 3) == ('changed on resume, in effect from epoch 4: --learning_rate '
                                                   '0.025 -> 0.01, --workers 2 -> 0')
-    assert utils.describe_changes({'resume': (None, 'x')}, 3) is None
+    assert runs.describe_changes({'resume': (None, 'x')}, 3) is None
     with pytest.raises(utils.UserError) as e:
-        utils.resume_flags(ckpt, namespace(seed=3), may, 'ck.pt')
+        runs.resume_flags(ckpt, namespace(seed=3), may, 'ck.pt')
     assert str(e.value).startswith('checkpoint ck.pt was made with --seed 2, but this run has --seed 3; --seed '
                                    'defines the run, so it cannot change on resume')
     with pytest.raises(utils.UserError, match='--unrolled off, but this run has --unrolled on'):
-        utils.resume_flags(ckpt, namespace(unrolled=True), may, 'ck.pt')
+        runs.resume_flags(ckpt, namespace(unrolled=True), may, 'ck.pt')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,9 +125,9 @@ def test_check_loss_stops_on_nan_and_above_the_bound():
 def test_trim_jsonl_drops_a_cut_line_and_epochs_after_the_checkpoint(tmp_path):
     path = tmp_path / 'log.jsonl'
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epoch": 4, "train_')  # killed mid-append
-    assert utils.trim_jsonl(str(path), 2) == 2
+    assert runs.trim_jsonl(str(path), 2) == 2
     assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
-    assert utils.trim_jsonl(str(tmp_path / 'none.jsonl'), 2) == 0
+    assert runs.trim_jsonl(str(tmp_path / 'none.jsonl'), 2) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,15 +139,15 @@ def test_diverged_search_stops_and_following_its_advice_finishes_it(tmp_path, ca
     and the flags to add; added (from another folder, without --save), they finish the run in its folder."""
     save = tmp_path / 'run'
     args = SEARCH + ['--epochs', '2', '--learning_rate', '0.05', '--save', save]
-    real_save = utils.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def save_then_die(state, path):  # killed right after the first checkpoint
         real_save(state, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
     assert run(train_search.main, args) == 130
-    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     capsys.readouterr()
     with open(save / 'search_log.jsonl', 'a') as f:
         f.write('{"epoch": 2, "train_ce": 2.2')  # and a log line cut short by the kill
@@ -161,7 +162,7 @@ def test_diverged_search_stops_and_following_its_advice_finishes_it(tmp_path, ca
     assert ('left the sensible range' in err) or ('non-finite' in err)
     advice = re.search(r'add `([^`]+)` to the same command', err).group(1)
     assert advice == f'--resume {save / "checkpoint.pt"} --learning_rate 0.025'
-    assert utils.load_checkpoint(str(save / 'checkpoint.pt'))['epoch'] == 1 and len(read_log(save)) == 1
+    assert runs.load_checkpoint(str(save / 'checkpoint.pt'))['epoch'] == 1 and len(read_log(save)) == 1
 
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
@@ -191,4 +192,4 @@ def test_cifar_divergence_without_a_checkpoint_says_so_and_its_advice_finishes(t
     advice = re.search(r'run the same command again with `([^`]+)`', err).group(1)
     assert advice == '--learning_rate 0.25'  # train_cifar.py's default (NOS App. A.1)
     assert run(train_cifar.main, args + advice.split()) == 0
-    assert utils.load_checkpoint(str(tmp_path / 'c' / 'checkpoint.pt'))['epoch'] == 1
+    assert runs.load_checkpoint(str(tmp_path / 'c' / 'checkpoint.pt'))['epoch'] == 1

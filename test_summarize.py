@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import runs
 import summarize
 import utils
 
@@ -24,7 +25,7 @@ def train_run(root, name, error, seed, genotype=GENOTYPE_A, **extra):
               'seed': seed, 'seconds': 7200., 'device': 'cuda', 'device_name': 'NVIDIA H100',
               'processes': 1, 'precision': 'bf16', **extra}
     (path / 'result.json').write_text(json.dumps(result))
-    utils.append_jsonl(str(path / 'metrics.jsonl'), {'epoch': 600, 'seconds': 12.})
+    runs.append_jsonl(str(path / 'metrics.jsonl'), {'epoch': 600, 'seconds': 12.})
     return str(path)
 
 
@@ -33,11 +34,11 @@ def search_run(root, name, val_accs, seed, lambda_at=1000., epochs=2, device=Non
     path = root / name
     path.mkdir()
     for epoch, acc in enumerate(val_accs, 1):
-        utils.append_jsonl(str(path / 'search_log.jsonl'), {'epoch': epoch, 'val_acc': acc, 'seconds': 1800.,
+        runs.append_jsonl(str(path / 'search_log.jsonl'), {'epoch': epoch, 'val_acc': acc, 'seconds': 1800.,
                                                             'genotype': GENOTYPE_A})
     settings = {'dataset': 'cifar10', 'space': 'nos', 'ops': ['sep_conv_3x3', 'skip_connect'], 'layers': 8,
                 'init_channels': 16, 'lambda_at': lambda_at, 'unrolled': False, 'epochs': epochs}
-    utils.save_checkpoint({'epoch': len(val_accs), 'settings': settings,
+    runs.save_checkpoint({'epoch': len(val_accs), 'settings': settings,
                            'args': {'seed': seed, 'device': device, 'gpu': 0}}, str(path / 'checkpoint.pt'))
     return str(path)
 
@@ -73,8 +74,8 @@ def test_unfinished_runs_are_listed_and_non_runs_skipped(tmp_path, capsys):
     done = train_run(tmp_path, 'done', 2.6, 0)
     running = tmp_path / 'running'
     running.mkdir()
-    utils.append_jsonl(str(running / 'metrics.jsonl'), {'epoch': 1, 'seconds': 1.})
-    utils.save_checkpoint({'epoch': 1, 'arch': 'DARTS_V2', 'dataset': 'cifar10', 'args': {'epochs': 600}},
+    runs.append_jsonl(str(running / 'metrics.jsonl'), {'epoch': 1, 'seconds': 1.})
+    runs.save_checkpoint({'epoch': 1, 'arch': 'DARTS_V2', 'dataset': 'cifar10', 'args': {'epochs': 600}},
                           str(running / 'checkpoint.pt'))
     not_a_run = tmp_path / 'notes'
     not_a_run.mkdir()

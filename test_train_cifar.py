@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import genotypes
+import runs
 import train_cifar
 import utils
 
@@ -83,15 +84,15 @@ def test_loss_falls_and_drop_path_rises(full_run):
 def test_resume_after_a_kill_reproduces_the_run(full_run, genotype_file, tmp_path, monkeypatch):
     save = str(tmp_path / 'killed')
     args = TINY + EPOCHS + ['--genotype_file', genotype_file, '--save', save]
-    real_save = utils.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
         real_save(state, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
     assert run(args) == 130
-    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     assert torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['epoch'] == 1
     assert run(args + ['--resume']) == 0
 

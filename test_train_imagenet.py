@@ -7,12 +7,15 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import datasets
+import runs
 import train_imagenet
 import utils
 
@@ -68,15 +71,15 @@ def test_resume_reproduces_the_run_and_macs_are_checked(folder, tmp_path, monkey
     out = capsys.readouterr().out
     assert "multiply-adds exceed the mobile setting's 1M" in out
     full_sum = re.findall(r'rank 0 weights_sha256=(\w+)', out)
-    real_save = utils.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
         real_save(state, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils, 'save_checkpoint', save_then_die)
+    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
     assert run(args + ['--save', str(tmp_path / 'killed')]) == 130
-    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     assert run(args + ['--save', str(tmp_path / 'killed'), '--resume']) == 0
     resumed_sum = re.findall(r'rank 0 weights_sha256=(\w+)', capsys.readouterr().out)
     assert len(full_sum) == len(resumed_sum) == 1 and full_sum == resumed_sum
@@ -111,7 +114,7 @@ def test_random_arch_trains_and_is_saved(folder, tmp_path):
     assert genotypes.load(genotype_file=str(save / 'genotype.json')) == genotypes.random_genotype(2)
     assert json.loads((save / 'result.json').read_text())['arch'] == 'random:2'
 # ---------------------------------------------------------------------------------------------------------
-# Unreadable images are skipped, counted, and stop the run only past utils.MAX_CORRUPT_SHARE
+# Unreadable images are skipped, counted, and stop the run only past datasets.MAX_UNREADABLE_SHARE
 
 
 @pytest.fixture(scope='module')
@@ -130,37 +133,36 @@ def damaged_folder(tmp_path_factory):
     return root
 
 
-def test_skip_corrupt_falls_back_to_the_next_image_and_counts(damaged_folder, caplog):
-    import torchvision
-    data = torchvision.datasets.ImageFolder(str(damaged_folder / 'train'))
+def test_an_unreadable_image_falls_back_to_the_next_and_is_counted_once(damaged_folder):
+    data = datasets.SafeImageFolder(str(damaged_folder / 'train'), max_share=0.2)  # 1 of 8 is within 20%
     bad = next(i for i, (path, _) in enumerate(data.samples) if path.endswith(os.path.join('bee', '2.jpg')))
-    wrapped = utils.SkipCorrupt(data, max_share=0.25)  # 8 images an epoch: 2 may be skipped
-    assert len(wrapped) == len(data) and wrapped.limit == 2
-    image, label = wrapped[bad]
+    with pytest.warns(datasets.UnreadableImageWarning, match='bee'):
+        image, label = data[bad]
     assert np.array_equal(np.asarray(image), np.asarray(data[bad + 1][0])) and label == data[bad + 1][1]
-    assert wrapped.skipped == 1 and 'skipped an unreadable image' in caplog.text and 'bee/2.jpg' in caplog.text
-    wrapped[bad]
-    with pytest.raises(utils.UserError, match=r'3 images could not be read this epoch, more than 25% of the 8 '):
-        wrapped[bad]
-    wrapped.reset()
-    assert wrapped.skipped == 0
+    data[bad]  # the same file again: still one distinct unreadable image
+    assert data.skipped == 1 and data.skipped_files() == [str(damaged_folder / 'train' / 'bee' / '2.jpg')]
+    strict = datasets.SafeImageFolder(str(damaged_folder / 'train'), max_share=0.1)
+    with pytest.raises(datasets.TooManyUnreadable, match=r'1 of the 8 images under .* cannot be read'), \
+            warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        strict[bad]
 
 
+@pytest.mark.filterwarnings('ignore::datasets.UnreadableImageWarning')
 def test_a_corrupt_jpeg_is_skipped_and_counted_in_the_epoch_summary(damaged_folder, tmp_path, monkeypatch,
                                                                      capsys):
     args = TINY + ['--data', str(damaged_folder), '--epochs', '1', '--save', str(tmp_path / 'run')]
-    monkeypatch.setattr(utils, 'MAX_CORRUPT_SHARE', 0.2)  # 1 of 8 training images is within 20%
+    monkeypatch.setattr(datasets, 'MAX_UNREADABLE_SHARE', 0.2)  # 1 of 8 training images is within 20%
     assert run(args) == 0
     out = capsys.readouterr().out
-    assert 'skipped an unreadable image' in out and os.path.join('bee', '2.jpg') in out
-    assert 'unreadable images skipped: 1 train, 0 val' in out
+    assert 'unreadable images skipped so far: 1 train, 0 val' in out
     assert json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text())['skipped_train'] == 1
     assert 'done in' in out and 'its files, in' in out
 
-    # at the default 0.1%, one unreadable image in 8 stops the run, also from a loader's worker process
+    # at the default 1%, one unreadable image in 8 stops the run, also from a loader's worker process
     monkeypatch.undo()
     assert run(args[:args.index('--workers')] + ['--workers', '1'] + args[args.index('--workers') + 2:]
                + ['--save', str(tmp_path / 'stopped')]) == 2
     err = capsys.readouterr().err
-    assert err.startswith('error: 1 images could not be read this epoch, more than 0.1% of the 8')
-    assert err.count('\n') == 1 and os.path.join('bee', '2.jpg') in err
+    assert err.startswith('error: 1 of the 8 images under ') and err.count('\n') == 1
+    assert os.path.join('bee', '2.jpg') in err

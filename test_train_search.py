@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import darts
 import genotypes
+import runs
 import teacher
 import train_search
 import utils
 from genotypes import PRIMITIVES
-from model_search import Network
+from model_search_fast import Network
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the smallest proxy network that keeps three stages (32/16/8 px), and a 2-step epoch
@@ -81,7 +83,7 @@ def test_search_writes_genotype_log_and_checkpoint(searched):
         rows = torch.tensor(r[name])
         assert rows.shape == (18, 11)
         torch.testing.assert_close(rows.sum(1), torch.ones(18, dtype=rows.dtype), atol=1e-5, rtol=0)
-    ckpt = utils.load_checkpoint(os.path.join(save, 'checkpoint.pt'))
+    ckpt = runs.load_checkpoint(os.path.join(save, 'checkpoint.pt'))
     assert ckpt['epoch'] == 1 and ckpt['settings']['lambda_at'] == 1000
     assert {'optimizer', 'method', 'scheduler'} <= set(ckpt) and 'arch_optimizer' in ckpt['method']
     # A moved away from its start (the network is built right after seeding with --seed 2), and the
@@ -130,11 +132,11 @@ def test_killed_search_resumes_exactly(tmp_path, tiny_teacher):
     finally:
         proc.wait()
     assert ckpt_path.exists(), f'the search ended before its first checkpoint: {stderr.read_text()}'
-    assert utils.load_checkpoint(str(ckpt_path))['epoch'] == 1, 'the run was not killed during epoch 2'
+    assert runs.load_checkpoint(str(ckpt_path))['epoch'] == 1, 'the run was not killed during epoch 2'
     assert run(args + ['--save', killed, '--resume']) == 0
 
-    a = utils.load_checkpoint(str(straight / 'checkpoint.pt'))
-    b = utils.load_checkpoint(str(ckpt_path))
+    a = runs.load_checkpoint(str(straight / 'checkpoint.pt'))
+    b = runs.load_checkpoint(str(ckpt_path))
     assert a['epoch'] == b['epoch'] == 2
     for name in ('alphas_normal', 'alphas_reduce'):
         assert torch.equal(a['model'][name], b['model'][name]), name
@@ -150,7 +152,7 @@ def test_unrolled_search_runs_with_attention_transfer(tmp_path, tiny_teacher):
     assert run(args) == 0
     (record,) = read_log(tmp_path)
     assert record['val_at'] > 0 and record['train_at'] > 0
-    assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['settings']['unrolled'] is True
+    assert runs.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['settings']['unrolled'] is True
 
 
 def test_darts_space_search_derives_a_classic_genotype(tmp_path):
@@ -186,14 +188,14 @@ def test_second_order_gradient_matches_exact_autograd(monkeypatch):
     tv = [torch.randn(4, 3, s, s, dtype=torch.float64) for s in (16, 8, 4)]
     lam, eta, wd = 10., 0.1, 3e-4
     optimizer = torch.optim.SGD(model.weights(), eta, momentum=0.9, weight_decay=wd)
-    architect = train_search.Architect(model, momentum=0.9, weight_decay=wd, arch_learning_rate=0.,
+    architect = darts.Architect(model, momentum=0.9, weight_decay=wd, arch_learning_rate=0.,
                                        arch_weight_decay=0., lambda_at=lam, unrolled=True)
     architect.unrolled_model.double()
     grads, _ = architect._unrolled_grads(xt, yt, tt, xv, yv, tv, eta, optimizer)
 
     names = [n for n, _ in model.named_parameters() if n not in ('alphas_normal', 'alphas_reduce')]
     weights, arch = model.weights(), model.arch_parameters()
-    g = torch.autograd.grad(train_search.search_loss(model, xt, yt, tt, lam)[0], weights, create_graph=True)
+    g = torch.autograd.grad(darts.search_loss(model, xt, yt, tt, lam)[0], weights, create_graph=True)
     unrolled = {n: w - eta * (gw + wd * w) for n, w, gw in zip(names, weights, g)}
     unrolled.update(alphas_normal=arch[0], alphas_reduce=arch[1])
 

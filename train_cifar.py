@@ -33,7 +33,9 @@ import time
 import torch
 from torch import nn
 
+import datasets
 import genotypes
+import runs
 import utils
 from model import NetworkCIFAR
 
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data', default='data',
                    help='folder holding (or to hold) the CIFAR data; for --dataset folder, PATH with train/ and '
                         'test/ or val/, one folder of images per class')
-    p.add_argument('--dataset', default='cifar10', choices=utils.DATASETS,
+    p.add_argument('--dataset', default='cifar10', choices=datasets.DATASETS,
                    help='synthetic: made-up CIFAR-shaped data, no download (smoke tests); folder: your images')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
@@ -101,15 +103,15 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY[args.dataset]
-    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
-    args.layers = utils.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
+    genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args)
-    utils.check_image_size(args.dataset, args.image_size)
+    datasets.check_image_size(args.dataset, args.image_size)
     if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
         raise utils.UserError(f'the auxiliary tower fits 32- to 40-pixel images only (DARTS pools its 8x8 input to '
                               f'2x2); add --no_auxiliary to train at --image_size {args.image_size}')
     genotype_json = genotypes.to_json(genotype)
-    save, resume = utils.run_folder(args.save, args.resume, f'eval-{args.dataset}')
+    save, resume = runs.run_folder(args.save, args.resume, f'eval-{args.dataset}')
     args.save = save  # the folder in use, as the checkpoint records it
     device = utils.get_device(args.gpu, args.device)
     cuda = device.type == 'cuda'
@@ -119,16 +121,16 @@ def main(argv=None) -> dict:
     # Everything that must match before the checkpoint is touched, so a mismatch costs nothing.
     ckpt, changed = None, {}
     if resume is not None:
-        ckpt = utils.load_resume(resume, 'train_cifar.py')
-        utils.check_genotype(ckpt, genotype_json, label, resume)
-        utils.check_same('dataset', ckpt['dataset'], args.dataset, resume)
+        ckpt = runs.load_resume(resume, 'train_cifar.py')
+        runs.check_genotype(ckpt, genotype_json, label, resume)
+        runs.check_same('dataset', ckpt['dataset'], args.dataset, resume)
         if args.dataset == 'synthetic':
-            utils.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
+            runs.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
-            utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
-        changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
+            runs.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+        changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
 
-    logger = utils.get_logger(save, 'train_cifar')
+    logger = runs.get_logger(save, 'train_cifar')
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
     genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
@@ -136,17 +138,17 @@ def main(argv=None) -> dict:
                 f' device {device}, {"bf16 autocast" if amp_dtype else "fp32"}'
                 f'{", channels_last" if channels_last else ""}')
 
-    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, save, ckpt, resume)
-    train_data = utils.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
+    data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, save, ckpt, resume)
+    train_data = datasets.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
                                    image_size=args.image_size, stats=data_stats, autoaugment=args.autoaugment)
-    test_data = utils.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
+    test_data = datasets.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
                                   image_size=args.image_size, stats=data_stats)
-    num_classes = utils.num_classes(args.dataset, args.data)
+    num_classes = datasets.num_classes(args.dataset, args.data)
     if args.batch_size > len(train_data):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} training '
                               f'images; use a smaller --batch_size')
     if data_stats is not None:
-        logger.info(utils.folder_summary(data_stats, test_data))
+        logger.info(datasets.folder_summary(data_stats, test_data))
 
     utils.set_seed(args.seed)
     model = NetworkCIFAR(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
@@ -169,16 +171,16 @@ def main(argv=None) -> dict:
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
         if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
-            utils.set_learning_rate(optimizer, scheduler, args.learning_rate)
-        dropped = utils.trim_jsonl(metrics_path, start_epoch)
+            runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
+        dropped = runs.trim_jsonl(metrics_path, start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}'
                     + (f'; dropped {dropped} line(s) of metrics.jsonl beyond it' if dropped else ''))
-        if utils.describe_changes(changed, start_epoch):
-            logger.info(utils.describe_changes(changed, start_epoch))
+        if runs.describe_changes(changed, start_epoch):
+            logger.info(runs.describe_changes(changed, start_epoch))
 
     # BatchNorm in the auxiliary tower cannot train on a batch of one image: drop such a last batch.
     drop_last = len(train_data) % args.batch_size == 1
-    test_loader = utils.make_loader(test_data, args.batch_size, False, args.workers, pin=cuda)
+    test_loader = datasets.make_loader(test_data, args.batch_size, False, args.workers, pin=cuda)
     test = (float('nan'),) * 3
     ckpt_path = os.path.join(save, 'checkpoint.pt')
     retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
@@ -186,7 +188,7 @@ def main(argv=None) -> dict:
         g = utils.seed_epoch(args.seed, epoch)
         model.drop_path_prob = args.drop_path_prob * epoch / args.epochs
         lr = scheduler.get_last_lr()[0]
-        train_loader = utils.make_loader(train_data, args.batch_size, True, args.workers, generator=g,
+        train_loader = datasets.make_loader(train_data, args.batch_size, True, args.workers, generator=g,
                                          drop_last=drop_last, pin=cuda)
         progress = utils.Progress(len(train_loader), args.report_freq, logger, f'epoch {epoch + 1} ')
         start = time.time()
@@ -197,7 +199,7 @@ def main(argv=None) -> dict:
             check=functools.partial(utils.check_loss, limit=utils.loss_limit(num_classes), epoch=epoch,
                                     kept=epoch, checkpoint=ckpt_path, retry=retry))
         scheduler.step()
-        utils.log_unreadable(train_data, logger)
+        datasets.log_unreadable(train_data, logger)
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
         seconds = time.time() - start
@@ -205,12 +207,12 @@ def main(argv=None) -> dict:
                     f'train_loss {train_loss:.4f} train_acc {train_acc:.2f} test_loss {test[0]:.4f} '
                     f'test_acc {test[1]:.2f} test_top5 {test[2]:.2f} ({seconds:.0f}s)')
         # metrics first: a run killed between the two writes logs this epoch again on resume, and
-        # utils.trim_jsonl drops the stale line
-        utils.append_jsonl(metrics_path, {
+        # runs.trim_jsonl drops the stale line
+        runs.append_jsonl(metrics_path, {
             'epoch': epoch + 1, 'lr': lr, 'drop_path_prob': model.drop_path_prob, 'train_loss': train_loss,
             'train_acc': train_acc, 'test_loss': test[0], 'test_acc': test[1], 'test_top5': test[2],
             'seconds': seconds})
-        utils.save_checkpoint({
+        runs.save_checkpoint({
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label, 'genotype': genotype_json,
             'dataset': args.dataset, 'synthetic_size': args.synthetic_size, 'args': vars(args),
@@ -230,13 +232,13 @@ def main(argv=None) -> dict:
         'batch_size': args.batch_size, 'layers': args.layers, 'init_channels': args.init_channels,
         'drop_path_prob': args.drop_path_prob,
         # training + evaluation time of every epoch, sessions before a --resume included
-        'seconds': sum(r['seconds'] for r in utils.read_jsonl(metrics_path)),
-        **utils.run_info(device, amp_dtype),
+        'seconds': sum(r['seconds'] for r in runs.read_jsonl(metrics_path)),
+        **runs.run_info(device, amp_dtype),
     }
-    utils.write_json(os.path.join(save, 'result.json'), result)
+    runs.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'
     logger.info(f'wrote {os.path.join(save, "result.json")}')
-    utils.report_run(logger, save, [
+    runs.report_run(logger, save, [
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr'),
         ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'test error, weights, multiply-adds'),
     ], [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started)

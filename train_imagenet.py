@@ -39,7 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import datasets
 import genotypes
+import runs
 import utils
 from model import NetworkImageNet
 
@@ -108,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def imagenet_folders(root: str):
     """DARTS's ImageNet pipeline on ImageFolder train/ and val/."""
-    import torchvision
     import torchvision.transforms as T
     if os.path.exists(root) and not os.path.isdir(root):
         raise utils.UserError(f'--data {root} is a file, but it must be a folder holding train/ and val/, each '
@@ -122,13 +123,9 @@ def imagenet_folders(root: str):
                          T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
                          T.ToTensor(), normalize])
     val_t = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
-    data = {}
-    for split, t in (('train', train_t), ('val', val_t)):
-        try:
-            data[split] = torchvision.datasets.ImageFolder(os.path.join(root, split), t)
-        except OSError as e:  # no class folders, or class folders without images
-            raise utils.UserError(f'{os.path.join(root, split)} holds no images in class folders '
-                                  f'({e})') from None
+    # ImageFolder with the layout checked and unreadable images skipped (datasets.py's one rule)
+    data = {split: datasets.SafeImageFolder(os.path.join(root, split), t)
+            for split, t in (('train', train_t), ('val', val_t))}
     if data['train'].classes != data['val'].classes:
         raise utils.UserError(f'train/ has {len(data["train"].classes)} classes and val/ has '
                               f'{len(data["val"].classes)}, or their names differ; both need the same class '
@@ -176,8 +173,8 @@ def main(argv=None) -> dict | None:
         args.batch_size = max(1, REFERENCE_BATCH // world)
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LR[args.lr_schedule]
-    genotype, label = utils.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
-    args.layers = utils.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
+    genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args, {'warmup_epochs': utils.Range(0), 'label_smooth': utils.Range(0, 1),
                              'lr_gamma': utils.Range(0, 1, low_open=True)})
     global_batch = args.batch_size * world
@@ -188,18 +185,18 @@ def main(argv=None) -> dict | None:
     genotype_json = genotypes.to_json(genotype)
     train_data, val_data = imagenet_folders(args.data)
     num_classes = len(train_data.classes)
-    save, resume = utils.run_folder(args.save, args.resume, 'eval-imagenet')
+    save, resume = runs.run_folder(args.save, args.resume, 'eval-imagenet')
     args.save = save  # the folder in use, as the checkpoint records it
     ckpt, changed = None, {}
     if resume is not None:
-        ckpt = utils.load_resume(resume, 'train_imagenet.py')
-        utils.check_genotype(ckpt, genotype_json, label, resume)
-        utils.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
-        utils.check_same('global batch', ckpt['global_batch'], global_batch, resume)
-        utils.check_same('lr_schedule', ckpt['args'].get('lr_schedule', 'linear'), args.lr_schedule, resume)
+        ckpt = runs.load_resume(resume, 'train_imagenet.py')
+        runs.check_genotype(ckpt, genotype_json, label, resume)
+        runs.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
+        runs.check_same('global batch', ckpt['global_batch'], global_batch, resume)
+        runs.check_same('lr_schedule', ckpt['args'].get('lr_schedule', 'linear'), args.lr_schedule, resume)
         for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
-            utils.check_same(name, ckpt['args'][name], getattr(args, name), resume)
-        changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
+            runs.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+        changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     cuda = device.type == 'cuda'
     amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
@@ -219,7 +216,7 @@ def main(argv=None) -> dict | None:
 def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json, train_data,
           val_data, num_classes, save, resume, ckpt, global_batch, lr, changed=None, started=None):
     cuda = device.type == 'cuda'
-    logger = utils.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
+    logger = runs.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
     if rank == 0:
@@ -250,9 +247,9 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     # step has the global batch.
     train_sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank,
                                                         shuffle=True, seed=args.seed)
-    # an unreadable image is skipped with a warning, not fatal; past utils.MAX_CORRUPT_SHARE of an epoch the
-    # run stops (the data are damaged)
-    train_data = utils.SkipCorrupt(train_data, len(train_sampler), logger)
+    # an unreadable image is skipped with a warning, not fatal; past datasets.MAX_UNREADABLE_SHARE of the images
+    # a process reads in an epoch, the run stops (the data are damaged)
+    train_data.epoch_images = len(train_sampler)
     steps = len(train_sampler) // args.batch_size
     if steps == 0:
         raise utils.UserError(f'{len(train_data)} training images make no batch of {args.batch_size} per '
@@ -269,12 +266,12 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
         if 'learning_rate' in (changed or {}):  # the schedule goes on as if the run had started with it
-            utils.set_learning_rate(optimizer, scheduler, lr)
+            runs.set_learning_rate(optimizer, scheduler, lr)
         if rank == 0:
-            utils.trim_jsonl(os.path.join(save, 'metrics.jsonl'), start_epoch)
+            runs.trim_jsonl(os.path.join(save, 'metrics.jsonl'), start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}')
-        if utils.describe_changes(changed or {}, start_epoch):
-            logger.info(utils.describe_changes(changed, start_epoch))
+        if runs.describe_changes(changed or {}, start_epoch):
+            logger.info(runs.describe_changes(changed, start_epoch))
     net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -283,20 +280,18 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     criterion = nn.CrossEntropyLoss()
     # Validation: every rank takes every world-th image, no padding, so the pooled numbers are exact.
     val_indices = list(range(rank, len(val_data), world))
-    val_data = utils.SkipCorrupt(val_data, len(val_indices), logger)
-    val_loader = utils.make_loader(val_data, args.batch_size, False, args.workers, sampler=val_indices,
+    val_data.epoch_images = len(val_indices)
+    val_loader = datasets.make_loader(val_data, args.batch_size, False, args.workers, sampler=val_indices,
                                    pin=cuda)
     val = (float('nan'),) * 3
     ckpt_path = os.path.join(save, 'checkpoint.pt')
     retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     for epoch in range(start_epoch, args.epochs):
-        train_data.reset()
-        val_data.reset()
         # ranks draw different augmentations and drop-path masks, each reproducible for --resume
         g = utils.seed_epoch(args.seed + 10007 * rank, epoch)
         train_sampler.set_epoch(epoch)
         net.drop_path_prob = args.drop_path_prob * epoch / args.epochs
-        train_loader = utils.make_loader(train_data, args.batch_size, False, args.workers, generator=g,
+        train_loader = datasets.make_loader(train_data, args.batch_size, False, args.workers, generator=g,
                                          sampler=train_sampler, drop_last=True, pin=cuda)
         progress = utils.Progress(len(train_loader), args.report_freq, logger, f'epoch {epoch + 1} ')
         start, epoch_lr = time.time(), scheduler.get_last_lr()[0]
@@ -313,20 +308,20 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         val_local = utils.evaluate(net, val_loader, criterion, device, amp_dtype=amp_dtype,
                                    channels_last=channels_last)
         val = all_mean(list(val_local), float(len(val_indices)), device)
-        # unreadable images skipped this epoch, summed over the processes
+        # the distinct unreadable images skipped so far, summed over the processes
         skipped = [round(v * world) for v in all_mean([float(train_data.skipped), float(val_data.skipped)], 1.,
                                                        device)]
         seconds = time.time() - start
         logger.info(f'epoch {epoch + 1}/{args.epochs} lr {epoch_lr:.5f} (first step) train_loss '
                     f'{train_loss:.4f} train_acc {train_acc:.2f} val_loss {val[0]:.4f} top1 {val[1]:.2f} '
-                    f'top5 {val[2]:.2f} ({seconds:.0f}s; unreadable images skipped: {skipped[0]} train, '
-                    f'{skipped[1]} val)')
+                    f'top5 {val[2]:.2f} ({seconds:.0f}s; unreadable images skipped so far: {skipped[0]} '
+                    f'train, {skipped[1]} val)')
         if rank == 0:
-            utils.append_jsonl(os.path.join(save, 'metrics.jsonl'), {
+            runs.append_jsonl(os.path.join(save, 'metrics.jsonl'), {
                 'epoch': epoch + 1, 'lr': epoch_lr, 'train_loss': train_loss, 'train_acc': train_acc,
                 'val_loss': val[0], 'top1': val[1], 'top5': val[2], 'seconds': seconds,
                 'skipped_train': skipped[0], 'skipped_val': skipped[1]})
-            utils.save_checkpoint({
+            runs.save_checkpoint({
                 'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label,
                 'genotype': genotype_json, 'num_classes': num_classes, 'global_batch': global_batch,
@@ -351,12 +346,12 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         'batch_size': args.batch_size, 'layers': args.layers, 'init_channels': args.init_channels,
         'drop_path_prob': args.drop_path_prob,
         # training + validation time of every epoch, sessions before a --resume included
-        'seconds': sum(r['seconds'] for r in utils.read_jsonl(os.path.join(save, 'metrics.jsonl'))),
-        **utils.run_info(device, amp_dtype, world),
+        'seconds': sum(r['seconds'] for r in runs.read_jsonl(os.path.join(save, 'metrics.jsonl'))),
+        **runs.run_info(device, amp_dtype, world),
     }
-    utils.write_json(os.path.join(save, 'result.json'), result)
+    runs.write_json(os.path.join(save, 'result.json'), result)
     logger.info(f'wrote {os.path.join(save, "result.json")}')
-    utils.report_run(logger, save, [
+    runs.report_run(logger, save, [
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr, skipped images'),
         ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'errors, weights, multiply-adds'),
     ], [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started or time.time())

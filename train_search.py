@@ -2,9 +2,9 @@
 
 Three independent choices (../shared/spec/methods.md): --space (nos | darts: the supernet), --method (how op
 importance is represented and learnt, and how the cell is derived) and --lambda_at (AGS, the teacher's
-attention maps as an extra loss). A method is an object with a small interface (see `DartsMethod`, the
+attention maps as an extra loss). A method is an object with a small interface (see `darts.DartsMethod`, the
 `darts` method); each other method lives in the file named after it and is registered in METHODS. Flags
-a user does not give take the method's paper value (METHOD_DEFAULTS); the log prints what was used.
+a user does not give take the method's paper value (its `defaults`); the log prints what was used.
 
 --method eoinas (eoinas.py): Gumbel-softmax sampling, the operation-importance indicator and gradual
 operation pruning (EoiNAS; ../shared/spec/eoinas.md), on either space.
@@ -35,14 +35,16 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 import agnas
+import darts
+import datasets
 import eoinas
 import genotypes
+import runs
 import utils
 from genotypes import OP_SUBSETS
-from model_search import SPACES, STAGE_CELLS, Network, resolve_ops, search_space_size
+from model_search import SPACES, STAGE_CELLS, resolve_ops, search_space_size
 
 KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
 DEFAULT_SAVE = 'runs/search'
@@ -52,15 +54,9 @@ DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
 RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'data',
                      'teacher', 'save', 'resume')
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
-
-# Per-method defaults of the flags whose argparse default is None (methods.md): the paper's values.
-# Each method file contributes its own column (eoinas.DEFAULTS, agnas.DEFAULTS) through METHODS below.
-DARTS_DEFAULTS = {
-    'epochs': 25,                 # NOS App. A
-    'learning_rate_min': 0.0,     # NOS App. A: cosine to 0
-    'arch_learning_rate': 6e-4,   # NOS App. A (DARTS: 3e-4)
-    'lambda_at': 1000.0,          # NOS Sec. 3.3 / spec §6; 0 = plain DARTS
-}
+# The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
+# method's paper value (its `defaults(args)`).
+METHODS = {'darts': darts.DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,240 +148,15 @@ def check_args(args) -> None:
     if args.space == 'darts' and args.ops != 'all':
         raise utils.UserError(f'--ops {args.ops} applies to --space nos only; the DARTS space has its '
                               f'fixed op set ({", ".join(genotypes.DARTS_PRIMITIVES)})')
-    if args.dataset not in utils.DATASETS:
-        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(utils.DATASETS)}')
-    utils.check_image_size(args.dataset, getattr(args, 'image_size', 32))
+    if args.dataset not in datasets.DATASETS:
+        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(datasets.DATASETS)}')
+    datasets.check_image_size(args.dataset, getattr(args, 'image_size', 32))
     utils.check_flags(args, {'train_portion': utils.Range(0, 1, low_open=True, high_open=True)})
     if args.learning_rate_min > args.learning_rate:
         raise utils.UserError(f'--learning_rate_min {args.learning_rate_min:g} is above --learning_rate '
                               f'{args.learning_rate:g}; the cosine schedule runs from the second down to the '
                               f'first')
     METHODS[args.method].check_args(args)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The objective and the two updates
-
-
-def search_loss(model: Network, x, y, teacher_stages, lambda_at: float):
-    """CE + lambda * L_AT (Eq. 12 on a training batch, Eq. 13 on a validation batch).
-
-    Returns (total, ce, at, logits); `at` is a zero tensor when lambda is 0 (no teacher).
-    """
-    if lambda_at > 0:
-        logits, stages = model.forward_stages(x)
-        at = utils.attention_transfer_loss(stages, teacher_stages)
-    else:
-        logits = model(x)
-        at = logits.new_zeros(())
-    ce = model._criterion(logits, y)
-    return ce + lambda_at * at, ce, at, logits
-
-
-class Architect:
-    """DARTS's architecture step (its architect.py) on the AGS objective; Adam on A.
-
-    First order: grad of the validation objective w.r.t. A at the current weights. Second order
-    (`unrolled`): at the weights after one virtual SGD step w' = w - eta * (momentum * buf + grad + wd * w)
-    on the training objective, minus eta times the Hessian-vector product, by finite differences.
-    The unrolled copy of the network is built once here (not per step), so a run consumes the random
-    generator identically whether or not it was resumed. `arch_grad_clip` > 0 clips A's gradient norm
-    before the Adam step (EoiNAS's code); DARTS does not clip.
-    """
-
-    def __init__(self, model: Network, *, momentum: float, weight_decay: float, arch_learning_rate: float,
-                 arch_weight_decay: float, lambda_at: float = 0., unrolled: bool = False,
-                 arch_grad_clip: float = 0.):
-        self.model = model
-        self.arch_grad_clip = arch_grad_clip
-        self.network_momentum = momentum
-        self.network_weight_decay = weight_decay
-        self.lambda_at = lambda_at
-        self.unrolled = unrolled
-        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate, betas=(0.5, 0.999),
-                                          weight_decay=arch_weight_decay)
-        self.unrolled_model = model.new() if unrolled else None
-
-    def _loss(self, model, x, y, t):
-        return search_loss(model, x, y, t, self.lambda_at)
-
-    def step(self, x_train, y_train, t_train, x_val, y_val, t_val, eta, network_optimizer):
-        """One update of A; returns the validation (ce, at, logits) that it saw, detached."""
-        arch = self.model.arch_parameters()
-        if self.unrolled:
-            grads, (ce, at, logits) = self._unrolled_grads(x_train, y_train, t_train, x_val, y_val, t_val,
-                                                           eta, network_optimizer)
-        else:
-            total, ce, at, logits = self._loss(self.model, x_val, y_val, t_val)
-            grads = torch.autograd.grad(total, arch)
-        for p, g in zip(arch, grads):
-            p.grad = g
-        utils.average_gradients(arch)
-        if self.arch_grad_clip:
-            nn.utils.clip_grad_norm_(arch, self.arch_grad_clip)
-        self.optimizer.step()
-        return ce.detach(), at.detach(), logits.detach()
-
-    def _unrolled_grads(self, x_train, y_train, t_train, x_val, y_val, t_val, eta, network_optimizer):
-        model, unrolled = self.model, self.unrolled_model
-        weights = model.weights()
-        total = self._loss(model, x_train, y_train, t_train)[0]
-        dtheta = torch.autograd.grad(total, weights)
-        with torch.no_grad():
-            for p, g, q in zip(weights, dtheta, unrolled.weights()):
-                d = g + self.network_weight_decay * p
-                buf = network_optimizer.state.get(p, {}).get('momentum_buffer')
-                if buf is not None:
-                    d = d + self.network_momentum * buf
-                q.copy_(p - eta * d)
-            for a, b in zip(model.arch_parameters(), unrolled.arch_parameters()):
-                b.copy_(a)
-            for a, b in zip(model.buffers(), unrolled.buffers()):
-                b.copy_(a)
-        total, ce, at, logits = self._loss(unrolled, x_val, y_val, t_val)
-        u_arch, u_weights = unrolled.arch_parameters(), unrolled.weights()
-        grads = torch.autograd.grad(total, u_arch + u_weights)
-        dalpha, vector = grads[:len(u_arch)], grads[len(u_arch):]
-        implicit = self._hessian_vector_product(vector, x_train, y_train, t_train)
-        return [g - eta * h for g, h in zip(dalpha, implicit)], (ce, at, logits)
-
-    def _hessian_vector_product(self, vector, x, y, t, r: float = 1e-2):
-        """(grad_A L(w + R v) - grad_A L(w - R v)) / 2R with R = r / |v| (DARTS, Eq. 8 of its paper)."""
-        weights, arch = self.model.weights(), self.model.arch_parameters()
-        R = r / torch.cat([v.flatten() for v in vector]).norm()
-        with torch.no_grad():
-            for p, v in zip(weights, vector):
-                p.add_(R * v)
-        grads_p = torch.autograd.grad(self._loss(self.model, x, y, t)[0], arch)
-        with torch.no_grad():
-            for p, v in zip(weights, vector):
-                p.sub_(2 * R * v)
-        grads_n = torch.autograd.grad(self._loss(self.model, x, y, t)[0], arch)
-        with torch.no_grad():
-            for p, v in zip(weights, vector):
-                p.add_(R * v)
-        return [(gp - gn) / (2 * R) for gp, gn in zip(grads_p, grads_n)]
-
-
-def teacher_stages(teacher, x):
-    """The frozen teacher's three stage outputs for a batch (spec §6); None without AGS."""
-    if teacher is None:
-        return None
-    with torch.no_grad():  # the teacher is frozen, in eval mode
-        return teacher.forward_stages(x)[1]
-
-
-def weight_step(model, optimizer, x, y, t, lambda_at: float, grad_clip: float):
-    """The weight update (Eq. 12 on a training batch): CE + lambda * L_AT, SGD, gradient-norm clip.
-    Returns (ce, at, logits), detached."""
-    weights = model.weights()
-    optimizer.zero_grad(set_to_none=True)
-    total, ce, at, logits = search_loss(model, x, y, t, lambda_at)
-    total.backward(inputs=weights)  # the weight step leaves the architecture's gradient alone
-    utils.average_gradients(weights)  # under torchrun: the global batch's gradient on every process
-    if grad_clip:
-        nn.utils.clip_grad_norm_(weights, grad_clip)
-    optimizer.step()
-    return ce.detach(), at.detach(), logits.detach()
-
-
-class DartsMethod:
-    """--method darts: DARTS's softmax relaxation over A, bilevel (NOS Eq. 12-13), first or second order.
-
-    This class is also the interface of every method; the loop in main() calls nothing else:
-      defaults(args), check_args(args)   (classmethods) the method's flag values and refusals
-      build_model(args, num_classes)     (classmethod) the supernet
-      fast(args)                         (classmethod) whether build_model builds the fast path (issue 11)
-      uses_val_batch                     whether step() reads a validation batch
-      start_epoch(epoch)                 per-epoch schedules, before the epoch's steps
-      step(x, y, xv, yv, teacher, eta, optimizer) -> dict of detached tensors (a subset of KEYS)
-      end_epoch(epoch, val_loader, device) -> extra fields of the epoch's search_log.jsonl record
-      importance() -> {name: rows x ops array}: what the log tables and visualize.py show
-      genotype(), state_dict(), load_state_dict(state)
-    load_state_dict keeps the learning rates of this run's flags: --arch_learning_rate may change on resume.
-      flags (optional)                   names of the method's own flags (argparse default None); check_args
-                                         refuses them with another method, which would ignore them
-    """
-    name = 'darts'
-    uses_val_batch = True
-
-    @classmethod
-    def defaults(cls, args) -> dict:
-        return dict(DARTS_DEFAULTS)
-
-    @classmethod
-    def check_args(cls, args) -> None:
-        pass
-
-    @classmethod
-    def fast(cls, args) -> bool:
-        # --sync_bn converts BatchNorm modules; the fast path's BatchNorms are functional, so it runs the
-        # reference cells (README "The fast search path")
-        return not args.no_fast and not args.sync_bn
-
-    @classmethod
-    def build_model(cls, args, num_classes: int) -> Network:
-        return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
-                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
-
-    def __init__(self, model: Network, args):
-        self.model = model
-        self.lambda_at = args.lambda_at
-        self.grad_clip = args.grad_clip
-        # --at_levels weights: the teacher guides the weights only (Fig. 6, "distillation only")
-        arch_lambda = args.lambda_at if args.at_levels == 'both' else 0.
-        self.architect = Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
-                                   arch_learning_rate=args.arch_learning_rate,
-                                   arch_weight_decay=args.arch_weight_decay, lambda_at=arch_lambda,
-                                   unrolled=args.unrolled)
-
-    def start_epoch(self, epoch: int) -> None:
-        pass
-
-    def step(self, x, y, xv, yv, teacher, eta, optimizer) -> dict:
-        return search_step(self.model, self.architect, optimizer, x, y, xv, yv, teacher=teacher, eta=eta,
-                           grad_clip=self.grad_clip, lambda_at=self.lambda_at)
-
-    def end_epoch(self, epoch: int, val_loader, device) -> dict:
-        imp = self.importance()
-        return {'alphas_normal': imp['normal'].round(6).tolist(), 'alphas_reduce': imp['reduce'].round(6).tolist()}
-
-    def importance(self) -> dict:
-        """The softmaxed rows of A (Eq. 11), per cell type."""
-        wn, wr = self.model.arch_weights()
-        return {'normal': wn, 'reduce': wr}
-
-    def genotype(self):
-        return self.model.genotype()
-
-    def state_dict(self) -> dict:
-        return {'arch_optimizer': self.architect.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        optimizer = self.architect.optimizer
-        lr = optimizer.param_groups[0]['lr']  # --arch_learning_rate of this run (may change on resume)
-        optimizer.load_state_dict(state['arch_optimizer'])
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-
-
-METHODS = {'darts': DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod}
-
-
-def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,
-                teacher=None, eta=0., grad_clip: float = 5., lambda_at: float | None = None) -> dict:
-    """One `darts` iteration: the A step on the validation batch (Eq. 13), then the weight step on the
-    training batch (Eq. 12). `lambda_at` weighs L_AT in the weight step (default: the architect's, i.e. AGS
-    in both levels). Returns detached tensors (losses and correct counts); nothing syncs."""
-    lambda_at = architect.lambda_at if lambda_at is None else lambda_at
-    model.train()
-    t_train = teacher_stages(teacher if lambda_at > 0 or architect.lambda_at > 0 else None, x_train)
-    t_val = teacher_stages(teacher if architect.lambda_at > 0 else None, x_val)
-    val_ce, val_at, val_logits = architect.step(x_train, y_train, t_train, x_val, y_val, t_val, eta, optimizer)
-    ce, at, logits = weight_step(model, optimizer, x_train, y_train, t_train, lambda_at, grad_clip)
-    return {'train_ce': ce, 'train_at': at, 'val_ce': val_ce, 'val_at': val_at,
-            'train_correct': (logits.argmax(1) == y_train).sum(),
-            'val_correct': (val_logits.argmax(1) == y_val).sum()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,11 +300,11 @@ def main(argv=None) -> None:
     world, rank, local_rank = utils.dist_env()
     check_processes(args, world)
     # --resume PATH without --save goes on in the checkpoint's own folder
-    args.save, args.resume = utils.run_folder(args.save, args.resume, 'search', default=DEFAULT_SAVE)
+    args.save, args.resume = runs.run_folder(args.save, args.resume, 'search', default=DEFAULT_SAVE)
     settings = settings_of(args)
     ckpt, changed = None, {}
     if args.resume:
-        ckpt = utils.load_resume(args.resume, 'train_search.py')
+        ckpt = runs.load_resume(args.resume, 'train_search.py')
         saved = {'fast': False, **ckpt.get('settings', {})}  # older checkpoints: the reference cells
         if saved['fast'] != settings['fast']:
             raise utils.UserError(f'checkpoint {args.resume} was made with the '
@@ -541,13 +312,13 @@ def main(argv=None) -> None:
                                   f'are laid out differently; resume {"without" if saved["fast"] else "with"} '
                                   f'--no_fast')
         for key, value in settings.items():
-            utils.check_same(key, saved.get(key), value, args.resume)
-        changed = utils.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
+            runs.check_same(key, saved.get(key), value, args.resume)
+        changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
-    data_stats = utils.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
-    data = utils.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+    data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
+    data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
                              image_size=args.image_size, stats=data_stats, augment=not args.no_augment)
-    train_idx, val_idx = utils.search_split(len(data), args.train_portion)
+    train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
     if args.batch_size > min(len(train_idx), len(val_idx)):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_idx)} images that '
                               f'train the weights (or the {len(val_idx)} that train A); use a smaller '
@@ -555,7 +326,7 @@ def main(argv=None) -> None:
     teacher_net = None
     if args.lambda_at > 0:
         import teacher
-        path = args.teacher or teacher.default_teacher_path(utils.dataset_name(args.dataset, args.data))
+        path = args.teacher or teacher.default_teacher_path(datasets.dataset_name(args.dataset, args.data))
         classes = data_stats['classes'] if data_stats else None  # --dataset folder: the teacher's must match
         teacher_net = teacher.load_teacher(path, args.dataset, device, classes=classes, image_size=args.image_size)
     if world > 1:
@@ -572,15 +343,15 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
            teacher_net, started) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
-    logger = utils.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0)
+    logger = runs.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0)
     logger.info('args = %s', vars(args))
     if data_stats is not None:
-        logger.info(utils.folder_summary(data_stats))
+        logger.info(datasets.folder_summary(data_stats))
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     dtype = torch.float64 if args.double else torch.float32
     utils.set_seed(args.seed)  # the same initial weights and A in every process
-    model = method_cls.build_model(args, utils.num_classes(args.dataset, args.data)).to(device, dtype)
+    model = method_cls.build_model(args, datasets.num_classes(args.dataset, args.data)).to(device, dtype)
     if args.sync_bn:
         model = utils.convert_sync_batchnorm(model)
     if teacher_net is not None:
@@ -594,7 +365,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     logger.info('method %s; search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, '
                 '%.2e exact', args.method, args.space, len(model.ops), ', '.join(model.ops), size['paper'],
                 size['exact'])
-    logger.info('search cells: %s', 'the fast path (model_search.FastCell)' if model.fast else
+    logger.info('search cells: %s', 'the fast path (model_search_fast.FastCell)' if model.fast else
                 'the per-edge reference cells' + ('' if args.no_fast else ' (this setting has no fast path)'))
     n_weights = utils.count_params(model)
     logger.info('param size = %.6fMB (%d weights)', n_weights / 1e6, n_weights)
@@ -616,19 +387,19 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch = ckpt['epoch']
         if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
-            utils.set_learning_rate(optimizer, scheduler, args.learning_rate)
-        dropped = utils.trim_jsonl(log_path, start_epoch) if rank == 0 else 0
+            runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
+        dropped = runs.trim_jsonl(log_path, start_epoch) if rank == 0 else 0
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
         if dropped:
             logger.info('dropped %d line(s) of %s beyond the checkpoint (an epoch that was not saved, or a '
                         'line cut short by a kill)', dropped, log_path)
-        if utils.describe_changes(changed, start_epoch):
-            logger.info(utils.describe_changes(changed, start_epoch))
+        if runs.describe_changes(changed, start_epoch):
+            logger.info(runs.describe_changes(changed, start_epoch))
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
     pin = device.type == 'cuda'
-    limit = utils.loss_limit(utils.num_classes(args.dataset, args.data))
+    limit = utils.loss_limit(datasets.num_classes(args.dataset, args.data))
     retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     previous = (genotypes.from_json(json.dumps(ckpt['genotype']), args.resume)
                 if ckpt is not None and 'genotype' in ckpt else None)
@@ -637,7 +408,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     for epoch in range(start_epoch, args.epochs):
         # every process shuffles alike and takes its slice of each global batch (utils.GlobalBatchSampler)
         g = utils.seed_epoch(args.seed, epoch)
-        loaders = [utils.make_loader(d, args.batch_size, True, args.workers, generator=g, pin=pin,
+        loaders = [datasets.make_loader(d, args.batch_size, True, args.workers, generator=g, pin=pin,
                                      batch_sampler=utils.GlobalBatchSampler(len(d), args.batch_size, rank, world,
                                                                             generator=g))
                    for d in (train_data, val_data)]
@@ -652,7 +423,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                              checkpoint=ckpt_path, retry=retry)
         scheduler.step()
         utils.broadcast_state(model)  # rank 0's BatchNorm statistics everywhere (they differ without sync)
-        utils.log_unreadable(data, logger)
+        datasets.log_unreadable(data, logger)
         extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
         genotype = genotypes.validate(method.genotype())
@@ -668,16 +439,16 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         previous = genotype
         for name, matrix in importance.items():  # log.txt only: two tables an epoch would bury the summary
             logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space),
-                        extra=utils.FILE_ONLY)
+                        extra=runs.FILE_ONLY)
         if rank != 0:
             continue
         record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'method': args.method,
                   'space': args.space, 'genotype': json.loads(genotypes.to_json(genotype)),
                   'primitives': list(model.ops),
                   'importance': {k: np.asarray(v).round(6).tolist() for k, v in importance.items()}, **extra}
-        utils.append_jsonl(log_path, record)
+        runs.append_jsonl(log_path, record)
         genotypes.save(genotype, os.path.join(args.save, 'genotype.json'))
-        utils.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
+        runs.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
                                'optimizer': optimizer.state_dict(), 'method': method.state_dict(),
                                'scheduler': scheduler.state_dict(), 'settings': settings,
                                'genotype': json.loads(genotypes.to_json(genotype)), 'args': vars(args),
@@ -694,14 +465,14 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     hours = cost.get('gpu_hours', cost.get('cpu_hours'))
     logger.info('search cost: %.1f s wall-clock over %d epochs = %.4f %s-hours on %d x %s', cost['wall_seconds'],
                 args.epochs, hours, 'GPU' if 'gpu_hours' in cost else 'CPU', world, cost['device'])
-    utils.write_json(os.path.join(args.save, 'result.json'),
+    runs.write_json(os.path.join(args.save, 'result.json'),
                      {'kind': 'search', 'method': args.method, 'space': args.space, 'dataset': args.dataset,
                       'seed': args.seed, 'epochs': args.epochs, 'settings': settings, **cost,
                       'genotype': json.loads(genotypes.to_json(genotype))})
     genotype_path = os.path.join(args.save, 'genotype.json')
     logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
                 args.space, genotype_path, genotype)
-    utils.report_run(logger, args.save, [
+    runs.report_run(logger, args.save, [
         ('log.txt', 'the log, with the importance tables of every epoch'),
         ('search_log.jsonl', 'one record per epoch: losses, accuracies, importance, genotype'),
         ('genotype.json', 'the derived cell'),

@@ -34,6 +34,7 @@ import os
 import sys
 
 import genotypes
+import runs
 import utils
 from genotypes import Genotype, GenotypeError, is_classic, op_kind, to_blocks
 from utils import UserError
@@ -489,7 +490,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     genotype, records, default_out = load_input(args.genotype)
     out = args.out or default_out
-    utils.check_folder(out, '--out')
+    runs.check_folder(out, '--out')
     dots = genotype_dots(genotype)
     os.makedirs(out, exist_ok=True)
     for name, text in dots.items():
