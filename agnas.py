@@ -133,8 +133,8 @@ class AttentionMixedOp(GateStatistics, MixedOp):
     Its gates are collected while `collecting` (GateStatistics).
     """
 
-    def __init__(self, C: int, stride: int, ops: list[str]):
-        super().__init__(C, stride, ops)
+    def __init__(self, C: int, stride: int, ops: list[str], **kwargs):
+        super().__init__(C, stride, ops, **kwargs)  # kwargs: MixedOp's (NAS-Bench-201's cells pass them)
         self.C = C
         self.attention = GateAttention(len(ops), C)
         self.plain = not (self.attention_idx or self.dynamic_idx)  # DARTS's space: feature ops only
@@ -379,7 +379,7 @@ class AGNASMethod:
         if args.unrolled:
             raise utils.UserError('--unrolled does not apply to --method agnas, which has no architecture '
                                   'parameters to unroll: drop --unrolled')
-        if args.layers < MIN_LAYERS:
+        if args.layers < MIN_LAYERS and args.space != 'nb201':
             raise utils.UserError(f'--layers {args.layers} is too few for --method agnas: each of the three '
                                   f'stages needs a normal cell, so use at least {MIN_LAYERS} cells')
 
@@ -390,7 +390,8 @@ class AGNASMethod:
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return build_network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(),
-                             space=args.space, ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
+                             space=args.space, ops=resolve_ops(args.space, args.ops), fast=cls.fast(args),
+                             **darts.space_options(args))
 
     def __init__(self, model: Network, args):
         self.model = model
@@ -399,7 +400,8 @@ class AGNASMethod:
         self.stage_cell = args.stage_cell
         self.batch_size = getattr(args, 'batch_size', 64)
         self.matrix = None  # the last importance pass, (layers, edges, ops)
-        self.stages, self.reductions = stage_layout(len(model.cells))
+        self.nb201 = model.space == 'nb201'  # one cell for all 15: derived from the mean over them (App. B)
+        self.stages, self.reductions = ([], []) if self.nb201 else stage_layout(len(model.cells))
 
     def start_epoch(self, epoch: int) -> None:
         pass
@@ -419,6 +421,9 @@ class AGNASMethod:
                                     sampler=list(range(rank, len(data), world)), pin=val_loader.pin_memory)
         out = importance_pass(self.model, ordered, device)
         self.matrix = out['importance']
+        if self.nb201:
+            return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images'],
+                    'cell_genotypes': self.model.cell_genotypes(self.matrix)}
         return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images'],
                 'stage_cell': self.stage_cell, 'stages': self.stages, 'reduction_cells': self.reductions,
                 'cell_genotypes': self.model.cell_genotypes(self.matrix)}
@@ -427,7 +432,9 @@ class AGNASMethod:
         """Each supernet cell's mean gates, edges x ops: {'cell 0': .., 'cell 1': .., ...}."""
         if self.matrix is None:
             return {}
-        return {f'cell {i}': m for i, m in enumerate(self.matrix)}
+        cells = {f'cell {i}': m for i, m in enumerate(self.matrix)}
+        # NAS-Bench-201: the mean over the cells first, the matrix its one cell is derived from
+        return {'mean': self.matrix.mean(axis=0), **cells} if self.nb201 else cells
 
     def genotype(self) -> genotypes.StagedGenotype:
         return self.model.genotype(self.stage_cell, self.matrix)

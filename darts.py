@@ -130,6 +130,13 @@ class Architect:
         return [(gp - gn) / (2 * R) for gp, gn in zip(grads_p, grads_n)]
 
 
+def space_options(args) -> dict:
+    """The Network's keyword arguments that belong to one space: NAS-Bench-201's --track_running_stats."""
+    if args.space == 'nb201':
+        return {'track_running_stats': bool(args.track_running_stats)}
+    return {}
+
+
 def teacher_stages(teacher, x):
     """The frozen teacher's three stage outputs for a batch (spec §6); None without AGS."""
     if teacher is None:
@@ -184,12 +191,12 @@ class DartsMethod:
     def fast(cls, args) -> bool:
         # --sync_bn converts BatchNorm modules; the fast path's BatchNorms are functional, so it runs the
         # reference cells (README "The fast search path")
-        return not args.no_fast and not args.sync_bn
+        return not args.no_fast and not args.sync_bn and args.space != 'nb201'
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
-                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
+                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args), **space_options(args))
 
     def __init__(self, model: Network, args):
         self.model = model
@@ -210,13 +217,11 @@ class DartsMethod:
                            grad_clip=self.grad_clip, lambda_at=self.lambda_at)
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
-        imp = self.importance()
-        return {'alphas_normal': imp['normal'].round(6).tolist(), 'alphas_reduce': imp['reduce'].round(6).tolist()}
+        return {f'alphas_{t}': w.round(6).tolist() for t, w in self.importance().items()}
 
     def importance(self) -> dict:
-        """The softmaxed rows of A (Eq. 11), per cell type."""
-        wn, wr = self.model.arch_weights()
-        return {'normal': wn, 'reduce': wr}
+        """The softmaxed rows of A (Eq. 11), per cell type (normal, reduce; NAS-Bench-201: normal)."""
+        return dict(zip(self.model.cell_types, self.model.arch_weights()))
 
     def genotype(self):
         return self.model.genotype()

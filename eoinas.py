@@ -176,23 +176,23 @@ class EoiStats:
     the window of `mean`; Ca keeps its values until the op is sampled on a validation batch again.
     """
 
-    def __init__(self, rows: int, n_ops: int, device=None, acc_mode: str = 'last'):
+    def __init__(self, rows: int, n_ops: int, device=None, acc_mode: str = 'last', cell_types: int = 2):
         if acc_mode not in ACC_MODES:
             raise ValueError(f'acc_mode must be one of {ACC_MODES}, got {acc_mode!r}')
         self.acc_mode = acc_mode
-        shape = (2, rows, n_ops)
+        shape = (cell_types, rows, n_ops)
         self.count = torch.zeros(shape, dtype=torch.float64, device=device)    # Ce
         self.acc = torch.zeros(shape, dtype=torch.float64, device=device)      # Ca, percent
         self.acc_sum = torch.zeros(shape, dtype=torch.float64, device=device)  # `mean`: the window's sum
         self.acc_n = torch.zeros(shape, dtype=torch.float64, device=device)    # `mean`: and its batches
 
     def record_train(self, index: torch.Tensor) -> None:
-        """index: (2, rows) sampled op per row of a weight-step forward."""
+        """index: (cell types, rows) sampled op per row of a weight-step forward."""
         idx = index.unsqueeze(2)
         self.count.scatter_add_(2, idx, torch.ones(idx.shape, dtype=self.count.dtype, device=idx.device))
 
     def record_val(self, index: torch.Tensor, acc: torch.Tensor) -> None:
-        """index: (2, rows) sampled op per row of an A-step forward; acc: that batch's top-1 in percent."""
+        """index: (cell types, rows) sampled op per row of an A-step forward; acc: that batch's top-1 in percent."""
         idx = index.unsqueeze(2)
         acc = torch.as_tensor(acc, dtype=self.acc.dtype, device=idx.device).expand(idx.shape)
         if self.acc_mode == 'last':
@@ -291,7 +291,7 @@ class EoiNASMethod:
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
         return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
-                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args))
+                       ops=resolve_ops(args.space, args.ops), fast=cls.fast(args), **darts.space_options(args))
 
     def __init__(self, model: Network, args):
         self.model = model
@@ -309,7 +309,9 @@ class EoiNASMethod:
                                         arch_learning_rate=args.arch_learning_rate,
                                         arch_weight_decay=args.arch_weight_decay, lambda_at=arch_lambda,
                                         arch_grad_clip=ARCH_GRAD_CLIP)
-        self.stats = EoiStats(len(model.alphas_normal), len(self.ops), model.alphas_normal.device, self.eoi_acc)
+        self.cells = model.cell_types  # normal, reduce (NAS-Bench-201: normal only)
+        self.stats = EoiStats(len(model.alphas_normal), len(self.ops), model.alphas_normal.device, self.eoi_acc,
+                              len(self.cells))
         self.prune_at = prune_epochs(self.epochs, self.eoi_warmup, self.prune_every,
                                      prunes_needed(len(self.ops), self.prune_count))
         self.importance_ = None  # I at the end of the latest epoch, before its prune (what the prune saw)
@@ -348,20 +350,20 @@ class EoiNASMethod:
         return out
 
     def current_importance(self) -> torch.Tensor:
-        """I (2, rows, ops) from the statistics so far; pruned ops have beta = 0 and Ce = 0, so I = 0."""
+        """I (cell types, rows, ops) from the statistics so far; pruned ops have beta = 0 and Ce = 0, so I = 0."""
         beta = torch.stack([masked_softmax(a.detach().double(), m) for a, m in
-                            zip(self.model.arch_parameters(), (self.model.alive_normal, self.model.alive_reduce))])
+                            zip(self.model.arch_parameters(), self.model.alive_masks())])
         return indicator(beta, self.stats.acc, self.stats.count, self.eoi_lambda)
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
         """I of the epoch; after a prune epoch, the prune (spec §3). Returns the record's EoiNAS fields."""
         imp = self.current_importance()
         self.importance_ = imp
-        pruned = {c: [] for c in CELLS}
+        pruned = {c: [] for c in self.cells}
         if epoch + 1 in self.prune_at:
             imp_np = imp.cpu().numpy()
             masks = []
-            for c, cell in enumerate(CELLS):
+            for c, cell in enumerate(self.cells):
                 alive = getattr(self.model, f'alive_{cell}').cpu().numpy().copy()
                 for r, o in select_prunes(imp_np[c], alive, self.ops, self.space, self.prune_count):
                     alive[r, o] = False
@@ -372,18 +374,18 @@ class EoiNASMethod:
             self.stats.reset_counts()  # a new window; Ca is kept
         beta = self.model.arch_weights()
         return {'tau': self.model.tau, 'skip_dropout': self.p, 'pruned': pruned,
-                'alive': {c: getattr(self.model, f'alive_{c}').cpu().tolist() for c in CELLS},
-                'alphas_normal': beta[0].round(6).tolist(), 'alphas_reduce': beta[1].round(6).tolist()}
+                'alive': {c: getattr(self.model, f'alive_{c}').cpu().tolist() for c in self.cells},
+                **{f'alphas_{c}': b.round(6).tolist() for c, b in zip(self.cells, beta)}}
 
     def importance(self) -> dict:
         """I per cell type (Eq. 7): the latest epoch's, as its prune saw it."""
         imp = self.current_importance() if self.importance_ is None else self.importance_
-        return {c: imp[i].cpu().numpy() for i, c in enumerate(CELLS)}
+        return {c: imp[i].cpu().numpy() for i, c in enumerate(self.cells)}
 
     def genotype(self):
         """Derived from I with pruned ops at -inf (§3.3; spec §5)."""
         imp = self.importance()
-        return self.model.genotype(importance=(imp['normal'], imp['reduce']))
+        return self.model.genotype(importance=tuple(imp[c] for c in self.cells))
 
     def state_dict(self) -> dict:
         return {'arch_optimizer': self.architect.optimizer.state_dict(), 'stats': self.stats.state_dict(),

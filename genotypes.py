@@ -10,6 +10,8 @@ A cell list takes one of two forms (spec §5):
 Inputs are node indices: 0 and 1 are the cell's two inputs, 2.. the inner nodes before this block.
 A classic cell is the heterogeneous special case whose second-tier op is skip_connect.
 
+`NB201Genotype` holds a NAS-Bench-201 cell as the benchmark's architecture string (end of this file).
+
 `StagedGenotype` (AGNAS) holds a different normal cell per stage and one cell per reduction; model.py asks
 `cell_genotype(genotype, i, layers)` for the plain Genotype of cell i, whatever the form.
 
@@ -75,7 +77,7 @@ CONCAT = [2, 3, 4, 5]
 
 def op_kind(name: str) -> str:
     """'feature', 'attention', 'dynamic' or 'none' for an op name; ValueError for an unknown one."""
-    if name in FEATURE_OPS:
+    if name in FEATURE_OPS or name in NB201_PRIMITIVES[1:]:  # NAS-Bench-201's ops but `none` map features
         return 'feature'
     if name in ATTENTION_OPS:
         return 'attention'
@@ -269,6 +271,8 @@ def validate(genotype: Genotype) -> Genotype:
         return validate_staged(genotype)
     if isinstance(genotype, MacroGenotype):
         return validate_macro(genotype)
+    if isinstance(genotype, NB201Genotype):
+        return validate_nb201(genotype)
     if not isinstance(genotype, Genotype):
         raise GenotypeError(f'expected a Genotype(normal, normal_concat, reduce, reduce_concat), got '
                             f'{type(genotype).__name__}')
@@ -307,12 +311,17 @@ def cell_genotype(genotype, i: int, layers: int) -> Genotype:
                         reduce=genotype.reduce[r], reduce_concat=genotype.reduce_concat)
     if isinstance(genotype, MacroGenotype):
         return macro_cell(genotype, i, layers)
+    if isinstance(genotype, NB201Genotype):
+        raise GenotypeError('a NAS-Bench-201 architecture builds the NAS-Bench-201 network (model_nb201.py), not '
+                            'a DARTS-style network of two-input cells')
     raise GenotypeError(f'expected a genotype, got {type(genotype).__name__}')
 
 
 def to_json(genotype: Genotype) -> str:
     if isinstance(genotype, StagedGenotype):  # staged form (AGNAS): marked, so from_json knows it
         return json.dumps({'staged': True, **genotype._asdict()}, indent=1)
+    if isinstance(genotype, NB201Genotype):  # {"nb201": "<architecture string>"}
+        return json.dumps({'nb201': genotype.arch}, indent=1)
     return json.dumps(genotype._asdict(), indent=1)
 
 
@@ -326,6 +335,11 @@ def from_json(text: str, source: str = 'genotype') -> Genotype:
         return _staged_from_dict(data, source)
     if isinstance(data, dict) and 'cells' in data:
         return macro_from_dict(data, source)
+    if isinstance(data, dict) and 'nb201' in data:
+        if set(data) != {'nb201'}:
+            raise GenotypeError(f'{source}: a NAS-Bench-201 genotype is a JSON object with the one key nb201, '
+                                f'got {", ".join(sorted(data))}')
+        return validate_nb201(NB201Genotype(data['nb201']))
     if not isinstance(data, dict) or set(data) != set(Genotype._fields):
         raise GenotypeError(f'{source} must be a JSON object with the keys {", ".join(Genotype._fields)}')
 
@@ -417,14 +431,19 @@ def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
             raise GenotypeError(f'genotype file {genotype_file} is not JSON text (a checkpoint?); pass the '
                                 f'genotype.json that train_search.py writes') from None
         return from_json(text, genotype_file)
+    if is_nb201_arch(arch):  # a NAS-Bench-201 architecture string, pasted as it is
+        return validate_nb201(NB201Genotype(arch))
     seed = random_seed_of(arch) if arch else None
     if seed is not None:
         return random_genotype(seed)
     g = globals().get(arch)
     if isinstance(g, MacroGenotype):
         return validate(g)
+    if isinstance(g, NB201Genotype):
+        return validate_nb201(g)
     if not isinstance(g, (Genotype, StagedGenotype)):
-        names = sorted(k for k, v in globals().items() if isinstance(v, (Genotype, StagedGenotype, MacroGenotype)))
+        names = sorted(k for k, v in globals().items()
+                       if isinstance(v, (Genotype, StagedGenotype, MacroGenotype, NB201Genotype)))
         raise GenotypeError(f'no genotype named {arch!r} in genotypes.py; known: {", ".join(names)}')
     return validate(g)
 
@@ -495,3 +514,95 @@ def macro_repr(genotype: MacroGenotype) -> str:
     """repr() with one cell per line (eval() of it in this module gives the genotype back)."""
     lines = ',\n'.join(f'    {list(cell)!r}' for cell in genotype.cells)
     return f'MacroGenotype(cells=[\n{lines}],\n  concat={list(genotype.concat)!r})'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NAS-Bench-201's form (Dong & Yang, ICLR 2020): one cell, shared by every cell of the network, written as
+# the benchmark's architecture string. Node i (1..3) sums one edge from every earlier node j; the string
+# lists, node by node (separated by '+'), each edge as `op~j` between bars:
+#     |nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|
+# Every one of the 5^6 = 15,625 strings is a valid architecture (a `none` edge included); the benchmark
+# indexes them all. JSON form: {"nb201": "<the string>"}.
+
+NB201_PRIMITIVES = ['none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3']  # the benchmark's order
+NB201_NODES = 4  # node 0 is the cell input, node 3 its output
+# (target, source) of each edge, in the row order of the 6 x 5 architecture matrix: 1<-0, 2<-0, 2<-1, ...
+NB201_EDGES = [(i, j) for i in range(1, NB201_NODES) for j in range(i)]
+
+
+class NB201Genotype(namedtuple('NB201Genotype', 'arch')):
+    """A NAS-Bench-201 cell: `arch` is the benchmark's architecture string (validated by `validate`)."""
+    __slots__ = ()
+
+    def edges(self) -> list[tuple[str, int, int]]:
+        """(op, source j, target i) of each edge, in the row order of the architecture matrix."""
+        return [(op, j, i) for i, node in enumerate(parse_nb201(self.arch), start=1) for op, j in node]
+
+    def ops(self) -> list[str]:
+        """The op of each edge, in row order (1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2)."""
+        return [op for op, _, _ in self.edges()]
+
+
+def parse_nb201(arch) -> list[list[tuple[str, int]]]:
+    """The architecture string as nodes 1..3, each a list of (op, source); GenotypeError naming what is
+    wrong and where (the node, the edge, the character position in the string)."""
+    if not isinstance(arch, str):
+        raise GenotypeError(f'a NAS-Bench-201 architecture is a string like {NB201_EXAMPLE.arch!r}, got '
+                            f'{type(arch).__name__}')
+    parts = arch.split('+')
+    if len(parts) != NB201_NODES - 1:
+        raise GenotypeError(f'NAS-Bench-201 architecture {arch!r}: expected {NB201_NODES - 1} nodes separated by '
+                            f'"+", got {len(parts)}')
+    nodes, pos = [], 0
+    for i, part in enumerate(parts, start=1):
+        if len(part) < 2 or part[0] != '|' or part[-1] != '|':
+            raise GenotypeError(f'NAS-Bench-201 architecture {arch!r}: node {i} (at character {pos}) must be '
+                                f'written |op~j|...| with a bar at each end, got {part!r}')
+        edges = part[1:-1].split('|')
+        if len(edges) != i:
+            raise GenotypeError(f'NAS-Bench-201 architecture {arch!r}: node {i} (at character {pos}) needs {i} '
+                                f'edge(s), one from each of nodes 0..{i - 1}, got {len(edges)}')
+        node, at = [], pos + 1
+        for j, edge in enumerate(edges):
+            where = f'NAS-Bench-201 architecture {arch!r}: node {i}, edge {j + 1} ({edge!r} at character {at})'
+            op, sep, src = edge.partition('~')
+            if not sep:
+                raise GenotypeError(f'{where}: expected op~source, with a "~"')
+            if op not in NB201_PRIMITIVES:
+                raise GenotypeError(f'{where}: unknown op {op!r}; valid ops: {", ".join(NB201_PRIMITIVES)}')
+            if src != str(j):
+                raise GenotypeError(f'{where}: the edges of node {i} read nodes 0..{i - 1} in order, so this one '
+                                    f'must read node {j}, not {src!r}')
+            node.append((op, j))
+            at += len(edge) + 1
+        nodes.append(node)
+        pos += len(part) + 1
+    return nodes
+
+
+def nb201_arch(ops) -> str:
+    """The architecture string of six ops given in row order (1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2)."""
+    ops = list(ops)
+    if len(ops) != len(NB201_EDGES):
+        raise GenotypeError(f'a NAS-Bench-201 cell has {len(NB201_EDGES)} edges, got {len(ops)} ops')
+    nodes = {}
+    for op, (i, j) in zip(ops, NB201_EDGES):
+        nodes.setdefault(i, []).append(f'{op}~{j}')
+    arch = '+'.join('|' + '|'.join(nodes[i]) + '|' for i in range(1, NB201_NODES))
+    parse_nb201(arch)  # the ops must be the benchmark's
+    return arch
+
+
+def validate_nb201(genotype: NB201Genotype) -> NB201Genotype:
+    parse_nb201(genotype.arch)
+    return NB201Genotype(genotype.arch)
+
+
+def is_nb201_arch(text) -> bool:
+    """True for text written like an architecture string (it starts with a bar); `load` then parses it."""
+    return isinstance(text, str) and text.startswith('|')
+
+
+# An example, not a searched result: the architecture of the string in NAS-Bench-201's own documentation.
+NB201_EXAMPLE = NB201Genotype('|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|'
+                              'skip_connect~2|')

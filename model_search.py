@@ -42,10 +42,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import genotypes
-from genotypes import DARTS_PRIMITIVES, OP_SUBSETS, PRIMITIVES, Genotype, op_kind
-from operations import OPS, FactorizedReduce, ReLUConvBN, calibrate
+from genotypes import (
+    DARTS_PRIMITIVES,
+    NB201_PRIMITIVES,
+    OP_SUBSETS,
+    PRIMITIVES,
+    Genotype,
+    op_kind,
+)
+from operations import (
+    OPS,
+    FactorizedReduce,
+    ReLUConvBN,
+    ResNetBasicBlock,
+    calibrate,
+    without_running_stats,
+)
 
-SPACES = ('nos', 'darts')
+SPACES = ('nos', 'darts', 'nb201')
 ARCH_NAMES = ('alphas_normal', 'alphas_reduce')
 NETWORK_METHODS = ('darts', 'agnas')  # 'agnas': gated edges, no A (agnas.md §7)
 STAGE_CELLS = ('first', 'last', 'mean')  # which normal cell of a stage a staged genotype takes (agnas.md §6.6)
@@ -60,11 +74,12 @@ def resolve_ops(space: str = 'nos', ops=None) -> list[str]:
     """
     if space not in SPACES:
         raise ValueError(f'unknown search space {space!r}; valid spaces: {", ".join(SPACES)}')
-    if space == 'darts':
-        if ops is not None and ops != 'all' and list(ops) != DARTS_PRIMITIVES:
-            raise ValueError('the DARTS space has its fixed op set (genotypes.DARTS_PRIMITIVES); '
-                             'op subsets apply to the NOS space only')
-        return list(DARTS_PRIMITIVES)
+    if space in ('darts', 'nb201'):
+        fixed = DARTS_PRIMITIVES if space == 'darts' else NB201_PRIMITIVES
+        if ops is not None and ops != 'all' and list(ops) != fixed:
+            raise ValueError(f'the {space} space has its fixed op set ({", ".join(fixed)}); op subsets apply to '
+                             f'the NOS space only')
+        return list(fixed)
     if ops is None:
         return list(PRIMITIVES)
     if isinstance(ops, str):
@@ -104,20 +119,23 @@ class MixedOp(nn.Module):
     (N,C,H,W)); the list of w_o * o(X) for dynamic ops. Pools are followed by BatchNorm(affine=False),
     as in DARTS's MixedOp. DARTS's `none` counts as a feature op (it adds w * 0, exactly as in DARTS).
 
+    NAS-Bench-201's cells pass pool_bn=False (its avg_pool_3x3 is the pool alone) and their
+    --track_running_stats setting (False: every BN of the edge normalises by the batch's statistics).
+
     Only the ops in `active` (op indices; all by default) are computed: the Network sets it to the edge's
     alive ops, or to the one sampled op in hard mode. Features are None when no active op is a feature
     op (possible on a pruned NOS edge). `skip_dropout` > 0 applies dropout after a stride-1 skip_connect
     (EoiNAS's code; spec §1).
     """
 
-    def __init__(self, C: int, stride: int, ops: list[str]):
+    def __init__(self, C: int, stride: int, ops: list[str], pool_bn: bool = True, track_running_stats: bool = True):
         super().__init__()
         self._ops = nn.ModuleList()
         for name in ops:
             op = OPS[name](C, stride, False)
-            if 'pool' in name:
+            if 'pool' in name and pool_bn:  # DARTS's MixedOp; NAS-Bench-201's pool has no BN (pool_bn=False)
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
-            self._ops.append(op)
+            self._ops.append(op if track_running_stats else without_running_stats(op))
         kinds = [op_kind(name) for name in ops]
         self.feature_idx = [i for i, k in enumerate(kinds) if k in ('feature', 'none')]
         self.attention_idx = [i for i, k in enumerate(kinds) if k == 'attention']
@@ -239,11 +257,36 @@ class AGNASNOSCell(NOSCell):
         return super().forward(s0, s1, [None] * (len(self._ops) + len(self._second)))
 
 
+class NB201Cell(nn.Module):
+    """NAS-Bench-201's search cell (Dong & Yang, ICLR 2020, Sec. 2.1): node 0 is the cell's input; node i (1..3)
+    sums one mixed edge from every earlier node j; the output is node 3 (no concatenation). Rows of `weights`
+    (6 x 5): the edges 1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2 (genotypes.NB201_EDGES). The edges' BN is
+    non-affine; `track_running_stats` is the benchmark's search flag. A cell whose edges weigh themselves
+    (AGNAS) ignores `weights` (the Network passes None)."""
+    reduction = False  # every NB201 cell is a normal cell: the residual blocks between stages reduce
+
+    def __init__(self, C: int, ops: list[str], mixed_op=MixedOp, track_running_stats: bool = True):
+        super().__init__()
+        self._ops = nn.ModuleList(mixed_op(C, 1, ops, pool_bn=False, track_running_stats=track_running_stats)
+                                  for _ in genotypes.NB201_EDGES)
+
+    def forward(self, x, weights=None):
+        nodes, e = [x], 0
+        for i in range(1, genotypes.NB201_NODES):
+            node = 0
+            for j in range(i):
+                node = node + self._ops[e](nodes[j], None if weights is None else weights[e])[0]
+                e += 1
+            nodes.append(node)
+        return nodes[-1]
+
+
 class Network(nn.Module):
     """The search network (DARTS's signature first).
 
     C: initial channels; layers: cells, reductions at layers//3 and 2*layers//3 (needs layers >= 3);
-    space: 'nos' (heterogeneous cell over `ops`) or 'darts' (DARTS's search network);
+    space: 'nos' (heterogeneous cell over `ops`), 'darts' (DARTS's search network) or 'nb201' (NAS-Bench-201's
+    skeleton, see `_build_nb201`: `layers` = 3 N cells, one matrix A shared by all of them);
     ops: None (all of the space's primitives), a key of genotypes.OP_SUBSETS, or a list of primitives;
     method: 'darts' (softmax over A) or 'agnas' (gated edges built by `mixed_op`, no A; see agnas.py).
 
@@ -255,8 +298,11 @@ class Network(nn.Module):
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None,
-                 method: str = 'darts', mixed_op=None):
+                 method: str = 'darts', mixed_op=None, track_running_stats: bool = True):
         super().__init__()
+        if space == 'nb201' and (layers < 3 or layers % 3):
+            raise ValueError(f'the NAS-Bench-201 network has 3 stages of N cells, so layers must be a multiple of '
+                             f'3 (15 for its N = 5), got {layers}')
         if layers < 3:
             raise ValueError(f'the search network needs at least 3 cells (two of them reduction cells), '
                              f'got {layers}')
@@ -276,6 +322,31 @@ class Network(nn.Module):
                              "mixed_op=agnas.AttentionMixedOp")
         self.method = method
         self._mixed_op = mixed_op
+        self._track_running_stats = track_running_stats
+        # one architecture matrix per cell type; NAS-Bench-201 has normal cells only
+        self.cell_types = ('normal',) if space == 'nb201' else ('normal', 'reduce')
+        if space == 'nb201':
+            self._build_nb201(C, num_classes, layers, mixed_op or MixedOp, track_running_stats)
+        else:
+            self._build_darts(C, num_classes, layers, steps, multiplier, stem_multiplier, mixed_op or MixedOp)
+
+        k = (len(genotypes.NB201_EDGES) if space == 'nb201'
+             else sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0))
+        for t in self.cell_types:
+            if method != 'agnas':  # AGNAS has no architecture parameters: the gates decide (agnas.md §3)
+                setattr(self, f'alphas_{t}', nn.Parameter(1e-3 * torch.randn(k, len(self.ops))))
+        for t in self.cell_types:
+            # alive ops per row (pruning masks, never deletes: shapes stay fixed for checkpoints and --resume)
+            self.register_buffer(f'alive_{t}', torch.ones(k, len(self.ops), dtype=torch.bool))
+        self.tau = None            # None: softmax relaxation (DARTS); a float: Gumbel-softmax temperature
+        self.gumbel_hard = False   # with tau: GDAS's one-op forward, straight-through gradient
+        self.last_sample = None    # with tau: (cell types, rows) sampled op per row of the last forward
+        self._skip_dropout = 0.    # set_skip_dropout
+        self._sync_alive()
+
+    def _build_darts(self, C, num_classes, layers, steps, multiplier, stem_multiplier, mixed_op) -> None:
+        """DARTS's skeleton: a 3C stem, cells of two inputs, reduction cells at layers//3 and 2*layers//3."""
+        space, method = self.space, self.method
         cell_cls = NOSCell if space == 'nos' else DartsCell
         if method == 'agnas':
             cell_cls = AGNASNOSCell if space == 'nos' else AGNASCell
@@ -293,32 +364,42 @@ class Network(nn.Module):
             if reduction:
                 C_curr *= 2
             self.cells.append(cell_cls(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
-                                       self.ops, mixed_op or MixedOp))
+                                       self.ops, mixed_op))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         # Attention-transfer stages (spec §6): the last cell before each reduction cell, and the last cell.
         self.stage_layers = [self.reduction_layers[0] - 1, self.reduction_layers[1] - 1, layers - 1]
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
+        self.resblocks = None
 
-        k = sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0)
-        if method != 'agnas':  # AGNAS has no architecture parameters: the gates decide (agnas.md §3)
-            self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
-            self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(self.ops)))
-        # Alive ops per row (pruning masks, never deletes: shapes stay fixed for checkpoints and --resume).
-        self.register_buffer('alive_normal', torch.ones(k, len(self.ops), dtype=torch.bool))
-        self.register_buffer('alive_reduce', torch.ones(k, len(self.ops), dtype=torch.bool))
-        self.tau = None            # None: softmax relaxation (DARTS); a float: Gumbel-softmax temperature
-        self.gumbel_hard = False   # with tau: GDAS's one-op forward, straight-through gradient
-        self.last_sample = None    # with tau: (2, rows) sampled op per row (normal, reduce) of the last forward
-        self._skip_dropout = 0.    # set_skip_dropout
-        self._sync_alive()
+    def _build_nb201(self, C, num_classes, layers, mixed_op, track_running_stats) -> None:
+        """NAS-Bench-201's skeleton (Sec. 2.1): stem Conv3x3 (3 -> C) + BN; N cells at C; a residual block
+        (stride 2, C -> 2C); N cells at 2C; a residual block (2C -> 4C); N cells at 4C; BN, ReLU, global pool,
+        linear. The stem, the residual blocks and the last BN are affine; the cells' BN is not."""
+        n = layers // 3
+        cell_cls = NB201Cell
+        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.cells = nn.ModuleList(cell_cls(C * 2 ** (i // n), self.ops, mixed_op, track_running_stats)
+                                   for i in range(layers))
+        # the residual block that runs before cell i, for i in reduction_layers
+        self.reduction_layers = [n, 2 * n]
+        self.resblocks = nn.ModuleList(ResNetBasicBlock(C * 2 ** s, C * 2 ** (s + 1), 2) for s in range(2))
+        self.stage_layers = [n - 1, 2 * n - 1, layers - 1]  # the last cell of each stage (AGS's stages)
+        self.lastact = nn.Sequential(nn.BatchNorm2d(4 * C), nn.ReLU(inplace=False))
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(4 * C, num_classes)
 
     # -- parameters ---------------------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
+        """One architecture matrix per cell type (`cell_types`); none for AGNAS."""
         if self.method == 'agnas':
             return []
-        return [self.alphas_normal, self.alphas_reduce]
+        return [getattr(self, f'alphas_{t}') for t in self.cell_types]
+
+    def alive_masks(self) -> list[torch.Tensor]:
+        """The alive mask of each cell type (`cell_types`), rows x ops, bool."""
+        return [getattr(self, f'alive_{t}') for t in self.cell_types]
 
     def weights(self) -> list[nn.Parameter]:
         """All parameters except the architecture matrices (what the weight optimizer updates)."""
@@ -328,25 +409,27 @@ class Network(nn.Module):
         """A fresh network of the same structure on the same device, holding a copy of the alphas."""
         model_new = type(self)(self._C, self._num_classes, self._layers, self._criterion, self._steps,
                                self._multiplier, self._stem_multiplier, self.space, self.ops, self.method,
-                               self._mixed_op, **self._extra_config())
+                               self._mixed_op, track_running_stats=self._track_running_stats,
+                               **self._extra_config())
         model_new.to(next(self.parameters()).device)
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
                 x.copy_(y)
-        model_new.set_alive(self.alive_normal, self.alive_reduce)
+        model_new.set_alive(*self.alive_masks())
         return model_new
 
     # -- alive ops (pruning) ------------------------------------------------------------------------------
-    def set_alive(self, normal: torch.Tensor, reduce: torch.Tensor) -> None:
-        """Set the alive masks (bool, rows x ops); every row keeps at least one op."""
+    def set_alive(self, *masks: torch.Tensor) -> None:
+        """Set the alive masks (bool, rows x ops; one per cell type: normal, reduce); every row keeps at least
+        one op."""
         with torch.no_grad():
-            self.alive_normal.copy_(normal)
-            self.alive_reduce.copy_(reduce)
+            for own, mask in zip(self.alive_masks(), masks, strict=True):
+                own.copy_(mask)
         self._sync_alive()
 
     def _sync_alive(self) -> None:
         """Cache the alive op indices per row on the CPU (once per prune or load, not per forward)."""
-        rows = [m.tolist() for m in (self.alive_normal, self.alive_reduce)]
+        rows = [m.tolist() for m in self.alive_masks()]
         if any(not any(r) for m in rows for r in m):
             raise ValueError('every row of the alive masks needs at least one alive op')
         self._alive_rows = [[[o for o, a in enumerate(r) if a] for r in m] for m in rows]
@@ -355,8 +438,8 @@ class Network(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # a checkpoint written before the masks existed has every op alive
-        state_dict = {'alive_normal': torch.ones_like(self.alive_normal),
-                      'alive_reduce': torch.ones_like(self.alive_reduce), **state_dict}
+        state_dict = {**{f'alive_{t}': torch.ones_like(m) for t, m in zip(self.cell_types, self.alive_masks())},
+                      **state_dict}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._sync_alive()
         return result
@@ -372,46 +455,48 @@ class Network(nn.Module):
         """Constructor arguments a subclass adds (model_search_fast.Network: the path), for `new()`."""
         return {}
 
-    def _set_active(self, rows_normal, rows_reduce) -> None:
-        """Tell each MixedOp which of its ops to compute (its alive ops, or a hard sample's one op)."""
+    def _set_active(self, *rows) -> None:
+        """Tell each MixedOp which of its ops to compute (its alive ops, or a hard sample's one op); `rows`:
+        per cell type, the op indices of each row."""
         for cell in self.cells:
             edges = list(cell._ops) + list(getattr(cell, '_second', []))  # the rows of A, in order
-            for op, active in zip(edges, rows_reduce if cell.reduction else rows_normal):
+            for op, active in zip(edges, rows[1] if cell.reduction else rows[0]):
                 op.active = active
 
     def edge_weights(self):
-        """(normal, reduce) weights of the mixed edges for one forward: the (masked) softmax of A, or
-        with `tau` one Gumbel-softmax sample per cell type shared by all its cells (EoiNAS Eq. 5)."""
+        """The weights of the mixed edges for one forward, one matrix per cell type ((normal, reduce); NB201:
+        (normal,)): the (masked) softmax of A, or with `tau` one Gumbel-softmax sample per cell type shared
+        by all its cells (EoiNAS Eq. 5)."""
+        arch, alive = self.arch_parameters(), self.alive_masks()
         if self.tau is None:
             self._set_active(*self._alive_rows)
             if self._all_alive:
-                return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
-            return (masked_softmax(self.alphas_normal, self.alive_normal),
-                    masked_softmax(self.alphas_reduce, self.alive_reduce))
-        (w_normal, i_normal), (w_reduce, i_reduce) = (
-            sample_weights(a, m, self.tau, self.gumbel_hard)
-            for a, m in ((self.alphas_normal, self.alive_normal), (self.alphas_reduce, self.alive_reduce)))
-        self.last_sample = torch.stack([i_normal, i_reduce])
+                return tuple(F.softmax(a, dim=-1) for a in arch)
+            return tuple(masked_softmax(a, m) for a, m in zip(arch, alive))
+        samples = [sample_weights(a, m, self.tau, self.gumbel_hard) for a, m in zip(arch, alive)]
+        self.last_sample = torch.stack([i for _, i in samples])
         if self.gumbel_hard:  # one op per edge; the indices go to the CPU once per forward, as in GDAS
             picked = self.last_sample.tolist()
             self._set_active(*([[i] for i in rows] for rows in picked))
         else:
             self._set_active(*self._alive_rows)
-        return w_normal, w_reduce
+        return tuple(w for w, _ in samples)
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[0]
 
     def cell_weights(self):
-        """(normal, reduce): what every cell of that type takes with its inputs. DARTS: the edge weights
-        (`edge_weights`); AGNAS: None, its edges weigh themselves."""
+        """Per cell type ((normal, reduce); NB201: (normal,)): what every cell of that type takes with its
+        inputs. DARTS: the edge weights (`edge_weights`); AGNAS: None, its edges weigh themselves."""
         if self.method == 'agnas':
-            return None, None
+            return (None,) * len(self.cell_types)
         return self.edge_weights()
 
     def forward_stages(self, x: torch.Tensor):
         """(logits, [s1, s2, s3]): the outputs of the cells that pair with the teacher's three stages."""
+        if self.space == 'nb201':
+            return self._forward_nb201(x)
         w_normal, w_reduce = self.cell_weights()
         s0 = s1 = self.stem(x)
         stages = []
@@ -422,6 +507,18 @@ class Network(nn.Module):
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1)), stages
 
+    def _forward_nb201(self, x: torch.Tensor):
+        (weights,) = self.cell_weights()  # one matrix for all cells
+        s, stages = self.stem(x), []
+        for i, cell in enumerate(self.cells):
+            if i in self.reduction_layers:
+                s = self.resblocks[self.reduction_layers.index(i)](s)
+            s = cell(s, weights)
+            if i in self.stage_layers:
+                stages.append(s)
+        out = self.global_pooling(self.lastact(s))
+        return self.classifier(out.flatten(1)), stages
+
     def _loss(self, x, target):
         return self._criterion(self(x), target)
 
@@ -429,18 +526,24 @@ class Network(nn.Module):
     def arch_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """The softmaxed rows of A (normal, reduce) over the alive ops, as float64 arrays (pruned: 0)."""
         return tuple(masked_softmax(a.detach().float(), m).cpu().double().numpy()
-                     for a, m in zip(self.arch_parameters(), (self.alive_normal, self.alive_reduce)))
+                     for a, m in zip(self.arch_parameters(), self.alive_masks()))
 
-    def genotype(self, stage_cell: str = 'first', importance=None) -> Genotype | genotypes.StagedGenotype:
-        """The derived genotype; under method 'agnas' the staged one (see `staged_genotype`). Otherwise the
-        discrete cell derived from `importance` ((normal, reduce) rows x ops; default: the softmaxed A), with
-        pruned entries set to -inf so that only alive ops can be chosen (EoiNAS §3.3; spec §5)."""
+    def genotype(self, stage_cell: str = 'first', importance=None):
+        """The derived genotype; under method 'agnas' the staged one (see `staged_genotype`; NB201: the cell of
+        the importance averaged over all cells). Otherwise the discrete cell derived from `importance` (per
+        cell type rows x ops; default: the softmaxed A), with pruned entries set to -inf so that only alive
+        ops can be chosen (EoiNAS §3.3; spec §5). NB201: a genotypes.NB201Genotype (`derive_nb201`)."""
         if self.method == 'agnas':
+            if self.space == 'nb201':  # AGNAS App. B: each edge position's gates averaged over all cells
+                importance = self.importance() if importance is None else importance
+                return genotypes.NB201Genotype(derive_nb201(as_array(importance).mean(axis=0), self.ops))
             return self.staged_genotype(stage_cell, importance)
         if importance is None:
             importance = self.arch_weights()
-        wn, wr = (np.where(m.cpu().numpy(), as_array(w), -np.inf)
-                  for w, m in zip(importance, (self.alive_normal, self.alive_reduce)))
+        masked = [np.where(m.cpu().numpy(), as_array(w), -np.inf) for w, m in zip(importance, self.alive_masks())]
+        if self.space == 'nb201':
+            return genotypes.NB201Genotype(derive_nb201(masked[0], self.ops))
+        wn, wr = masked
         derive = derive_cell if self.space == 'nos' else derive_darts_cell
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
         return Genotype(normal=derive(wn, self.ops, self._steps), normal_concat=concat,
@@ -469,6 +572,8 @@ class Network(nn.Module):
                          for cell in self.cells])
 
     def _derive(self, matrix) -> list:
+        if self.space == 'nb201':
+            return derive_nb201(matrix, self.ops)
         derive = derive_cell if self.space == 'nos' else derive_darts_cell
         return derive(matrix, self.ops, self._steps)
 
@@ -587,6 +692,17 @@ def derive_darts_cell(weights, ops=DARTS_PRIMITIVES, steps: int = genotypes.STEP
     return gene
 
 
+def derive_nb201(weights, ops=NB201_PRIMITIVES) -> str:
+    """NAS-Bench-201's derivation: on each of the 6 edges the argmax over all ops, `none` included (a `none`
+    edge is a valid architecture in the benchmark); ties take the lower op index. Returns the architecture
+    string."""
+    w = as_array(weights)
+    ops = list(ops)
+    if w.shape != (len(genotypes.NB201_EDGES), len(ops)):
+        raise ValueError(f'expected A of shape ({len(genotypes.NB201_EDGES)}, {len(ops)}), got {w.shape}')
+    return genotypes.nb201_arch(ops[int(np.argmax(row))] for row in w)  # argmax: the first of equal maxima
+
+
 def search_space_size(ops=PRIMITIVES, space: str = 'nos', steps: int = genotypes.STEPS) -> dict:
     """Number of distinct cells per cell type (spec §7).
 
@@ -598,6 +714,9 @@ def search_space_size(ops=PRIMITIVES, space: str = 'nos', steps: int = genotypes
       ordered op pair with at least one feature op, and the second-tier op.
     - DARTS: both are prod C(n+1, 2) * n^2 over its n = 7 non-none ops (180 * 7^8 ~ 1.0e9).
     """
+    if space == 'nb201':  # one cell, every op on each of its 6 edges: 5^6 = 15,625
+        n = len(ops) if not isinstance(ops, int) else ops
+        return {'paper': n ** len(genotypes.NB201_EDGES), 'exact': n ** len(genotypes.NB201_EDGES)}
     if isinstance(ops, int):
         ops = (PRIMITIVES if space == 'nos' else DARTS_PRIMITIVES[1:])[:ops]
     ops = [o for o in ops if o != 'none']

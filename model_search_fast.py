@@ -850,12 +850,15 @@ class Network(model_search.Network):
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None,
-                 method: str = 'darts', mixed_op=None, fast: bool = False, fast_edges=None):
+                 method: str = 'darts', mixed_op=None, fast: bool = False, fast_edges=None,
+                 track_running_stats: bool = True):
+        if fast and space == 'nb201':  # NAS-Bench-201's fast cells: not yet; its reference cells run
+            raise ValueError('the NAS-Bench-201 space runs on the reference cells (fast=False)')
         if fast and method == 'agnas' and fast_edges is None:
             raise ValueError("method='agnas' with fast=True needs the fast path's gated edges: build it with "
                              "agnas.build_network, or pass fast_edges=agnas.FastGatedEdges")
         super().__init__(C, num_classes, layers, criterion, steps, multiplier, stem_multiplier, space, ops,
-                         method, mixed_op)
+                         method, mixed_op, track_running_stats)
         self.fast = fast
         self._fast_edges = fast_edges
         if not fast:
@@ -875,9 +878,9 @@ class Network(model_search.Network):
         """Weights that are zero by construction (the transform borders), not weights to count."""
         return sum(m.structural_zeros for m in self.modules() if isinstance(m, FastEdges))
 
-    def _set_active(self, rows_normal, rows_reduce) -> None:
+    def _set_active(self, *rows) -> None:
         if not self.fast:  # the fast cells take the alive mask with their weights (FastPlan.prepare)
-            super()._set_active(rows_normal, rows_reduce)
+            super()._set_active(*rows)
 
     def cell_weights(self):
         if not self.fast:

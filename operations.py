@@ -19,10 +19,10 @@ from genotypes import op_kind  # noqa: F401  (re-exported: ops and their kinds i
 
 
 class ReLUConvBN(nn.Sequential):
-    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True, bias=False):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=bias),
             nn.BatchNorm2d(C_out, affine=affine))
 
 
@@ -193,6 +193,37 @@ def calibrate(feature: torch.Tensor, attention: torch.Tensor | None = None, kern
     return out
 
 
+class ResNetBasicBlock(nn.Module):
+    """NAS-Bench-201's fixed residual block between its stages (ResNet's basic block): ReLU-Conv3x3(stride)-BN,
+    ReLU-Conv3x3-BN, plus a shortcut: AvgPool 2x2 (stride 2) then a 1x1 conv (no bias, no BN) when the
+    stride is 2 or the width changes, the identity otherwise."""
+
+    def __init__(self, C_in, C_out, stride, affine=True):
+        super().__init__()
+        self.conv_a = ReLUConvBN(C_in, C_out, 3, stride, 1, affine)
+        self.conv_b = ReLUConvBN(C_out, C_out, 3, 1, 1, affine)
+        if stride == 2:
+            self.downsample = nn.Sequential(nn.AvgPool2d(2, stride=2), nn.Conv2d(C_in, C_out, 1, bias=False))
+        elif C_in != C_out:
+            self.downsample = nn.Conv2d(C_in, C_out, 1, bias=False)
+        else:
+            self.downsample = None
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return shortcut + self.conv_b(self.conv_a(x))
+
+
+def without_running_stats(module: nn.Module) -> nn.Module:
+    """Every BatchNorm in `module` normalises by the batch's own statistics in training and evaluation alike
+    (`track_running_stats=False`: NAS-Bench-201's search flag); returns the module."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return module
+
+
 OPS = {
     'none': lambda C, stride, affine: Zero(stride),
     'avg_pool_3x3': lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1,
@@ -207,4 +238,9 @@ OPS = {
     'channel_attention': lambda C, stride, affine: ChannelAttention(C, stride, affine),
     'dynamic_conv_3x3': lambda C, stride, affine: DynamicKernel(C, 3, stride, affine),
     'dynamic_conv_5x5': lambda C, stride, affine: DynamicKernel(C, 5, stride, affine),
+    # NAS-Bench-201's convolutions (with its none, skip_connect and avg_pool_3x3 above): ReLU-Conv-BN. Its
+    # conv has a bias exactly when its BN is not affine (the benchmark's own ReLUConvBN: bias=not affine),
+    # so the search network's convs have one (1,692,826 weights at C 16, N 5) and the evaluation network's not
+    'nor_conv_1x1': lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine, bias=not affine),
+    'nor_conv_3x3': lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine, bias=not affine),
 }

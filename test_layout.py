@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # What only one method uses (darts.py also holds the method interface and the shared search step)
 METHOD_FILES = {'darts', 'eoinas', 'agnas', 'gdas', 'model_adwp', 'search_adwp'}
 SHARED_FILES = {'datasets', 'runs', 'utils', 'operations', 'genotypes', 'model', 'model_search',
-                'model_search_fast', 'model_macro', 'teacher'}
+                'model_search_fast', 'model_macro', 'teacher', 'nb201', 'model_nb201'}
 LOOP = 'train_search'
 
 

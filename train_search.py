@@ -41,6 +41,7 @@ import darts
 import datasets
 import eoinas
 import genotypes
+import nb201
 import runs
 import utils
 from genotypes import OP_SUBSETS
@@ -57,6 +58,9 @@ AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight 
 # The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
 # method's paper value (its `defaults(args)`).
 METHODS = {'darts': darts.DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod}
+# Flags whose value depends on the space (argparse default None): --space nb201 fills in the benchmark's search
+# settings (nb201.search_defaults), then the method its own, then these
+GENERIC_DEFAULTS = {'weight_decay': 3e-4, 'layers': 8, 'nesterov': False, 'stage_cell': 'first'}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,9 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic | folder (your images)')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
-    p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)}')
+    p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)} (NAS-Bench-201: its benchmark '
+                                                 f'settings are the defaults, see docs/nb201.md)')
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
-    p.add_argument('--stage_cell', default='first',
+    p.add_argument('--stage_cell', default=None,
                    help=f'--method agnas: the normal cell each stage takes: {" | ".join(STAGE_CELLS)} (mean: '
                         f'derived from the mean importance of the stage\'s cells)')
     p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
@@ -80,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--learning_rate_min', type=float, default=None,
                    help='end of the cosine schedule (default: the method\'s, see README)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight_decay', type=float, default=3e-4, help='weights (App. A)')
+    p.add_argument('--nesterov', action='store_true', default=None,
+                   help='Nesterov momentum (default: on for --space nb201, as its reference searches)')
+    p.add_argument('--weight_decay', type=float, default=None, help='weights (default 3e-4, App. A; nb201: 5e-4)')
     p.add_argument('--grad_clip', type=float, default=5.0, help='gradient-norm clip of the weights (DARTS)')
     p.add_argument('--arch_learning_rate', type=float, default=None,
                    help='A: Adam, betas (0.5, 0.999) (default: the method\'s)')
@@ -90,7 +97,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='search with the per-edge reference cells instead of the fast path (same search)')
     p.add_argument('--epochs', type=int, default=None, help='search epochs (default: the method\'s)')
     p.add_argument('--init_channels', type=int, default=16, help='channels of the first cells (DARTS)')
-    p.add_argument('--layers', type=int, default=8, help='cells of the proxy network')
+    p.add_argument('--layers', type=int, default=None,
+                   help='cells of the proxy network (default 8; nb201: 15, i.e. 3 stages of N = 5)')
+    p.add_argument('--track_running_stats', type=int, default=None, choices=(0, 1),
+                   help='--space nb201: 1 (default) keeps running BN statistics in the cells, 0 normalises by the '
+                        'batch in evaluation too (both were run by the benchmark\'s reference searches)')
+    p.add_argument('--benchmark', default=None, metavar='PATH',
+                   help='--space nb201: the NAS-Bench-201 file (or NATS-Bench topology file) to look the derived cell '
+                        'up in after every epoch (needs `pip install -r requirements-nb201.txt`)')
     p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set for weights')
     p.add_argument('--lambda_at', type=float, default=None,
                    help='AGS weight; 0 = no teacher (default: the method\'s: 1000 for darts, 0 for eoinas)')
@@ -121,18 +135,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fill_method_defaults(args) -> None:
-    """Flags left at None take the method's value (methods.md); unknown methods are left to check_args."""
+    """Flags left at None take the space's value (nb201: the benchmark's search settings), then the method's
+    (methods.md), then GENERIC_DEFAULTS; unknown methods are left to check_args."""
+    if getattr(args, 'space', None) == 'nb201':
+        for key, value in nb201.search_defaults(args.method).items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     if args.method in METHODS:
         for key, value in METHODS[args.method].defaults(args).items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+    for key, value in GENERIC_DEFAULTS.items():
+        if key == 'stage_cell' and getattr(args, 'space', None) == 'nb201':
+            continue  # one cell for all: check_nb201_args refuses --stage_cell there
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def check_args(args) -> None:
     """Bad flag values become one-sentence errors."""
     if args.method not in METHODS:
         raise utils.UserError(f'unknown --method {args.method!r}; valid methods: {", ".join(METHODS)}')
-    if args.stage_cell not in STAGE_CELLS:
+    if args.stage_cell not in STAGE_CELLS and args.space != 'nb201':
         raise utils.UserError(f'unknown --stage_cell {args.stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
     for name, cls in METHODS.items():  # a method's own flags would be ignored by another method
         given = [f for f in getattr(cls, 'flags', ()) if name != args.method and getattr(args, f, None) is not None]
@@ -145,9 +169,11 @@ def check_args(args) -> None:
         raise utils.UserError(f'unknown --space {args.space!r}; valid spaces: {", ".join(SPACES)}')
     if args.ops not in OP_SUBSETS:
         raise utils.UserError(f'unknown --ops {args.ops!r}; valid op sets: {", ".join(OP_SUBSETS)}')
-    if args.space == 'darts' and args.ops != 'all':
-        raise utils.UserError(f'--ops {args.ops} applies to --space nos only; the DARTS space has its '
-                              f'fixed op set ({", ".join(genotypes.DARTS_PRIMITIVES)})')
+    if args.space in ('darts', 'nb201') and args.ops != 'all':
+        fixed = genotypes.DARTS_PRIMITIVES if args.space == 'darts' else genotypes.NB201_PRIMITIVES
+        raise utils.UserError(f'--ops {args.ops} applies to --space nos only; the {args.space} space has its '
+                              f'fixed op set ({", ".join(fixed)})')
+    check_nb201_args(args)
     if args.dataset not in datasets.DATASETS:
         raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(datasets.DATASETS)}')
     datasets.check_image_size(args.dataset, getattr(args, 'image_size', 32))
@@ -157,6 +183,25 @@ def check_args(args) -> None:
                               f'{args.learning_rate:g}; the cosine schedule runs from the second down to the '
                               f'first')
     METHODS[args.method].check_args(args)
+
+
+def check_nb201_args(args) -> None:
+    """NAS-Bench-201's refusals: flags that mean nothing on its space, or only on it."""
+    if args.space != 'nb201':
+        for flag in ('benchmark', 'track_running_stats'):
+            if getattr(args, flag, None) is not None:
+                raise utils.UserError(f'--{flag} belongs to --space nb201; drop it or pass --space nb201')
+        return
+    if args.stage_cell is not None:
+        raise utils.UserError('--stage_cell picks a normal cell per stage of a DARTS-style network; NAS-Bench-201 has '
+                              'one cell shared by all 15, which AGNAS derives from the importance averaged over '
+                              'them: drop --stage_cell')
+    if args.layers % 3 or args.layers < 3:
+        raise utils.UserError(f'--layers {args.layers}: the NAS-Bench-201 network has 3 stages of N cells, so '
+                              f'--layers must be a multiple of 3 (15: its N = 5)')
+    if args.benchmark is not None and not os.path.exists(args.benchmark):
+        raise utils.UserError(f'--benchmark {args.benchmark} does not exist; download NAS-Bench-201-v1_0-e61699.pth '
+                              f'(or v1_1-096897, or a NATS-Bench topology file) and pass its path')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,7 +258,8 @@ def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, d
 def format_matrix(name: str, weights, ops, space: str) -> str:
     """A table of an importance matrix (rows: edges, columns: ops) for the log."""
     weights = np.asarray(weights)
-    labels = genotypes.edge_names(space == 'nos', genotypes.STEPS)
+    labels = ([f'{j}->{i}' for i, j in genotypes.NB201_EDGES] if space == 'nb201'
+              else genotypes.edge_names(space == 'nos', genotypes.STEPS))
     if len(labels) != len(weights):
         labels = [str(i) for i in range(len(weights))]
     lines = [f'{name} (columns: {", ".join(ops)})']
@@ -223,6 +269,8 @@ def format_matrix(name: str, weights, ops, space: str) -> str:
 
 def _choices(genotype) -> list:
     """The choices a genotype makes, in order: each (op, input) of a first tier, each second-tier op."""
+    if isinstance(genotype, genotypes.NB201Genotype):  # one op per edge
+        return genotype.ops()
     out = []
     for cell in (genotype.normal, genotype.reduce):
         for entry in cell:
@@ -247,7 +295,9 @@ def settings_of(args) -> dict:
             'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
             'unrolled': args.unrolled, 'epochs': args.epochs, 'batch_size': args.batch_size,
             'sync_bn': args.sync_bn, 'double': args.double, 'fast': METHODS[args.method].fast(args),
-            'stage_cell': args.stage_cell if args.method == 'agnas' else None}  # None: older checkpoints resume
+            'stage_cell': args.stage_cell if args.method == 'agnas' else None,  # None: older checkpoints resume
+            'track_running_stats': args.track_running_stats if args.space == 'nb201' else None,
+            'nesterov': args.nesterov or None}
 
 
 def search_cost(log_path: str, device: torch.device, world: int = 1) -> dict:
@@ -357,7 +407,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     if teacher_net is not None:
         teacher_net.to(dtype)
     optimizer = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, nesterov=bool(args.nesterov))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
                                                            eta_min=args.learning_rate_min)
     method = method_cls(model, args)
@@ -377,6 +427,17 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         logger.info('attention-guided search: lambda_at %g in %s, teacher %s', args.lambda_at,
                     'both levels' if args.at_levels == 'both' else 'the weight step only',
                     args.teacher or 'default')
+
+    benchmark = None
+    if args.space == 'nb201' and rank == 0:  # loaded once, by the process that writes the records
+        if args.benchmark:
+            benchmark = nb201.Benchmark(args.benchmark)
+            logger.info('benchmark: %s, %s (%d architectures) loaded in %.1f s; the derived cell is looked up '
+                        'after every epoch', args.benchmark, benchmark.kind, len(benchmark), benchmark.seconds)
+        else:
+            logger.info('no --benchmark: the derived cells are not looked up in NAS-Bench-201 (pass --benchmark '
+                        'PATH to record their benchmark accuracies every epoch)')
+    lookup = None
 
     log_path = os.path.join(args.save, 'search_log.jsonl')
     start_epoch = 0
@@ -432,6 +493,9 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         logger.info('epoch %d: %s  (%.1f s)', epoch + 1,
                     '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds)
         logger.info('genotype = %r', genotype)
+        if benchmark is not None:
+            lookup = {'arch': genotype.arch, **benchmark.lookup(genotype.arch)}
+            logger.info('epoch %d: %s', epoch + 1, nb201.describe(lookup))
         if previous is not None:
             changed_choices, choices = genotype_changes(previous, genotype)
             logger.info('genotype: %d of %d choices (op or input) changed since epoch %d', changed_choices,
@@ -446,6 +510,8 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                   'space': args.space, 'genotype': json.loads(genotypes.to_json(genotype)),
                   'primitives': list(model.ops),
                   'importance': {k: np.asarray(v).round(6).tolist() for k, v in importance.items()}, **extra}
+        if lookup is not None:
+            record['benchmark'] = lookup
         runs.append_jsonl(log_path, record)
         genotypes.save(genotype, os.path.join(args.save, 'genotype.json'))
         runs.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
@@ -468,7 +534,8 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     runs.write_json(os.path.join(args.save, 'result.json'),
                      {'kind': 'search', 'method': args.method, 'space': args.space, 'dataset': args.dataset,
                       'seed': args.seed, 'epochs': args.epochs, 'settings': settings, **cost,
-                      'genotype': json.loads(genotypes.to_json(genotype))})
+                      'genotype': json.loads(genotypes.to_json(genotype)),
+                      **({'benchmark': final_lookup(benchmark, genotype, lookup)} if benchmark else {})})
     genotype_path = os.path.join(args.save, 'genotype.json')
     logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
                 args.space, genotype_path, genotype)
@@ -481,6 +548,14 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
     ], [f'python visualize.py {args.save}    (draw the cells and the importance over the epochs)',
         f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the cell)'],
         started)
+
+
+def final_lookup(benchmark, genotype, lookup) -> dict:
+    """The final genotype's benchmark record for result.json (the last epoch's, or looked up again after a
+    resume that ran no epoch)."""
+    if lookup is not None and lookup['arch'] == genotype.arch:
+        return lookup
+    return {'arch': genotype.arch, **benchmark.lookup(genotype.arch)}
 
 
 def arch_checksum(model, importance: dict) -> str:
