@@ -55,7 +55,7 @@ from train_search import parse_args as search_args
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--batch_size', type=int, nargs='+', default=[64], help='search batch sizes to time')
     p.add_argument('--retrain_batch_size', type=int, default=128, help='train_cifar.py batch (0: skip)')
     p.add_argument('--layers', type=int, default=8, help='cells of the search network')

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from runs import check_same, write_json
-from utils import UserError
+from utils import UserError, one_line
 
 CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465), 'cifar100': (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616), 'cifar100': (0.2673, 0.2564, 0.2762)}
@@ -96,11 +96,12 @@ def synthetic_transforms(train: bool, cutout: int = 0):
 
 def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic_size: int = 512,
                 seed: int = 0, *, image_size: int = 32, stats: dict | None = None, augment: bool = True,
-                autoaugment: bool = False):
-    """CIFAR-10/100 through torchvision (no download: the error says how), the synthetic data, or your own
-    images (`folder`: see folder_dataset; `stats` from data_stats, computed here when not given).
-    `augment=False` keeps the training split free of random augmentation (exactness checks); `autoaugment`
-    (CIFAR only) adds the CIFAR-10 AutoAugment policy to the training augmentation."""
+                autoaugment: bool = False, download: bool = True):
+    """CIFAR-10/100 through torchvision (downloaded into `root` when missing, as DARTS's scripts do, unless
+    `download` is False: the scripts' --no_download), the synthetic data, or your own images (`folder`: see
+    folder_dataset; `stats` from data_stats, computed here when not given). `augment=False` keeps the
+    training split free of random augmentation (exactness checks); `autoaugment` (CIFAR only) adds the
+    CIFAR-10 AutoAugment policy to the training augmentation."""
     if autoaugment and dataset not in ('cifar10', 'cifar100'):
         raise UserError(f'--autoaugment works on CIFAR images only; leave it out with --dataset {dataset}')
     if dataset == 'folder':
@@ -118,22 +119,63 @@ def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic
     import torchvision
     cls = torchvision.datasets.CIFAR10 if dataset == 'cifar10' else torchvision.datasets.CIFAR100
     name = 'CIFAR-10' if dataset == 'cifar10' else 'CIFAR-100'
-    download = (f'`python -c "import torchvision; torchvision.datasets.{cls.__name__}(\'{root}\', '
-                f'download=True)"`')
+    fetch = download_command(cls.__name__, root)
     if os.path.exists(root) and not os.path.isdir(root):
         raise UserError(f'--data {root} is a file, but it must be the folder that holds (or is to hold) the '
                         f'{name} data ({cls.base_folder}/ in torchvision\'s layout); pass that folder')
+    transform = cifar_transforms(dataset, train and augment, cutout, autoaugment)
+    folder = os.path.join(root, cls.base_folder)
     try:
-        return cls(root=root, train=train, download=False,
-                   transform=cifar_transforms(dataset, train and augment, cutout, autoaugment))
+        return cls(root=root, train=train, download=False, transform=transform)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
-        folder = os.path.join(root, cls.base_folder)
-        if os.path.isdir(folder) and os.listdir(folder):  # there, but torchvision's checksums disagree
-            raise UserError(f'the {name} files in {os.path.abspath(folder)} are damaged or incomplete (their '
-                            f'checksums do not match); delete that folder and download again with '
-                            f'{download}') from None
-        raise UserError(f'no {name} data in {os.path.abspath(root)}: download it there with {download}, or run '
-                        f'on made-up data with --dataset synthetic') from None
+        if not download:
+            if os.path.isdir(folder) and os.listdir(folder):  # there, but torchvision's checksums disagree
+                raise UserError(f'the {name} files in {os.path.abspath(folder)} are damaged or incomplete (their '
+                                f'checksums do not match); delete that folder and run again without '
+                                f'--no_download, or download again with {fetch}') from None
+            raise UserError(f'no {name} data in {os.path.abspath(root)}, and --no_download forbids fetching it: '
+                            f'drop --no_download, or download it with {fetch}, or run on made-up data with '
+                            f'--dataset synthetic') from None
+    download_cifar(cls, root, name)
+    try:
+        return cls(root=root, train=train, download=False, transform=transform)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+        raise UserError(f'the {name} files in {os.path.abspath(folder)} are damaged even after downloading them '
+                        f'again; delete {os.path.abspath(root)} and run again') from None
+
+
+def download_command(cls_name: str, root: str) -> str:
+    """The command that fetches CIFAR by hand (on a machine with internet access; copy `root` over)."""
+    return f'`python -c "import torchvision; torchvision.datasets.{cls_name}(\'{root}\', download=True)"`'
+
+
+def download_cifar(cls, root: str, name: str) -> None:
+    """Fetch CIFAR into `root` with torchvision's own download (it checks the archive's MD5). Several
+    processes that start at once (torchrun) take turns through a lock file in `root`: the first downloads, the
+    others find the files in place. An offline machine gets one sentence with the manual command."""
+    import urllib.error
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f'.{cls.base_folder}.lock'), 'w') as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # Windows: no lock (one process per machine there anyway)
+            pass
+        try:
+            cls(root=root, train=True, download=False)
+            return  # another process has just fetched it
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+            pass
+        print(f'{name} is not in {os.path.abspath(root)}: downloading it with torchvision (about 170 MB; '
+              f'--no_download forbids this)', flush=True)
+        try:
+            cls(root=root, train=True, download=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            reason = getattr(e, 'reason', None) or e
+            raise UserError(f'{name} could not be downloaded into {os.path.abspath(root)} ({one_line(str(reason))}); '
+                            f'if this machine is offline, run {download_command(cls.__name__, root)} on one '
+                            f'that is not and copy the {root} folder here, or run on made-up data with --dataset '
+                            f'synthetic') from None
 
 
 def make_loader(data, batch_size: int, shuffle: bool, workers: int, generator=None, sampler=None,

@@ -46,7 +46,7 @@ STAGE0 = '`python train_search.py --space darts --lambda_at 0`'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     src = p.add_argument_group('intensive space (give one)')
     src.add_argument('--space_from', default=None, metavar='SEARCH_LOG',
                      help=f'search_log.jsonl of a stage-0 search, {STAGE0}')
@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--n', type=int, default=2, help='epochs the superiority looks back (Eq. 3, Sec. 4.1)')
     p.add_argument('--T', type=int, default=2, help='candidates kept per node in the result (Sec. 3.2.2)')
     p.add_argument('--data', default='data', help='where CIFAR lives (torchvision layout)')
+    p.add_argument('--no_download', action='store_true',
+                   help='never download CIFAR (by default a missing CIFAR-10/100 is downloaded into --data)')
     p.add_argument('--dataset', default='cifar10', help=f'{" | ".join(datasets.DATASETS)}')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set that trains (DARTS)')
@@ -348,7 +350,8 @@ def main(argv=None) -> dict:
         for key, value in settings.items():
             runs.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
     device = utils.get_device(args.gpu, args.device)
-    data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size)
+    data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                                download=not args.no_download)
     train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
 
     logger = runs.get_logger(args.save, 'search_adwp')

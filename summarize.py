@@ -40,7 +40,7 @@ COLUMNS = ('kind', 'dataset', 'label', 'status', 'runs', 'error_mean', 'error_st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help='--save folders of training or search runs')
     p.add_argument('--csv', default='summary.csv', help='where to write the table as CSV (\'\': nowhere)')
     return p

@@ -16,7 +16,6 @@ Recipe (App. A1, read with Han et al.): 300 epochs, batch 32, SGD lr 0.025 momen
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -39,7 +38,7 @@ DEFAULT_LEARNING_RATE = 0.025  # App. A1
 # the run had started with it); --epochs may grow or shrink, as the schedule's milestones do not depend on it;
 # the others change only how the run is executed or logged.
 RESUME_MAY_CHANGE = ('learning_rate', 'epochs', 'workers', 'report_freq', 'gpu', 'device', 'amp', 'data', 'save',
-                     'resume')
+                     'resume', 'no_download')
 PYRAMID = 'pyramidnet'
 RESNET18 = 'resnet18'
 ARCHS = {'pyramidnet110': PYRAMID, 'resnet18': RESNET18}
@@ -359,8 +358,7 @@ def check_teacher_data(state: dict, path: str, classes: list[str] | None, image_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--arch', default='pyramidnet110', choices=sorted(ARCHS),
                    help='the AGS teacher, or the Table 1 study network')
     p.add_argument('--depth', type=int, default=110, help='PyramidNet depth (9n+2 bottleneck, 6n+2 basic)')
@@ -371,6 +369,8 @@ def parse_args(argv=None):
     p.add_argument('--dataset', default='cifar10', choices=datasets.DATASETS, help='the search dataset')
     p.add_argument('--data', default='data',
                    help='folder holding the CIFAR data; for --dataset folder, PATH with train/ and test/ or val/')
+    p.add_argument('--no_download', action='store_true',
+                   help='never download CIFAR (by default a missing CIFAR-10/100 is downloaded into --data)')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--epochs', type=int, default=300, help='App. A1')
@@ -451,9 +451,11 @@ def main(argv=None):
     device = utils.get_device(args.gpu, args.device)
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
     train_data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
-                                   seed=args.seed, image_size=args.image_size, stats=data_stats)
+                                   seed=args.seed, image_size=args.image_size, stats=data_stats,
+                                   download=not args.no_download)
     test_data = datasets.get_dataset(args.dataset, args.data, train=False, synthetic_size=args.synthetic_size,
-                                  seed=args.seed, image_size=args.image_size, stats=data_stats)
+                                  seed=args.seed, image_size=args.image_size, stats=data_stats,
+                                  download=not args.no_download)
     if args.batch_size > len(train_data):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} training '
                               f'images; use a smaller --batch_size')

@@ -47,15 +47,16 @@ WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
 # if the run had started with it); the others change only how the run is executed or logged.
 RESUME_MAY_CHANGE = ('learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'no_amp', 'no_channels_last',
-                     'data', 'save', 'resume')
+                     'data', 'save', 'resume', 'no_download')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Retrain a derived cell on CIFAR-10/100 (NOS Sec. 4.3).',
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description='Retrain a derived cell on CIFAR-10/100 (NOS Sec. 4.3).')
     p.add_argument('--data', default='data',
                    help='folder holding (or to hold) the CIFAR data; for --dataset folder, PATH with train/ and '
                         'test/ or val/, one folder of images per class')
+    p.add_argument('--no_download', action='store_true',
+                   help='never download CIFAR (by default a missing CIFAR-10/100 is downloaded into --data)')
     p.add_argument('--dataset', default='cifar10', choices=datasets.DATASETS,
                    help='synthetic: made-up CIFAR-shaped data, no download (smoke tests); folder: your images')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
@@ -140,9 +141,10 @@ def main(argv=None) -> dict:
 
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, save, ckpt, resume)
     train_data = datasets.get_dataset(args.dataset, args.data, True, args.cutout_length, args.synthetic_size,
-                                   image_size=args.image_size, stats=data_stats, autoaugment=args.autoaugment)
+                                   image_size=args.image_size, stats=data_stats, autoaugment=args.autoaugment,
+                                   download=not args.no_download)
     test_data = datasets.get_dataset(args.dataset, args.data, False, 0, args.synthetic_size,
-                                  image_size=args.image_size, stats=data_stats)
+                                  image_size=args.image_size, stats=data_stats, download=not args.no_download)
     num_classes = datasets.num_classes(args.dataset, args.data)
     if args.batch_size > len(train_data):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} training '

@@ -62,9 +62,8 @@ RESUME_MAY_CHANGE = ('learning_rate', 'batch_size', 'workers', 'report_freq', 'g
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description='Retrain a derived cell on ImageNet, mobile setting (NOS Sec. 4.3).',
-        formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(
+        description='Retrain a derived cell on ImageNet, mobile setting (NOS Sec. 4.3).')
     p.add_argument('--data', default='data/imagenet', help='folder with train/ and val/ (ImageFolder layout)')
     p.add_argument('--arch', default=None, help='a genotype named in genotypes.py (default DARTS_V2 unless '
                                                 '--genotype_file), or random:SEED, a genotype drawn '

@@ -53,7 +53,7 @@ DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
 # The flags that may change when a search resumes (README "Resume"); every other flag defines the run and
 # must match the checkpoint's. A learning rate takes effect from the resumed epoch.
 RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'data',
-                     'teacher', 'save', 'resume')
+                     'teacher', 'save', 'resume', 'no_download')
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
 # The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
 # method's paper value (its `defaults(args)`).
@@ -64,10 +64,11 @@ GENERIC_DEFAULTS = {'weight_decay': 3e-4, 'layers': 8, 'nesterov': False, 'stage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data', default='data',
                    help='where CIFAR lives (torchvision layout); for --dataset folder, PATH with train/CLASS/IMAGE')
+    p.add_argument('--no_download', action='store_true',
+                   help='never download CIFAR (by default a missing CIFAR-10/100 is downloaded into --data)')
     p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic | folder (your images)')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
@@ -367,7 +368,8 @@ def main(argv=None) -> None:
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
     data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
-                             image_size=args.image_size, stats=data_stats, augment=not args.no_augment)
+                             image_size=args.image_size, stats=data_stats, augment=not args.no_augment,
+                             download=not args.no_download)
     train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
     if args.batch_size > min(len(train_idx), len(val_idx)):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_idx)} images that '

@@ -249,6 +249,34 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Every script's parser: a bad command line is one line on stderr and exit code 2, like every other
+    error (`run_main`), instead of argparse's usage block: `error: unrecognized arguments: --lerning_rate
+    (did you mean --learning_rate?); see --help`. Help shows the defaults (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        prefix = 'unrecognized arguments: '
+        if message.startswith(prefix):
+            hints = [h for h in map(self._closest, message[len(prefix):].split()) if h]
+            if hints:
+                message += f' (did you mean {" and ".join(hints)}?)'
+        print(f'error: {message}; see --help', file=sys.stderr)
+        sys.exit(2)
+
+    def _closest(self, arg: str) -> str | None:
+        """The flag of this parser closest to a mistyped one (difflib), None where none is close."""
+        import difflib
+        if not arg.startswith('--'):
+            return None
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith('--')]
+        close = difflib.get_close_matches(arg.split('=', 1)[0], flags, n=1)
+        return close[0] if close else None
+
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Attention transfer (Zagoruyko & Komodakis, 2017; NOS Eq. 10 as fixed by spec §6)

@@ -27,7 +27,6 @@ heatmaps and end their lines in the evolution plots.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -476,8 +475,7 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('genotype', metavar='GENOTYPE_OR_JSON',
                    help='a genotype name in genotypes.py, a genotype.json, or a train_search.py --save folder')
     p.add_argument('--out', default=None, help='output folder (default: SAVE/plots for a search folder, '
