@@ -19,8 +19,15 @@ from utils import UserError, one_line
 
 CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465), 'cifar100': (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616), 'cifar100': (0.2673, 0.2564, 0.2762)}
-NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'synthetic': 10}  # 'folder': num_classes(), from the data
-DATASETS = ('cifar10', 'cifar100', 'synthetic', 'folder')
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'synthetic': 10, 'imagenet16-120': 120}  # 'folder': from the data
+DATASETS = ('cifar10', 'cifar100', 'synthetic', 'folder', 'imagenet16-120')
+# ImageNet16-120 (NAS-Bench-201): the downsampled ImageNet of Chrabaszcz et al. (2017) at 16x16, classes 1-120
+# of its 1000; mean and std in 0..1 (the benchmark's: 122.68, 116.66, 104.01 and 63.22, 61.26, 65.09 of 255)
+IMAGENET16_MEAN = (122.68 / 255, 116.66 / 255, 104.01 / 255)
+IMAGENET16_STD = (63.22 / 255, 61.26 / 255, 65.09 / 255)
+IMAGENET16_CLASSES = 120
+IMAGENET16_TRAIN = [f'train_data_batch_{i}' for i in range(1, 11)]
+IMAGENET16_VAL = ['val_data']
 
 
 class Cutout:
@@ -114,6 +121,8 @@ def get_dataset(dataset: str, root: str, train: bool, cutout: int = 0, synthetic
         if not train:  # the test split: samples after the training ones
             data = torch.utils.data.Subset(data, range(synthetic_size, synthetic_size + n))
         return data
+    if dataset == 'imagenet16-120':
+        return ImageNet16(root, train, imagenet16_transforms(train and augment))
     if dataset not in ('cifar10', 'cifar100'):
         raise UserError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
     import torchvision
@@ -176,6 +185,60 @@ def download_cifar(cls, root: str, name: str) -> None:
                             f'if this machine is offline, run {download_command(cls.__name__, root)} on one '
                             f'that is not and copy the {root} folder here, or run on made-up data with --dataset '
                             f'synthetic') from None
+
+
+def imagenet16_transforms(train: bool):
+    """NAS-Bench-201's ImageNet16 augmentation: random crop 16 with padding 2, horizontal flip, normalise."""
+    import torchvision.transforms as T
+    t = [T.RandomCrop(16, padding=2), T.RandomHorizontalFlip()] if train else []
+    return T.Compose(t + [T.ToTensor(), T.Normalize(IMAGENET16_MEAN, IMAGENET16_STD)])
+
+
+class ImageNet16(torch.utils.data.Dataset):
+    """ImageNet16-120 from the official downsampled-ImageNet files (Imagenet16_train.zip, Imagenet16_val.zip of
+    Chrabaszcz et al., 2017): pickled batches `train_data_batch_1` .. `_10` and `val_data` under `root` (or under
+    root/Imagenet16_train and root/Imagenet16_val, as they unzip), each a dict with 'data' (N, 768) uint8, the
+    R, G and B planes of a 16x16 image, and 'labels' 1..1000. Only labels 1..120 are kept, as 0..119. train:
+    the 151,700 training images; else the 6,000 validation images (NAS-Bench-201 splits them into its x-valid
+    and x-test halves of 3,000). No download: the error says where to put the files."""
+
+    def __init__(self, root: str, train: bool, transform=None, classes: int = IMAGENET16_CLASSES):
+        names = IMAGENET16_TRAIN if train else IMAGENET16_VAL
+        sub = 'Imagenet16_train' if train else 'Imagenet16_val'
+        folder = next((d for d in (root, os.path.join(root, sub)) if os.path.isfile(os.path.join(d, names[0]))),
+                      None)
+        if folder is None:
+            raise UserError(f'no ImageNet16 data in {os.path.abspath(root)}: unzip the downsampled ImageNet 16x16 '
+                            f'files (Imagenet16_train.zip, Imagenet16_val.zip from image-net.org) there, so that '
+                            f'{names[0]} lies in {root} or {os.path.join(root, sub)}')
+        data, labels = [], []
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, 'rb') as f:
+                    batch = pickle.load(f, encoding='latin1')
+                x, y = np.asarray(batch['data'], dtype=np.uint8), np.asarray(batch['labels'], dtype=np.int64)
+            except FileNotFoundError:
+                raise UserError(f'{path} is missing: the ImageNet16 {"training" if train else "validation"} set '
+                                f'is the files {", ".join(names)}; unzip all of them there') from None
+            except (OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
+                raise UserError(f'{path} is not a downsampled-ImageNet batch (a pickled dict with data and labels); '
+                                f'unzip the official files again') from None
+            keep = (y >= 1) & (y <= classes)
+            data.append(x[keep].reshape(-1, 3, 16, 16).transpose(0, 2, 3, 1))  # planes -> HWC images
+            labels.append(y[keep] - 1)
+        self.data = np.concatenate(data)
+        self.targets = np.concatenate(labels).tolist()
+        self.classes = list(range(classes))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = Image.fromarray(self.data[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
 
 
 def make_loader(data, batch_size: int, shuffle: bool, workers: int, generator=None, sampler=None,
@@ -392,8 +455,9 @@ def dataset_name(dataset: str, root: str) -> str:
 def check_image_size(dataset: str, image_size: int) -> None:
     """--image_size resizes your own images; CIFAR-style networks halve it twice (multiple of 4)."""
     if dataset != 'folder' and image_size != 32:
-        raise UserError(f'--image_size applies to --dataset folder only; {dataset} images are 32x32, drop the '
-                        f'flag')
+        raise UserError(f'--image_size applies to --dataset folder only; {dataset} images are '
+                        f'{16 if dataset == "imagenet16-120" else 32}x{16 if dataset == "imagenet16-120" else 32}, '
+                        f'drop the flag')
     if image_size < 8 or image_size % 4:
         raise UserError(f'--image_size must be a multiple of 4 and at least 8 (the networks halve it twice), '
                         f'got {image_size}')

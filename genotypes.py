@@ -599,8 +599,9 @@ def validate_nb201(genotype: NB201Genotype) -> NB201Genotype:
 
 
 def is_nb201_arch(text) -> bool:
-    """True for text written like an architecture string (it starts with a bar); `load` then parses it."""
-    return isinstance(text, str) and text.startswith('|')
+    """True for text written like an architecture string (a bar or a tilde, which no genotype name has);
+    `load` then parses it."""
+    return isinstance(text, str) and ('|' in text or '~' in text)
 
 
 # An example, not a searched result: the architecture of the string in NAS-Bench-201's own documentation.

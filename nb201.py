@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 
 from utils import UserError
 
@@ -43,7 +44,7 @@ SEARCH_EPOCHS = {'darts': 50, 'agnas': 50, 'gdas': 250}
 # tower, no drop-path. The evaluation network: C 16, N 5, affine BN.
 TRAIN_SCHEDULE = {
     'epochs': 200, 'learning_rate': 0.1, 'momentum': 0.9, 'nesterov': True, 'weight_decay': 5e-4,
-    'batch_size': 256, 'init_channels': 16, 'layers': 5, 'cutout_length': 0, 'auxiliary': False,
+    'batch_size': 256, 'init_channels': 16, 'layers': 15, 'cutout_length': 0, 'auxiliary': False,
     'drop_path_prob': 0.0, 'grad_clip': 0.0,
 }
 
@@ -78,7 +79,9 @@ def _full_unpickling():
     old = os.environ.get(key)
     os.environ[key] = '1'
     try:
-        yield
+        with warnings.catch_warnings():  # torch's note that the variable is set: we set it, for this load
+            warnings.filterwarnings('ignore', message='Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
+            yield
     finally:
         if old is None:
             del os.environ[key]

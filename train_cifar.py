@@ -5,6 +5,8 @@
     python train_cifar.py --arch DARTS_V2 --device cpu --dataset synthetic --epochs 2 --layers 5 \\
         --init_channels 8                                                       # a CPU smoke run
     python train_cifar.py --arch random:7 --save runs/random-7                  # Table 2's random baseline
+    python train_cifar.py --arch '|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|'
+                                              # a NAS-Bench-201 cell, trained with the benchmark's recipe
 
 The defaults are the paper's: 20 cells, 36 channels, auxiliary tower weight 0.4, cutout 16, drop-path 0.3
 (raised linearly from 0 over the epochs, as DARTS does), 600 epochs, batch 128, SGD momentum 0.9,
@@ -28,6 +30,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 
 import torch
@@ -35,9 +38,11 @@ from torch import nn
 
 import datasets
 import genotypes
+import nb201
 import runs
 import utils
 from model import NetworkCIFAR
+from model_nb201 import NB201Network
 
 DEFAULT_ARCH = 'DARTS_V2'
 DEFAULT_LEARNING_RATE = 0.25  # NOS App. A.1
@@ -62,9 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='training images of --dataset synthetic')
     p.add_argument('--arch', default=None,
-                   help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file), or '
+                   help=f'a genotype named in genotypes.py (default {DEFAULT_ARCH} unless --genotype_file), '
                         f'random:SEED, a genotype drawn uniformly from the NOS space (Table 2\'s random '
-                        f'baseline)')
+                        f'baseline), or a NAS-Bench-201 architecture string |op~0|+|op~0|op~1|+|...|')
+    p.add_argument('--nb201_schedule', action='store_true',
+                   help='NAS-Bench-201\'s own recipe for the flags not given: 200 epochs, SGD Nesterov lr 0.1 cosine '
+                        'to 0, wd 5e-4, batch 256, C 16, 15 cells, no cutout, aux tower or drop-path (the default '
+                        'for a NAS-Bench-201 architecture)')
+    p.add_argument('--nesterov', action='store_true', help='Nesterov momentum (on with --nb201_schedule)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
     p.add_argument('--epochs', type=int, default=600, help='NOS App. A.1')
     p.add_argument('--batch_size', type=int, default=128, help='NOS App. A.1')
@@ -99,12 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_flags(argv) -> set[str]:
+    """The flags named on the command line (`--name` or `--name=value`), without the dashes."""
+    return {a[2:].split('=')[0] for a in argv if isinstance(a, str) and a.startswith('--')}
+
+
+def apply_nb201_schedule(args, given: set[str], genotype, label: str) -> None:
+    """A NAS-Bench-201 architecture trains with the benchmark's recipe (nb201.TRAIN_SCHEDULE) in every flag
+    not given; --nb201_schedule asks for it explicitly and applies to NAS-Bench-201 architectures only. Its
+    network has no auxiliary tower and no drop-path: asking for them is refused."""
+    is_nb201 = isinstance(genotype, genotypes.NB201Genotype)
+    if args.nb201_schedule and not is_nb201:
+        raise utils.UserError(f'--nb201_schedule trains NAS-Bench-201 architectures (|op~0|+...|), and {label} is '
+                              f'not one; drop the flag or pass an architecture string')
+    if not is_nb201:
+        return
+    for flag in ('auxiliary', 'drop_path_prob'):
+        if flag in given and getattr(args, flag):
+            raise utils.UserError(f'--{flag} is refused for a NAS-Bench-201 architecture: its network has no '
+                                  f'auxiliary tower and no drop-path (the benchmark trains without them)')
+    args.nb201_schedule = True
+    for key, value in nb201.TRAIN_SCHEDULE.items():
+        if key not in given and not (key == 'auxiliary' and 'no_auxiliary' in given):
+            setattr(args, key, value)
+
+
 def main(argv=None) -> dict:
     started = time.time()
+    argv = list(argv) if argv is not None else None
     args = build_parser().parse_args(argv)
-    if args.weight_decay is None:
-        args.weight_decay = WEIGHT_DECAY[args.dataset]
     genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    apply_nb201_schedule(args, given_flags(sys.argv[1:] if argv is None else argv), genotype, label)
+    if args.weight_decay is None:
+        args.weight_decay = WEIGHT_DECAY.get(args.dataset, 5e-4)
     args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args)
     datasets.check_image_size(args.dataset, args.image_size)
@@ -153,16 +190,22 @@ def main(argv=None) -> dict:
         logger.info(datasets.folder_summary(data_stats, test_data))
 
     utils.set_seed(args.seed)
-    model = NetworkCIFAR(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
+    if isinstance(genotype, genotypes.NB201Genotype):
+        model = NB201Network(args.init_channels, num_classes, args.layers, genotype).to(device)
+        logger.info('NAS-Bench-201 network (C %d, %d cells) with the benchmark\'s recipe in every flag not given '
+                    '(--nb201_schedule)', args.init_channels, args.layers)
+    else:
+        model = NetworkCIFAR(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
     params = utils.count_params(model)
-    macs = utils.count_macs(model, (1, 3, args.image_size, args.image_size))
+    size = 16 if args.dataset == 'imagenet16-120' else args.image_size
+    macs = utils.count_macs(model, (1, 3, size, size))
     logger.info(f'weights {params / 1e6:.2f}M (without the auxiliary tower), multiply-adds {macs / 1e6:.1f}M '
-                f'per {args.image_size}x{args.image_size} image')
+                f'per {size}x{size} image')
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, nesterov=args.nesterov)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0.)
     criterion = nn.CrossEntropyLoss()
     start_epoch = 0
@@ -243,7 +286,8 @@ def main(argv=None) -> dict:
     runs.report_run(logger, save, [
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr'),
         ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'test error, weights, multiply-adds'),
-    ], [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started)
+    ], [] if isinstance(genotype, genotypes.NB201Genotype) else
+        [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started)
     print(line, flush=True)
     return result
 
