@@ -4,6 +4,7 @@ hours (NOS Sec. 4.3 reports "best and average of 10 independent runs"; methods.m
     python summarize.py runs/c10-seed*                     # retraining runs of train_cifar.py / train_imagenet.py
     python summarize.py runs/search-* --csv searches.csv   # searches of train_search.py
     python summarize.py runs/random-*                      # Table 2's random baseline: the first row is the best
+    python summarize.py runs/nb201-*                       # NAS-Bench-201 searches: also the benchmark table
 
 Each RUN_DIR is one run's --save folder:
 - retraining: SAVE/result.json, written at the end by train_cifar.py and train_imagenet.py. Runs are grouped
@@ -16,6 +17,9 @@ Each RUN_DIR is one run's --save folder:
 Rows are sorted by mean error. The std is the sample standard deviation (n - 1), as papers report over
 seeds. Hours are wall-clock hours per run (training and evaluation epochs, summed over --resume sessions);
 GPU-hours are those times the number of processes, known where the run says it ran on CUDA.
+NAS-Bench-201 searches run with --benchmark also get the table papers print on that space (AGNAS Table 3): per
+method and search data set, the runs, the mean ± std over them of the benchmark's test accuracy of the final
+cell on CIFAR-10, CIFAR-100 and ImageNet16-120, and the search cost (hours per run).
 A run without a result yet (still running, or stopped) is listed as such; a directory that is not a run is
 named on stderr and skipped. The table also goes to --csv (one row per group, and one per unfinished run).
 """
@@ -268,6 +272,42 @@ def write_csv(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+NB201_TESTS = (('cifar10_test', 'CIFAR-10'), ('cifar100_test', 'CIFAR-100'), ('imagenet16_test', 'ImageNet16-120'))
+
+
+def nb201_rows(run_dirs) -> list[dict]:
+    """One row per (method, search data set) over the finished NAS-Bench-201 searches whose final cell was
+    looked up (result.json's `benchmark`): runs, mean and sample std of each test accuracy, hours per run."""
+    groups: dict = {}
+    for path in run_dirs:
+        result = _read_json(os.path.join(path, 'result.json')) if os.path.isdir(path) else None
+        if not result or result.get('kind') != 'search' or result.get('space') != 'nb201' or \
+                result.get('benchmark', {}).get('index', -1) < 0:
+            continue
+        groups.setdefault((result.get('method', '?'), result.get('dataset', '?')), []).append(result)
+    rows = []
+    for (method, dataset), members in sorted(groups.items()):
+        row = {'method': method, 'dataset': dataset, 'runs': len(members),
+               'hours_per_run': _mean([_hours(m)[0] for m in members])}
+        for key, _ in NB201_TESTS:
+            values = [m['benchmark'][key] for m in members if m['benchmark'].get(key) is not None]
+            row[f'{key}_mean'] = _mean(values)
+            row[f'{key}_std'] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def format_nb201(rows: list[dict]) -> str:
+    head = ('method', 'searched on', 'runs') + tuple(f'{name} test %' for _, name in NB201_TESTS) + ('hours/run',)
+    body = [(r['method'], r['dataset'], str(r['runs']),
+             *(f'{_fmt(r[f"{k}_mean"])} ± {_fmt(r[f"{k}_std"])}' for k, _ in NB201_TESTS), _fmt(r['hours_per_run'], 3))
+            for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ['NAS-Bench-201: the benchmark\'s test accuracy of the final cell (mean ± std over runs)']
+    lines += ['  '.join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     runs = []
@@ -282,6 +322,9 @@ def main(argv=None) -> list[dict]:
                               f'folder of train_cifar.py, train_imagenet.py or train_search.py)')
     rows = summarize(runs)
     print(format_table(rows))
+    nb = nb201_rows(args.run_dirs)
+    if nb:
+        print('\n' + format_nb201(nb))
     if args.csv:
         write_csv(args.csv, rows)
         print(f'\nwrote {args.csv}')

@@ -453,3 +453,56 @@ def test_nb201_schedule_refusals(capsys):
     assert 'trains NAS-Bench-201 architectures' in capsys.readouterr().err
     assert run(train_cifar.main, ['--arch', BEST, '--drop_path_prob', '0.2', '--device', 'cpu']) == 2
     assert 'no auxiliary tower and no drop-path' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table and the figure papers print
+
+
+def fake_search(folder, method, seed, c10, c100, in16, archs):
+    """A finished NAS-Bench-201 search folder: one log record per epoch (its cell in `archs`), result.json."""
+    os.makedirs(folder)
+    bench = {'index': 3, 'cifar10_test': c10, 'cifar100_test': c100, 'imagenet16_test': in16}
+    with open(os.path.join(folder, 'search_log.jsonl'), 'w') as f:
+        f.writelines(json.dumps({'epoch': e, 'method': method, 'space': 'nb201', 'primitives': NB201_PRIMITIVES,
+                                'alphas_normal': [[0.2] * 5] * 6, 'importance': {}, 'cell_genotypes': [],
+                                'genotype': {'nb201': arch}, 'val_acc': 50., 'seconds': 1800.,
+                                'benchmark': {**bench, 'arch': arch, 'cifar10_test': c10 - len(archs) + e}}) + '\n' for e, arch in enumerate(archs, 1))
+    runs.write_json(os.path.join(folder, 'result.json'),
+                    {'kind': 'search', 'method': method, 'space': 'nb201', 'dataset': 'cifar10', 'seed': seed,
+                     'epochs': len(archs), 'wall_seconds': 3600. * seed, 'cpu_hours': seed,
+                     'genotype': {'nb201': archs[-1]}, 'benchmark': {**bench, 'arch': archs[-1]}})
+
+
+def test_summarize_prints_the_nb201_table(tmp_path, capsys):
+    import summarize
+    dirs = []
+    for seed, (c10, c100, in16) in enumerate([(94., 72., 45.), (93., 70., 44.), (92., 71., 46.)], 1):
+        dirs.append(tmp_path / f'agnas-{seed}')
+        fake_search(dirs[-1], 'agnas', seed, c10, c100, in16, [BEST])
+    dirs.append(tmp_path / 'darts-1')
+    fake_search(dirs[-1], 'darts', 1, 54.3, 15.61, 16.32, [ALL_SKIP])
+    rows = summarize.nb201_rows([str(d) for d in dirs])
+    assert [(r['method'], r['runs']) for r in rows] == [('agnas', 3), ('darts', 1)]
+    agnas = rows[0]
+    assert agnas['cifar10_test_mean'] == pytest.approx(93.) and agnas['cifar10_test_std'] == pytest.approx(1.)
+    assert agnas['cifar100_test_mean'] == pytest.approx(71.) and agnas['cifar100_test_std'] == pytest.approx(1.)
+    assert agnas['imagenet16_test_mean'] == pytest.approx(45.) and agnas['hours_per_run'] == pytest.approx(2.)
+    assert rows[1]['cifar10_test_std'] is None
+    summarize.main([str(d) for d in dirs] + ['--csv', ''])
+    out = capsys.readouterr().out
+    assert 'NAS-Bench-201' in out and '93.00 ± 1.00' in out and '54.30 ± -' in out
+
+
+def test_visualize_draws_app_b_figure(tmp_path):
+    pytest.importorskip('matplotlib')
+    import visualize
+    a, b = tmp_path / 'darts', tmp_path / 'agnas'
+    fake_search(a, 'darts', 1, 54.3, 15.6, 16.3, [BEST, ALL_SKIP, ALL_SKIP])
+    fake_search(b, 'agnas', 1, 93., 70., 44., [ALL_SKIP, BEST, BEST])
+    assert visualize.count_skips(ALL_SKIP) == 6 and visualize.count_skips(BEST) == 1
+    visualize.main([str(a), str(b), '--out', str(tmp_path / 'plots')])
+    assert (tmp_path / 'plots' / 'nb201_epochs.png').stat().st_size > 0
+    dot = (tmp_path / 'plots' / 'cell.dot').read_text()
+    assert 'n0 -> n1 [label="skip_connect"' in dot and dot.count('->') == 6  # the first folder's final cell
+    assert 'n0 -> n1' not in visualize.nb201_dot(genotypes.load('|none~0|+|none~0|none~1|+|none~0|none~1|none~2|'))

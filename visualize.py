@@ -3,6 +3,7 @@
     python visualize.py NOS_EXAMPLE                    # a genotype name in genotypes.py
     python visualize.py search-xxx/genotype.json       # the JSON that train_search.py writes
     python visualize.py search-xxx                     # a search --save folder: cells + heatmaps of A
+    python visualize.py nb201-darts-s* nb201-agnas-s*  # NAS-Bench-201 searches: AGNAS App. B's figure
 
 Cells (both tiers of the heterogeneous residual block, Sec. 3.2, Fig. 2): per block k, the first-tier
 edges from two earlier nodes into the surrogate node k', and the second-tier edge k' -> k. Edges are
@@ -21,6 +22,10 @@ A staged genotype (AGNAS: one normal cell per stage, one cell per reduction) dra
 OUT/normal_stage{1,2,3}.dot and OUT/reduce_{1,2}.dot. For an AGNAS search folder (`--method agnas`), the
 heatmaps are OUT/importance_cells.FORMAT: the mean gates of every supernet cell after the last epoch, each
 cell's derived ops outlined and the cells the staged genotype took marked in their titles.
+NAS-Bench-201 (--space nb201): the cell as its architecture string draws it (OUT/cell.dot, nodes 0..3, a
+`none` edge left out), and for one or more search folders OUT/nb201_epochs.FORMAT, AGNAS App. B's figure:
+per epoch the benchmark's CIFAR-10 test accuracy of the derived cell (where the search had --benchmark) and
+the number of skip connections in it, one line per run (OUT defaults to the first folder's plots/).
 the epochs) through matplotlib (optional). A search that prunes ops (--method eoinas) also gets the same
 two plots of its importance matrix I (OUT/importance_*.FORMAT), and pruned ops are crossed out in the
 heatmaps and end their lines in the evolution plots.
@@ -131,7 +136,59 @@ def genotype_dots(genotype: Genotype) -> dict[str, str]:
     genotype = genotypes.validate(genotype)
     if isinstance(genotype, genotypes.StagedGenotype):
         return staged_dots(genotype)
+    if isinstance(genotype, genotypes.NB201Genotype):
+        return {'cell': nb201_dot(genotype)}
     return {'normal': cell_dot(genotype.normal, 'normal'), 'reduce': cell_dot(genotype.reduce, 'reduce')}
+
+
+def nb201_dot(genotype: genotypes.NB201Genotype) -> str:
+    """A NAS-Bench-201 cell: nodes 0 (input) .. 3 (output), one labelled edge per op; `none` edges are left out."""
+    lines = ['digraph cell {', '  rankdir=LR;', f'  label="NAS-Bench-201 {genotype.arch}"; labelloc=t; fontsize=10;',
+             '  node [shape=circle];']
+    lines += [f'  n{i} [label="{i}"];' for i in range(genotypes.NB201_NODES)]
+    lines += [f'  n{j} -> n{i} [label="{op}", color="{KIND_COLOR["feature"]}"];'
+              for op, j, i in genotype.edges() if op != 'none']
+    return '\n'.join(lines + ['}']) + '\n'
+
+
+def count_skips(arch: str) -> int:
+    """Skip connections in a NAS-Bench-201 cell (AGNAS App. B counts them per epoch)."""
+    return genotypes.NB201Genotype(arch).ops().count('skip_connect')
+
+
+def plot_nb201(runs_records: list[tuple[str, list[dict]]], out: str, fmt: str) -> list[str]:
+    """AGNAS App. B: per epoch, the derived cell's benchmark CIFAR-10 test accuracy (runs with --benchmark)
+    and its number of skip connections, one line per run."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('note: matplotlib is not installed (pip install matplotlib), so the NAS-Bench-201 curves are not '
+              'drawn', file=sys.stderr)
+        return []
+    looked_up = any('benchmark' in r for _, recs in runs_records for r in recs)
+    fig, axes = plt.subplots(1, 2 if looked_up else 1, figsize=(11 if looked_up else 5.5, 4), squeeze=False)
+    skip_ax = axes[0, -1]
+    for label, recs in runs_records:
+        epochs = [r['epoch'] for r in recs]
+        skip_ax.plot(epochs, [count_skips(r['genotype']['nb201']) for r in recs], marker='.', label=label)
+        if looked_up:
+            acc = [r.get('benchmark', {}).get('cifar10_test') for r in recs]
+            axes[0, 0].plot(epochs, [math.nan if a is None else a for a in acc], marker='.', label=label)
+    skip_ax.set(xlabel='epoch', ylabel='skip connections in the derived cell', ylim=(-0.2, 6.2),
+                title='skip connections (of 6 edges)')
+    if looked_up:
+        axes[0, 0].set(xlabel='epoch', ylabel='CIFAR-10 test accuracy (%)', title='benchmark accuracy of the derived cell')
+        axes[0, 0].legend(fontsize=7)
+    else:
+        skip_ax.legend(fontsize=7)
+        print('note: no run was searched with --benchmark, so only the skip connections are drawn', file=sys.stderr)
+    fig.tight_layout()
+    path = os.path.join(out, f'nb201_epochs.{fmt}')
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
 
 
 def staged_dots(genotype: genotypes.StagedGenotype) -> dict[str, str]:
@@ -183,6 +240,7 @@ def read_search_log(path: str) -> list[dict]:
                 raise UserError(f'{path} line {n} is not valid JSON; the file is damaged (a search writes one '
                                 f'JSON object per epoch)') from None
             needed = ({'importance', 'cell_genotypes'} if rec.get('method') == 'agnas'  # gates, not A
+                      else {'alphas_normal'} if rec.get('space') == 'nb201'  # one matrix
                       else {'alphas_normal', 'alphas_reduce'})
             missing = ({'epoch', 'primitives'} | needed) - set(rec)
             if missing:
@@ -476,8 +534,9 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
 
 def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('genotype', metavar='GENOTYPE_OR_JSON',
-                   help='a genotype name in genotypes.py, a genotype.json, or a train_search.py --save folder')
+    p.add_argument('genotype', metavar='GENOTYPE_OR_JSON', nargs='+',
+                   help='a genotype name in genotypes.py, a genotype.json, or a train_search.py --save folder; '
+                        'several --space nb201 search folders: one line each in nb201_epochs.FORMAT')
     p.add_argument('--out', default=None, help='output folder (default: SAVE/plots for a search folder, '
                    'plots/NAME for a name, plots_STEM next to a JSON file)')
     p.add_argument('--format', default=DEFAULT_FORMAT, choices=['png', 'pdf', 'svg'])
@@ -486,7 +545,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    genotype, records, default_out = load_input(args.genotype)
+    inputs = [load_input(a) for a in args.genotype]
+    nb201_runs = [(os.path.basename(os.path.normpath(a)) + f' ({recs[-1].get("method", "?")})', recs)
+                  for a, (g, recs, _) in zip(args.genotype, inputs)
+                  if isinstance(g, genotypes.NB201Genotype) and recs is not None]
+    if len(inputs) > 1 and len(nb201_runs) < len(inputs):
+        raise UserError('several inputs are drawn together only as NAS-Bench-201 search folders (--space nb201); '
+                        'pass one genotype or folder at a time otherwise')
+    genotype, records, default_out = inputs[0]
     out = args.out or default_out
     runs.check_folder(out, '--out')
     dots = genotype_dots(genotype)
@@ -495,7 +561,9 @@ def main(argv=None) -> None:
         with open(os.path.join(out, f'{name}.dot'), 'w') as f:
             f.write(text)
     written = render_cells(dots, out, args.format)
-    if records is not None and records[-1].get('method') == 'agnas':
+    if nb201_runs:
+        written += plot_nb201(nb201_runs, out, args.format)
+    elif records is not None and records[-1].get('method') == 'agnas':
         written += plot_importance(records, out, args.format)
     elif records is not None:
         written += plot_alphas(records, out, args.format)
