@@ -127,13 +127,14 @@ def make_search(space: str, lambda_at: float, batch: int, args, device, teacher,
     implementation, their default on CUDA (issue 11's rule); gradient clipping already does on every device.
     """
     torch.manual_seed(0)
+    layers = NB201_LAYERS if space == 'nb201' else args.layers
     if method == 'darts':
-        model = Network(args.init_channels, 10, args.layers, space=space, fast=fast).to(device)
+        model = Network(args.init_channels, 10, layers, space=space, fast=fast).to(device)
         architect = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=6e-4,
                               arch_weight_decay=1e-3, lambda_at=lambda_at)
     else:
         sargs = search_args(['--method', method, '--space', space, '--lambda_at', str(lambda_at), '--layers',
-                             str(args.layers), '--init_channels', str(args.init_channels), *flags]
+                             str(layers), '--init_channels', str(args.init_channels), *flags]
                             + ([] if fast else ['--no_fast']))
         model = METHODS[method].build_model(sargs, 10).to(device)
         if alive is not None:
@@ -285,7 +286,12 @@ COUNT_ROWS = (  # (label, method, space, AGS, fast): the DARTS reference first; 
     ('AGNAS, DARTS space, fast', 'agnas', 'darts', False, True),
     ('AGNAS, NOS, plain', 'agnas', 'nos', False, False),
     ('AGNAS, NOS, fast', 'agnas', 'nos', False, True),
+    # NAS-Bench-201's search network (15 cells at --init_channels; reference cells: its fast path is owed)
+    ('NB201, darts, plain', 'darts', 'nb201', False, False),
+    ('NB201, EoiNAS, plain', 'eoinas', 'nb201', False, False),
+    ('NB201, AGNAS, plain', 'agnas', 'nb201', False, False),
 )
+NB201_LAYERS = 15  # the benchmark's N = 5 cells per stage, whatever --layers says for the other rows
 
 
 def count_table(args) -> list[dict]:
