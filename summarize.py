@@ -16,7 +16,8 @@ Each RUN_DIR is one run's --save folder:
   validation error at the last epoch.
 Rows are sorted by mean error. The std is the sample standard deviation (n - 1), as papers report over
 seeds. Hours are wall-clock hours per run (training and evaluation epochs, summed over --resume sessions);
-GPU-hours are those times the number of processes, known where the run says it ran on CUDA.
+GPU-hours are those times the number of processes, known where the run says it ran on CUDA; CPU time is the
+process time of a run on the CPU (data-loading workers included), in hours, where the run measured it.
 NAS-Bench-201 searches run with --benchmark also get the table papers print on that space (AGNAS Table 3): per
 method and search data set, the runs, the mean ± std over them of the benchmark's test accuracy of the final
 cell on CIFAR-10, CIFAR-100 and ImageNet16-120, and the search cost (hours per run).
@@ -40,7 +41,8 @@ from genotypes import OP_SUBSETS
 RUN_FILES = ('result.json', 'search_result.json', 'search_log.jsonl', 'metrics.jsonl', 'checkpoint.pt',
              'log.txt')
 COLUMNS = ('kind', 'dataset', 'label', 'status', 'runs', 'error_mean', 'error_std', 'error_best', 'top5_mean',
-           'params_M', 'macs_M', 'hours_per_run', 'gpu_hours_per_run', 'device', 'precision', 'seeds', 'dirs')
+           'params_M', 'macs_M', 'hours_per_run', 'gpu_hours_per_run', 'cpu_time_hours_per_run', 'device', 'precision',
+           'seeds', 'dirs')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,13 +69,29 @@ def _checkpoint(path: str) -> dict:
 
 
 def _hours(record: dict) -> tuple[float | None, float | None]:
-    """(wall-clock hours, GPU-hours) of a finished run's record; None where unknown."""
+    """(wall-clock hours, GPU-hours) of a finished run's record; None where unknown. (A search's result.json
+    from before CPU time was measured has `cpu_hours`, which were wall-clock hours: `wall_seconds` says the
+    same, and its CPU time stays unknown.)"""
     gpu = record.get('gpu_hours')
     seconds = record.get('seconds', record.get('wall_seconds'))
     hours = seconds / 3600 if isinstance(seconds, (int, float)) else record.get('hours')
     if gpu is None and hours is not None and record.get('device') == 'cuda':
         gpu = hours * record.get('processes', record.get('world_size', 1))
     return hours, gpu
+
+
+def _cpu_hours(record: dict) -> float | None:
+    """CPU time in hours (process time, data-loading workers included) of a run on the CPU; None where not
+    measured (a GPU run, or an older result.json)."""
+    return record.get('cpu_time_hours')
+
+
+def _cpu_hours_of_log(log: list[dict]) -> float | None:
+    """CPU time in hours summed over a search log's epochs; None if an epoch lacks it (a GPU run keeps it
+    too, but there the cost is GPU-hours)."""
+    if not log or not all('cpu_seconds' in r for r in log):
+        return None
+    return sum(r['cpu_seconds'] for r in log) / 3600
 
 
 def read_run(path: str) -> dict:
@@ -125,7 +143,7 @@ def _read_training(path: str, result: dict) -> dict:
     genotype = json.dumps(result.get('genotype'), sort_keys=True)
     return {'status': 'done', 'dir': path, 'kind': 'train', 'dataset': result.get('dataset', '?'),
             'label': result.get('arch', '?'), 'error': error, 'top5': top5, 'params_M': result.get('params_M'),
-            'macs_M': result.get('macs_M'), 'hours': hours, 'gpu_hours': gpu,
+            'macs_M': result.get('macs_M'), 'hours': hours, 'gpu_hours': gpu, 'cpu_time_hours': _cpu_hours(result),
             'device': result.get('device_name', result.get('device')), 'precision': result.get('precision'),
             'seed': result.get('seed'),
             'key': ('train', result.get('dataset'), genotype, result.get('params'), result.get('macs'))}
@@ -184,7 +202,9 @@ def _read_search(path: str, final: dict | None, log: list[dict]) -> dict:
             gpu = hours if device == 'cuda' else None
     return {'status': 'done', 'dir': path, 'kind': 'search', 'dataset': dataset, 'label': label,
             'error': 100. - val_acc, 'top5': None, 'params_M': None, 'macs_M': None, 'hours': hours,
-            'gpu_hours': gpu, 'device': device,
+            'gpu_hours': gpu, 'cpu_time_hours': (_cpu_hours(final) if final else None if device == 'cuda'
+                                                 else _cpu_hours_of_log(log)),
+            'device': device,
             'precision': final.get('precision'), 'seed': seed,
             'key': ('search', dataset, json.dumps(settings, sort_keys=True, default=str))}
 
@@ -215,6 +235,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             'macs_M': members[0]['macs_M'], 'hours_per_run': _mean(m['hours'] for m in members),
             'gpu_hours_per_run': (_mean(m['gpu_hours'] for m in members)
                                   if all(m['gpu_hours'] is not None for m in members) else None),
+            'cpu_time_hours_per_run': (_mean(m['cpu_time_hours'] for m in members)
+                                       if all(m['cpu_time_hours'] is not None for m in members) else None),
             'device': _join(m['device'] for m in members), 'precision': _join(m['precision'] for m in members),
             'seeds': _join(m['seed'] for m in members), 'dirs': ' '.join(m['dir'] for m in members)})
     rows.sort(key=lambda r: (r['kind'] != 'train', r['dataset'], r['error_mean']))
@@ -234,7 +256,7 @@ def _fmt(value, digits: int = 2) -> str:
 def format_table(rows: list[dict]) -> str:
     """The rows as the fixed-width text table that summarize.py prints."""
     head = ('kind', 'dataset', 'genotype / settings', 'runs', 'error % (mean ± std)', 'best', 'top-5',
-            'weights (M)', 'mult-adds (M)', 'hours/run', 'GPU-h/run', 'device')
+            'weights (M)', 'mult-adds (M)', 'hours/run', 'GPU-h/run', 'CPU-time h/run', 'device')
     lines = []
     done = [r for r in rows if r['status'] == 'done']
     body = []
@@ -243,7 +265,8 @@ def format_table(rows: list[dict]) -> str:
         device = ' '.join(x for x in (r['device'], r['precision']) if x) or '-'
         body.append((r['kind'], r['dataset'], r['label'], str(r['runs']), mean, _fmt(r['error_best']),
                      _fmt(r['top5_mean']), _fmt(r['params_M']), _fmt(r['macs_M'], 1),
-                     _fmt(r['hours_per_run'], 3), _fmt(r['gpu_hours_per_run'], 3), device))
+                     _fmt(r['hours_per_run'], 3), _fmt(r['gpu_hours_per_run'], 3),
+                     _fmt(r['cpu_time_hours_per_run'], 4), device))
     if body:
         widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
         for row in [head] + body:

@@ -112,3 +112,20 @@ def test_no_download_forbids_it(offline, tmp_path, capsys):
     assert not offline  # nothing was fetched
     err = capsys.readouterr().err
     assert '--no_download forbids fetching it' in err and 'download=True' in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The search cost on the CPU: CPU time, not wall-clock time
+
+
+def test_cpu_seconds_count_children_and_not_sleep():
+    import subprocess
+    import sys
+    import time
+    before = utils.cpu_seconds()
+    time.sleep(0.3)  # waiting costs no CPU time
+    assert utils.cpu_seconds() - before < 0.15
+    before = utils.cpu_seconds()
+    # a child that burns 0.3 s of its own CPU time (as a DataLoader worker does), ended and waited for
+    subprocess.run([sys.executable, '-c', 'import time\nwhile time.process_time() < 0.3: pass'], check=True)
+    assert utils.cpu_seconds() - before >= 0.3

@@ -131,3 +131,32 @@ def test_a_final_search_result_wins(tmp_path):
     os.rename(tmp_path / 's' / 'search_result.json', tmp_path / 's' / 'result.json')
     (row,) = summarize.main([path, '--csv', ''])
     assert row['kind'] == 'search' and row['gpu_hours_per_run'] == pytest.approx(8.4)
+
+
+def test_a_cpu_search_reports_cpu_time_and_old_results_stay_readable(tmp_path, capsys):
+    """A search on the CPU states CPU time (process time), not wall-clock CPU-hours; a result.json written
+    before that (its `cpu_hours` were wall-clock hours) is still read, with its CPU time unknown."""
+    settings = {'dataset': 'cifar10', 'space': 'darts', 'lambda_at': 0., 'unrolled': False, 'epochs': 2}
+    new = search_run(tmp_path, 'new', [50., 60.], 1)
+    (tmp_path / 'new' / 'result.json').write_text(json.dumps(
+        {'kind': 'search', 'method': 'darts', 'seed': 1, 'val_acc': 60., 'settings': settings, 'device': 'cpu',
+         'wall_seconds': 7200., 'processes': 1, 'cpu_time_seconds': 2700., 'cpu_time_hours': 0.75}))
+    old = search_run(tmp_path, 'old', [50., 60.], 2)
+    (tmp_path / 'old' / 'result.json').write_text(json.dumps(
+        {'kind': 'search', 'method': 'darts', 'seed': 2, 'val_acc': 60., 'settings': settings, 'device': 'cpu',
+         'wall_seconds': 7200., 'processes': 1, 'cpu_hours': 2.0}))
+    (row,) = summarize.main([new, '--csv', ''])
+    assert row['hours_per_run'] == pytest.approx(2.) and row['cpu_time_hours_per_run'] == pytest.approx(0.75)
+    assert row['gpu_hours_per_run'] is None
+    out = capsys.readouterr().out
+    assert 'CPU-time h/run' in out and '0.7500' in out
+    (row,) = summarize.main([old, '--csv', ''])
+    assert row['hours_per_run'] == pytest.approx(2.) and row['cpu_time_hours_per_run'] is None
+    # the epochs' own CPU time where the search wrote no result.json
+    log = tmp_path / 'log'
+    log.mkdir()
+    for epoch in (1, 2):
+        runs.append_jsonl(str(log / 'search_log.jsonl'), {'epoch': epoch, 'val_acc': 60., 'seconds': 1800.,
+                                                          'cpu_seconds': 900., 'settings': settings})
+    (row,) = summarize.main([str(log), '--csv', ''])
+    assert row['cpu_time_hours_per_run'] == pytest.approx(0.5)

@@ -265,7 +265,10 @@ def test_distillation_only_uses_the_teacher_in_the_weight_step_alone(tmp_path, t
     with open(tmp_path / 'result.json') as f:
         result = json.load(f)
     assert result['kind'] == 'search' and result['epochs'] == 1 and result['settings']['at_levels'] == 'weights'
-    assert result['wall_seconds'] == pytest.approx(r['seconds'], abs=0.1) and 'cpu_hours' in result
+    assert result['wall_seconds'] == pytest.approx(r['seconds'], abs=0.1) and 'gpu_hours' not in result
+    # on the CPU the cost is CPU time, the sum of the epochs' own (not the wall-clock time)
+    assert result['cpu_time_seconds'] == pytest.approx(r['cpu_seconds'], abs=0.1) and r['cpu_seconds'] > 0
+    assert result['cpu_time_hours'] == pytest.approx(r['cpu_seconds'] / 3600, abs=1e-4)
 
 
 def test_method_defaults_fill_only_flags_not_given():

@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
         train_loader = datasets.make_loader(train_data, args.batch_size, True, args.workers, generator=g,
                                          drop_last=drop_last, pin=cuda)
         progress = utils.Progress(len(train_loader), args.report_freq, logger, f'epoch {epoch + 1} ')
-        start = time.time()
+        start, cpu_start = time.time(), utils.cpu_seconds()
         train_loss, train_acc = utils.train_epoch(
             model, train_loader, optimizer, criterion, device,
             aux_weight=args.auxiliary_weight if args.auxiliary else 0., grad_clip=args.grad_clip,
@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
         datasets.log_unreadable(train_data, logger)
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
-        seconds = time.time() - start
+        seconds, cpu = time.time() - start, utils.cpu_seconds() - cpu_start
         logger.info(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} drop_path {model.drop_path_prob:.3f} '
                     f'train_loss {train_loss:.4f} train_acc {train_acc:.2f} test_loss {test[0]:.4f} '
                     f'test_acc {test[1]:.2f} test_top5 {test[2]:.2f} ({seconds:.0f}s)')
@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
         runs.append_jsonl(metrics_path, {
             'epoch': epoch + 1, 'lr': lr, 'drop_path_prob': model.drop_path_prob, 'train_loss': train_loss,
             'train_acc': train_acc, 'test_loss': test[0], 'test_acc': test[1], 'test_top5': test[2],
-            'seconds': seconds})
+            'seconds': seconds, 'cpu_seconds': cpu})
         runs.save_checkpoint({
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label, 'genotype': genotype_json,
@@ -280,6 +280,9 @@ def main(argv=None) -> dict:
         'seconds': sum(r['seconds'] for r in runs.read_jsonl(metrics_path)),
         **runs.run_info(device, amp_dtype),
     }
+    epochs_run = runs.read_jsonl(metrics_path)
+    if not cuda and all('cpu_seconds' in r for r in epochs_run):  # the cost of a CPU run: its CPU time
+        result['cpu_time_hours'] = sum(r['cpu_seconds'] for r in epochs_run) / 3600
     runs.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'
     logger.info(f'wrote {os.path.join(save, "result.json")}')

@@ -302,17 +302,31 @@ def settings_of(args) -> dict:
 
 
 def search_cost(log_path: str, device: torch.device, world: int = 1) -> dict:
-    """Total search time from the per-epoch records (so a resumed run counts every epoch once); device-hours
-    count every process."""
-    seconds = 0.
-    with open(log_path) as f:
-        for line in f:
-            if line.strip():
-                seconds += json.loads(line)['seconds']
-    unit = 'gpu_hours' if device.type == 'cuda' else 'cpu_hours'
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    return {'wall_seconds': round(seconds, 1), unit: round(world * seconds / 3600, 4), 'device': name,
-            'processes': world}
+    """The search cost from the per-epoch records (so a resumed run counts every epoch once): on a GPU,
+    GPU-hours (wall-clock hours times the processes, one GPU each); on the CPU, CPU time (`cpu_seconds` of the
+    records: the process time of every process, data-loading workers included), since the wall-clock time of a
+    shared machine overstates it. Older logs without cpu_seconds give wall_seconds only."""
+    records = runs.read_jsonl(log_path)
+    seconds = sum(r['seconds'] for r in records)
+    cost = {'wall_seconds': round(seconds, 1), 'processes': world}
+    if device.type == 'cuda':
+        return {**cost, 'gpu_hours': round(world * seconds / 3600, 4), 'device': torch.cuda.get_device_name(device)}
+    cost['device'] = 'cpu'
+    if all('cpu_seconds' in r for r in records):
+        cpu = sum(r['cpu_seconds'] for r in records)
+        cost.update(cpu_time_seconds=round(cpu, 1), cpu_time_hours=round(cpu / 3600, 4))
+    return cost
+
+
+def describe_cost(cost: dict, epochs: int) -> str:
+    """The log line of the search cost, naming what is counted."""
+    text = f'search cost: {cost["wall_seconds"]:.1f} s wall-clock over {epochs} epochs'
+    if 'gpu_hours' in cost:
+        return f'{text} = {cost["gpu_hours"]:.4f} GPU-hours on {cost["processes"]} x {cost["device"]}'
+    if 'cpu_time_seconds' in cost:
+        text += (f'; CPU time {cost["cpu_time_seconds"]:.1f} s = {cost["cpu_time_hours"]:.4f} CPU-hours (the process '
+                 f'time of {cost["processes"]} process(es), data-loading workers included)')
+    return text + ' on the CPU'
 
 
 def check_processes(args, world: int) -> None:
@@ -478,7 +492,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         train_loader, val_loader = loaders
         lr = scheduler.get_last_lr()[0]
         logger.info('epoch %d/%d lr %e', epoch + 1, args.epochs, lr)
-        start = time.time()
+        start, cpu_start = time.time(), utils.cpu_seconds()
         method.start_epoch(epoch)
         stats = search_epoch(method, optimizer, train_loader, val_loader, teacher=teacher_net, eta=lr,
                              device=device, dtype=dtype, epoch=epoch, logger=logger,
@@ -489,11 +503,14 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         datasets.log_unreadable(data, logger)
         extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
+        cpu = float(utils.all_sum(torch.tensor([utils.cpu_seconds() - cpu_start], dtype=torch.float64,
+                                               device=device)).item())  # every process's
         genotype = genotypes.validate(method.genotype())
         importance = method.importance()
         check_same_architecture(model, importance, epoch)
-        logger.info('epoch %d: %s  (%.1f s)', epoch + 1,
-                    '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds)
+        logger.info('epoch %d: %s  (%.1f s%s)', epoch + 1,
+                    '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds,
+                    '' if device.type == 'cuda' else f', CPU time {cpu:.1f} s')
         logger.info('genotype = %r', genotype)
         if benchmark is not None:
             lookup = {'arch': genotype.arch, **benchmark.lookup(genotype.arch)}
@@ -508,7 +525,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                         extra=runs.FILE_ONLY)
         if rank != 0:
             continue
-        record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'method': args.method,
+        record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'cpu_seconds': cpu, 'method': args.method,
                   'space': args.space, 'genotype': json.loads(genotypes.to_json(genotype)),
                   'primitives': list(model.ops),
                   'importance': {k: np.asarray(v).round(6).tolist() for k, v in importance.items()}, **extra}
@@ -530,9 +547,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         return
     genotype = genotypes.validate(method.genotype())
     cost = search_cost(log_path, device, world)
-    hours = cost.get('gpu_hours', cost.get('cpu_hours'))
-    logger.info('search cost: %.1f s wall-clock over %d epochs = %.4f %s-hours on %d x %s', cost['wall_seconds'],
-                args.epochs, hours, 'GPU' if 'gpu_hours' in cost else 'CPU', world, cost['device'])
+    logger.info(describe_cost(cost, args.epochs))
     runs.write_json(os.path.join(args.save, 'result.json'),
                      {'kind': 'search', 'method': args.method, 'space': args.space, 'dataset': args.dataset,
                       'seed': args.seed, 'epochs': args.epochs, 'settings': settings, **cost,
