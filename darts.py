@@ -175,6 +175,9 @@ class DartsMethod:
     load_state_dict keeps the learning rates of this run's flags: --arch_learning_rate may change on resume.
       flags (optional)                   names of the method's own flags (argparse default None); check_args
                                          refuses them with another method, which would ignore them
+      log_lines() (optional)             lines the loop logs after the epoch line (EoiNAS: its prunes)
+    end_epoch's `alive` and `pruned` fields ({cell type: mask / [row, op]}), where a method returns them, mark
+    the pruned ops in the log's importance tables.
     """
     name = 'darts'
     uses_val_batch = True

@@ -360,6 +360,7 @@ class EoiNASMethod:
         imp = self.current_importance()
         self.importance_ = imp
         pruned = {c: [] for c in self.cells}
+        self.lines = []
         if epoch + 1 in self.prune_at:
             imp_np = imp.cpu().numpy()
             masks = []
@@ -372,10 +373,32 @@ class EoiNASMethod:
             self.model.set_alive(*masks)  # survivors keep their weights, BN statistics and A
             self.architect.optimizer.state.clear()  # Adam for A starts afresh (spec §3)
             self.stats.reset_counts()  # a new window; Ca is kept
+            self.lines = self.prune_lines(epoch, imp_np, pruned, [m.numpy() for m in masks])
         beta = self.model.arch_weights()
-        return {'tau': self.model.tau, 'skip_dropout': self.p, 'pruned': pruned,
+        return {'tau': self.model.tau, 'skip_dropout': self.p, 'warmup': epoch < self.eoi_warmup, 'pruned': pruned,
                 'alive': {c: getattr(self.model, f'alive_{c}').cpu().tolist() for c in self.cells},
                 **{f'alphas_{c}': b.round(6).tolist() for c, b in zip(self.cells, beta)}}
+
+    def prune_lines(self, epoch: int, imp, pruned: dict, alive: list) -> list[str]:
+        """The log lines of a prune: per edge and cell type, the op pruned with its I, and the ops left."""
+        n = self.prune_at.index(epoch + 1) + 1
+        head = (f'epoch {epoch + 1}: prune {n} of {len(self.prune_at)}, the alive op of lowest I on each edge '
+                f'(--prune_count {self.prune_count}); per edge: the op pruned (its I), the ops left')
+        rows = []
+        for r, label in enumerate(genotypes.row_labels(self.space, len(alive[0]))):
+            cols = []
+            for c, cell in enumerate(self.cells):
+                took = ', '.join(f'{o} ({imp[c, r, self.ops.index(o)]:.4f})' for row, o in pruned[cell] if row == r)
+                cols.append(f'{took or "none"}, {int(alive[c][r].sum())} left')
+            rows.append((label, cols))
+        width = max(len(col) for _, cols in rows for col in cols) + 3
+        lines = [head, f'  {"edge":>7}  ' + ''.join(f'{cell:<{width}}' for cell in self.cells).rstrip()]
+        lines += [f'  {label:>7}  ' + ''.join(f'{col:<{width}}' for col in cols).rstrip() for label, cols in rows]
+        return lines
+
+    def log_lines(self) -> list[str]:
+        """What the loop logs after the epoch line: the prune of this epoch, if there was one."""
+        return getattr(self, 'lines', [])
 
     def importance(self) -> dict:
         """I per cell type (Eq. 7): the latest epoch's, as its prune saw it."""

@@ -530,6 +530,14 @@ NB201_NODES = 4  # node 0 is the cell input, node 3 its output
 NB201_EDGES = [(i, j) for i in range(1, NB201_NODES) for j in range(i)]
 
 
+def row_labels(space: str, rows: int) -> list[str]:
+    """The names of the `rows` rows of a search space's importance matrix ('j->i' edges; NOS's two tiers as in
+    edge_names), or their numbers where the space has another count."""
+    labels = ([f'{j}->{i}' for i, j in NB201_EDGES] if space == 'nb201'
+              else edge_names(space == 'nos', STEPS))
+    return labels if len(labels) == rows else [str(i) for i in range(rows)]
+
+
 class NB201Genotype(namedtuple('NB201Genotype', 'arch')):
     """A NAS-Bench-201 cell: `arch` is the benchmark's architecture string (validated by `validate`)."""
     __slots__ = ()

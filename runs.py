@@ -45,17 +45,21 @@ def check_folder(path: str, flag: str) -> None:
 FILE_ONLY = {'file_only': True}
 
 
-def get_logger(save: str | None, name: str = 'nos', enabled: bool = True) -> logging.Logger:
+def get_logger(save: str | None, name: str = 'nos', enabled: bool = True, debug: bool = False) -> logging.Logger:
     """Log to stdout and to SAVE/log.txt (appending, so a resumed run keeps one log); records logged with
-    `extra=FILE_ONLY` go to the file only."""
+    `extra=FILE_ONLY` go to the file only. `debug` (a script's --debug) adds logger.debug's lines, on every
+    process: a process that does not log (`enabled` False, torchrun's ranks above 0) prints those and its
+    warnings only."""
     logger = logging.getLogger(f'{name}:{save}')
     logger.handlers.clear()
     logger.propagate = False
-    logger.setLevel(logging.INFO if enabled else logging.WARNING)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO if enabled else logging.WARNING)
     fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%m/%d %H:%M:%S')
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
     stream.addFilter(lambda record: not getattr(record, 'file_only', False))
+    if debug and not enabled:
+        stream.addFilter(lambda record: record.levelno != logging.INFO)
     logger.addHandler(stream)
     if save and enabled:
         os.makedirs(save, exist_ok=True)

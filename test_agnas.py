@@ -380,6 +380,10 @@ def check_search_outputs(save, space, ops, rows, epochs, stage_cell):
     assert r['importance_images'] == 8 and r['stages'] == [[0], [2], [4]] and r['reduction_cells'] == [1, 3]
     assert genotypes.from_json(json.dumps(r['genotype'])) == g and len(r['cell_genotypes']) == 5
     assert 'val_acc' in r and 'val_ce' in r
+    with open(save / 'log.txt') as f:  # the epoch line shows the importance pass's figures, and no teacher's
+        line = next(t for t in f if f'epoch {epochs}: train_ce' in t)
+    assert f'val_ce {r["val_ce"]:.4g}  val_acc {r["val_acc"]:.4g}' in line and ' at ' not in line
+    assert '_at' not in line
     ckpt = runs.load_checkpoint(str(save / 'checkpoint.pt'))
     assert set(ckpt['method']) == {'importance'} and ckpt['settings']['stage_cell'] == stage_cell
     assert ckpt['args']['learning_rate_min'] == 0.001 and ckpt['args']['lambda_at'] == 0

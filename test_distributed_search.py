@@ -3,6 +3,7 @@ same search as one process at the same global batch (--sync_bn, float64, no augm
 after a kill, and the one-sentence refusals."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,13 +54,13 @@ def ckpt(save):
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
     save = tmp_path_factory.mktemp('ddp')
-    out = finish(launch(TINY + EXACT + ['--sync_bn', '--save', save], 2))
+    out = finish(launch(TINY + EXACT + ['--sync_bn', '--debug', '--save', save], 2))
     return save, out
 
 
 def test_ranks_end_with_one_architecture(two_process_run):
     save, out = two_process_run
-    sums = {line.split()[1]: line.split('=')[1] for line in out.splitlines() if 'arch_sha256=' in line}
+    sums = dict(re.findall(r'rank (\d) arch_sha256=(\w+)', out))  # --debug's lines
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
     with open(os.path.join(save, 'search_log.jsonl')) as f:
         assert [json.loads(line)['epoch'] for line in f] == [1, 2, 3, 4]  # written once, by rank 0
@@ -142,9 +143,9 @@ def test_global_batch_sampler_splits_each_batch_as_one_process_cuts_it():
     ('agnas', ['--layers', '5']),                               # the importance pass's sums agree
 ])
 def test_every_method_ends_with_one_architecture_on_every_rank(method, extra, tmp_path):
-    args = TINY + ['--method', method, '--epochs', '3', *extra, '--save', tmp_path]
+    args = TINY + ['--method', method, '--epochs', '3', *extra, '--debug', '--save', tmp_path]
     out = finish(launch(args, 2))
-    sums = {line.split()[1]: line.split('=')[1] for line in out.splitlines() if 'arch_sha256=' in line}
+    sums = dict(re.findall(r'rank (\d) arch_sha256=(\w+)', out))  # --debug's lines
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
     with open(os.path.join(tmp_path, 'search_log.jsonl')) as f:
         records = [json.loads(line) for line in f]

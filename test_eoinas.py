@@ -3,6 +3,7 @@
 hand-made trace, the schedules, the prune rules (NOS node rule included), the state after a prune, the
 derivation, and end to end with an exact resume; plus the refusals and the repository candidate cell."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -452,6 +453,33 @@ def test_tiny_search_prunes_one_op_per_edge_and_epoch(searched):
     ckpt = runs.load_checkpoint(str(searched / 'checkpoint.pt'))
     alive = ckpt['model']['alive_normal']
     assert all(alive[row_of(i, k // 2), DARTS_PRIMITIVES.index(op)] for k, (op, i) in enumerate(g.normal))
+
+
+def test_prunes_are_logged_and_the_tables_mark_pruned_ops(searched):
+    """Each prune is in log.txt (and on the terminal): per edge the op pruned with its I and the ops left;
+    the importance tables show `-` for ops pruned earlier and `x` after the value of those pruned now."""
+    records = read_log(searched)
+    with open(searched / 'log.txt') as f:
+        log = [line.split(' ', 2)[2].rstrip('\n') for line in f]  # without the date and time
+    r = records[2]  # epoch 3: the second of four prunes
+    start = log.index('epoch 3: prune 2 of 4, the alive op of lowest I on each edge (--prune_count 1); per edge: '
+                      'the op pruned (its I), the ops left')
+    assert log[start + 1].split() == ['edge', 'normal', 'reduce']
+    labels = genotypes.edge_names(two_tier=False)
+    for row, line in zip(range(14), log[start + 2:start + 16]):
+        label, *cols = re.split(r'\s{2,}', line.strip())
+        assert label == labels[row] and len(cols) == 2, line
+        for cell, col in zip(('normal', 'reduce'), cols):
+            (op,) = [name for k, name in r['pruned'][cell] if k == row]
+            name, value, left = re.fullmatch(r'(\w+) \(([\d.]+)\), (\d) left', col).groups()
+            assert name == op and left == '6', line
+            assert float(value) == pytest.approx(r['importance'][cell][row][DARTS_PRIMITIVES.index(op)], abs=6e-5)
+    table = log.index('importance normal (columns: ' + ', '.join(DARTS_PRIMITIVES)
+                      + '); -: pruned earlier, x: pruned now', start)
+    rows = log[table + 1:table + 15]
+    assert sum(line.split()[1:].count('-') for line in rows) == 14  # the first prune's, one per edge
+    assert sum(v.endswith('x') for line in rows for v in line.split()[1:]) == 14  # this epoch's
+    assert not any(line.startswith('epoch 1: prune') for line in log)  # the warm-up prunes nothing
 
 
 def test_killed_search_resumes_bit_identical(searched, tmp_path, monkeypatch):

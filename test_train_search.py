@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,3 +276,26 @@ def test_method_defaults_fill_only_flags_not_given():
     args = train_search.parse_args(['--epochs', '7'])
     assert args.epochs == 7 and args.arch_learning_rate == 6e-4 and args.lambda_at == 1000
     assert args.learning_rate_min == 0.0
+
+
+def test_tables_mark_pruned_ops_and_the_epoch_line_shows_what_was_measured():
+    w = np.array([[0.1, 12.5, 0.0], [0.2, 0.25, 0.3]])
+    alive = np.array([[1, 1, 0], [1, 0, 1]], bool)  # after this epoch's prune, which took row 1's b
+    table = train_search.format_matrix('importance normal', w, ['a', 'b', 'c'], 'darts', alive, [(1, 'b')])
+    assert table.splitlines() == ['importance normal (columns: a, b, c); -: pruned earlier, x: pruned now',
+                                  '        0  0.100  12.500    -',
+                                  '        1  0.200   0.250x  0.300']
+    assert '-' not in train_search.format_matrix('m', w, ['a', 'b', 'c'], 'darts').split(')')[-1]
+    stats = {'train_ce': 2.0, 'train_at': 0.0, 'train_acc': 50.0}
+    extra = {'val_ce': 1.5, 'val_acc': 60.0, 'stages': [[0]]}  # AGNAS: the importance pass's figures
+    assert train_search.epoch_summary(stats, extra, teacher=False) == 'train_ce 2  train_acc 50  val_ce 1.5  val_acc 60'
+    assert train_search.epoch_summary(stats, {}, teacher=True) == 'train_ce 2  train_at 0  train_acc 50'
+
+
+def test_debug_lines_only_with_debug(capsys):
+    for rank, debug in ((0, False), (1, False), (0, True), (1, True)):
+        logger = runs.get_logger(None, f'debug-test-{rank}-{debug}', enabled=rank == 0, debug=debug)
+        logger.info('an info line')
+        logger.debug(f'rank {rank} arch_sha256=abc')
+        out = capsys.readouterr().out
+        assert ('arch_sha256' in out) == debug and ('an info line' in out) == (rank == 0), (rank, debug, out)

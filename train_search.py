@@ -53,7 +53,7 @@ DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
 # The flags that may change when a search resumes (README "Resume"); every other flag defines the run and
 # must match the checkpoint's. A learning rate takes effect from the resumed epoch.
 RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'data',
-                     'teacher', 'save', 'resume', 'no_download')
+                     'teacher', 'save', 'resume', 'no_download', 'debug')
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
 # The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
 # method's paper value (its `defaults(args)`).
@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=2, help='data-loading processes')
     p.add_argument('--report_freq', type=int, default=50,
                    help='steps between progress lines (also every 30 s; 0: none)')
+    p.add_argument('--debug', action='store_true',
+                   help='also log debugging lines: under torchrun, each process\'s checksum of the architecture '
+                        'at the end (the processes compare them after every epoch in any case)')
     p.add_argument('--save', default=None,
                    help='output folder: log, search_log.jsonl, genotype.json, checkpoint (default: runs/search, '
                         'or the folder of --resume PATH)')
@@ -244,7 +247,8 @@ def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, d
         for k, v in step_sums.items():
             sums[k] = sums.get(k, 0.) + v
         mean = {k: v / max(1, counts[k.split('_')[0]]) for k, v in sums.items()}
-        text = f'ce {mean["train_ce"]:.3f}  at {mean["train_at"]:.4g}  top1 {100 * mean["train_correct"]:.2f}'
+        text = f'ce {mean["train_ce"]:.3f}  ' + (f'at {mean["train_at"]:.4g}  ' if teacher is not None else '')
+        text += f'top1 {100 * mean["train_correct"]:.2f}'
         if 'val_ce' in mean:
             text += f'  val_ce {mean["val_ce"]:.3f}  val_top1 {100 * mean["val_correct"]:.2f}'
         progress.step(step, int(sizes['train']), text)
@@ -256,16 +260,30 @@ def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, d
     return stats
 
 
-def format_matrix(name: str, weights, ops, space: str) -> str:
-    """A table of an importance matrix (rows: edges, columns: ops) for the log."""
+def format_matrix(name: str, weights, ops, space: str, alive=None, pruned=()) -> str:
+    """A table of an importance matrix (rows: edges, columns: ops) for the log. With `alive` (a pruning
+    method's mask after this epoch) and `pruned` (the (row, op name) pairs this epoch's prune took), an op
+    pruned before the epoch shows `-` (its value, 0, means nothing) and one pruned after it its value and `x`."""
     weights = np.asarray(weights)
-    labels = ([f'{j}->{i}' for i, j in genotypes.NB201_EDGES] if space == 'nb201'
-              else genotypes.edge_names(space == 'nos', genotypes.STEPS))
-    if len(labels) != len(weights):
-        labels = [str(i) for i in range(len(weights))]
-    lines = [f'{name} (columns: {", ".join(ops)})']
-    lines += [f'  {label:>7} ' + ' '.join(f'{v:.3f}' for v in row) for label, row in zip(labels, weights)]
+    labels = genotypes.row_labels(space, len(weights))
+    dead = np.zeros(weights.shape, dtype=bool) if alive is None else ~np.asarray(alive, dtype=bool)
+    now = np.zeros(weights.shape, dtype=bool)
+    for row, op in pruned:
+        now[row, list(ops).index(op)] = True
+    width = max(len(f'{v:.3f}') for v in weights.flat) if weights.size else 5
+    cells = [[f'{"-":^{width}} ' if d and not n else f'{v:>{width}.3f}{"x" if n else " "}'
+              for v, d, n in zip(row, dead_row, now_row)] for row, dead_row, now_row in zip(weights, dead, now)]
+    lines = [f'{name} (columns: {", ".join(ops)})' + ('; -: pruned earlier, x: pruned now' if dead.any() else '')]
+    lines += [(f'  {label:>7} ' + ' '.join(row)).rstrip() for label, row in zip(labels, cells)]
     return '\n'.join(lines)
+
+
+def epoch_summary(stats: dict, extra: dict, teacher: bool) -> str:
+    """The figures of the epoch line: the epoch's own, then the validation figures that a method measured at
+    the epoch's end (AGNAS's importance pass over the validation half); the attention-transfer losses only
+    where a teacher is in use (without one they are 0)."""
+    shown = {**stats, **{k: extra[k] for k in ('val_ce', 'val_acc') if k in extra and k not in stats}}
+    return '  '.join(f'{k} {v:.4g}' for k, v in shown.items() if teacher or not k.endswith('_at'))
 
 
 def _choices(genotype) -> list:
@@ -409,7 +427,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
            teacher_net, started) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
-    logger = runs.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0)
+    logger = runs.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0, debug=args.debug)
     logger.info('args = %s', vars(args))
     if data_stats is not None:
         logger.info(datasets.folder_summary(data_stats))
@@ -508,9 +526,10 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         genotype = genotypes.validate(method.genotype())
         importance = method.importance()
         check_same_architecture(model, importance, epoch)
-        logger.info('epoch %d: %s  (%.1f s%s)', epoch + 1,
-                    '  '.join(f'{k} {v:.4g}' for k, v in stats.items()), seconds,
-                    '' if device.type == 'cuda' else f', CPU time {cpu:.1f} s')
+        logger.info('epoch %d: %s  (%.1f s%s)', epoch + 1, epoch_summary(stats, extra, teacher_net is not None),
+                    seconds, '' if device.type == 'cuda' else f', CPU time {cpu:.1f} s')
+        for line in getattr(method, 'log_lines', list)():  # what the method did at the epoch's end (prunes)
+            logger.info(line)
         logger.info('genotype = %r', genotype)
         if benchmark is not None:
             lookup = {'arch': genotype.arch, **benchmark.lookup(genotype.arch)}
@@ -521,7 +540,8 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                         choices, epoch)
         previous = genotype
         for name, matrix in importance.items():  # log.txt only: two tables an epoch would bury the summary
-            logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space),
+            logger.info(format_matrix(f'importance {name}', matrix, model.ops, args.space,
+                                      extra.get('alive', {}).get(name), extra.get('pruned', {}).get(name, ())),
                         extra=runs.FILE_ONLY)
         if rank != 0:
             continue
@@ -540,9 +560,8 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                                'data_stats': data_stats, 'script': 'train_search.py'},
                               ckpt_path)
 
-    if world > 1:  # each process's own word that it ends with the architecture of every other
-        digest = arch_checksum(model, method.importance())
-        print(f'rank {rank} arch_sha256={digest}', flush=True)
+    if world > 1:  # each process's own word that it ends with the architecture of every other (--debug shows it)
+        logger.debug('rank %d arch_sha256=%s', rank, arch_checksum(model, method.importance()))
     if rank != 0:
         return
     genotype = genotypes.validate(method.genotype())
