@@ -303,7 +303,11 @@ def nb201_rows(run_dirs) -> list[dict]:
     looked up (result.json's `benchmark`): runs, mean and sample std of each test accuracy, hours per run."""
     groups: dict = {}
     for path in run_dirs:
-        result = _read_json(os.path.join(path, 'result.json')) if os.path.isdir(path) else None
+        file = os.path.join(path, 'result.json')
+        try:
+            result = _read_json(file) if os.path.isfile(file) else None
+        except (OSError, ValueError):  # read_run already named a result.json that cannot be read
+            result = None
         if not result or result.get('kind') != 'search' or result.get('space') != 'nb201' or \
                 result.get('benchmark', {}).get('index', -1) < 0:
             continue
