@@ -21,7 +21,6 @@ descriptor is taken from its effect on the edge's skip output.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,10 +28,11 @@ from torch import nn
 import darts
 import datasets
 import genotypes
+import model_macro
 import utils
 from model_search import MixedOp, resolve_ops, stage_layout
 from model_search_fast import FastEdges, Network
-from operations import dynamic_conv
+from operations import GateAttention, GateStatistics, dynamic_conv
 
 # The AGNAS search settings (agnas.md §3) for the flags whose argparse default is None (methods.md).
 # Everything else the search uses is train_search.py's default and matches §3: 8 cells, 16 channels,
@@ -43,33 +43,6 @@ DEFAULTS = {
     'lambda_at': 0.0,             # AGNAS has no teacher; > 0 adds NOS's AGS (this repo's own combination)
 }
 MIN_LAYERS = 5  # a normal cell in each of the three stages (model_search.stage_layout)
-
-
-class GateAttention(nn.Module):
-    """The attention module of one edge (Eq. 4-5; agnas.md §1.3): gates = sigmoid(W2 ReLU(W1 GAP(F_con))).
-
-    W1 = Linear(mC, mC/r), W2 = Linear(mC/r, mC), both without bias; r = m by default (the authors'
-    `ratio=8` for 8 ops), so the hidden width is C. The sigmoid is the last layer: every gate is its own
-    value in (0, 1), with no normalisation across ops.
-
-    forward takes the pooled descriptors (N, m, C), one C-vector per op: GAP(cat(F_k)) = cat(GAP(F_k)), so
-    the edge never builds the (N, mC, H, W) concatenation. Returns the gates (N, m, C); op k's gates are
-    channels [kC, (k+1)C) of Eq. 5's output (half-open slices, agnas.md §6.2).
-    """
-
-    def __init__(self, m: int, C: int, r: int | None = None):
-        super().__init__()
-        r = m if r is None else r
-        if (m * C) % r:
-            raise ValueError(f'the reduction ratio r={r} must divide m*C = {m * C}')
-        self.m, self.C = m, C
-        self.fc1 = nn.Linear(m * C, m * C // r, bias=False)   # W1 (Eq. 5)
-        self.fc2 = nn.Linear(m * C // r, m * C, bias=False)   # W2 (Eq. 5)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        n = pooled.shape[0]
-        logits = self.fc2(F.relu(self.fc1(pooled.reshape(n, self.m * self.C))))
-        return torch.sigmoid(logits).view(n, self.m, self.C)   # Eq. 5
 
 
 def gap(x: torch.Tensor) -> torch.Tensor:
@@ -86,32 +59,6 @@ def box_sums(x: torch.Tensor, k: int, ones: torch.Tensor | None = None) -> torch
     if ones is None:
         ones = x.new_ones(C, 1, H, W)
     return F.conv2d(x, ones, padding=k // 2, groups=C)
-
-
-class GateStatistics:
-    """Op importance from the gates (Eq. 6; agnas.md §2), for AttentionMixedOp and FastGatedEdges: while
-    `collecting` (see `importance_pass`), `collect(gates)` adds the gates summed over the batch and the
-    channels to a float64 accumulator on the gates' device (no host sync), and the batch size to an image
-    count. `mean_gates()`: each op's mean gate, (m,) for one edge, (E, m) for a group."""
-
-    collecting = False
-
-    def reset_importance(self) -> None:
-        self._gate_sum = None   # float64 on the device of the gates
-        self._images = 0
-
-    def collect(self, gates: torch.Tensor) -> None:
-        """gates (N, ..., m, C): batch first, channels last."""
-        if self.collecting:
-            total = gates.detach().sum(dim=(0, -1), dtype=torch.float64)
-            self._gate_sum = total if self._gate_sum is None else self._gate_sum + total
-            self._images += gates.shape[0]
-
-    def mean_gates(self) -> np.ndarray:
-        """Each op's mean gate over the collected images and its C channels, float64."""
-        if not self._images:
-            raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
-        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
 
 
 class AttentionMixedOp(GateStatistics, MixedOp):
@@ -379,7 +326,7 @@ class AGNASMethod:
         if args.unrolled:
             raise utils.UserError('--unrolled does not apply to --method agnas, which has no architecture '
                                   'parameters to unroll: drop --unrolled')
-        if args.layers < MIN_LAYERS and args.space != 'nb201':
+        if args.space not in ('nb201', model_macro.SPACE) and args.layers < MIN_LAYERS:
             raise utils.UserError(f'--layers {args.layers} is too few for --method agnas: each of the three '
                                   f'stages needs a normal cell, so use at least {MIN_LAYERS} cells')
 
@@ -389,6 +336,9 @@ class AGNASMethod:
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
+        if args.space == model_macro.SPACE:  # AGNAS's macro search: gated choice layers (agnas.md §4)
+            return model_macro.build_supernet(cls.name, num_classes, args.dataset, args.image_size,
+                                              args.width_mult)
         return build_network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(),
                              space=args.space, ops=resolve_ops(args.space, args.ops), fast=cls.fast(args),
                              **darts.space_options(args))
@@ -397,11 +347,13 @@ class AGNASMethod:
         self.model = model
         self.lambda_at = args.lambda_at
         self.grad_clip = args.grad_clip
+        self.clip_by = getattr(args, 'grad_clip_by', None) or 'norm'
         self.stage_cell = args.stage_cell
         self.batch_size = getattr(args, 'batch_size', 64)
-        self.matrix = None  # the last importance pass, (layers, edges, ops)
-        self.nb201 = model.space == 'nb201'  # one cell for all 15: derived from the mean over them (App. B)
-        self.stages, self.reductions = ([], []) if self.nb201 else stage_layout(len(model.cells))
+        self.matrix = None  # the last importance pass: (layers, edges, ops), or the chain's (layers, candidates)
+        self.chain = isinstance(model, model_macro.MacroSupernet)
+        self.nb201 = not self.chain and model.space == 'nb201'  # one cell for all 15: derived from their mean
+        self.stages, self.reductions = ([], []) if self.nb201 or self.chain else stage_layout(len(model.cells))
 
     def start_epoch(self, epoch: int) -> None:
         pass
@@ -409,7 +361,8 @@ class AGNASMethod:
     def step(self, x, y, xv, yv, teacher, eta, optimizer) -> dict:
         self.model.train()
         t = darts.teacher_stages(teacher if self.lambda_at > 0 else None, x)
-        ce, at, logits = darts.weight_step(self.model, optimizer, x, y, t, self.lambda_at, self.grad_clip)
+        ce, at, logits = darts.weight_step(self.model, optimizer, x, y, t, self.lambda_at, self.grad_clip,
+                                           self.clip_by)
         return {'train_ce': ce, 'train_at': at, 'train_correct': (logits.argmax(1) == y).sum()}
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
@@ -421,6 +374,8 @@ class AGNASMethod:
                                     sampler=list(range(rank, len(data), world)), pin=val_loader.pin_memory)
         out = importance_pass(self.model, ordered, device)
         self.matrix = out['importance']
+        if self.chain:  # the table itself is the record's `importance`
+            return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images']}
         if self.nb201:
             return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images'],
                     'cell_genotypes': self.model.cell_genotypes(self.matrix)}
@@ -432,11 +387,15 @@ class AGNASMethod:
         """Each supernet cell's mean gates, edges x ops: {'cell 0': .., 'cell 1': .., ...}."""
         if self.matrix is None:
             return {}
+        if self.chain:  # the chain's one table: layers x candidates
+            return {'layers': self.matrix}
         cells = {f'cell {i}': m for i, m in enumerate(self.matrix)}
         # NAS-Bench-201: the mean over the cells first, the matrix its one cell is derived from
         return {'mean': self.matrix.mean(axis=0), **cells} if self.nb201 else cells
 
-    def genotype(self) -> genotypes.StagedGenotype:
+    def genotype(self) -> genotypes.StagedGenotype | genotypes.ChainGenotype:
+        if self.chain:
+            return self.model.genotype(self.matrix)
         return self.model.genotype(self.stage_cell, self.matrix)
 
     def state_dict(self) -> dict:

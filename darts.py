@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import model_macro
 import utils
 from model_search import resolve_ops
 from model_search_fast import Network
@@ -94,9 +95,11 @@ class Architect:
         weights = model.weights()
         total = self._loss(model, x_train, y_train, t_train)[0]
         dtheta = torch.autograd.grad(total, weights)
+        # each weight's own decay (a space may decay only some weights: train_search.weight_groups)
+        decay = {id(p): group['weight_decay'] for group in network_optimizer.param_groups for p in group['params']}
         with torch.no_grad():
             for p, g, q in zip(weights, dtheta, unrolled.weights()):
-                d = g + self.network_weight_decay * p
+                d = g + decay.get(id(p), self.network_weight_decay) * p
                 buf = network_optimizer.state.get(p, {}).get('momentum_buffer')
                 if buf is not None:
                     d = d + self.network_momentum * buf
@@ -145,15 +148,18 @@ def teacher_stages(teacher, x):
         return teacher.forward_stages(x)[1]
 
 
-def weight_step(model, optimizer, x, y, t, lambda_at: float, grad_clip: float):
-    """The weight update (Eq. 12 on a training batch): CE + lambda * L_AT, SGD, gradient-norm clip.
+def weight_step(model, optimizer, x, y, t, lambda_at: float, grad_clip: float, clip_by: str = 'norm'):
+    """The weight update (Eq. 12 on a training batch): CE + lambda * L_AT, SGD, gradient clip: of the norm
+    (DARTS) or, with clip_by='value', of every entry (the authors' ProxylessNAS-space search).
     Returns (ce, at, logits), detached."""
     weights = model.weights()
     optimizer.zero_grad(set_to_none=True)
     total, ce, at, logits = search_loss(model, x, y, t, lambda_at)
     total.backward(inputs=weights)  # the weight step leaves the architecture's gradient alone
     utils.average_gradients(weights)  # under torchrun: the global batch's gradient on every process
-    if grad_clip:
+    if grad_clip and clip_by == 'value':
+        nn.utils.clip_grad_value_(weights, grad_clip)
+    elif grad_clip:
         nn.utils.clip_grad_norm_(weights, grad_clip)
     optimizer.step()
     return ce.detach(), at.detach(), logits.detach()
@@ -193,11 +199,14 @@ class DartsMethod:
     @classmethod
     def fast(cls, args) -> bool:
         # --sync_bn converts BatchNorm modules; the fast path's BatchNorms are functional, so it runs the
-        # reference cells (README "The fast search path")
-        return not args.no_fast and not args.sync_bn and args.space != 'nb201'
+        # reference cells (README "The fast search path"); NAS-Bench-201 and the ProxylessNAS chain have one path
+        return not args.no_fast and not args.sync_bn and args.space not in ('nb201', model_macro.SPACE)
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
+        if args.space == model_macro.SPACE:  # the chain (this repo's DARTS baseline on AGNAS's macro space)
+            return model_macro.build_supernet(cls.name, num_classes, args.dataset, args.image_size,
+                                              args.width_mult)
         return Network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(), space=args.space,
                        ops=resolve_ops(args.space, args.ops), fast=cls.fast(args), **space_options(args))
 
@@ -205,6 +214,7 @@ class DartsMethod:
         self.model = model
         self.lambda_at = args.lambda_at
         self.grad_clip = args.grad_clip
+        self.clip_by = getattr(args, 'grad_clip_by', None) or 'norm'
         # --at_levels weights: the teacher guides the weights only (Fig. 6, "distillation only")
         arch_lambda = args.lambda_at if args.at_levels == 'both' else 0.
         self.architect = Architect(model, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -217,13 +227,18 @@ class DartsMethod:
 
     def step(self, x, y, xv, yv, teacher, eta, optimizer) -> dict:
         return search_step(self.model, self.architect, optimizer, x, y, xv, yv, teacher=teacher, eta=eta,
-                           grad_clip=self.grad_clip, lambda_at=self.lambda_at)
+                           grad_clip=self.grad_clip, lambda_at=self.lambda_at, clip_by=self.clip_by)
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
+        if isinstance(self.model, model_macro.MacroSupernet):  # its table is the record's `importance`
+            return {}
         return {f'alphas_{t}': w.round(6).tolist() for t, w in self.importance().items()}
 
     def importance(self) -> dict:
-        """The softmaxed rows of A (Eq. 11), per cell type (normal, reduce; NAS-Bench-201: normal)."""
+        """The softmaxed rows of A (Eq. 11), per cell type (normal, reduce; NAS-Bench-201: normal); the chain's
+        one table, layers x candidates."""
+        if isinstance(self.model, model_macro.MacroSupernet):
+            return {'layers': self.model.arch_weights()}
         return dict(zip(self.model.cell_types, self.model.arch_weights()))
 
     def genotype(self):
@@ -242,7 +257,8 @@ class DartsMethod:
 
 
 def search_step(model: Network, architect: Architect, optimizer, x_train, y_train, x_val, y_val, *,
-                teacher=None, eta=0., grad_clip: float = 5., lambda_at: float | None = None) -> dict:
+                teacher=None, eta=0., grad_clip: float = 5., lambda_at: float | None = None,
+                clip_by: str = 'norm') -> dict:
     """One `darts` iteration: the A step on the validation batch (Eq. 13), then the weight step on the
     training batch (Eq. 12). `lambda_at` weighs L_AT in the weight step (default: the architect's, i.e. AGS
     in both levels). Returns detached tensors (losses and correct counts); nothing syncs."""
@@ -251,7 +267,7 @@ def search_step(model: Network, architect: Architect, optimizer, x_train, y_trai
     t_train = teacher_stages(teacher if lambda_at > 0 or architect.lambda_at > 0 else None, x_train)
     t_val = teacher_stages(teacher if architect.lambda_at > 0 else None, x_val)
     val_ce, val_at, val_logits = architect.step(x_train, y_train, t_train, x_val, y_val, t_val, eta, optimizer)
-    ce, at, logits = weight_step(model, optimizer, x_train, y_train, t_train, lambda_at, grad_clip)
+    ce, at, logits = weight_step(model, optimizer, x_train, y_train, t_train, lambda_at, grad_clip, clip_by)
     return {'train_ce': ce, 'train_at': at, 'val_ce': val_ce, 'val_at': val_at,
             'train_correct': (logits.argmax(1) == y_train).sum(),
             'val_correct': (val_logits.argmax(1) == y_val).sum()}

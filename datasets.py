@@ -261,6 +261,79 @@ def search_split(n: int, train_portion: float) -> tuple[list[int], list[int]]:
     return list(range(split)), list(range(split, n))
 
 
+SUBSET_SEED = 0       # fixed, not --seed: every search with --subset F reads the same images
+SUBSET_ARCH_SHARE = 0.25  # the architecture's images: a quarter of the weights' (AGNAS Sec. 5.3: 10% and 2.5%)
+
+
+def class_balanced_split(targets, share: float, seed: int = SUBSET_SEED) -> tuple[list[int], list[int]]:
+    """--subset: a seeded, class-balanced `share` of the images for the weights and a disjoint quarter of
+    that share for the architecture (AGNAS's ImageNet search: 10% and 2.5%). Per class of n images, its
+    images shuffled with `seed`, the first round(share * n) train the weights and the next
+    round(share * n / 4) the architecture. Returns both index lists, sorted."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    weights, arch = [], []
+    for c in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        k_w, k_a = round(share * len(idx)), round(share * SUBSET_ARCH_SHARE * len(idx))
+        weights += idx[:k_w].tolist()
+        arch += idx[k_w:k_w + k_a].tolist()
+    if not weights or not arch:
+        side = 'weights' if not weights else 'architecture'
+        raise UserError(f'--subset {share:g} of these {len(targets)} images leaves none for the {side} (a '
+                        f'class-balanced share rounds to 0 images in every class); use a larger --subset')
+    return sorted(weights), sorted(arch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageNet (ILSVRC2012) in the ImageFolder layout: PATH/train and PATH/val, one folder per class, with DARTS's
+# pipeline (also the authors' of AGNAS's macro search): random resized crop 224, flip, colour jitter
+# 0.4/0.4/0.4/0.2 for training; resize 256, centre crop 224 for evaluation.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def imagenet_transforms(train: bool):
+    import torchvision.transforms as T
+    t = ([T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
+          T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)] if train
+         else [T.Resize(256), T.CenterCrop(224)])
+    return T.Compose(t + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _imagenet_split(root: str, split: str, what: str) -> str:
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f'--data {root} is a file, but it must be a folder holding {what}, each with one folder '
+                        f'of images per class (ImageFolder layout)')
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise UserError(f'no {split}/ folder in {os.path.abspath(root)}: --data must hold {what}, each with '
+                        f'one folder of images per class (ImageFolder layout)')
+    return folder
+
+
+def imagenet_folders(root: str):
+    """(train, val) SafeImageFolders of ImageNet with the training and evaluation transforms."""
+    data = {split: SafeImageFolder(_imagenet_split(root, split, 'train/ and val/'), imagenet_transforms(train))
+            for split, train in (('train', True), ('val', False))}
+    if data['train'].classes != data['val'].classes:
+        raise UserError(f'train/ has {len(data["train"].classes)} classes and val/ has '
+                        f'{len(data["val"].classes)}, or their names differ; both need the same class '
+                        f'folders')
+    return data['train'], data['val']
+
+
+def imagenet_search_data(root: str, augment: bool = True):
+    """(PATH/train with the training transform, the same images with the evaluation transform): a search
+    trains the weights on the first and, as the authors' compute_attention.py, ranks blocks on the second.
+    One scan of the folder; both share its list of unreadable images."""
+    import copy
+    data = SafeImageFolder(_imagenet_split(root, 'train', 'train/'), imagenet_transforms(augment))
+    view = copy.copy(data)
+    view.transform = imagenet_transforms(False)
+    return data, view
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Your own images (--dataset folder): PATH/train/CLASS/IMAGE, and PATH/test or PATH/val for retraining and the
 # teacher, in torchvision's ImageFolder layout (ImageNet's train/ and val/ too). The class count and the

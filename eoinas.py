@@ -300,6 +300,7 @@ class EoiNASMethod:
         self.epochs = args.epochs
         self.lambda_at = args.lambda_at
         self.grad_clip = args.grad_clip
+        self.clip_by = getattr(args, 'grad_clip_by', None) or 'norm'
         self.settings = {k: getattr(args, k) for k in FLAGS}
         for k, v in self.settings.items():
             setattr(self, k, v)
@@ -335,7 +336,8 @@ class EoiNASMethod:
         model = self.model
         model.train()
         t_train = darts.teacher_stages(teacher if self.lambda_at > 0 else None, x)
-        ce, at, logits = darts.weight_step(model, optimizer, x, y, t_train, self.lambda_at, self.grad_clip)
+        ce, at, logits = darts.weight_step(model, optimizer, x, y, t_train, self.lambda_at, self.grad_clip,
+                                           self.clip_by)
         out = {'train_ce': ce, 'train_at': at, 'train_correct': (logits.argmax(1) == y).sum()}
         if not self.uses_val_batch:
             return out

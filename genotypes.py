@@ -12,8 +12,10 @@ A classic cell is the heterogeneous special case whose second-tier op is skip_co
 
 `NB201Genotype` holds a NAS-Bench-201 cell as the benchmark's architecture string (end of this file).
 
-`StagedGenotype` (AGNAS) holds a different normal cell per stage and one cell per reduction; model.py asks
-`cell_genotype(genotype, i, layers)` for the plain Genotype of cell i, whatever the form.
+`StagedGenotype` (AGNAS) holds a different normal cell per stage and one cell per reduction, `MacroGenotype`
+(ADWPNAS) a cell per layer; model.py asks `cell_genotype(genotype, i, layers)` for the plain Genotype of cell
+i, whatever the form. `ChainGenotype` (AGNAS's macro search) has no cells: one MBConv block (or skip) per layer
+of the ProxylessNAS chain, which model_macro.MacroNetwork builds.
 
 This module imports no torch: edit it, paste genotypes into it and validate them anywhere.
 """
@@ -273,6 +275,8 @@ def validate(genotype: Genotype) -> Genotype:
         return validate_macro(genotype)
     if isinstance(genotype, NB201Genotype):
         return validate_nb201(genotype)
+    if isinstance(genotype, ChainGenotype):
+        return validate_chain(genotype)
     if not isinstance(genotype, Genotype):
         raise GenotypeError(f'expected a Genotype(normal, normal_concat, reduce, reduce_concat), got '
                             f'{type(genotype).__name__}')
@@ -314,6 +318,9 @@ def cell_genotype(genotype, i: int, layers: int) -> Genotype:
     if isinstance(genotype, NB201Genotype):
         raise GenotypeError('a NAS-Bench-201 architecture builds the NAS-Bench-201 network (model_nb201.py), not '
                             'a DARTS-style network of two-input cells')
+    if isinstance(genotype, ChainGenotype):
+        raise GenotypeError('a chain genotype (the ProxylessNAS space) has no cells: it builds '
+                            'model_macro.MacroNetwork; retrain it with train_imagenet.py')
     raise GenotypeError(f'expected a genotype, got {type(genotype).__name__}')
 
 
@@ -322,6 +329,8 @@ def to_json(genotype: Genotype) -> str:
         return json.dumps({'staged': True, **genotype._asdict()}, indent=1)
     if isinstance(genotype, NB201Genotype):  # {"nb201": "<architecture string>"}
         return json.dumps({'nb201': genotype.arch}, indent=1)
+    if isinstance(genotype, ChainGenotype):  # chain form (AGNAS's macro search): marked too
+        return json.dumps({'chain': True, 'layers': list(genotype.layers)})
     return json.dumps(genotype._asdict(), indent=1)
 
 
@@ -340,6 +349,8 @@ def from_json(text: str, source: str = 'genotype') -> Genotype:
             raise GenotypeError(f'{source}: a NAS-Bench-201 genotype is a JSON object with the one key nb201, '
                                 f'got {", ".join(sorted(data))}')
         return validate_nb201(NB201Genotype(data['nb201']))
+    if isinstance(data, dict) and 'chain' in data:
+        return chain_from_dict(data, source)
     if not isinstance(data, dict) or set(data) != set(Genotype._fields):
         raise GenotypeError(f'{source} must be a JSON object with the keys {", ".join(Genotype._fields)}')
 
@@ -380,6 +391,7 @@ def save(genotype: Genotype, path: str) -> None:
 # The random baseline of Table 2 ("best architecture among 30 random samples")
 
 RANDOM_PREFIX = 'random:'
+IDS_PREFIX = 'ids:'  # --arch ids:1,1,-1,...: a chain genotype in the authors' export format (macro_from_ids)
 
 
 @functools.cache
@@ -416,8 +428,8 @@ def random_seed_of(arch: str) -> int | None:
 
 
 def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
-    """The genotype named `arch` in this module (`random:SEED`: `random_genotype(SEED)`), or the one in
-    `genotype_file`; validated."""
+    """The genotype named `arch` in this module (`random:SEED`: `random_genotype(SEED)`; `ids:1,1,-1,...`:
+    `macro_from_ids`), or the one in `genotype_file`; validated."""
     if genotype_file:
         if os.path.isdir(genotype_file):
             raise GenotypeError(f'genotype file {genotype_file} is a folder; pass the genotype.json in it (a '
@@ -436,14 +448,11 @@ def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
     seed = random_seed_of(arch) if arch else None
     if seed is not None:
         return random_genotype(seed)
+    if arch and arch.startswith(IDS_PREFIX):  # the authors' export format of a chain genotype
+        return macro_from_ids(arch[len(IDS_PREFIX):])
     g = globals().get(arch)
-    if isinstance(g, MacroGenotype):
-        return validate(g)
-    if isinstance(g, NB201Genotype):
-        return validate_nb201(g)
-    if not isinstance(g, (Genotype, StagedGenotype)):
-        names = sorted(k for k, v in globals().items()
-                       if isinstance(v, (Genotype, StagedGenotype, MacroGenotype, NB201Genotype)))
+    if not isinstance(g, GENOTYPE_FORMS):
+        names = sorted(k for k, v in globals().items() if isinstance(v, GENOTYPE_FORMS))
         raise GenotypeError(f'no genotype named {arch!r} in genotypes.py; known: {", ".join(names)}')
     return validate(g)
 
@@ -534,6 +543,7 @@ def row_labels(space: str, rows: int) -> list[str]:
     """The names of the `rows` rows of a search space's importance matrix ('j->i' edges; NOS's two tiers as in
     edge_names), or their numbers where the space has another count."""
     labels = ([f'{j}->{i}' for i, j in NB201_EDGES] if space == 'nb201'
+              else [f'layer {i}' for i in range(CHAIN_LAYERS)] if space == 'proxyless'  # the chain's layers
               else edge_names(space == 'nos', STEPS))
     return labels if len(labels) == rows else [str(i) for i in range(rows)]
 
@@ -615,3 +625,124 @@ def is_nb201_arch(text) -> bool:
 # An example, not a searched result: the architecture of the string in NAS-Bench-201's own documentation.
 NB201_EXAMPLE = NB201Genotype('|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|'
                               'skip_connect~2|')
+# The chain form, ChainGenotype(layers) (AGNAS's macro search, §4.2 and §5.3; model_macro.py): one choice per
+# searchable layer of the ProxylessNAS chain, by name. Not to be confused with MacroGenotype above, which
+# holds a DARTS cell per layer (ADWPNAS). A block is an MBConv 'kKeE' (K x K depthwise conv, expansion E);
+# 'skip' removes the layer, allowed only where the layer keeps its shape (stride 1, same width).
+# Its JSON form is {"chain": true, "layers": [...]}; from_json dispatches on the "chain" key.
+
+ChainGenotype = namedtuple('ChainGenotype', 'layers')
+# The six MBConv blocks of every layer, in the authors' order: the ids of their export format are 0..5.
+CHAIN_BLOCKS = ['k3e3', 'k3e6', 'k5e3', 'k5e6', 'k7e3', 'k7e6']
+SKIP = 'skip'
+SKIP_ID = -1  # the authors' export format: -1 = skip (the layer is removed)
+# The ProxylessNAS (GPU) space as AGNAS's supernet builds it: a 3x3 stem of stride 2 to PROXYLESS_STEM
+# channels, a fixed MBConv (3x3, expansion 1) to PROXYLESS_FIRST, then the searchable layers in six groups of
+# (width, layers, stride of the group's first layer), then a 1x1 conv to PROXYLESS_HEAD channels, a global
+# pool and the classifier.
+PROXYLESS_STEM, PROXYLESS_FIRST, PROXYLESS_HEAD = 40, 24, 1728
+PROXYLESS_GROUPS = ((32, 4, 2), (56, 4, 2), (112, 4, 2), (128, 4, 1), (256, 4, 2), (432, 1, 1))
+
+
+def chain_layers(groups=PROXYLESS_GROUPS, first: int = PROXYLESS_FIRST) -> list[tuple[int, int, int, int]]:
+    """(C_in, C_out, stride, group) of every searchable layer, in order (21 in the ProxylessNAS space)."""
+    out, c_in = [], first
+    for g, (width, n, stride) in enumerate(groups):
+        for i in range(n):
+            out.append((c_in, width, stride if i == 0 else 1, g))
+            c_in = width
+    return out
+
+
+CHAIN_LAYERS = len(chain_layers())
+
+
+def skip_allowed(layer: int) -> bool:
+    """Whether layer i has the skip candidate: only where it keeps its shape (15 of the 21 layers)."""
+    c_in, c_out, stride, _ = chain_layers()[layer]
+    return stride == 1 and c_in == c_out
+
+
+def chain_layer_name(layer: int) -> str:
+    """How errors and drawings name a layer: 'layer 5 (group 2: 32 -> 56 channels, stride 2)'."""
+    c_in, c_out, stride, group = chain_layers()[layer]
+    return f'layer {layer} (group {group + 1}: {c_in} -> {c_out} channels, stride {stride})'
+
+
+def block_shape(name: str) -> tuple[int, int]:
+    """(kernel, expansion) of a block name: 'k5e6' -> (5, 6)."""
+    if name not in CHAIN_BLOCKS:
+        raise GenotypeError(f'unknown block {name!r}; valid blocks: {", ".join(CHAIN_BLOCKS)}, {SKIP}')
+    k, e = name[1:].split('e')
+    return int(k), int(e)
+
+
+def validate_chain(genotype: ChainGenotype) -> ChainGenotype:
+    """Check a chain genotype; the message names the layer and the fault. Returns it with a list of names."""
+    layers = genotype.layers
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(b, str) for b in layers):
+        raise GenotypeError(f'a chain genotype\'s layers must be a list of {CHAIN_LAYERS} block names (one of '
+                            f'{", ".join(CHAIN_BLOCKS)}, {SKIP} per layer); got {layers!r:.80}')
+    if len(layers) != CHAIN_LAYERS:
+        raise GenotypeError(f'a chain genotype needs {CHAIN_LAYERS} layers (the ProxylessNAS space\'s '
+                            f'searchable layers), got {len(layers)}')
+    for i, name in enumerate(layers):
+        if name == SKIP:
+            if not skip_allowed(i):
+                raise GenotypeError(f'{chain_layer_name(i)} cannot be a skip: it changes the shape of its '
+                                    f'input, so it needs one of {", ".join(CHAIN_BLOCKS)}')
+        elif name not in CHAIN_BLOCKS:
+            raise GenotypeError(f'{chain_layer_name(i)}: unknown block {name!r}; valid blocks: '
+                                f'{", ".join(CHAIN_BLOCKS)}, {SKIP}')
+    return ChainGenotype(layers=list(layers))
+
+
+def macro_from_ids(ids) -> ChainGenotype:
+    """A chain genotype from the authors' export format: 21 integers indexing CHAIN_BLOCKS, -1 for a skip
+    (their `valid.py --model_id`, also ProxylessNAS-space searches that share it). `ids`: integers, or a
+    string of them separated by commas or spaces ('1,1,-1,...' or '1 1 -1 ...')."""
+    if isinstance(ids, str):
+        parts = ids.replace(',', ' ').split()
+        try:
+            ids = [int(p) for p in parts]
+        except ValueError:
+            raise GenotypeError(f'block ids must be integers separated by commas or spaces, got {ids!r:.80}') from None
+    ids = list(ids)
+    if len(ids) != CHAIN_LAYERS:
+        raise GenotypeError(f'the ProxylessNAS space has {CHAIN_LAYERS} searchable layers, so it needs '
+                            f'{CHAIN_LAYERS} block ids, got {len(ids)}')
+    names = []
+    for i, b in enumerate(ids):
+        if isinstance(b, bool) or not isinstance(b, int) or not SKIP_ID <= b < len(CHAIN_BLOCKS):
+            raise GenotypeError(f'{chain_layer_name(i)}: block id {b!r} is not one of {SKIP_ID} (skip), '
+                                f'0..{len(CHAIN_BLOCKS) - 1} ({", ".join(CHAIN_BLOCKS)})')
+        names.append(SKIP if b == SKIP_ID else CHAIN_BLOCKS[b])
+    return validate_chain(ChainGenotype(layers=names))
+
+
+def macro_to_ids(genotype: ChainGenotype) -> list[int]:
+    """The authors' export format of a chain genotype (inverse of macro_from_ids)."""
+    return [SKIP_ID if b == SKIP else CHAIN_BLOCKS.index(b) for b in validate_chain(genotype).layers]
+
+
+def chain_from_dict(data: dict, source: str = 'genotype') -> ChainGenotype:
+    """The chain form of from_json: {"chain": true, "layers": [...]}."""
+    if set(data) != {'chain', 'layers'} or data['chain'] is not True:
+        raise GenotypeError(f'{source}: a chain genotype must be a JSON object {{"chain": true, "layers": '
+                            f'[{CHAIN_LAYERS} block names]}}')
+    return validate_chain(ChainGenotype(layers=data['layers']))
+
+
+# AGNAS (Sun et al., ICML 2022), Table 2: the architecture released with the authors' code (the default of
+# their valid.py --model_id: 1 1 -1 2 1 -1 5 1 1 -1 5 1 1 -1 1 4 3 -1 5 5 5), searched directly on ImageNet.
+# model_macro.MacroNetwork(AGNAS_PROXYLESS): 6,728,936 weights.
+AGNAS_PROXYLESS = ChainGenotype(layers=[
+    'k3e6', 'k3e6', 'skip', 'k5e3',     # group 1: 32 channels, stride 2
+    'k3e6', 'skip', 'k7e6', 'k3e6',     # group 2: 56, stride 2
+    'k3e6', 'skip', 'k7e6', 'k3e6',     # group 3: 112, stride 2
+    'k3e6', 'skip', 'k3e6', 'k7e3',     # group 4: 128, stride 1
+    'k5e6', 'skip', 'k7e6', 'k7e6',     # group 5: 256, stride 2
+    'k7e6'])                            # group 6: 432, stride 1
+
+# Every genotype form, for `load` (a name in this module) and the scripts that accept any of them.
+GENOTYPE_FORMS = (Genotype, StagedGenotype, MacroGenotype, NB201Genotype, ChainGenotype)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -222,6 +223,68 @@ def without_running_stats(module: nn.Module) -> nn.Module:
             m.track_running_stats = False
             m.running_mean = m.running_var = m.num_batches_tracked = None
     return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AGNAS's SE-style attention (Sun et al., ICML 2022, Eq. 4-6), shared by the gated edges of the cell spaces
+# (agnas.py) and the gated choice layers of the ProxylessNAS chain (model_macro.py).
+
+
+class GateAttention(nn.Module):
+    """One attention module (AGNAS Eq. 4-5): gates = sigmoid(W2 ReLU(W1 GAP(F_con))), F_con the channel
+    concatenation of the m candidates' outputs (ops of an edge, or MBConv blocks of a layer), C channels each.
+
+    W1 = Linear(mC, mC // r), W2 = Linear(mC // r, mC), both without bias. The hidden width is rounded
+    down, as the authors' `inp // reduction`: on an edge of the cell spaces r = m (their `ratio=8` for 8
+    ops), so it is C; in the ProxylessNAS layers r = 16, so 7 x 56 channels give 392 // 16 = 24. The sigmoid
+    is the last layer: every gate is its own value in (0, 1), with no normalisation across candidates.
+
+    forward takes the pooled descriptors (N, m, C), one C-vector per candidate: GAP(cat(F_k)) = cat(GAP(F_k)),
+    so the caller never builds the (N, mC, H, W) concatenation. Returns the gates (N, m, C); candidate k's
+    gates are channels [kC, (k+1)C) of Eq. 5's output (half-open slices).
+    """
+
+    def __init__(self, m: int, C: int, r: int | None = None):
+        super().__init__()
+        r = m if r is None else r
+        hidden = m * C // r
+        if hidden < 1:
+            raise ValueError(f'the reduction ratio r={r} leaves no hidden unit for m*C = {m * C} channels')
+        self.m, self.C, self.hidden = m, C, hidden
+        self.fc1 = nn.Linear(m * C, hidden, bias=False)   # W1 (Eq. 5)
+        self.fc2 = nn.Linear(hidden, m * C, bias=False)   # W2 (Eq. 5)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        n = pooled.shape[0]
+        logits = self.fc2(F.relu(self.fc1(pooled.reshape(n, self.m * self.C))))
+        return torch.sigmoid(logits).view(n, self.m, self.C)   # Eq. 5
+
+
+class GateStatistics:
+    """Candidate importance from the gates (AGNAS Eq. 6), for every module that gates with GateAttention:
+    while `collecting` (agnas.importance_pass sets it), `collect(gates)` adds the gates summed over the batch
+    and the channels to a float64 accumulator on the gates' device (no host sync), and the batch size to an
+    image count. `mean_gates()`: each candidate's mean gate over the images and its C channels, (m,) for one
+    edge or layer, (E, m) for a group of edges. The module sets `self.C`."""
+
+    collecting = False
+
+    def reset_importance(self) -> None:
+        self._gate_sum = None   # float64 on the device of the gates
+        self._images = 0
+
+    def collect(self, gates: torch.Tensor) -> None:
+        """gates (N, ..., m, C): batch first, channels last."""
+        if self.collecting:
+            total = gates.detach().sum(dim=(0, -1), dtype=torch.float64)
+            self._gate_sum = total if self._gate_sum is None else self._gate_sum + total
+            self._images += gates.shape[0]
+
+    def mean_gates(self) -> np.ndarray:
+        """Each candidate's mean gate over the collected images and its C channels, float64."""
+        if not self._images:
+            raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
+        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
 
 
 OPS = {

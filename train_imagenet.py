@@ -24,6 +24,13 @@ At the end every rank prints `rank R weights_sha256=...` (the same on all ranks)
     final top1_error=25.80 top5_error=8.10 params_M=4.00 macs_M=440.0
 
 (validation errors in %, weights without the auxiliary tower, multiply-adds of one 224x224 image).
+
+A chain genotype (the ProxylessNAS space of AGNAS's macro search: --arch AGNAS_PROXYLESS, --arch
+ids:1,1,-1,..., or a `train_search.py --space proxyless` genotype.json) builds model_macro.MacroNetwork and
+takes the authors' retraining recipe for the flags a user leaves out (CHAIN_PRESET; AGNAS Sec. 5.3, their
+retrain.py): 240 epochs, global batch 1024, lr 0.5 decayed linearly to 0 with no warm-up, weight decay 4e-5 on
+the convolutions and the classifier only, label smoothing 0.1, dropout 0.2 before the classifier, no
+auxiliary tower. Their Fast AutoAugment policy is not included: the augmentation stays the one above.
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ import genotypes
 import runs
 import utils
 from model import NetworkImageNet
+from model_macro import MacroNetwork
 
 DEFAULT_ARCH = 'DARTS_V2'  # DARTS's default cell; pass --genotype_file for your own
 DEFAULT_LAYERS = 14
@@ -51,8 +59,14 @@ LR_SCHEDULES = ('linear', 'step')
 DEFAULT_LR = {'linear': 0.25, 'step': 0.1}  # NOS App. A.2 (for a global batch of 512); DARTS's ImageNet lr
 REFERENCE_BATCH = 512  # the global batch that lr 0.25 belongs to (NOS App. A.2)
 MOBILE_MACS = 600e6    # mobile setting: < 600M multiply-adds at 224x224 (NOS Sec. 4.3)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_LEARNING_RATE = 0.25  # NOS App. A.2, for a global batch of REFERENCE_BATCH
+# The defaults of the flags left at None: the cells' (NOS App. A.2, DARTS) and a chain genotype's (AGNAS's
+# retraining in the ProxylessNAS space, their retrain.py); `reference_batch` is the global batch that the
+# linear schedule's lr belongs to.
+CELL_PRESET = {'epochs': 300, 'reference_batch': REFERENCE_BATCH, 'warmup_epochs': 5., 'weight_decay': 3e-5,
+               'decay_on': 'all', 'init_channels': 48}
+CHAIN_PRESET = {'epochs': 240, 'reference_batch': 1024, 'linear_lr': 0.5, 'warmup_epochs': 0., 'weight_decay': 4e-5,
+                'decay_on': 'conv_fc'}
 # The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
 # run had started with it); --batch_size may change with the number of processes as long as the global batch
@@ -69,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 '--genotype_file), or random:SEED, a genotype drawn '
                                                 'uniformly from the NOS space (Table 2\'s random baseline)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
-    p.add_argument('--epochs', type=int, default=300, help='NOS App. A.2')
+    p.add_argument('--epochs', type=int, default=None, help='default 300 (NOS App. A.2); a chain genotype 240')
     p.add_argument('--batch_size', type=int, default=None,
-                   help=f'per process; default {REFERENCE_BATCH} / number of processes')
+                   help=f'per process; default {REFERENCE_BATCH} (a chain genotype: 1024) / number of processes')
     p.add_argument('--learning_rate', type=float, default=None,
                    help=f'linear: peak lr for a global batch of {REFERENCE_BATCH}, scaled linearly with the global '
                         f'batch (default {DEFAULT_LR["linear"]}); step: the absolute initial lr (default '
@@ -80,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='linear: warm-up, then linear decay to 0 (NOS); step: DARTS\'s decay by --lr_gamma every '
                         'epoch, no warm-up, no batch scaling (ADWPNAS)')
     p.add_argument('--lr_gamma', type=float, default=0.97, help='--lr_schedule step: lr factor per epoch (DARTS)')
-    p.add_argument('--warmup_epochs', type=float, default=5., help='linear warm-up, then linear decay to 0')
+    p.add_argument('--warmup_epochs', type=float, default=None,
+                   help='linear warm-up, then linear decay to 0 (default 5; a chain genotype 0)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight_decay', type=float, default=3e-5, help='DARTS ImageNet (the paper is silent)')
+    p.add_argument('--weight_decay', type=float, default=None,
+                   help='default 3e-5 (DARTS ImageNet; the paper is silent); a chain genotype 4e-5')
     p.add_argument('--label_smooth', type=float, default=0.1, help='label smoothing of the training loss')
-    p.add_argument('--init_channels', type=int, default=48, help='channels of the first cells')
+    p.add_argument('--init_channels', type=int, default=None, help='channels of the first cells (default 48)')
     p.add_argument('--layers', type=int, default=None,
                    help=f'cells in the network (default {DEFAULT_LAYERS}; a per-layer genotype sets its own)')
     p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
@@ -107,29 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def imagenet_folders(root: str):
-    """DARTS's ImageNet pipeline on ImageFolder train/ and val/."""
-    import torchvision.transforms as T
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise utils.UserError(f'--data {root} is a file, but it must be a folder holding train/ and val/, each '
-                              f'with one folder of images per class (ImageFolder layout)')
-    for split in ('train', 'val'):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise utils.UserError(f'no {split}/ folder in {os.path.abspath(root)}: --data must hold train/ '
-                                  f'and val/, each with one folder of images per class (ImageFolder layout)')
-    normalize = T.Normalize(MEAN, STD)
-    train_t = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
-                         T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
-                         T.ToTensor(), normalize])
-    val_t = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
-    # ImageFolder with the layout checked and unreadable images skipped (datasets.py's one rule)
-    data = {split: datasets.SafeImageFolder(os.path.join(root, split), t)
-            for split, t in (('train', train_t), ('val', val_t))}
-    if data['train'].classes != data['val'].classes:
-        raise utils.UserError(f'train/ has {len(data["train"].classes)} classes and val/ has '
-                              f'{len(data["val"].classes)}, or their names differ; both need the same class '
-                              f'folders')
-    return data['train'], data['val']
+def check_chain_flags(args, label: str) -> None:
+    """The flags of the cell networks, refused with a chain genotype (which fixes its depth and widths)."""
+    for name in ('layers', 'init_channels'):
+        if getattr(args, name) is not None:
+            raise utils.UserError(f'--{name} applies to cell genotypes; {label} is a chain genotype (the ProxylessNAS '
+                                  f'space), whose depth and widths are fixed: drop --{name}')
+    if args.drop_path_prob:
+        raise utils.UserError(f'--drop_path_prob applies to cells; {label} is a chain genotype, which drops out '
+                              f'before its classifier instead (0.2): drop --drop_path_prob')
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -168,21 +170,31 @@ def main(argv=None) -> dict | None:
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if args.batch_size is None:
-        args.batch_size = max(1, REFERENCE_BATCH // world)
-    if args.learning_rate is None:
-        args.learning_rate = DEFAULT_LR[args.lr_schedule]
     genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
-    args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
+    chain = isinstance(genotype, genotypes.ChainGenotype)
+    if chain:
+        check_chain_flags(args, label)
+        args.auxiliary = False  # the chain has no auxiliary tower
+    preset = CHAIN_PRESET if chain else CELL_PRESET
+    for name in ('epochs', 'warmup_epochs', 'weight_decay', 'init_channels'):
+        if getattr(args, name) is None and name in preset:
+            setattr(args, name, preset[name])
+    reference_batch = preset['reference_batch']
+    if args.batch_size is None:
+        args.batch_size = max(1, reference_batch // world)
+    if args.learning_rate is None:
+        args.learning_rate = preset['linear_lr'] if chain and args.lr_schedule == 'linear' else DEFAULT_LR[args.lr_schedule]
+    if not chain:
+        args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args, {'warmup_epochs': utils.Range(0), 'label_smooth': utils.Range(0, 1),
                              'lr_gamma': utils.Range(0, 1, low_open=True)})
     global_batch = args.batch_size * world
-    lr = args.learning_rate * global_batch / REFERENCE_BATCH if args.lr_schedule == 'linear' else args.learning_rate
+    lr = args.learning_rate * global_batch / reference_batch if args.lr_schedule == 'linear' else args.learning_rate
 
     # Every check that can fail runs on every rank before the process group exists, so a bad input ends
     # all processes with the same sentence instead of leaving some waiting in a collective.
     genotype_json = genotypes.to_json(genotype)
-    train_data, val_data = imagenet_folders(args.data)
+    train_data, val_data = datasets.imagenet_folders(args.data)
     num_classes = len(train_data.classes)
     save, resume = runs.run_folder(args.save, args.resume, 'eval-imagenet')
     args.save = save  # the folder in use, as the checkpoint records it
@@ -206,21 +218,23 @@ def main(argv=None) -> dict | None:
         dist.init_process_group('nccl' if cuda else 'gloo')
     try:
         return train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json,
-                     train_data, val_data, num_classes, save, resume, ckpt, global_batch, lr, changed, started)
+                     train_data, val_data, num_classes, save, resume, ckpt, global_batch, lr, changed, started,
+                     reference_batch=reference_batch)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json, train_data,
-          val_data, num_classes, save, resume, ckpt, global_batch, lr, changed=None, started=None):
+          val_data, num_classes, save, resume, ckpt, global_batch, lr, changed=None, started=None,
+          reference_batch=REFERENCE_BATCH):
     cuda = device.type == 'cuda'
     logger = runs.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
     if rank == 0:
         genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
-    schedule = (f'lr {lr:g} (= {args.learning_rate:g} x {global_batch} / {REFERENCE_BATCH}), '
+    schedule = (f'lr {lr:g} (= {args.learning_rate:g} x {global_batch} / {reference_batch}), '
                 f'{args.warmup_epochs:g} warm-up epochs then linear decay to 0' if args.lr_schedule == 'linear'
                 else f'lr {lr:g} x {args.lr_gamma:g} per epoch (step decay, no warm-up, no batch scaling)')
     logger.info(f'{world} process(es) x batch {args.batch_size} = global batch {global_batch}; {schedule}; '
@@ -229,19 +243,26 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
                 f'{"bf16 autocast" if amp_dtype else "fp32"}{", channels_last" if channels_last else ""}')
 
     utils.set_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = NetworkImageNet(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
+    chain = isinstance(genotype, genotypes.ChainGenotype)
+    if chain:  # AGNAS's macro search: the derived ProxylessNAS chain (model_macro.py)
+        model = MacroNetwork(genotype, num_classes).to(device)
+    else:
+        model = NetworkImageNet(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
     params = utils.count_params(model)
     macs = utils.count_macs(model, (1, 3, 224, 224)) if rank == 0 else 0
     logger.info(f'weights {params / 1e6:.2f}M (without the auxiliary tower), multiply-adds {macs / 1e6:.1f}M '
                 f'per 224x224 image')
     if macs > MOBILE_MACS:
         logger.warning(f'warning: {macs / 1e6:.0f}M multiply-adds exceed the mobile setting\'s '
-                       f'{MOBILE_MACS / 1e6:.0f}M; fewer --init_channels or --layers bring it under')
+                       f'{MOBILE_MACS / 1e6:.0f}M' + ('' if chain else '; fewer --init_channels or --layers bring it '
+                                                           'under'))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    # a chain decays its convolutions and classifier only (the authors' retrain.py); cells decay every weight
+    decay_on = (CHAIN_PRESET if chain else CELL_PRESET)['decay_on']
+    optimizer = torch.optim.SGD(utils.decay_groups(model, list(model.parameters()), args.weight_decay, decay_on), lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
     # Each process sees 1/world of the images; the loader drops the last partial batch so that every
     # step has the global batch.
     train_sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank,
@@ -353,7 +374,8 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     runs.report_run(logger, save, [
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr, skipped images'),
         ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'errors, weights, multiply-adds'),
-    ], [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started or time.time())
+    ], [f'python visualize.py {args.genotype_file or label}    (draw the {"chain" if chain else "cell"})'],
+        started or time.time())
     print(f'final top1_error={result["top1_error"]:.2f} top5_error={result["top5_error"]:.2f} '
           f'params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}', flush=True)
     return result

@@ -35,17 +35,22 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
 import agnas
 import darts
 import datasets
 import eoinas
 import genotypes
+import model_macro
+import model_search
 import nb201
 import runs
 import utils
 from genotypes import OP_SUBSETS
-from model_search import SPACES, STAGE_CELLS, resolve_ops, search_space_size
+from model_search import STAGE_CELLS, resolve_ops
+
+SPACES = model_search.SPACES + (model_macro.SPACE,)  # the cell spaces, and the ProxylessNAS chain
 
 KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
 DEFAULT_SAVE = 'runs/search'
@@ -59,8 +64,18 @@ AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight 
 # method's paper value (its `defaults(args)`).
 METHODS = {'darts': darts.DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod}
 # Flags whose value depends on the space (argparse default None): --space nb201 fills in the benchmark's search
-# settings (nb201.search_defaults), then the method its own, then these
-GENERIC_DEFAULTS = {'weight_decay': 3e-4, 'layers': 8, 'nesterov': False, 'stage_cell': 'first'}
+# settings (nb201.search_defaults) and --space proxyless the authors' recipe (model_macro.SEARCH_DEFAULTS), then
+# the method its own, then these (the cell spaces' own flags, CELL_ONLY, on a cell space only)
+GENERIC_DEFAULTS = {'weight_decay': 3e-4, 'layers': 8, 'nesterov': False, 'stage_cell': 'first',
+                    'batch_size': 64, 'learning_rate': DEFAULT_LEARNING_RATE, 'lr_schedule': 'cosine',
+                    'weight_decay_on': 'all', 'label_smoothing': 0., 'grad_clip_by': 'norm', 'init_channels': 16,
+                    'ops': 'all'}
+CELL_ONLY = ('layers', 'init_channels', 'ops', 'stage_cell')  # the cell spaces' own flags
+TRAIN_PORTION = 0.5      # DARTS's 25K / 25K split of CIFAR's training images (without --subset)
+LR_SCHEDULES = ('cosine', 'linear')
+DECAY_ON = utils.DECAY_ON
+CLIP_BY = ('norm', 'value')
+SEARCH_DATASETS = datasets.DATASETS + ('imagenet',)  # imagenet: --space proxyless only
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='where CIFAR lives (torchvision layout); for --dataset folder, PATH with train/CLASS/IMAGE')
     p.add_argument('--no_download', action='store_true',
                    help='never download CIFAR (by default a missing CIFAR-10/100 is downloaded into --data)')
-    p.add_argument('--dataset', default='cifar10', help='cifar10 | cifar100 | synthetic | folder (your images)')
+    p.add_argument('--dataset', default='cifar10',
+                   help='cifar10 | cifar100 | synthetic | folder (your images) | imagenet (--space proxyless: '
+                        '--data PATH holds train/CLASS/IMAGE)')
+    p.add_argument('--subset', type=float, default=None,
+                   help='a seeded, class-balanced share F of the training images trains the weights and a '
+                        'disjoint F/4 the architecture, instead of --train_portion (default: 0.1 on imagenet, '
+                        'AGNAS Sec. 5.3: 10%% and 2.5%%)')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
     p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)} (NAS-Bench-201: its benchmark '
@@ -77,19 +98,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
     p.add_argument('--stage_cell', default=None,
                    help=f'--method agnas: the normal cell each stage takes: {" | ".join(STAGE_CELLS)} (mean: '
-                        f'derived from the mean importance of the stage\'s cells)')
-    p.add_argument('--ops', default='all', help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)}')
-    p.add_argument('--batch_size', type=int, default=64,
-                   help='images per step, each level (App. A); the global batch, split evenly under torchrun')
-    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
-                   help='weights: SGD, cosine schedule')
+                        f'derived from the mean importance of the stage\'s cells; default first)')
+    p.add_argument('--ops', default=None,
+                   help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)} (default all)')
+    p.add_argument('--batch_size', type=int, default=None,
+                   help='images per step, each level (default 64, App. A; proxyless 512); the global batch, '
+                        'split evenly under torchrun')
+    p.add_argument('--learning_rate', type=float, default=None,
+                   help=f'weights: SGD (default {DEFAULT_LEARNING_RATE}; proxyless 0.25)')
+    p.add_argument('--lr_schedule', default=None,
+                   help=f'{" | ".join(LR_SCHEDULES)}: from --learning_rate down to --learning_rate_min over the '
+                        f'epochs (default cosine; proxyless linear)')
     p.add_argument('--learning_rate_min', type=float, default=None,
                    help='end of the cosine schedule (default: the method\'s, see README)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--nesterov', action='store_true', default=None,
                    help='Nesterov momentum (default: on for --space nb201, as its reference searches)')
-    p.add_argument('--weight_decay', type=float, default=None, help='weights (default 3e-4, App. A; nb201: 5e-4)')
-    p.add_argument('--grad_clip', type=float, default=5.0, help='gradient-norm clip of the weights (DARTS)')
+    p.add_argument('--weight_decay', type=float, default=None,
+                   help='weights (default 3e-4, App. A; nb201: 5e-4; proxyless 4e-5)')
+    p.add_argument('--weight_decay_on', default=None,
+                   help=f'{" | ".join(DECAY_ON)}: decay every weight, or only the convolutions and the classifier '
+                        f'(default all; proxyless conv_fc)')
+    p.add_argument('--label_smoothing', type=float, default=None,
+                   help='of the weights\' cross-entropy (default 0; proxyless 0.1)')
+    p.add_argument('--grad_clip', type=float, default=5.0, help='gradient clip of the weights (DARTS: 5)')
+    p.add_argument('--grad_clip_by', default=None,
+                   help=f'{" | ".join(CLIP_BY)}: clip the gradient\'s norm, or each entry (default norm; '
+                        f'proxyless value)')
     p.add_argument('--arch_learning_rate', type=float, default=None,
                    help='A: Adam, betas (0.5, 0.999) (default: the method\'s)')
     p.add_argument('--arch_weight_decay', type=float, default=1e-3, help='A (App. A)')
@@ -97,16 +132,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--no_fast', action='store_true',
                    help='search with the per-edge reference cells instead of the fast path (same search)')
     p.add_argument('--epochs', type=int, default=None, help='search epochs (default: the method\'s)')
-    p.add_argument('--init_channels', type=int, default=16, help='channels of the first cells (DARTS)')
+    p.add_argument('--init_channels', type=int, default=None, help='channels of the first cells (default 16, DARTS)')
     p.add_argument('--layers', type=int, default=None,
                    help='cells of the proxy network (default 8; nb201: 15, i.e. 3 stages of N = 5)')
+    p.add_argument('--width_mult', type=float, default=None,
+                   help='--space proxyless: every width times F (default 1: the space\'s; less: a CPU-sized '
+                        'chain, this repo\'s)')
     p.add_argument('--track_running_stats', type=int, default=None, choices=(0, 1),
                    help='--space nb201: 1 (default) keeps running BN statistics in the cells, 0 normalises by the '
                         'batch in evaluation too (both were run by the benchmark\'s reference searches)')
     p.add_argument('--benchmark', default=None, metavar='PATH',
                    help='--space nb201: the NAS-Bench-201 file (or NATS-Bench topology file) to look the derived cell '
                         'up in after every epoch (needs `pip install -r requirements-nb201.txt`)')
-    p.add_argument('--train_portion', type=float, default=0.5, help='share of the train set for weights')
+    p.add_argument('--train_portion', type=float, default=None,
+                   help=f'share of the train set for weights (default {TRAIN_PORTION}; the rest: the architecture)')
     p.add_argument('--lambda_at', type=float, default=None,
                    help='AGS weight; 0 = no teacher (default: the method\'s: 1000 for darts, 0 for eoinas)')
     p.add_argument('--at_levels', default='both',
@@ -139,28 +178,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fill_method_defaults(args) -> None:
-    """Flags left at None take the space's value (nb201: the benchmark's search settings), then the method's
-    (methods.md), then GENERIC_DEFAULTS; unknown methods are left to check_args."""
-    if getattr(args, 'space', None) == 'nb201':
-        for key, value in nb201.search_defaults(args.method).items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
+    """Flags left at None take the space's value (nb201: the benchmark's search settings; proxyless: the authors'
+    recipe), then the method's (methods.md), then GENERIC_DEFAULTS; unknown methods are left to check_args."""
+    space = getattr(args, 'space', None)
+    values = []
+    if space == 'nb201':
+        values.append(nb201.search_defaults(args.method))
+    elif space == model_macro.SPACE:
+        values.append(model_macro.SEARCH_DEFAULTS)
+        if args.dataset == 'imagenet' and args.train_portion is None:
+            values.append({'subset': model_macro.SUBSET})  # AGNAS Sec. 5.3: 10% (+ 2.5%) of ImageNet
     if args.method in METHODS:
-        for key, value in METHODS[args.method].defaults(args).items():
+        values.append(METHODS[args.method].defaults(args))
+    generic = dict(GENERIC_DEFAULTS)
+    if space == 'nb201':
+        del generic['stage_cell']  # one cell for all: check_nb201_args refuses --stage_cell there
+    if space == model_macro.SPACE:
+        generic = {k: v for k, v in generic.items() if k not in CELL_ONLY}  # refused there (check_chain_args)
+    for defaults in values + [generic]:
+        for key, value in defaults.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
-    for key, value in GENERIC_DEFAULTS.items():
-        if key == 'stage_cell' and getattr(args, 'space', None) == 'nb201':
-            continue  # one cell for all: check_nb201_args refuses --stage_cell there
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    if getattr(args, 'subset', None) is None and getattr(args, 'train_portion', None) is None:
+        args.train_portion = TRAIN_PORTION
 
 
 def check_args(args) -> None:
     """Bad flag values become one-sentence errors."""
     if args.method not in METHODS:
         raise utils.UserError(f'unknown --method {args.method!r}; valid methods: {", ".join(METHODS)}')
-    if args.stage_cell not in STAGE_CELLS and args.space != 'nb201':
+    if args.space == model_macro.SPACE:
+        check_chain_args(args)
+    elif args.width_mult is not None:
+        raise utils.UserError(f'--width_mult scales the ProxylessNAS chain (--space {model_macro.SPACE}); the '
+                              f'{args.space} space takes --init_channels')
+    if args.stage_cell is not None and args.stage_cell not in STAGE_CELLS:
         raise utils.UserError(f'unknown --stage_cell {args.stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
     for name, cls in METHODS.items():  # a method's own flags would be ignored by another method
         given = [f for f in getattr(cls, 'flags', ()) if name != args.method and getattr(args, f, None) is not None]
@@ -171,16 +223,31 @@ def check_args(args) -> None:
         raise utils.UserError(f'unknown --at_levels {args.at_levels!r}; valid values: {", ".join(AT_LEVELS)}')
     if args.space not in SPACES:
         raise utils.UserError(f'unknown --space {args.space!r}; valid spaces: {", ".join(SPACES)}')
-    if args.ops not in OP_SUBSETS:
+    if args.ops is not None and args.ops not in OP_SUBSETS:
         raise utils.UserError(f'unknown --ops {args.ops!r}; valid op sets: {", ".join(OP_SUBSETS)}')
-    if args.space in ('darts', 'nb201') and args.ops != 'all':
+    if args.space in ('darts', 'nb201') and args.ops not in (None, 'all'):
         fixed = genotypes.DARTS_PRIMITIVES if args.space == 'darts' else genotypes.NB201_PRIMITIVES
         raise utils.UserError(f'--ops {args.ops} applies to --space nos only; the {args.space} space has its '
                               f'fixed op set ({", ".join(fixed)})')
     check_nb201_args(args)
-    if args.dataset not in datasets.DATASETS:
-        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(datasets.DATASETS)}')
-    datasets.check_image_size(args.dataset, getattr(args, 'image_size', 32))
+    if args.dataset not in SEARCH_DATASETS:
+        raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(SEARCH_DATASETS)}')
+    if args.dataset == 'imagenet':
+        if args.space != model_macro.SPACE:
+            raise utils.UserError(f'--dataset imagenet searches the ProxylessNAS chain (--space proxyless); the '
+                                  f'{args.space} space\'s supernet is built for 32x32 images: use --dataset folder '
+                                  f'--image_size N to search it on your own images')
+        if args.image_size != 32:
+            raise utils.UserError('--image_size applies to --dataset folder only; ImageNet images are cropped to '
+                                  '224x224: drop the flag')
+    else:
+        datasets.check_image_size(args.dataset, getattr(args, 'image_size', 32))
+    for name, allowed in (('lr_schedule', LR_SCHEDULES), ('weight_decay_on', DECAY_ON), ('grad_clip_by', CLIP_BY)):
+        if getattr(args, name) not in allowed:
+            raise utils.UserError(f'unknown --{name} {getattr(args, name)!r}; valid values: {", ".join(allowed)}')
+    if args.subset is not None and args.train_portion is not None:
+        raise utils.UserError('--subset picks the images of both sides of the search (F and F/4), so --train_portion '
+                              'would be ignored: give one of the two')
     utils.check_flags(args, {'train_portion': utils.Range(0, 1, low_open=True, high_open=True)})
     if args.learning_rate_min > args.learning_rate:
         raise utils.UserError(f'--learning_rate_min {args.learning_rate_min:g} is above --learning_rate '
@@ -206,6 +273,36 @@ def check_nb201_args(args) -> None:
     if args.benchmark is not None and not os.path.exists(args.benchmark):
         raise utils.UserError(f'--benchmark {args.benchmark} does not exist; download NAS-Bench-201-v1_0-e61699.pth '
                               f'(or v1_1-096897, or a NATS-Bench topology file) and pass its path')
+def check_chain_args(args) -> None:
+    """--space proxyless: the methods with a chain supernet, and no flag of the cell spaces."""
+    if args.method not in model_macro.METHODS:
+        raise utils.UserError(f'--space {model_macro.SPACE} runs --method {" or ".join(model_macro.METHODS)} (the '
+                              f'chain supernet); --method {args.method} searches the cell spaces only: use '
+                              f'--space darts or nos, or another method')
+    utils.check_flags(args)
+    try:
+        model_macro.check_width(args.width_mult)
+    except ValueError as e:
+        raise utils.UserError(f'--{e}') from None
+    given = [f for f in CELL_ONLY if getattr(args, f) is not None]
+    if given:
+        raise utils.UserError(f'--{given[0]} applies to the cell spaces ({", ".join(model_search.SPACES)}); the '
+                              f'ProxylessNAS chain has fixed layers, widths and candidates: drop --{given[0]}')
+    if args.lambda_at > 0:
+        raise utils.UserError(f'--lambda_at {args.lambda_at:g}: attention-guided search matches a teacher\'s three '
+                              f'stage maps with cells of the cell spaces, which the ProxylessNAS chain does not '
+                              f'have; drop --lambda_at')
+
+
+def make_scheduler(optimizer, args):
+    """The weights' learning rate per epoch: cosine (DARTS) or linear (the authors' ProxylessNAS-space search,
+    which steps it per batch) from --learning_rate down to --learning_rate_min."""
+    if args.lr_schedule == 'linear':
+        def factor(epoch: int) -> float:
+            end = args.learning_rate_min / args.learning_rate if args.learning_rate else 1.
+            return 1. - (1. - end) * epoch / args.epochs
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs), eta_min=args.learning_rate_min)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,6 +387,8 @@ def _choices(genotype) -> list:
     """The choices a genotype makes, in order: each (op, input) of a first tier, each second-tier op."""
     if isinstance(genotype, genotypes.NB201Genotype):  # one op per edge
         return genotype.ops()
+    if isinstance(genotype, genotypes.ChainGenotype):  # one block (or skip) per layer
+        return list(genotype.layers)
     out = []
     for cell in (genotype.normal, genotype.reduce):
         for entry in cell:
@@ -309,8 +408,11 @@ def genotype_changes(old, new) -> tuple[int, int]:
 
 def settings_of(args) -> dict:
     """What must match when a search resumes (--batch_size is the global batch, whatever the processes)."""
+    recipe = {k: None if getattr(args, k) == GENERIC_DEFAULTS[k] else getattr(args, k)  # None: older checkpoints
+              for k in ('lr_schedule', 'weight_decay_on', 'label_smoothing', 'grad_clip_by')}
     return {'dataset': args.dataset, 'method': args.method, 'space': args.space,
-            'ops': resolve_ops(args.space, args.ops), 'layers': args.layers,
+            'ops': resolve_ops(args.space, args.ops) if args.space != model_macro.SPACE else None,
+            'layers': args.layers, 'subset': args.subset, 'width_mult': args.width_mult, **recipe,
             'init_channels': args.init_channels, 'lambda_at': args.lambda_at, 'at_levels': args.at_levels,
             'unrolled': args.unrolled, 'epochs': args.epochs, 'batch_size': args.batch_size,
             'sync_bn': args.sync_bn, 'double': args.double, 'fast': METHODS[args.method].fast(args),
@@ -399,13 +501,11 @@ def main(argv=None) -> None:
         changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
-    data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
-                             image_size=args.image_size, stats=data_stats, augment=not args.no_augment,
-                             download=not args.no_download)
-    train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
-    if args.batch_size > min(len(train_idx), len(val_idx)):
-        raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_idx)} images that '
-                              f'train the weights (or the {len(val_idx)} that train A); use a smaller '
+    train_data, val_data, num_classes = search_data(args, data_stats)
+    steps_on_val = METHODS[args.method].uses_val_batch is not False  # AGNAS only ranks with those images
+    if args.batch_size > len(train_data) or (steps_on_val and args.batch_size > len(val_data)):
+        raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} images that '
+                              f'train the weights (or the {len(val_data)} that train A); use a smaller '
                               f'--batch_size')
     teacher_net = None
     if args.lambda_at > 0:
@@ -416,14 +516,34 @@ def main(argv=None) -> None:
     if world > 1:
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
-        search(args, world, rank, device, ckpt, changed, settings, data, data_stats, train_idx, val_idx,
+        search(args, world, rank, device, ckpt, changed, settings, train_data, val_data, num_classes, data_stats,
                teacher_net, started)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def search(args, world, rank, device, ckpt, changed, settings, data, data_stats, train_idx, val_idx,
+def search_data(args, data_stats) -> tuple:
+    """(weights' images, architecture's images, classes). The architecture's images are what DARTS's A
+    steps on and what AGNAS's importance pass ranks with: the rest of the set after --train_portion, or with
+    --subset a disjoint class-balanced quarter of the weights' share. On ImageNet they keep the evaluation
+    transform (resize 256, centre crop 224), as the authors' compute_attention.py."""
+    if args.dataset == 'imagenet':
+        data, view = datasets.imagenet_search_data(args.data, augment=not args.no_augment)
+        num_classes = len(data.classes)
+    else:
+        data = view = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                                           image_size=args.image_size, stats=data_stats,
+                                           augment=not args.no_augment, download=not args.no_download)
+        num_classes = datasets.num_classes(args.dataset, args.data)
+    if args.subset is not None:
+        train_idx, val_idx = datasets.class_balanced_split(data.targets, args.subset)
+    else:
+        train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
+    return torch.utils.data.Subset(data, train_idx), torch.utils.data.Subset(view, val_idx), num_classes
+
+
+def search(args, world, rank, device, ckpt, changed, settings, train_data, val_data, num_classes, data_stats,
            teacher_net, started) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
@@ -435,20 +555,29 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         torch.backends.cudnn.benchmark = True
     dtype = torch.float64 if args.double else torch.float32
     utils.set_seed(args.seed)  # the same initial weights and A in every process
-    model = method_cls.build_model(args, datasets.num_classes(args.dataset, args.data)).to(device, dtype)
+    model = method_cls.build_model(args, num_classes).to(device, dtype)
+    model._criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # the weights' and A's loss
     if args.sync_bn:
         model = utils.convert_sync_batchnorm(model)
     if teacher_net is not None:
         teacher_net.to(dtype)
-    optimizer = torch.optim.SGD(model.weights(), args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=bool(args.nesterov))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
-                                                           eta_min=args.learning_rate_min)
+    optimizer = torch.optim.SGD(utils.decay_groups(model, model.weights(), args.weight_decay, args.weight_decay_on),
+                                args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
+                                nesterov=bool(args.nesterov))
+    scheduler = make_scheduler(optimizer, args)
     method = method_cls(model, args)
-    size = search_space_size(model.ops, args.space)
-    logger.info('method %s; search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, '
-                '%.2e exact', args.method, args.space, len(model.ops), ', '.join(model.ops), size['paper'],
-                size['exact'])
+    size = model.search_space_size()
+    if args.space == model_macro.SPACE:
+        logger.info('method %s; search space (%s, %s layout: %d layers of %s, skip in %d): %.2e architectures',
+                    args.method, args.space, model.layout, len(model.layers), ', '.join(model.ops),
+                    int(model.available[:, -1].sum()), size['exact'])
+        logger.info('%d images train the weights, %d the architecture (%s)', len(train_data), len(val_data),
+                    f'--subset {args.subset:g}' if args.subset is not None else
+                    f'--train_portion {args.train_portion:g}')
+    else:
+        logger.info('method %s; search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, '
+                    '%.2e exact', args.method, args.space, len(model.ops), ', '.join(model.ops), size['paper'],
+                    size['exact'])
     logger.info('search cells: %s', 'the fast path (model_search_fast.FastCell)' if model.fast else
                 'the per-edge reference cells' + ('' if args.no_fast else ' (this setting has no fast path)'))
     n_weights = utils.count_params(model)
@@ -494,12 +623,10 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
     pin = device.type == 'cuda'
-    limit = utils.loss_limit(datasets.num_classes(args.dataset, args.data))
+    limit = utils.loss_limit(num_classes)
     retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
     previous = (genotypes.from_json(json.dumps(ckpt['genotype']), args.resume)
                 if ckpt is not None and 'genotype' in ckpt else None)
-    train_data = torch.utils.data.Subset(data, train_idx)
-    val_data = torch.utils.data.Subset(data, val_idx)
     for epoch in range(start_epoch, args.epochs):
         # every process shuffles alike and takes its slice of each global batch (utils.GlobalBatchSampler)
         g = utils.seed_epoch(args.seed, epoch)
@@ -518,7 +645,7 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                              checkpoint=ckpt_path, retry=retry)
         scheduler.step()
         utils.broadcast_state(model)  # rank 0's BatchNorm statistics everywhere (they differ without sync)
-        datasets.log_unreadable(data, logger)
+        datasets.log_unreadable(train_data, logger)
         extra = method.end_epoch(epoch, val_loader, device)
         seconds = time.time() - start
         cpu = float(utils.all_sum(torch.tensor([utils.cpu_seconds() - cpu_start], dtype=torch.float64,
@@ -573,17 +700,28 @@ def search(args, world, rank, device, ckpt, changed, settings, data, data_stats,
                       'genotype': json.loads(genotypes.to_json(genotype)),
                       **({'benchmark': final_lookup(benchmark, genotype, lookup)} if benchmark else {})})
     genotype_path = os.path.join(args.save, 'genotype.json')
+    chain = args.space == model_macro.SPACE
     logger.info('final genotype (%s; paste into genotypes.py or train with --genotype_file %s):\n%r',
                 args.space, genotype_path, genotype)
     runs.report_run(logger, args.save, [
         ('log.txt', 'the log, with the importance tables of every epoch'),
         ('search_log.jsonl', 'one record per epoch: losses, accuracies, importance, genotype'),
-        ('genotype.json', 'the derived cell'),
+        ('genotype.json', 'the derived chain' if chain else 'the derived cell'),
         ('checkpoint.pt', 'the last epoch (--resume)'),
         ('result.json', 'settings, search cost, genotype'),
-    ], [f'python visualize.py {args.save}    (draw the cells and the importance over the epochs)',
-        f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the cell)'],
-        started)
+    ], [f'python visualize.py {args.save}    (draw the {"chain" if chain else "cells"} and the importance)',
+        retrain_hint(args, genotype_path, model)], started)
+
+
+def retrain_hint(args, genotype_path: str, model) -> str:
+    """The command that retrains what the search found."""
+    if args.space != model_macro.SPACE:
+        return f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the cell)'
+    if model.layout == 'imagenet':
+        data = f' --data {args.data}' if args.dataset == 'imagenet' else ' --data PATH_TO_IMAGENET'
+        return f'python train_imagenet.py --genotype_file {genotype_path}{data}    (retrain the chain)'
+    return (f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset} --no_auxiliary    '
+            f'(retrain the chain, CIFAR-sized)')
 
 
 def final_lookup(benchmark, genotype, lookup) -> dict:

@@ -145,7 +145,9 @@ FLAG_RANGES = {
     'momentum': Range(0, 1, high_open=True), 'weight_decay': Range(0), 'arch_weight_decay': Range(0),
     'grad_clip': Range(0), 'lambda_at': Range(0), 'auxiliary_weight': Range(0), 'cutout_length': Range(0),
     'drop_path_prob': Range(0, 1, high_open=True), 'workers': Range(0, MAX_WORKERS), 'report_freq': Range(0),
-    'seed': Range(0, MAX_SEED), 'gpu': Range(0),
+    'seed': Range(0, MAX_SEED), 'gpu': Range(0), 'label_smoothing': Range(0, 1, high_open=True),
+    # --subset F takes F of the images for the weights and F/4 for the architecture: at most 0.8 of them
+    'subset': Range(0, 0.8, low_open=True), 'width_mult': Range(0, 4, low_open=True),
 }
 FLAG_HINTS = {  # what to do, where the range alone does not say it
     'layers': 'the network needs two reduction cells (at 1/3 and 2/3 of its depth) and a normal cell',
@@ -310,6 +312,27 @@ def attention_transfer_loss(student: list[torch.Tensor], teacher: list[torch.Ten
                              f'{tuple(t.shape[-2:])} teacher stage')
         loss = loss + (attention_map(s) - attention_map(t)).pow(2).mean()
     return 0.5 * loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which weights decay
+
+DECAY_ON = ('all', 'conv_fc')
+
+
+def decay_groups(model: nn.Module, weights: list, weight_decay: float, on: str = 'all') -> list[dict]:
+    """SGD's parameter groups for `weights` (parameters of `model`): weight decay on every one ('all', DARTS),
+    or only on the convolutions (4-d) and the classifier ('conv_fc': the authors' ProxylessNAS-space search
+    and retraining, AGNAS; no decay on BatchNorm or the attention FCs). Both groups take momentum."""
+    if on == 'all':
+        return [{'params': list(weights), 'weight_decay': weight_decay}]
+    if on not in DECAY_ON:
+        raise ValueError(f'unknown weight decay rule {on!r}; valid: {", ".join(DECAY_ON)}')
+    ids = {id(p) for p in weights}
+    decayed = {id(p) for n, p in model.named_parameters()
+               if id(p) in ids and (p.dim() == 4 or n.startswith('classifier.'))}
+    return [{'params': [p for p in weights if id(p) not in decayed], 'weight_decay': 0.},
+            {'params': [p for p in weights if id(p) in decayed], 'weight_decay': weight_decay}]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -132,12 +132,14 @@ def cell_dot(cell, name: str = 'normal') -> str:
 
 def genotype_dots(genotype: Genotype) -> dict[str, str]:
     """{'normal': DOT, 'reduce': DOT} of a validated genotype; a staged one gives every cell (see
-    staged_dots)."""
+    staged_dots), a chain genotype {'chain': DOT} (chain_dot)."""
     genotype = genotypes.validate(genotype)
     if isinstance(genotype, genotypes.StagedGenotype):
         return staged_dots(genotype)
     if isinstance(genotype, genotypes.NB201Genotype):
         return {'cell': nb201_dot(genotype)}
+    if isinstance(genotype, genotypes.ChainGenotype):
+        return {'chain': chain_dot(genotype)}
     return {'normal': cell_dot(genotype.normal, 'normal'), 'reduce': cell_dot(genotype.reduce, 'reduce')}
 
 
@@ -200,6 +202,48 @@ def staged_dots(genotype: genotypes.StagedGenotype) -> dict[str, str]:
     return dots
 
 
+# A chain genotype (AGNAS's macro search, the ProxylessNAS space): one box per layer, filled by kernel size,
+# outlined by expansion; a skipped layer is a dashed grey box (the derived network has no layer there).
+KERNEL_FILL = {3: '#c6dbef', 5: '#6baed6', 7: '#2171b5'}
+EXPANSION_PEN = {3: 1, 6: 3}
+
+
+def chain_dot(genotype: genotypes.ChainGenotype, name: str = 'chain') -> str:
+    """DOT text of a chain genotype: stem, fixed first block, the 21 searchable layers (kernel, expansion,
+    stride and widths of each; skips dashed), head, one row per group of the space."""
+    genotype = genotypes.validate_chain(genotype)
+    lines = [f'digraph {name} {{', '  rankdir=TB; nodesep=0.15; ranksep=0.3; newrank=true;',
+             '  node [shape=rect, style="rounded,filled", fontname=helvetica, fontsize=11, height=0.45];',
+             '  edge [color=gray50, arrowsize=0.6];',
+             f'  stem [label="stem\\n3x3 conv, s2\\n3 -> {genotypes.PROXYLESS_STEM}", fillcolor={INPUT_FILL}];',
+             (f'  first [label="MBConv k3 e1\\n{genotypes.PROXYLESS_STEM} -> {genotypes.PROXYLESS_FIRST}", '
+              f'fillcolor={INPUT_FILL}];'), '  stem -> first;']
+    previous, group_nodes = 'first', {}
+    for i, (name_, (c_in, c_out, stride, group)) in enumerate(zip(genotype.layers, genotypes.chain_layers())):
+        node = f'L{i}'
+        if name_ == genotypes.SKIP:
+            label = f'{i}: skip\\n{c_in} -> {c_out}'
+            lines.append(f'  {node} [label="{label}", style="rounded,dashed", color=gray60, fontcolor=gray45, '
+                         f'fillcolor=white];')
+        else:
+            k, e = genotypes.block_shape(name_)
+            label = f'{i}: MBConv k{k} e{e}\\ns{stride}, {c_in} -> {c_out}'
+            font = 'white' if k == 7 else 'black'
+            lines.append(f'  {node} [label="{label}", fillcolor="{KERNEL_FILL[k]}", fontcolor={font}, '
+                         f'penwidth={EXPANSION_PEN[e]}];')
+        lines.append(f'  {previous} -> {node};')
+        group_nodes.setdefault(group, []).append(node)
+        previous = node
+    for nodes in group_nodes.values():  # a group per row, left to right
+        lines.append('  { rank=same; ' + ' '.join(nodes) + ' }')
+    lines += [(f'  head [label="1x1 conv\\n{genotypes.PROXYLESS_GROUPS[-1][0]} -> {genotypes.PROXYLESS_HEAD}, pool, '
+               f'FC", fillcolor={OUTPUT_FILL}];'), f'  {previous} -> head;',
+              '  labelloc=t; fontname=helvetica; fontsize=14;',
+              ('  label="ProxylessNAS chain (strides of the 224x224 layout): fill = kernel (light 3, mid 5, dark '
+               '7), thick border = expansion 6, dashed = skip (layer removed)";'), '}']
+    return '\n'.join(lines) + '\n'
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Input
 
@@ -239,7 +283,8 @@ def read_search_log(path: str) -> list[dict]:
                     break
                 raise UserError(f'{path} line {n} is not valid JSON; the file is damaged (a search writes one '
                                 f'JSON object per epoch)') from None
-            needed = ({'importance', 'cell_genotypes'} if rec.get('method') == 'agnas'  # gates, not A
+            needed = ({'importance'} if rec.get('space') == 'proxyless'  # the chain's one table
+                      else {'importance', 'cell_genotypes'} if rec.get('method') == 'agnas'  # gates, not A
                       else {'alphas_normal'} if rec.get('space') == 'nb201'  # one matrix
                       else {'alphas_normal', 'alphas_reduce'})
             missing = ({'epoch', 'primitives'} | needed) - set(rec)
@@ -529,6 +574,68 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
     return [path]
 
 
+def plot_chain_importance(records: list[dict], out: str, fmt: str) -> list[str]:
+    """The ProxylessNAS chain (--space proxyless): its importance table, layers x candidates (AGNAS: mean
+    gates; DARTS: softmax weights), one panel per epoch shown, each layer's derived candidate outlined and the
+    layers without a skip candidate crossed out in the skip column."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print('note: matplotlib is not installed (pip install matplotlib), so the importance tables are not '
+              'drawn', file=sys.stderr)
+        return []
+    import numpy as np
+
+    candidates = records[-1]['primitives']
+    shown = [records[i] for i in _panel_epochs(len(records))]
+    tables = []
+    for r in shown:
+        t = np.array(r['importance'].get('layers', []), dtype=float)
+        if t.shape != (genotypes.CHAIN_LAYERS, len(candidates)):
+            raise UserError(f'epoch {r["epoch"]} of the search log has no ({genotypes.CHAIN_LAYERS} x '
+                            f'{len(candidates)}) importance table; the log is damaged')
+        tables.append(t)
+    no_skip = [i for i in range(genotypes.CHAIN_LAYERS) if not genotypes.skip_allowed(i)]
+    skip_col = candidates.index(genotypes.SKIP)
+    values = np.concatenate([np.delete(t, skip_col, 1).ravel() for t in tables] +
+                            [t[[i for i in range(len(t)) if i not in no_skip], skip_col] for t in tables])
+    ncols = min(len(tables), 6)
+    nrows = math.ceil(len(tables) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.5, 2.2 * ncols + 1.4), 5.2 * nrows + 1.0), sharey=True,
+                             squeeze=False, layout='constrained')
+    for ax in axes.flat[len(tables):]:
+        ax.axis('off')
+    for ax, r, t in zip(axes.flat, shown, tables):
+        masked = np.ma.array(t, mask=np.zeros_like(t, dtype=bool))
+        masked.mask[no_skip, skip_col] = True
+        im = ax.imshow(masked, cmap='viridis', vmin=values.min(), vmax=values.max(), aspect='auto')
+        for i in no_skip:
+            ax.plot([skip_col - 0.4, skip_col + 0.4], [i - 0.4, i + 0.4], color='gray', lw=0.8)
+        try:
+            chosen = genotypes.validate(genotypes.from_json(json.dumps(r['genotype']))).layers
+        except (GenotypeError, KeyError, AttributeError):
+            chosen = []
+        for i, name in enumerate(chosen):
+            ax.add_patch(Rectangle((candidates.index(name) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red',
+                                   lw=1.5))
+        ax.set_title(f'epoch {r["epoch"]}', fontsize=9)
+        ax.set_xticks(range(len(candidates)))
+        ax.set_xticklabels(candidates, rotation=90, fontsize=7)
+        ax.set_yticks(range(genotypes.CHAIN_LAYERS))
+        ax.set_yticklabels([f'{i} (s{s})' for i, (_, _, s, _) in enumerate(genotypes.chain_layers())], fontsize=7)
+    what = 'mean gates' if records[-1].get('method') == 'agnas' else 'softmax weights'
+    fig.colorbar(im, ax=axes, shrink=0.5, label=what)
+    fig.suptitle(f'{records[-1].get("method", "")}: {what} per layer (rows)\nand candidate (columns); red: the '
+                 f'derived block;\ncrossed: no skip in that layer', fontsize=9)
+    path = os.path.join(out, f'importance_layers.{fmt}')
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return [path]
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -563,6 +670,8 @@ def main(argv=None) -> None:
     written = render_cells(dots, out, args.format)
     if nb201_runs:
         written += plot_nb201(nb201_runs, out, args.format)
+    elif records is not None and records[-1].get('space') == 'proxyless':
+        written += plot_chain_importance(records, out, args.format)
     elif records is not None and records[-1].get('method') == 'agnas':
         written += plot_importance(records, out, args.format)
     elif records is not None:
