@@ -42,6 +42,7 @@ import nb201
 import runs
 import utils
 from model import NetworkCIFAR
+from model_macro import MacroNetwork, layout_for
 from model_nb201 import NB201Network
 
 DEFAULT_ARCH = 'DARTS_V2'
@@ -134,15 +135,32 @@ def apply_nb201_schedule(args, given: set[str], genotype, label: str) -> None:
             setattr(args, key, value)
 
 
+def apply_chain(args, given: set[str], genotype, label: str) -> None:
+    """A chain genotype (AGNAS's macro search, the ProxylessNAS space) retrains as model_macro.MacroNetwork in
+    the layout of the image size (32x32: the CIFAR-sized chain, this repo's own): it has no cells, no
+    auxiliary tower and no drop-path, so asking for them is refused."""
+    if not isinstance(genotype, genotypes.ChainGenotype):
+        return
+    for flag in ('layers', 'init_channels', 'auxiliary', 'drop_path_prob'):
+        if flag in given:
+            raise utils.UserError(f'--{flag} applies to cell genotypes; {label} is a chain genotype (the ProxylessNAS '
+                                  f'space), whose depth and widths are fixed and which has no auxiliary tower or '
+                                  f'drop-path: drop --{flag}')
+    args.auxiliary, args.drop_path_prob, args.init_channels = False, 0., None
+
+
 def main(argv=None) -> dict:
     started = time.time()
     argv = list(argv) if argv is not None else None
     args = build_parser().parse_args(argv)
     genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
-    apply_nb201_schedule(args, given_flags(sys.argv[1:] if argv is None else argv), genotype, label)
+    given = given_flags(sys.argv[1:] if argv is None else argv)
+    apply_nb201_schedule(args, given, genotype, label)
+    apply_chain(args, given, genotype, label)
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY.get(args.dataset, 5e-4)
-    args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
+    if not isinstance(genotype, genotypes.ChainGenotype):
+        args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args)
     datasets.check_image_size(args.dataset, args.image_size)
     if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
@@ -194,6 +212,9 @@ def main(argv=None) -> dict:
         model = NB201Network(args.init_channels, num_classes, args.layers, genotype).to(device)
         logger.info('NAS-Bench-201 network (C %d, %d cells) with the benchmark\'s recipe in every flag not given '
                     '(--nb201_schedule)', args.init_channels, args.layers)
+    elif isinstance(genotype, genotypes.ChainGenotype):  # AGNAS's macro search (model_macro.py)
+        model = MacroNetwork(genotype, num_classes, layout=layout_for(args.image_size)).to(device)
+        logger.info('ProxylessNAS chain, %s layout', layout_for(args.image_size))
     else:
         model = NetworkCIFAR(args.init_channels, num_classes, args.layers, args.auxiliary, genotype).to(device)
     params = utils.count_params(model)

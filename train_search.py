@@ -720,8 +720,8 @@ def retrain_hint(args, genotype_path: str, model) -> str:
     if model.layout == 'imagenet':
         data = f' --data {args.data}' if args.dataset == 'imagenet' else ' --data PATH_TO_IMAGENET'
         return f'python train_imagenet.py --genotype_file {genotype_path}{data}    (retrain the chain)'
-    return (f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset} --no_auxiliary    '
-            f'(retrain the chain, CIFAR-sized)')
+    return (f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the chain, '
+            f'CIFAR-sized)')
 
 
 def final_lookup(benchmark, genotype, lookup) -> dict:
