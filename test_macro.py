@@ -86,6 +86,17 @@ def test_each_block_has_its_shape_and_stride(name, c_in, c_out, stride):
     assert b(x).shape == (2, c_out, 8 // stride, 8 // stride)
 
 
+def test_a_block_adds_its_input_only_where_it_keeps_the_shape():
+    for c_in, c_out, stride in ((8, 8, 1), (8, 8, 2), (8, 16, 1)):
+        b = model_macro.block('k3e3', c_in, c_out, stride).eval()
+        last_bn = b.conv[-1]
+        nn.init.zeros_(last_bn.weight)
+        nn.init.zeros_(last_bn.bias)  # the block's own path now outputs 0
+        x = torch.randn(2, c_in, 8, 8)
+        out = b(x)
+        assert torch.equal(out, x) if (c_in, c_out, stride) == (8, 8, 1) else not out.any()
+
+
 def test_fixed_first_block_and_the_network_ends():
     first = MBConv(40, 24, 3, 1, 1)  # expansion 1: no expansion conv
     assert [tuple(c.weight.shape) for c in first.modules() if isinstance(c, nn.Conv2d)] == [(40, 1, 3, 3), (24, 40, 1, 1)]

@@ -570,7 +570,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
     if args.space == model_macro.SPACE:
         logger.info('method %s; search space (%s, %s layout: %d layers of %s, skip in %d): %.2e architectures',
                     args.method, args.space, model.layout, len(model.layers), ', '.join(model.ops),
-                    int(model.available[:, -1].sum()), size['exact'])
+                    sum(layer.has_skip for layer in model.layers), size["exact"])
         logger.info('%d images train the weights, %d the architecture (%s)', len(train_data), len(val_data),
                     f'--subset {args.subset:g}' if args.subset is not None else
                     f'--train_portion {args.train_portion:g}')
