@@ -15,6 +15,10 @@ the `--method agnas` of train_search.py (the shared weight step is darts.weight_
 (model_search_fast's `Network(fast=True)`, train_search.py's default) `FastGatedEdges` computes the gated edges of a whole source
 group at once; test_fast_search.py proves it equal to `AttentionMixedOp`.
 
+Over the ProxylessNAS chain (--space proxyless, AGNAS's macro search, §4.2) the supernet is
+model_macro.MacroSupernet: a gate module behind every layer rather than every edge, the same single-level step
+and importance pass, and the table is layers x candidates, derived by an argmax per layer (docs/macro.md).
+
 Over the NOS space (agnas.md §8, this repo's own, experimental) the gates replace NOS's softmax weights:
 features, attention maps and dynamic kernels are each gated before NOS's calibration, and each op's pooled
 descriptor is taken from its effect on the edge's skip output.

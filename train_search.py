@@ -1,6 +1,7 @@
 """Architecture search: one loop for every method and space, with attention-guided search (NOS, Sec. 3.3).
 
-Three independent choices (../shared/spec/methods.md): --space (nos | darts: the supernet), --method (how op
+Three independent choices (../shared/spec/methods.md): --space (nos | darts | nb201 | proxyless: the supernet;
+proxyless is AGNAS's ProxylessNAS chain, model_macro.py), --method (how op
 importance is represented and learnt, and how the cell is derived) and --lambda_at (AGS, the teacher's
 attention maps as an extra loss). A method is an object with a small interface (see `darts.DartsMethod`, the
 `darts` method); each other method lives in the file named after it and is registered in METHODS. Flags
@@ -22,6 +23,8 @@ normal cell per stage, --stage_cell first | last | mean).
     python train_search.py --dataset cifar10 --data data              # NOS + AGS (needs a teacher)
     python train_search.py --dataset cifar10 --lambda_at 0            # plain DARTS-style search
     python train_search.py --dataset cifar10 --method agnas --space darts --seed 0   # AGNAS (agnas.py)
+    torchrun --nproc_per_node=8 train_search.py --space proxyless --method agnas --dataset imagenet \\
+        --data /path/to/imagenet                                      # AGNAS's macro search (docs/macro.md)
     python train_search.py --dataset synthetic --device cpu --lambda_at 0 --epochs 1 --layers 5 \\
         --init_channels 8 --batch_size 16 --synthetic_size 128 --save /tmp/search-smoke
 """
