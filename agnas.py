@@ -200,6 +200,8 @@ class FastGatedEdges(GateStatistics, FastEdges):
         return self._cache[key].expand(ref.shape[0], 1, ref.shape[2])
 
     def mix(self, stacks: dict, coef: dict, lay, skip=None) -> dict:
+        if 'F' not in stacks and self.plain:  # no op of the group computes (edges restricted by diagnose.py)
+            return {}
         f = stacks['F']                                        # (N, Q, C, H, W)
         N, _, C, H, W = f.shape
         E, m = self.E, self.m

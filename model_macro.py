@@ -189,17 +189,37 @@ class ChoiceLayer(GateStatistics, nn.Module):
         self.C = C_out
         self.attention = GateAttention(len(self.candidates), C_out, ATTENTION_RATIO) if gated else None
         self.forced = None
+        self.kept = None  # MacroSupernet.restrict_layers: (candidate indices, weights or None)
         self.reset_importance()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         if self.forced is not None:
             return x if self.candidates[self.forced] == SKIP else self.blocks[self.forced](x)
+        if self.kept is not None:
+            return self._kept_forward(x, weights)
         outs = [b(x) for b in self.blocks] + ([x] if self.has_skip else [])
         if self.attention is None:
             return sum(w * o for w, o in zip(weights, outs))
         gates = self.attention(torch.stack([o.mean((2, 3)) for o in outs], 1))   # (N, m, C), Eq. 4-5
         self.collect(gates)                                                       # Eq. 6
         return sum(gates[:, k, :, None, None] * o for k, o in enumerate(outs))   # Eq. 7-8
+
+
+    def _kept_forward(self, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Only the kept candidates run; the others output zero (so the attention module sees a zero pooled
+        descriptor for them, as the gated edge of a cell does for a pruned op). DARTS: sum over the kept of
+        w_k F_k, w the layer's weights or the restriction's."""
+        kept, fixed = self.kept
+        outs = {k: x if self.candidates[k] == SKIP else self.blocks[k](x) for k in kept}
+        if self.attention is None:
+            w = weights if fixed is None else fixed
+            return sum(w[k] * o for k, o in outs.items())
+        ref = next(iter(outs.values()))
+        pooled = [outs[k].mean((2, 3)) if k in outs else ref.new_zeros(ref.shape[:2])
+                  for k in range(len(self.candidates))]
+        gates = self.attention(torch.stack(pooled, 1))                          # (N, m, C), Eq. 4-5
+        self.collect(gates)
+        return sum(gates[:, k, :, None, None] * o for k, o in outs.items())     # Eq. 7-8 over the kept
 
 
 def _init_supernet(module: nn.Module) -> None:
@@ -316,6 +336,28 @@ class MacroSupernet(nn.Module):
             yield self
         finally:
             self.force(previous)
+
+    @contextlib.contextmanager
+    def restrict_layers(self, layers: dict):
+        """Within the block, each layer i of `layers` runs only its kept candidates: layers {i: (kept
+        candidate indices, weights)}, weights a list over the layer's candidates that replaces its softmax
+        (DARTS; None: its own, the others weighing 0), ignored by a gated layer (AGNAS), whose kept
+        candidates keep their gates. The cells' `model_search.Network.restrict_edges` for the chain
+        (diagnose.py: keep one candidate with weight 1, or remove one)."""
+        for i, (kept, weights) in layers.items():
+            layer = self.layers[i]
+            if not kept or any(not 0 <= k < len(layer.candidates) for k in kept):
+                raise ValueError(f'{genotypes.chain_layer_name(i)} keeps {list(kept)}; it has candidates 0 to '
+                                 f'{len(layer.candidates) - 1}')
+        previous = [layer.kept for layer in self.layers]
+        for i, (kept, weights) in layers.items():
+            fixed = None if weights is None else [float(w) for w in weights]
+            self.layers[i].kept = (sorted(kept), fixed)
+        try:
+            yield self
+        finally:
+            for layer, kept in zip(self.layers, previous):
+                layer.kept = kept
 
     # -- importance and derivation ------------------------------------------------------------------------
     def reset_importance(self) -> None:

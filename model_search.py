@@ -33,6 +33,7 @@ file); the cells here stay the readable reference, and test_fast_search.py prove
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -193,10 +194,14 @@ class DartsCell(_CellBase):
     def forward(self, s0, s1, weights):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
-        for _ in range(self._steps):
-            s = sum(self._ops[offset + j](h, weights[offset + j])[0] for j, h in enumerate(states))
+        for k in range(self._steps):
+            # an edge that computes no op (Network.restrict_edges) gives None and adds nothing
+            outs = [self._ops[offset + j](h, weights[offset + j])[0] for j, h in enumerate(states)]
+            outs = [o for o in outs if o is not None]
+            if not outs:
+                raise RuntimeError(f'node {k + 2}: every incoming edge computes no op')
             offset += len(states)
-            states.append(s)
+            states.append(sum(outs))
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
@@ -275,9 +280,10 @@ class NB201Cell(nn.Module):
         for i in range(1, genotypes.NB201_NODES):
             node = 0
             for j in range(i):
-                node = node + self._ops[e](nodes[j], None if weights is None else weights[e])[0]
+                out = self._ops[e](nodes[j], None if weights is None else weights[e])[0]
+                node = node if out is None else node + out  # None: an edge that computes no op
                 e += 1
-            nodes.append(node)
+            nodes.append(node if torch.is_tensor(node) else torch.zeros_like(x))
         return nodes[-1]
 
 
@@ -342,6 +348,7 @@ class Network(nn.Module):
         self.gumbel_hard = False   # with tau: GDAS's one-op forward, straight-through gradient
         self.last_sample = None    # with tau: (cell types, rows) sampled op per row of the last forward
         self._skip_dropout = 0.    # set_skip_dropout
+        self._restricted = {}      # restrict_edges: {cell: {row: (kept op indices, weight row or None)}}
         self._sync_alive()
 
     def _build_darts(self, C, num_classes, layers, steps, multiplier, stem_multiplier, mixed_op) -> None:
@@ -456,12 +463,80 @@ class Network(nn.Module):
         return {}
 
     def _set_active(self, *rows) -> None:
-        """Tell each MixedOp which of its ops to compute (its alive ops, or a hard sample's one op); `rows`:
-        per cell type, the op indices of each row."""
-        for cell in self.cells:
-            edges = list(cell._ops) + list(getattr(cell, '_second', []))  # the rows of A, in order
-            for op, active in zip(edges, rows[1] if cell.reduction else rows[0]):
-                op.active = active
+        """Tell each MixedOp which of its ops to compute (its alive ops, or a hard sample's one op; an edge
+        under `restrict_edges` its kept ops); `rows`: per cell type, the op indices of each row."""
+        for i, cell in enumerate(self.cells):
+            kept = self._restricted.get(i, {})
+            for r, (op, active) in enumerate(zip(self.cell_edges(cell), rows[1] if cell.reduction else rows[0])):
+                op.active = kept[r][0] if r in kept else active
+
+    # -- restricting edges (the discretisation diagnostic, diagnose.py) -----------------------------------
+    @contextlib.contextmanager
+    def restrict_edges(self, edges: dict):
+        """Within the block, each edge (cell, row) of `edges` computes only its kept ops; every other edge
+        computes as trained. edges: {(cell index, row): (kept op indices, weights)}, weights a list of
+        len(ops) floats that replaces the row's weights in that cell, or None to keep the row's own (the
+        softmax over the alive ops, as trained; the ops not kept weigh 0). Kept ops may include pruned ones;
+        none kept: the edge adds nothing.
+        - discretising an edge (AGNAS §6.1, DARTS-PT's projection): kept [o], weights one-hot at o;
+        - removing an op (DARTS-PT's perturbation): kept = the alive ops but o, weights None.
+        A gated edge (method 'agnas') weighs itself: an op that is not kept outputs zero, so the edge's
+        attention module sees a zero descriptor for it, as for `none`, and the kept ops keep their gates.
+        Restrictions do not nest: the block's `edges` replace any outer ones."""
+        table = {}
+        rows, n_ops = len(self.alive_masks()[0]), len(self.ops)
+        for (i, r), (kept, weights) in edges.items():
+            if not (0 <= i < len(self.cells) and 0 <= r < rows):
+                raise ValueError(f'no edge (cell {i}, row {r}): the network has {len(self.cells)} cells of '
+                                 f'{rows} rows')
+            kept = sorted(int(o) for o in kept)
+            if any(not 0 <= o < n_ops for o in kept) or len(set(kept)) != len(kept):
+                raise ValueError(f'kept ops {kept} of edge (cell {i}, row {r}) must be distinct indices below {n_ops}')
+            if weights is not None and len(weights) != n_ops:
+                raise ValueError(f'the weights of edge (cell {i}, row {r}) need {n_ops} entries, got {len(weights)}')
+            table.setdefault(i, {})[r] = (kept, None if weights is None else list(weights))
+        previous, self._restricted = self._restricted, table
+        self._set_active(*self._alive_rows)
+        try:
+            yield self
+        finally:
+            self._restricted = previous
+            self._set_active(*self._alive_rows)
+
+    def _restricted_weights(self, i: int, weights):
+        """(weights, alive mask) of restricted cell i from its cell type's (rows x ops) weights (None: gated
+        edges): the restricted rows' weights replaced where given, their alive masks set to the kept ops."""
+        kept = self._restricted[i]
+        if weights is not None and any(w is not None for _, w in kept.values()):
+            weights = weights.clone()
+            for r, (_, w) in kept.items():
+                if w is not None:
+                    weights[r] = torch.tensor(w, dtype=weights.dtype, device=weights.device)
+        alive = [list(row) for row in self._alive_lists[int(self.cells[i].reduction)]]
+        for r, (ops, _) in kept.items():
+            alive[r] = [o in ops for o in range(len(self.ops))]
+        return weights, alive
+
+    def prepare_weights(self, weights, reduction: bool, alive=None):
+        """What the cells of one type take with their inputs, from the type's (rows x ops) weights (None:
+        gated edges) and, for a restricted cell, its alive mask. The reference cells take the matrix itself
+        (each MixedOp knows its alive ops, `_set_active`); the fast path gathers its contraction weights."""
+        return weights
+
+    def _weights_of_cells(self) -> list:
+        """What each cell takes with its inputs in this forward (`cell_weights` per type, prepared once per
+        type; a cell under `restrict_edges` its own)."""
+        raw = self.cell_weights()
+        typed = [self.prepare_weights(w, bool(t)) for t, w in enumerate(raw)]
+        out = []
+        for i, cell in enumerate(self.cells):
+            t = int(cell.reduction)
+            if i in self._restricted:
+                weights, alive = self._restricted_weights(i, raw[t])
+                out.append(self.prepare_weights(weights, bool(t), alive))
+            else:
+                out.append(typed[t])
+        return out
 
     def edge_weights(self):
         """The weights of the mixed edges for one forward, one matrix per cell type ((normal, reduce); NB201:
@@ -497,23 +572,23 @@ class Network(nn.Module):
         """(logits, [s1, s2, s3]): the outputs of the cells that pair with the teacher's three stages."""
         if self.space == 'nb201':
             return self._forward_nb201(x)
-        w_normal, w_reduce = self.cell_weights()
+        weights = self._weights_of_cells()
         s0 = s1 = self.stem(x)
         stages = []
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            s0, s1 = s1, cell(s0, s1, weights[i])
             if i in self.stage_layers:
                 stages.append(s1)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1)), stages
 
     def _forward_nb201(self, x: torch.Tensor):
-        (weights,) = self.cell_weights()  # one matrix for all cells
+        weights = self._weights_of_cells()  # one matrix for all cells (unless a cell is restricted)
         s, stages = self.stem(x), []
         for i, cell in enumerate(self.cells):
             if i in self.reduction_layers:
                 s = self.resblocks[self.reduction_layers.index(i)](s)
-            s = cell(s, weights)
+            s = cell(s, weights[i])
             if i in self.stage_layers:
                 stages.append(s)
         out = self.global_pooling(self.lastact(s))

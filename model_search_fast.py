@@ -883,16 +883,19 @@ class Network(model_search.Network):
             super()._set_active(*rows)
 
     def cell_weights(self):
-        if not self.fast:
-            return super().cell_weights()
-        if self.gumbel_hard:  # refused before a sample is drawn
+        if self.fast and self.gumbel_hard:  # refused before a sample is drawn
             raise ValueError('the fast path computes every alive op; a hard Gumbel sample (one op per edge) '
                              'runs on the reference cells: build the network with fast=False')
-        w_normal, w_reduce = super().cell_weights()
+        return super().cell_weights()
+
+    def prepare_weights(self, weights, reduction: bool, alive=None):
+        if not self.fast:
+            return weights
         # one gather of the contraction weights per cell type (gated: layouts only), shared by its cells
+        if alive is None:
+            alive = None if self._all_alive else self._alive_lists[reduction]
         dropout = self.training and self._skip_dropout > 0
-        return tuple(self._fast_plans[r].prepare(w, None if self._all_alive else self._alive_lists[r], dropout)
-                     for r, w in ((False, w_normal), (True, w_reduce)))
+        return self._fast_plans[reduction].prepare(weights, alive, dropout)
 
     def gated_edges(self) -> list[nn.Module]:
         if not self.fast:
