@@ -24,7 +24,8 @@ its output wherever it keeps the shape (stride 1, same width), as MobileNetV2 do
 Layouts: 'imagenet' is the space above (224x224 images: 112 after the stem, 7 at the head). 'cifar' is this
 repo's own variant for 32x32 images, so the mechanism can be run and tested on a CPU (no paper has it): the
 stem and the first group have stride 1, so the maps go 32 -> 16 -> 8 -> 4; every width and candidate is the
-same, so one genotype fits both.
+same, so one genotype fits both. `width_mult` scales every width (ProxylessNAS's width multiplier; the head keeps
+its 1728 channels below 1): `train_search.py --width_mult 0.125` is the CPU-sized chain of the tests.
 
 Initialisation: the supernet's as the authors' (convs N(0, 2 / (k^2 C_out)), BN weight 1, bias 0, linear
 layers PyTorch's default); the derived network keeps PyTorch's defaults, as the authors' retraining does.
