@@ -164,23 +164,46 @@ def read_stage0_log(path: str, n: int) -> tuple[list, list, list]:
             except json.JSONDecodeError:
                 raise utils.UserError(f'line {k} of {path} is not JSON; --space_from needs the search_log.jsonl '
                                       f'that {STAGE0} writes') from None
-    rows = sum(2 + j for j in range(STEPS))
-    for r in records:
-        ok = (isinstance(r, dict) and r.get('primitives') == DARTS_PRIMITIVES
-              and all(k in r for k in ('epoch', 'val_acc', 'alphas_normal', 'alphas_reduce'))
-              and all(_shape(r[k]) == (rows, len(DARTS_PRIMITIVES)) for k in ('alphas_normal', 'alphas_reduce')))
-        if not ok:
-            ops = r.get('primitives') if isinstance(r, dict) else None
-            raise utils.UserError(
-                f'{path} is not the log of a DARTS-space search (epoch {r.get("epoch") if isinstance(r, dict) else "?"}'
-                f' has primitives {ops}); ADWPNAS needs the search_log.jsonl of {STAGE0}, whose records hold '
-                f'{rows} x {len(DARTS_PRIMITIVES)} alphas over {", ".join(DARTS_PRIMITIVES)}')
+    for k, r in enumerate(records, 1):
+        fault = stage0_fault(r)
+        if fault:
+            where = f'epoch {r["epoch"]}' if isinstance(r, dict) and 'epoch' in r else f'line {k}'
+            raise utils.UserError(f'{path} cannot be a stage-0 log: {where} {fault}; ADWPNAS needs the '
+                                  f'search_log.jsonl of {STAGE0}')
     if len(records) <= n:
         raise utils.UserError(f'{path} holds {len(records)} epoch(s), but the superiority window (--n {n}) needs '
                               f'at least {n + 1}; run the stage-0 search for at least {n + 1} epochs (the paper: '
                               f'30) or lower --n')
     weights = [(r['alphas_normal'], r['alphas_reduce']) for r in records]
     return weights, [r['val_acc'] / 100. for r in records], [r['epoch'] for r in records]
+
+
+def stage0_fault(record) -> str | None:
+    """What makes one search_log.jsonl record unfit for stage 0 (a DARTS-space search with architecture
+    parameters over DARTS's 8 ops), in words; None when it fits."""
+    if not isinstance(record, dict):
+        return f'is a JSON {type(record).__name__}, not a search record'
+    space, method = record.get('space'), record.get('method')
+    if space not in (None, 'darts'):
+        return f'comes from a --space {space} search'
+    if method not in (None, 'darts', 'eoinas', 'gdas') and 'alphas_normal' not in record:
+        return f'comes from a --method {method} search, which has no architecture parameters A'
+    ops = record.get('primitives')
+    if ops is not None and ops != DARTS_PRIMITIVES:
+        extra, missing = sorted(set(ops) - set(DARTS_PRIMITIVES)), sorted(set(DARTS_PRIMITIVES) - set(ops))
+        what = '; '.join(t for t in (extra and f'it has {", ".join(extra)}',
+                                     missing and f'it lacks {", ".join(missing)}') if t)
+        return f'searched over other ops than DARTS\'s 8 ({what or "in another order"})'
+    lacking = [k for k in ('epoch', 'val_acc', 'alphas_normal', 'alphas_reduce', 'primitives') if k not in record]
+    if lacking:
+        return f'lacks {", ".join(lacking)} (it is not a train_search.py record)'
+    rows = sum(2 + j for j in range(STEPS))
+    for k in ('alphas_normal', 'alphas_reduce'):
+        if _shape(record[k]) != (rows, len(DARTS_PRIMITIVES)):
+            shape = _shape(record[k])
+            return (f'has {k} of shape {"x".join(map(str, shape)) if shape else "(not a matrix)"}, not {rows} edges x '
+                    f'{len(DARTS_PRIMITIVES)} ops')
+    return None
 
 
 def _shape(x) -> tuple | None:
@@ -337,6 +360,7 @@ def settings_of(args, space: dict) -> dict:
 
 
 def main(argv=None) -> dict:
+    started = time.time()
     args = parse_args(argv)
     check_args(args)
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
@@ -451,6 +475,15 @@ def main(argv=None) -> dict:
     final = genotypes.validate(model.genotype(args.T, best['alphas']))
     logger.info('final genotype: alpha* from epoch %d (val_acc %.2f); train it with train_cifar.py --genotype_file '
                 '%s, or paste:\n%s', best['epoch'], best['val_acc'], geno_path, genotypes.macro_repr(final))
+    retrain = f'python train_cifar.py --genotype_file {geno_path} --dataset {args.dataset}'
+    runs.report_run(logger, args.save, [
+        ('log.txt', 'the log: the intensive space, every epoch\'s phase, losses and accuracies'),
+        ('intensive_space.json', 'the K candidates per node kept from stage 0 (--intensive_space reuses it)'),
+        ('search_log.jsonl', 'one record per epoch: phase, losses, accuracies, alpha, genotype'),
+        ('genotype.json', f'the per-layer genotype of alpha* (epoch {best["epoch"]})'),
+        ('checkpoint.pt', 'the last epoch (--resume)'),
+    ], [f'python visualize.py {geno_path}    (draw the cells)',
+        f'{retrain}    (retrain it, with ADWPNAS\'s settings)'], started)
     return {'genotype': final, 'best_epoch': best['epoch'], 'best_val_acc': best['val_acc']}
 
 

@@ -387,6 +387,9 @@ def test_pipeline_stage0_search_and_one_epoch_of_retraining(stage0, tmp_path, ca
     g = G.load(genotype_file=str(save / 'genotype.json'))
     assert isinstance(g, MacroGenotype) and len(g.cells) == 5
     assert G.from_json(json.dumps(records[-1]['genotype'])) == g  # alpha* is the last (only selectable) epoch
+    out = capsys.readouterr().out  # the end of every run: wall time, the files, the next commands
+    assert 'done in ' in out and 'intensive_space.json the K candidates' in out
+    assert f'next: python train_cifar.py --genotype_file {save / "genotype.json"} --dataset synthetic' in out
 
     retrain = ['--genotype_file', save / 'genotype.json', '--dataset', 'synthetic', '--device', 'cpu',
                '--workers', '0', '--epochs', '1', '--init_channels', '8', '--batch_size', '16',
@@ -444,8 +447,22 @@ def test_stage0_logs_of_another_space_or_too_short_are_refused(tmp_path, capsys)
               'alphas_reduce': rows} for e in (1, 2)]
     nos = [dict(r, primitives=G.PRIMITIVES, alphas_normal=torch.zeros(18, 11).tolist()) for r in darts * 2]
     base = ['--dataset', 'synthetic', '--device', 'cpu', '--save', tmp_path / 's']
-    fails_with(capsys, search_adwp.main, base + ['--space_from', _fake_log(tmp_path / 'nos.jsonl', nos)],
-               'not the log of a DARTS-space search', '--space darts --lambda_at 0')
+    err = fails_with(capsys, search_adwp.main, base + ['--space_from', _fake_log(tmp_path / 'nos.jsonl', nos)],
+                     'cannot be a stage-0 log: epoch 1 searched over other ops than DARTS\'s 8 (it has '
+                     'channel_attention, dynamic_conv_3x3', '--space darts --lambda_at 0')
+    assert 'avg_pool_3x3' not in err  # what is wrong, not the list of DARTS's ops
+    # what is wrong, said for each kind of log that is not a stage-0 one
+    for records, words in (
+            ([dict(r, space='nos') for r in nos], 'epoch 1 comes from a --space nos search'),
+            ([{'epoch': 1, 'method': 'agnas', 'space': 'darts', 'primitives': DARTS_PRIMITIVES, 'val_acc': 50.,
+               'importance': {'cell 0': rows}}] * 3, ('epoch 1 comes from a --method agnas search, which has no '
+                                                     'architecture parameters A')),
+            ([dict(r, alphas_reduce=rows[:10]) for r in darts * 2], ('epoch 1 has alphas_reduce of shape 10x8, '
+                                                                    'not 14 edges x 8 ops')),
+            ([{'epoch': 1, 'val_acc': 50.}] * 3, 'epoch 1 lacks alphas_normal, alphas_reduce, primitives'),
+            ([[1, 2]] * 3, 'line 1 is a JSON list, not a search record')):
+        fails_with(capsys, search_adwp.main, base + ['--space_from', _fake_log(tmp_path / 'bad.jsonl', records)],
+                   words)
     fails_with(capsys, search_adwp.main, base + ['--space_from', _fake_log(tmp_path / 'short.jsonl', darts)],
                'holds 2 epoch(s)', '(--n 2) needs at least 3')
     fails_with(capsys, search_adwp.main, base + ['--space_from', tmp_path / 'none.jsonl'], 'does not exist')
