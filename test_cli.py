@@ -129,3 +129,76 @@ def test_cpu_seconds_count_children_and_not_sleep():
     # a child that burns 0.3 s of its own CPU time (as a DataLoader worker does), ended and waited for
     subprocess.run([sys.executable, '-c', 'import time\nwhile time.process_time() < 0.3: pass'], check=True)
     assert utils.cpu_seconds() - before >= 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retraining recipes (train_cifar.py --preset) and the learning rate that scales with the batch
+
+
+def recipe_args(argv=(), **values):
+    import train_cifar
+    args = train_cifar.build_parser().parse_args(list(argv))
+    vars(args).update(values)
+    return args
+
+
+def test_a_learning_rate_not_given_scales_with_the_batch():
+    import train_cifar
+    args = recipe_args(['--batch_size', '32'], preset='nos')
+    line = train_cifar.apply_preset(args, {'batch_size'}, 'given')
+    # NOS App. A.1: lr 0.25 at batch 128, so 0.25 * 32 / 128 at batch 32; the rest is the preset's
+    assert (args.learning_rate, args.epochs, args.drop_path_prob) == (0.0625, 600, 0.3)
+    assert 'its lr 0.25 at batch 128, scaled linearly to batch 32' in line
+    args = recipe_args(['--batch_size', '32', '--learning_rate', '0.1'], preset='nos')
+    train_cifar.apply_preset(args, {'batch_size', 'learning_rate'}, 'given')
+    assert args.learning_rate == 0.1  # given: it wins
+    args = recipe_args(preset='agnas')
+    line = train_cifar.apply_preset(args, set(), 'given')
+    # AGNAS Sec. 5.2 and its code: batch 96, lr 0.025, drop-path 0.2, 600 epochs
+    assert (args.batch_size, args.learning_rate, args.drop_path_prob, args.epochs) == (96, 0.025, 0.2, 600)
+    assert line.startswith('retraining recipe: --preset agnas (given): epochs 600, batch_size 96, learning_rate '
+                           '0.025, drop_path_prob 0.2')
+    args = recipe_args(['--autoaugment', '--epochs', '7'], preset='adwpnas')
+    train_cifar.apply_preset(args, {'autoaugment', 'epochs'}, 'given')
+    assert (args.batch_size, args.learning_rate, args.epochs) == (98, 0.025, 7)
+    args = recipe_args(['--autoaugment'], preset='adwpnas')
+    train_cifar.apply_preset(args, {'autoaugment'}, 'given')
+    assert args.epochs == 1500  # ADWPNAS Sec. 4.3: 1500 epochs with AutoAugment
+
+
+def test_the_recipe_follows_the_method_that_found_the_genotype(tmp_path):
+    import json
+
+    import genotypes
+    import train_cifar
+
+    def choose(argv, genotype=None):
+        args = recipe_args(argv)
+        label = args.arch or args.genotype_file
+        genotype = genotype or genotypes.load(arch=args.arch, genotype_file=args.genotype_file)
+        return train_cifar.choose_preset(args, genotype, label)
+
+    assert choose(['--arch', 'DARTS_V2'])[0] == 'darts'
+    assert choose(['--arch', 'NOS_EXAMPLE'])[0] == 'nos' and choose(['--arch', 'random:3'])[0] == 'nos'
+    assert choose(['--arch', 'AGNAS']) == ('agnas', 'a staged genotype, which AGNAS searches')
+    assert choose(['--arch', 'EOINAS_REPO_CANDIDATE'])[0] == 'eoinas'
+    assert choose(['--arch', 'AGNAS', '--preset', 'nos']) == ('nos', 'given')  # --preset wins
+    macro = genotypes.as_macro(genotypes.DARTS_V2, 5)
+    assert choose(['--arch', 'DARTS_V2'], macro)[0] == 'adwpnas'
+    # a genotype.json: the search files beside it say which method wrote it
+    for name, records, preset in (
+            ('eoinas', {'result.json': {'kind': 'search', 'method': 'eoinas', 'space': 'darts'}}, 'eoinas'),
+            ('nos', {'search_log.jsonl': {'epoch': 1, 'method': 'darts', 'space': 'nos'}}, 'nos'),
+            ('darts', {'search_log.jsonl': {'epoch': 1, 'method': 'darts', 'space': 'darts'}}, 'darts'),
+            ('ags', {'result.json': {'method': 'darts', 'space': 'darts', 'settings': {'lambda_at': 1000.}}}, 'nos'),
+            ('gdas', {'search_log.jsonl': {'epoch': 1, 'method': 'gdas', 'space': 'darts'}}, 'darts'),
+            ('adwp', {'intensive_space.json': {'K': 6}}, 'adwpnas'),
+            ('bare', {}, 'nos')):
+        folder = tmp_path / name
+        folder.mkdir()
+        genotypes.save(genotypes.DARTS_V2, str(folder / 'genotype.json'))
+        for file, record in records.items():
+            (folder / file).write_text(json.dumps(record) + '\n')
+        chosen, why = choose(['--genotype_file', str(folder / 'genotype.json')])
+        assert chosen == preset, (name, chosen, why)
+        assert (name in ('bare', 'adwp')) or str(folder) in why

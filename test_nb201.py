@@ -441,7 +441,7 @@ def test_train_cifar_builds_the_nb201_network_with_its_recipe(tmp_path, monkeypa
     assert seen == {'C': 4, 'layers': 3, 'arch': BEST}
     args = runs.load_checkpoint(str(save / 'checkpoint.pt'))['args']
     assert (args['learning_rate'], args['weight_decay'], args['nesterov'], args['cutout_length'],
-            args['auxiliary'], args['drop_path_prob'], args['epochs']) == (0.1, 5e-4, True, 0, False, 0., 1)
+            args['auxiliary'], args['drop_path_prob'], args['epochs']) == (0.1 * 8 / 256, 5e-4, True, 0, False, 0., 1)
     assert result['genotype'] == {'nb201': BEST}
     parsed = train_cifar.build_parser().parse_args(['--arch', BEST])
     train_cifar.apply_nb201_schedule(parsed, {'arch'}, genotypes.load(BEST), BEST)

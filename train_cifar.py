@@ -11,6 +11,10 @@
 The defaults are the paper's: 20 cells, 36 channels, auxiliary tower weight 0.4, cutout 16, drop-path 0.3
 (raised linearly from 0 over the epochs, as DARTS does), 600 epochs, batch 128, SGD momentum 0.9,
 lr 0.25 cosine to 0 (DARTS: 0.025), weight decay 3e-4 (CIFAR-10) / 5e-4 (CIFAR-100), grad clip 5.
+A genotype found by another method trains with that method's paper's recipe (PRESETS: batch, lr, drop-path,
+epochs), chosen from the genotype (or the search files beside --genotype_file) and said in the log's first
+line; --preset picks one, and a flag given always wins. A learning rate not given scales linearly with
+--batch_size from the recipe's (NOS: 0.25 x batch / 128).
 The whole training set trains, the test set is evaluated after every epoch.
 
 Writes SAVE/log.txt, SAVE/genotype.json (the cells trained), SAVE/metrics.jsonl (one line per epoch),
@@ -46,7 +50,6 @@ from model_macro import MacroNetwork, layout_for
 from model_nb201 import NB201Network
 
 DEFAULT_ARCH = 'DARTS_V2'
-DEFAULT_LEARNING_RATE = 0.25  # NOS App. A.1
 DEFAULT_LAYERS = 20
 WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 3e-4}  # NOS App. A.1
 # The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
@@ -77,10 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                         'for a NAS-Bench-201 architecture)')
     p.add_argument('--nesterov', action='store_true', help='Nesterov momentum (on with --nb201_schedule)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
-    p.add_argument('--epochs', type=int, default=600, help='NOS App. A.1')
-    p.add_argument('--batch_size', type=int, default=128, help='NOS App. A.1')
-    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
-                   help='initial lr, cosine to 0; 0.25 is the NOS paper\'s (App. A.1), DARTS used 0.025')
+    p.add_argument('--preset', default=None, choices=sorted(PRESETS),
+                   help='the retraining recipe of a paper, for the flags not given (default: the one of the method '
+                        'that found the genotype, see PRESETS; nos for a genotype of unknown origin)')
+    p.add_argument('--epochs', type=int, default=None, help='default: the preset\'s (NOS: 600)')
+    p.add_argument('--batch_size', type=int, default=None, help='default: the preset\'s (NOS: 128)')
+    p.add_argument('--learning_rate', type=float, default=None,
+                   help='initial lr, cosine to 0 (default: the preset\'s, scaled linearly with --batch_size: '
+                        'NOS 0.25 x batch / 128)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight_decay', type=float, default=None,
                    help='default per dataset: 3e-4 for cifar10 (and synthetic), 5e-4 for cifar100')
@@ -94,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--cutout_length', type=int, default=16, help='0 turns cutout off')
     p.add_argument('--autoaugment', action='store_true',
                    help='torchvision\'s CIFAR-10 AutoAugment policy after crop and flip, cutout last (ADWPNAS)')
-    p.add_argument('--drop_path_prob', type=float, default=0.3,
-                   help='final drop-path probability; epoch e uses drop_path_prob * e / epochs')
+    p.add_argument('--drop_path_prob', type=float, default=None,
+                   help='final drop-path probability; epoch e uses drop_path_prob * e / epochs (default: the '
+                        'preset\'s, NOS: 0.3)')
     p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
@@ -108,6 +116,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=4, help='data-loading processes')
     p.add_argument('--report_freq', type=int, default=50, help='log every N steps (also every 30 s; 0: never)')
     return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each paper's retraining recipe (--preset): the flags in which the papers differ. All of them otherwise train
+# DARTS's 20-cell, 36-channel network with auxiliary weight 0.4, cutout 16, SGD momentum 0.9 cosine to 0, weight
+# decay 3e-4 and gradient clip 5. A flag given on the command line always wins; a learning rate not given is the
+# preset's scaled linearly with the batch (lr x batch / the preset's batch), so a smaller batch, the usual fix
+# for a smaller GPU, does not diverge at a rate meant for a larger one.
+PRESETS = {
+    'nos': {'epochs': 600, 'batch_size': 128, 'learning_rate': 0.25, 'drop_path_prob': 0.3},    # NOS App. A.1
+    'darts': {'epochs': 600, 'batch_size': 96, 'learning_rate': 0.025, 'drop_path_prob': 0.2},  # DARTS Sec. 3.3
+    'agnas': {'epochs': 600, 'batch_size': 96, 'learning_rate': 0.025, 'drop_path_prob': 0.2},  # AGNAS Sec. 5.2, code
+    'eoinas': {'epochs': 600, 'batch_size': 128, 'learning_rate': 0.025, 'drop_path_prob': 0.3},  # EoiNAS Sec. 4.3
+    # ADWPNAS Sec. 4.3: DARTS's recipe at batch 98 for 1000 epochs, 1500 with --autoaugment
+    'adwpnas': {'epochs': 1000, 'batch_size': 98, 'learning_rate': 0.025, 'drop_path_prob': 0.2},
+    'nb201': nb201.TRAIN_SCHEDULE,  # the benchmark's own (apply_nb201_schedule)
+}
+PRESET_KEYS = ('epochs', 'batch_size', 'learning_rate', 'drop_path_prob')
+# The preset of each named genotype of genotypes.py (random:SEED, NOS's Table 2 baseline, takes nos), and of
+# each method whose search wrote a genotype.json (train_search.py's result.json or search_log.jsonl beside it).
+# GDAS has no recipe of its own here: its genotypes take DARTS's.
+ARCH_PRESETS = {'DARTS_V1': 'darts', 'DARTS_V2': 'darts', 'NOS_EXAMPLE': 'nos', 'AGNAS': 'agnas',
+                'EOINAS_REPO_CANDIDATE': 'eoinas'}
+METHOD_PRESETS = {'eoinas': 'eoinas', 'agnas': 'agnas', 'gdas': 'darts'}  # darts: nos or darts, by the search
+
+
+def search_origin(genotype_file: str) -> tuple[str | None, str]:
+    """(the preset of the search that wrote `genotype_file`, where that was read) from the files beside it:
+    train_search.py's result.json or search_log.jsonl, search_adwp.py's intensive_space.json; (None, why not)."""
+    folder = os.path.dirname(os.path.abspath(genotype_file))
+    for name in ('result.json', 'search_log.jsonl'):
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                record = json.loads(f.readline() if name.endswith('.jsonl') else f.read())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or 'method' not in record:
+            continue
+        method, space = record['method'], record.get('space')
+        if method in METHOD_PRESETS:
+            return METHOD_PRESETS[method], f'a --method {method} search ({path})'
+        if method == 'darts':
+            # NOS (and NOS's experiment on DARTS's space, with a teacher) retrains with NOS's recipe; a plain
+            # DARTS search with DARTS's
+            lambda_at = (record.get('settings') or {}).get('lambda_at', 0. if space == 'darts' else None)
+            preset = 'darts' if space == 'darts' and not lambda_at else 'nos'
+            return preset, f'a --method darts --space {space} search{" with AGS" if lambda_at else ""} ({path})'
+    if os.path.exists(os.path.join(folder, 'intensive_space.json')):
+        return 'adwpnas', f'a search_adwp.py search ({folder})'
+    return None, f'no search record beside {genotype_file}'
+
+
+def choose_preset(args, genotype, label: str) -> tuple[str, str]:
+    """(preset, why): --preset as given, else the recipe of the paper whose method found the genotype."""
+    if args.preset is not None:
+        return args.preset, 'given'
+    if isinstance(genotype, genotypes.NB201Genotype):
+        return 'nb201', 'a NAS-Bench-201 architecture'
+    if isinstance(genotype, genotypes.MacroGenotype):
+        return 'adwpnas', 'a per-layer genotype, which ADWPNAS searches'
+    if isinstance(genotype, genotypes.StagedGenotype):
+        return 'agnas', 'a staged genotype, which AGNAS searches'
+    if isinstance(genotype, getattr(genotypes, 'ChainGenotype', ())):
+        return 'agnas', 'a chain genotype, which AGNAS\'s macro search finds (on CIFAR: ours)'
+    if args.genotype_file:
+        preset, where = search_origin(args.genotype_file)
+        if preset is not None:
+            return preset, f'the genotype comes from {where}'
+        return 'nos', f'{where}: NOS\'s recipe, this repo\'s default'
+    if label in ARCH_PRESETS:
+        return ARCH_PRESETS[label], f'--arch {label}'
+    return 'nos', f'--arch {label}: NOS\'s recipe, this repo\'s default'
+
+
+def apply_preset(args, given: set[str], why: str) -> str:
+    """Fill the preset's values into the flags not given (None); a learning rate not given scales with the
+    batch. Returns the line that says what was used."""
+    values = dict(PRESETS[args.preset])
+    if args.preset == 'adwpnas' and args.autoaugment:
+        values['epochs'] = 1500  # ADWPNAS Sec. 4.3
+    for key in PRESET_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, values[key])
+    scaled = ''
+    if 'learning_rate' not in given:
+        args.learning_rate = values['learning_rate'] * (args.batch_size / values['batch_size'])
+        if args.batch_size != values['batch_size']:
+            scaled = (f' (its lr {values["learning_rate"]:g} at batch {values["batch_size"]}, scaled linearly to '
+                      f'batch {args.batch_size})')
+    shown = ', '.join(f'{k} {getattr(args, k):g}' for k in PRESET_KEYS)
+    return f'retraining recipe: --preset {args.preset} ({why}): {shown}{scaled}; a flag given wins'
 
 
 def given_flags(argv) -> set[str]:
@@ -153,10 +253,18 @@ def main(argv=None) -> dict:
     started = time.time()
     argv = list(argv) if argv is not None else None
     args = build_parser().parse_args(argv)
-    genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     given = given_flags(sys.argv[1:] if argv is None else argv)
-    apply_nb201_schedule(args, given, genotype, label)
+    genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
+    if args.nb201_schedule or isinstance(genotype, genotypes.NB201Genotype):
+        if args.preset not in (None, 'nb201'):
+            raise utils.UserError(f'--preset {args.preset} does not fit a NAS-Bench-201 architecture, which trains '
+                                  f'with the benchmark\'s recipe (--preset nb201); drop --preset')
+        args.preset = 'nb201'
+    args.preset, why = choose_preset(args, genotype, label)
+    args.nb201_schedule = args.nb201_schedule or args.preset == 'nb201'  # the same recipe
+    apply_nb201_schedule(args, given, genotype, label)  # refuses it for a genotype of another space
     apply_chain(args, given, genotype, label)
+    recipe = apply_preset(args, given, why)
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY.get(args.dataset, 5e-4)
     if not isinstance(genotype, genotypes.ChainGenotype):
@@ -178,6 +286,13 @@ def main(argv=None) -> dict:
     ckpt, changed = None, {}
     if resume is not None:
         ckpt = runs.load_resume(resume, 'train_cifar.py')
+        # the recipe a run started with stays, unless a flag says otherwise (and older runs had no --preset)
+        kept = {k: ckpt['args'][k] for k in ('preset',) + PRESET_KEYS
+                if k not in given and k in ckpt['args'] and ckpt['args'][k] != getattr(args, k)}
+        if kept:
+            vars(args).update(kept)
+            recipe = (f'retraining recipe: the checkpoint\'s, {", ".join(f"{k} {v}" for k, v in kept.items())} '
+                      f'(a resumed run keeps the settings it started with)')
         runs.check_genotype(ckpt, genotype_json, label, resume)
         runs.check_same('dataset', ckpt['dataset'], args.dataset, resume)
         if args.dataset == 'synthetic':
@@ -187,6 +302,7 @@ def main(argv=None) -> dict:
         changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
 
     logger = runs.get_logger(save, 'train_cifar')
+    logger.info(recipe)
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
     genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
@@ -249,7 +365,10 @@ def main(argv=None) -> dict:
     test_loader = datasets.make_loader(test_data, args.batch_size, False, args.workers, pin=cuda)
     test = (float('nan'),) * 3
     ckpt_path = os.path.join(save, 'checkpoint.pt')
-    retry = f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}'
+    preset = PRESETS[args.preset]  # the divergence advice goes back to the preset's rate at this batch
+    retry = utils.retry_learning_rate(args.learning_rate,
+                                      preset['learning_rate'] * (args.batch_size / preset['batch_size']))
+    retry = f'--learning_rate {retry:g}'
     for epoch in range(start_epoch, args.epochs):
         g = utils.seed_epoch(args.seed, epoch)
         model.drop_path_prob = args.drop_path_prob * epoch / args.epochs
