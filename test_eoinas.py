@@ -587,7 +587,7 @@ def test_visualize_plots_the_importance_and_marks_pruned_ops(searched, tmp_path,
     if importlib.util.find_spec('matplotlib') is None:
         assert 'matplotlib' in err
         return
-    for name in ('alphas_normal', 'importance_normal', 'importance_evolution_reduce'):
+    for name in ('alphas_normal', 'importance_normal', 'importance_evolution', 'alphas_evolution'):
         assert (tmp_path / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
 
 

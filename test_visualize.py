@@ -118,7 +118,7 @@ def test_cli_on_a_search_folder(tmp_path, capsys, space):
     drawn = genotypes.NOS_EXAMPLE if space == 'nos' else genotypes.DARTS_V2
     assert (out / 'reduce.dot').read_text() == visualize.genotype_dots(drawn)['reduce']
     if HAS_MPL:
-        for name in ('alphas_normal', 'alphas_reduce', 'alphas_evolution_normal', 'alphas_evolution_reduce'):
+        for name in ('alphas_normal', 'alphas_reduce', 'alphas_evolution'):
             with open(out / f'{name}.pdf', 'rb') as f:
                 assert f.read(5) == b'%PDF-'
     else:
@@ -207,3 +207,57 @@ def test_graphviz_without_dot_binary(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('PATH', str(tmp_path))                 # no `dot` on the PATH
     code, stdout, stderr = run_cli(['DARTS_V2', '--out', str(tmp_path / 'p')], capsys)
     assert code == 0 and '`dot` program is not installed' in stderr and 'digraph reduce' in stdout
+
+
+def svg_text(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.skipif(not HAS_MPL, reason='needs matplotlib')
+def test_importance_from_zero_warm_up_labelled_and_one_evolution_panel_per_cell_type(tmp_path):
+    """EoiNAS's I is drawn on a scale from 0 (it is never negative), a warm-up epoch's panel says so, and the
+    evolution is one figure with a panel per cell type whose coloured lines are the derived cell's choices."""
+    import matplotlib
+    primitives = genotypes.DARTS_PRIMITIVES
+    flat = np.full((14, 8), 1 / 8)
+    grown = flat.copy()
+    grown[0, 4] = 3.  # I of sep_conv_3x3 on edge 0->2 after the warm-up
+    alive = np.ones((14, 8), bool).tolist()
+    records = [{'epoch': e, 'primitives': primitives, 'alive': {'normal': alive, 'reduce': alive},
+                'importance': {'normal': m.tolist(), 'reduce': m.tolist()}, 'alphas_normal': flat.tolist(),
+                'alphas_reduce': flat.tolist(), 'warmup': e == 1,
+                'genotype': json.loads(genotypes.to_json(genotypes.DARTS_V2))}
+               for e, m in ((1, flat), (2, grown))]
+    with matplotlib.rc_context({'svg.fonttype': 'none'}):  # text stays text in the SVG
+        written = visualize.plot_alphas(records, str(tmp_path), 'svg', key='importance')
+    assert sorted(os.path.basename(p) for p in written) == ['importance_evolution.svg', 'importance_normal.svg',
+                                                            'importance_reduce.svg']
+    heatmap = svg_text(tmp_path / 'importance_normal.svg')
+    assert 'epoch 1' in heatmap and 'warm-up: weights only, A frozen' in heatmap
+    assert 'from 0; I is never negative' in heatmap
+    cmap, norm = visualize.heatmap_scale(np.array([grown]), 8, 'importance')
+    assert cmap == 'Reds'
+    assert (norm.vmin, norm.vmax) == (0., 3.)
+    _, norm = visualize.heatmap_scale(np.array([grown]), 8, 'alphas')  # A: centred on uniform, 1/8
+    assert norm.vcenter == 1 / 8
+    evolution = svg_text(tmp_path / 'importance_evolution.svg')
+    assert 'normal cell' in evolution and 'reduce cell' in evolution
+    # DARTS_V2's normal cell: sep_conv_3x3 from 0 and 1 into node 2, ..., dil_conv_3x3 from node 2 into node 5
+    for label in ('0-&gt;2: sep_conv_3x3', '1-&gt;2: sep_conv_3x3', '2-&gt;5: dil_conv_3x3',
+                  '0-&gt;2: max_pool_3x3', 'warm-up (A frozen)'):
+        assert label in evolution, label
+
+
+@pytest.mark.skipif(not HAS_MPL, reason='needs matplotlib')
+def test_every_agnas_cell_panel_names_its_columns(tmp_path):
+    import matplotlib
+    cells = {f'cell {i}': np.full((14, 8), 0.5).tolist() for i in range(5)}
+    record = {'epoch': 1, 'method': 'agnas', 'primitives': genotypes.DARTS_PRIMITIVES, 'importance': cells,
+              'cell_genotypes': [genotypes.DARTS_V2.normal] * 5, 'stages': [[0], [2], [4]],
+              'reduction_cells': [1, 3], 'stage_cell': 'first'}
+    with matplotlib.rc_context({'svg.fonttype': 'none'}):
+        visualize.plot_importance([record], str(tmp_path), 'svg')
+    text = svg_text(tmp_path / 'importance_cells.svg')
+    for op in genotypes.DARTS_PRIMITIVES:  # under each of the 5 panels, cell 0's included
+        assert text.count(f'>{op}<') == 5, op

@@ -15,8 +15,8 @@ skip_connect) is drawn as DARTS draws it, without surrogate nodes. Nodes carry t
 Writes OUT/normal.dot and OUT/reduce.dot always, OUT/normal.FORMAT and OUT/reduce.FORMAT through the
 `graphviz` package and its `dot` binary (optional: without them the DOT text is printed), and for a search
 folder OUT/alphas_{normal,reduce}.FORMAT (the softmaxed A, epoch by epoch, the derived cell's choices
-outlined in the last panel) and OUT/alphas_evolution_{normal,reduce}.FORMAT (each edge's op weights over
-the epochs) through matplotlib (optional).
+outlined in the last panel) and OUT/alphas_evolution.FORMAT (one panel per cell type: every edge's op weights
+over the epochs in grey, the derived cell's choices in colour) through matplotlib (optional).
 
 A staged genotype (AGNAS: one normal cell per stage, one cell per reduction) draws all its cells:
 OUT/normal_stage{1,2,3}.dot and OUT/reduce_{1,2}.dot. For an AGNAS search folder (`--method agnas`), the
@@ -26,9 +26,10 @@ NAS-Bench-201 (--space nb201): the cell as its architecture string draws it (OUT
 `none` edge left out), and for one or more search folders OUT/nb201_epochs.FORMAT, AGNAS App. B's figure:
 per epoch the benchmark's CIFAR-10 test accuracy of the derived cell (where the search had --benchmark) and
 the number of skip connections in it, one line per run (OUT defaults to the first folder's plots/).
-the epochs) through matplotlib (optional). A search that prunes ops (--method eoinas) also gets the same
-two plots of its importance matrix I (OUT/importance_*.FORMAT), and pruned ops are crossed out in the
-heatmaps and end their lines in the evolution plots.
+A search that prunes ops (--method eoinas) also gets the same two plots of its importance matrix I
+(OUT/importance_{normal,reduce,evolution}.FORMAT, on a scale from 0 since I is never negative); pruned ops
+are crossed out in the heatmaps and end their lines in the evolution plot, and warm-up epochs (weights only,
+A frozen) are labelled so.
 """
 from __future__ import annotations
 
@@ -391,11 +392,29 @@ def heatmap_norm(weights, n_ops: int):
     return CenteredNorm(vcenter=centre, halfrange=halfrange)
 
 
+def heatmap_scale(weights, n_ops: int, key: str = 'alphas'):
+    """(colour map, norm) of the heatmaps of `key`: softmax(A) on heatmap_norm's diverging scale; an
+    importance I, never negative, from 0 (white) to its largest value (dark red)."""
+    import numpy as np
+    from matplotlib.colors import Normalize
+    if key == 'importance':
+        return 'Reds', Normalize(0., max(float(np.nanmax(weights)), 1e-6))
+    return HEATMAP_CMAP, heatmap_norm(weights, n_ops)
+
+
+def is_warmup(record: dict) -> bool:
+    """An epoch in which the method trained the weights only (EoiNAS's warm-up: A frozen, I uniform); logs
+    from before the `warmup` field tell it by the missing val_acc of a pruning method's record."""
+    return bool(record.get('warmup', 'alive' in record and 'val_acc' not in record))
+
+
 def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') -> list[str]:
-    """Heatmaps of the softmaxed A per cell type over the epochs, and each edge's op weights over epochs.
+    """Heatmaps of the softmaxed A per cell type over the epochs (KEY_CELL.FORMAT), and one figure of the
+    weights over the epochs, a panel per cell type, the derived cell's ops highlighted (KEY_evolution.FORMAT).
 
     key 'importance': the same plots of the method's importance matrix (the record's `importance`; EoiNAS's
-    I = beta + lambda C). Records with `alive` (a pruning method) cross out the pruned ops."""
+    I = beta + lambda C, never negative, so on a scale from 0). Records with `alive` (a pruning method) cross
+    out the pruned ops; the warm-up epochs are labelled as such."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -409,14 +428,17 @@ def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') ->
 
     primitives = records[-1]['primitives']
     epochs = [r['epoch'] for r in records]
-    written = []
-    for cell in ('normal', 'reduce'):
+    cells = [c for c in ('normal', 'reduce') if key == 'importance' and c in records[-1]['importance']
+             or key != 'importance' and f'alphas_{c}' in records[-1]]
+    what, label = (('importance I', 'importance I') if key == 'importance' else ('softmax(A)', 'softmax weight'))
+    written, evolution = [], []
+    for cell in cells:
         try:
             weights = np.array([r['importance'][cell] if key == 'importance' else r[f'alphas_{cell}']
                                 for r in records], dtype=float)  # (E, rows, ops)
-        except ValueError:
-            raise UserError(f'the alphas_{cell} of the search log change shape between epochs; the log mixes '
-                            f'runs: search into a fresh --save folder') from None
+        except (ValueError, KeyError):
+            raise UserError(f'the {key} of the {cell} cell in the search log change shape between epochs, or '
+                            f'are missing in some; the log mixes runs: search into a fresh --save folder') from None
         if weights.ndim != 3 or weights.shape[2] != len(primitives):
             raise UserError(f'alphas_{cell} in the search log is not an (edges x {len(primitives)} ops) matrix '
                             f'per epoch')
@@ -430,21 +452,23 @@ def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') ->
             try:
                 chosen = chosen_cells(genotypes.from_json(json.dumps(genotype)).__getattribute__(cell),
                                       len(rows), primitives)
-            except (GenotypeError, ValueError):
+            except (GenotypeError, ValueError, AttributeError):
                 chosen = []
 
-        # 1) the softmaxed A, epoch by epoch
+        # 1) the weights, epoch by epoch
         show = _panel_epochs(len(records))
         ncols = min(len(show), 4)
         nrows = math.ceil(len(show) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1.6, 3.6 * nrows + 1.4), sharex=True,
                                  sharey=True, squeeze=False, layout='constrained')
-        norm = heatmap_norm(weights[show], len(primitives))
+        cmap, norm = heatmap_scale(weights[show], len(primitives), key)
         for ax in axes.flat[len(show):]:
             ax.axis('off')
         for n, (ax, e) in enumerate(zip(axes.flat, show)):
-            im = ax.imshow(weights[e], cmap=HEATMAP_CMAP, norm=norm, aspect='auto', interpolation='nearest')
-            ax.set_title(f'epoch {epochs[e]}', fontsize=10)
+            im = ax.imshow(weights[e], cmap=cmap, norm=norm, aspect='auto', interpolation='nearest')
+            warm = is_warmup(records[e])
+            ax.set_title(f'epoch {epochs[e]}' + ('\n(warm-up: weights only, A frozen)' if warm else ''),
+                         fontsize=10 if not warm else 8, color='gray' if warm else 'black')
             ax.set_xticks(range(len(primitives)))
             ax.set_yticks(range(len(rows)))
             ax.set_yticklabels(rows, fontsize=7)
@@ -460,9 +484,9 @@ def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') ->
             if e == len(records) - 1:
                 for r, c in chosen:
                     ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='black', lw=1.8))
-        what, label = (('importance I', 'importance') if key == 'importance' else ('softmax(A)', 'softmax weight'))
-        fig.colorbar(im, ax=axes, shrink=0.5,
-                     label=f'{label} (white: uniform, 1/{len(primitives)} = {1 / len(primitives):.4f})')
+        scale = ('from 0; I is never negative' if key == 'importance'
+                 else f'white: uniform, 1/{len(primitives)} = {1 / len(primitives):.4f}')
+        fig.colorbar(im, ax=axes, shrink=0.5, label=f'{label} ({scale})')
         fig.suptitle(f'{cell} cell: {what}, edges (rows) x ops (columns)'
                      + ('; black boxes: the derived cell' if chosen else '')
                      + ('; x: pruned' if alive is not None else ''))
@@ -470,34 +494,44 @@ def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') ->
         fig.savefig(path, dpi=130)
         plt.close(fig)
         written.append(path)
-
-        # 2) each edge's op weights over the epochs: the search converging, edge by edge
-        ncols = 6 if len(rows) == 18 else 7
-        nrows = math.ceil(len(rows) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.0 * nrows + 1.2), sharex=True,
-                                 sharey=True, squeeze=False, layout='constrained')
-        for ax in axes.flat[len(rows):]:
-            ax.axis('off')
         if alive is not None:  # values up to the epoch whose prune removed the op
             before = np.concatenate([np.ones_like(alive[:1]), alive[:-1]])
             weights = np.where(before, weights, np.nan)
-        for r, ax in enumerate(axes.flat[:len(rows)]):
-            for o, op in enumerate(primitives):
-                ax.plot(epochs, weights[:, r, o], color=OP_COLOR.get(op, 'black'), lw=1.4,
-                        ls=KIND_LINE[op_kind(op)], label=op)
-            ax.set_title(rows[r], fontsize=9)
-            ax.tick_params(labelsize=7)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc='outside lower center', ncol=min(6, len(primitives)), fontsize=8)
-        for ax in axes.flat[max(0, len(rows) - ncols):len(rows)]:  # the lowest panel of each column
-            ax.xaxis.set_tick_params(labelbottom=True)
-            ax.set_xlabel('epoch', fontsize=9)
-        fig.supylabel(label, fontsize=10)
-        fig.suptitle(f'{cell} cell: {what} of each edge over the search')
-        path = os.path.join(out, f'{key}_evolution_{cell}.{fmt}')
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-        written.append(path)
+        evolution.append((cell, weights, rows, chosen))
+
+    # 2) the weights over the epochs, one panel per cell type: every (edge, op) a thin grey line, the derived
+    # cell's choices in colour, so the search converging onto its cell stands out
+    if not evolution:
+        return written
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(evolution), figsize=(7.2 * len(evolution), 6.4), sharey=True, squeeze=False,
+                             layout='constrained')
+    palette = plt.get_cmap('tab20').colors
+    for ax, (cell, weights, rows, chosen) in zip(axes.flat, evolution):
+        for r in range(weights.shape[1]):
+            for o in range(weights.shape[2]):
+                ax.plot(epochs, weights[:, r, o], color='0.78', lw=0.6, zorder=1)
+        for n, (r, o) in enumerate(chosen):  # a colour per choice; the line style tells the op's kind
+            op = primitives[o]
+            ax.plot(epochs, weights[:, r, o], color=palette[n % len(palette)], lw=2, ls=KIND_LINE[op_kind(op)],
+                    marker='o', ms=3, label=f'{rows[r]}: {op}', zorder=2)
+        warm = [e for e, rec in zip(epochs, records) if is_warmup(rec)]
+        if warm:
+            ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color='0.93', zorder=0, label='warm-up (A frozen)')
+        ax.set_title(f'{cell} cell' + (': the derived cell\'s choices in colour' if chosen else ''), fontsize=11)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if chosen or warm:
+            ax.legend(fontsize=7, ncol=3, loc='upper center', bbox_to_anchor=(0.5, -0.12), title='edge: op',
+                      title_fontsize=7, frameon=False)
+    axes.flat[0].set_ylabel(label)
+    fig.suptitle(f'{what} of every edge and op over the search (grey), the derived cell\'s choices in colour'
+                 + ('; lines end where an op was pruned' if any('alive' in r for r in records) else ''))
+    path = os.path.join(out, f'{key}_evolution.{fmt}')
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    written.append(path)
     return written
 
 
@@ -539,7 +573,8 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
 
     ncols = min(len(names), 4)
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1.6, 3.6 * nrows + 1.4), sharex=True,
+    # every panel names its columns (a panel whose neighbours below are missing would have none otherwise)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1.6, 4.6 * nrows + 1.4), sharex=True,
                              sharey=True, squeeze=False, layout='constrained')
     for ax in axes.flat[len(names):]:
         ax.axis('off')
@@ -552,11 +587,10 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
         ax.set_xticks(range(len(primitives)))
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(rows, fontsize=7)
-        if i + ncols >= len(names):
-            ax.xaxis.set_tick_params(labelbottom=True)
-            ax.set_xticklabels(primitives, rotation=90, fontsize=7)
-            for tick, op in zip(ax.get_xticklabels(), primitives):
-                tick.set_color(KIND_COLOR[op_kind(op)])
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xticklabels(primitives, rotation=90, fontsize=7)
+        for tick, op in zip(ax.get_xticklabels(), primitives):
+            tick.set_color(KIND_COLOR[op_kind(op)])
         try:
             chosen = chosen_cells(genotypes.validate(Genotype(last['cell_genotypes'][i], genotypes.CONCAT,
                                                               last['cell_genotypes'][i], genotypes.CONCAT)).normal,
