@@ -374,12 +374,13 @@ class HyperNetwork(nn.Module):
             s0, s1 = s1, cell(s0, s1, p[li], kernels[li], None if alive is None else alive[li])
         return self.classifier(self.global_pooling(s1).flatten(1))
 
-    def forward(self, x: torch.Tensor, alphas: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, alphas: torch.Tensor | None = None, alive=None) -> torch.Tensor:
+        """Logits for `alphas` (default: the parameter). `alive` ((L, 4K) lists of bools) skips the candidates
+        of p = 0, the -inf logits of a discrete architecture (D14; search_adwp.evaluate passes it); without it
+        every candidate is computed, which gives the same logits (p = 0 weighs them out) and reads nothing back
+        from the device, as every search step must not."""
         alphas = self.alphas if alphas is None else alphas
         p = self.probabilities(alphas)
-        # candidates whose p is exactly 0 (the -inf logits of a discrete architecture, D14) are skipped;
-        # softmax of finite alphas never gives 0, so the search computes every candidate
-        alive = None if bool(torch.isfinite(alphas).all()) else (p > 0).flatten(1).tolist()
         return self.run(x, p, self.generate(p, alive), alive)
 
     # -- derivation ---------------------------------------------------------------------------------------

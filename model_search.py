@@ -418,11 +418,12 @@ class Network(nn.Module):
                                self._multiplier, self._stem_multiplier, self.space, self.ops, self.method,
                                self._mixed_op, track_running_stats=self._track_running_stats,
                                **self._extra_config())
+        # the alive masks from this network's CPU copy of them, before the move: no read from the device
+        model_new.set_alive(*(torch.tensor(rows, dtype=torch.bool) for rows in self._alive_lists))
         model_new.to(next(self.parameters()).device)
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
                 x.copy_(y)
-        model_new.set_alive(*self.alive_masks())
         return model_new
 
     # -- alive ops (pruning) ------------------------------------------------------------------------------

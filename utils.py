@@ -427,6 +427,34 @@ def _split_output(out):
     return out if isinstance(out, tuple) else (out, None)
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """torch.autocast in `amp_dtype` on `device`'s type; a no-op context without it (also on devices autocast
+    does not know, such as the tests' meta device)."""
+    import contextlib
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_step(model: nn.Module, x, y, optimizer, criterion, *, aux_weight: float = 0., grad_clip: float | None = 5.,
+               amp_dtype: torch.dtype | None = None, channels_last: bool = False):
+    """One optimizer step of an evaluation network on a batch already on its device; returns the (loss, logits)
+    tensors, nothing synced (train_epoch reads the loss)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, amp_dtype):
+        logits, aux = _split_output(model(x))
+        loss = criterion(logits, y)
+        if aux is not None and aux_weight > 0:
+            loss = loss + aux_weight * criterion(aux, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_epoch(model: nn.Module, loader, optimizer, criterion, device, *, aux_weight: float = 0.,
                 grad_clip: float | None = 5., amp_dtype: torch.dtype | None = None,
                 channels_last: bool = False, progress: Progress | None = None,
@@ -439,18 +467,8 @@ def train_epoch(model: nn.Module, loader, optimizer, criterion, device, *, aux_w
     for step, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits, aux = _split_output(model(x))
-            loss = criterion(logits, y)
-            if aux is not None and aux_weight > 0:
-                loss = loss + aux_weight * criterion(aux, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        loss, logits = train_step(model, x, y, optimizer, criterion, aux_weight=aux_weight, grad_clip=grad_clip,
+                                  amp_dtype=amp_dtype, channels_last=channels_last)
         if step_hook is not None:
             step_hook()
         value = loss.item()
