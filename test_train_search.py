@@ -225,7 +225,8 @@ class Stages(torch.nn.Module):
 
 def test_missing_cifar_names_the_directory_and_both_ways_out(tmp_path, capsys):
     fails_with(capsys, ['--dataset', 'cifar10', '--data', tmp_path, '--device', 'cpu', '--lambda_at', '0',
-                        '--save', tmp_path / 's'], str(tmp_path), 'download=True', '--dataset synthetic')
+                        '--no_download', '--save', tmp_path / 's'], str(tmp_path), 'download=True',
+               '--dataset synthetic')
 
 
 def test_missing_teacher_says_how_to_train_one_or_search_without(tmp_path, capsys):
