@@ -42,13 +42,18 @@ def registered_spaces() -> list[str]:
     return spaces
 
 
+# The first of these sizes that a space accepts: a tiny cell network (the fewest cells that the space and the
+# method take, 4 channels), else a narrow chain (the ProxylessNAS space's fixed depth), else the space's own.
+SIZES = [['--layers', '3', '--init_channels', '4'], ['--layers', '5', '--init_channels', '4'],
+         ['--layers', '6', '--init_channels', '4'], ['--width_mult', '0.1'], []]
+
+
 def search_args(method: str, space: str, extra=()):
-    """train_search.py's arguments for a tiny supernet (4 channels; the fewest cells among 3 to 6 that the space
-    and the method accept), with the method's defaults; a combination the method refuses whatever the depth
-    skips the test, with the method's own sentence."""
-    for layers in (3, 5, 6):
+    """train_search.py's arguments for the smallest supernet of the space (SIZES), with the method's defaults;
+    a combination the method refuses at every size skips the test, with the method's own sentence."""
+    for size in SIZES:
         argv = ['--dataset', 'synthetic', '--device', 'cpu', '--method', method, '--space', space,
-                '--layers', str(layers), '--init_channels', '4', '--batch_size', str(BATCH), *extra]
+                '--batch_size', str(BATCH), *size, *extra]
         args = train_search.parse_args(argv)
         try:
             train_search.check_args(args)
