@@ -799,7 +799,9 @@ class FastCell(nn.Module):
                     current[kind] = first.squeeze(1)
             node = _node(current, x, shape)
             if self.space == 'nos':
-                node = _node({kind: v.squeeze(1) for kind, v in run([node]).items()}, x, shape)  # Eq. 6-9
+                second = {kind: v.squeeze(1) for kind, v in run([node]).items()}
+                # a pruned second tier without a feature op: F is S_k itself (as in NOSCell)
+                node = _node({'F': node, **second}, x, shape)  # Eq. 6-9
             states.append(node)
             if k < self._steps - 1:
                 pending = run([node], rest)

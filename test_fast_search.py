@@ -12,6 +12,7 @@ import agnas
 import bench_search
 import darts
 import datasets
+import genotypes
 import model_search_fast
 import runs
 import train_search
@@ -152,6 +153,23 @@ def test_alive_mask_skips_dead_ops_and_equals_the_pruned_reference():
     expected.sum().backward()  # A's gradient: the reference's, through the masked softmax
     torch.testing.assert_close(fast.alphas_normal.grad, plain.alphas_normal.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fast.alphas_reduce.grad, plain.alphas_reduce.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_second_tier_without_a_feature_op_passes_the_surrogate_node_on():
+    """EoiNAS may prune every feature op of a second-tier row (only the first tiers must keep one); the node's
+    F is then the surrogate node S_k itself, as in NOSCell, not zero."""
+    plain, fast = pair('nos')
+    alive = torch.ones_like(plain.alive_normal)
+    features = [o for o, name in enumerate(plain.ops) if genotypes.op_kind(name) == 'feature']
+    alive[14:, features] = False  # the second tiers keep the attention and dynamic ops
+    plain.set_alive(alive, alive)
+    fast.set_alive(alive, alive)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out, expected = fast(x), plain(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(fast.alphas_normal.grad, plain.alphas_normal.grad, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize('space', ['darts', 'nos'])
