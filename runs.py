@@ -338,6 +338,82 @@ def check_genotype(ckpt: dict, genotype_json: str, label: str, path: str) -> Non
         check_same('genotype', saved, current, path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --tensorboard: the per-epoch records as TensorBoard scalars, and the importance matrices as heatmaps
+
+
+TENSORBOARD = 'tensorboard'  # the event files' folder, inside the run's --save folder
+
+
+def check_tensorboard(wanted: bool) -> None:
+    """--tensorboard needs the optional tensorboard package (torch.utils.tensorboard writes through it)."""
+    if not wanted:
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard '
+                        '(or drop --tensorboard; the run\'s JSONL log holds the same figures)') from None
+
+
+class TensorBoard:
+    """SAVE/tensorboard/: each epoch's record as scalars (every number in it: losses, accuracies, learning
+    rate, times; nested ones such as a NAS-Bench-201 search's `benchmark` accuracies as `benchmark/KEY`), and
+    each importance matrix as a heatmap image, at step = the epoch (1-based). Only the process that writes the
+    run's files makes one (`enabled`); a resumed run purges the events after its checkpoint's epoch, so a kill
+    leaves no doubled steps. Without `enabled` every method does nothing."""
+
+    def __init__(self, save: str, enabled: bool, resumed_epoch: int = 0):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(save, TENSORBOARD),
+                                        purge_step=resumed_epoch + 1 if resumed_epoch else None)
+
+    def scalars(self, record: dict, step: int, prefix: str = '') -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, dict):
+                self.scalars(value, step, f'{prefix}{key}/')
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'epoch' \
+                    and math.isfinite(value):
+                self.writer.add_scalar(f'{prefix}{key}', value, step)
+        if not prefix:
+            self.writer.flush()  # an epoch at a time: what a run killed later wrote is on disk
+
+    def heatmaps(self, matrices: dict, ops, space: str, step: int, title: str = 'importance') -> None:
+        """One image per matrix (edges x ops of `space`): a labelled heatmap through matplotlib where it is
+        installed, else the matrix itself as a grey image (white: its largest value), 8 pixels per entry."""
+        if self.writer is None:
+            return
+        import numpy as np
+
+        import genotypes
+        for name, matrix in matrices.items():
+            m = np.asarray(matrix, dtype=float)
+            rows = genotypes.row_labels(space, len(m))
+            try:
+                import matplotlib
+                matplotlib.use('Agg')
+                import matplotlib.pyplot as plt
+            except ImportError:
+                img = m / max(float(m.max()), 1e-12)
+                self.writer.add_image(f'{title}/{name}', np.kron(img, np.ones((8, 8)))[None], step)
+                continue
+            fig, ax = plt.subplots(figsize=(1.2 + 0.35 * m.shape[1], 1.4 + 0.25 * m.shape[0]), layout='constrained')
+            im = ax.imshow(m, cmap='viridis', aspect='auto', interpolation='nearest')
+            ax.set_xticks(range(len(ops)), ops, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(rows)), rows, fontsize=7)
+            ax.set_title(f'{title} {name}, epoch {step}', fontsize=9)
+            fig.colorbar(im, ax=ax)
+            self.writer.add_figure(f'{title}/{name}', fig, step)  # closes the figure
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def report_run(logger: logging.Logger, save: str, files: list[tuple[str, str]], next_steps: list[str],
                started: float) -> None:
     """The end of every run: its wall time, where each of its files went, and the command to run next.

@@ -2,6 +2,7 @@
 missing, and an offline machine gets one sentence with the manual command."""
 import glob
 import importlib
+import importlib.util
 import os
 import urllib.error
 import urllib.request
@@ -202,3 +203,56 @@ def test_the_recipe_follows_the_method_that_found_the_genotype(tmp_path):
         chosen, why = choose(['--genotype_file', str(folder / 'genotype.json')])
         assert chosen == preset, (name, chosen, why)
         assert (name in ('bare', 'adwp')) or str(folder) in why
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --tensorboard (an optional extra: the tests that read event files back need `pip install tensorboard`, which
+# CI does not install, ~55 MB with its dependencies; they are skipped without it)
+
+HAS_TENSORBOARD = importlib.util.find_spec('tensorboard') is not None
+
+
+def test_tensorboard_without_the_package_is_one_sentence(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import train_search
+    monkeypatch.setitem(sys.modules, 'tensorboard', None)  # import tensorboard -> ImportError
+    argv = ['--dataset', 'synthetic', '--device', 'cpu', '--tensorboard', '--save', tmp_path / 'run']
+    assert utils.exit_code(train_search.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and '--tensorboard needs the tensorboard package' in err
+    assert 'pip install tensorboard' in err and not (tmp_path / 'run').exists()
+
+
+def read_events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'images': 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason='needs the tensorboard package (pip install tensorboard)')
+def test_tensorboard_holds_the_records_scalars_and_the_heatmaps(tmp_path):
+    import runs
+    import train_search
+    save = tmp_path / 'search'
+    argv = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--space', 'darts', '--lambda_at', '0',
+            '--layers', '3', '--init_channels', '4', '--batch_size', '8', '--synthetic_size', '32',
+            '--epochs', '2', '--report_freq', '0', '--tensorboard', '--save', save]
+    assert utils.exit_code(train_search.main, argv) == 0
+    records = runs.read_jsonl(str(save / 'search_log.jsonl'))
+    events = read_events(save / 'tensorboard')
+    for key in ('train_ce', 'val_ce', 'train_acc', 'val_acc', 'lr', 'seconds', 'cpu_seconds'):
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [1, 2], key
+        assert [p.value for p in points] == pytest.approx([r[key] for r in records], rel=1e-6), key
+    assert {'importance/normal', 'importance/reduce'} <= set(events.Tags()['images'])
+    assert [e.step for e in events.Images('importance/normal')] == [1, 2]
+    # nested figures (a NAS-Bench-201 search's benchmark accuracies) are read generically
+    board = runs.TensorBoard(str(tmp_path / 'other'), True)
+    board.scalars({'epoch': 3, 'val_acc': 50., 'benchmark': {'arch': '|x~0|', 'cifar10_test': 93.5,
+                                                            'cifar100_test': None}}, 3)
+    board.close()
+    events = read_events(tmp_path / 'other' / 'tensorboard')
+    assert sorted(events.Tags()['scalars']) == ['benchmark/cifar10_test', 'val_acc']
+    assert events.Scalars('benchmark/cifar10_test')[0].value == 93.5

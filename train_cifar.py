@@ -55,7 +55,7 @@ WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 
 # The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
 # if the run had started with it); the others change only how the run is executed or logged.
-RESUME_MAY_CHANGE = ('learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'no_amp', 'no_channels_last',
+RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'no_amp', 'no_channels_last',
                      'data', 'save', 'resume', 'no_download')
 
 
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
     p.add_argument('--workers', type=int, default=4, help='data-loading processes')
     p.add_argument('--report_freq', type=int, default=50, help='log every N steps (also every 30 s; 0: never)')
+    p.add_argument('--tensorboard', action='store_true',
+                   help='also write each epoch\'s figures as TensorBoard scalars into SAVE/tensorboard (needs pip '
+                        'install tensorboard)')
     return p
 
 
@@ -270,6 +273,7 @@ def main(argv=None) -> dict:
     if not isinstance(genotype, genotypes.ChainGenotype):
         args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     utils.check_flags(args)
+    runs.check_tensorboard(args.tensorboard)
     datasets.check_image_size(args.dataset, args.image_size)
     if args.auxiliary and not 8 <= args.image_size // 4 <= 10:
         raise utils.UserError(f'the auxiliary tower fits 32- to 40-pixel images only (DARTS pools its 8x8 input to '
@@ -360,6 +364,7 @@ def main(argv=None) -> dict:
         if runs.describe_changes(changed, start_epoch):
             logger.info(runs.describe_changes(changed, start_epoch))
 
+    board = runs.TensorBoard(save, args.tensorboard, start_epoch)
     # BatchNorm in the auxiliary tower cannot train on a batch of one image: drop such a last batch.
     drop_last = len(train_data) % args.batch_size == 1
     test_loader = datasets.make_loader(test_data, args.batch_size, False, args.workers, pin=cuda)
@@ -393,10 +398,12 @@ def main(argv=None) -> dict:
                     f'test_acc {test[1]:.2f} test_top5 {test[2]:.2f} ({seconds:.0f}s)')
         # metrics first: a run killed between the two writes logs this epoch again on resume, and
         # runs.trim_jsonl drops the stale line
-        runs.append_jsonl(metrics_path, {
+        record = {
             'epoch': epoch + 1, 'lr': lr, 'drop_path_prob': model.drop_path_prob, 'train_loss': train_loss,
             'train_acc': train_acc, 'test_loss': test[0], 'test_acc': test[1], 'test_top5': test[2],
-            'seconds': seconds, 'cpu_seconds': cpu})
+            'seconds': seconds, 'cpu_seconds': cpu}
+        runs.append_jsonl(metrics_path, record)
+        board.scalars(record, epoch + 1)
         runs.save_checkpoint({
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label, 'genotype': genotype_json,
@@ -423,6 +430,7 @@ def main(argv=None) -> dict:
     epochs_run = runs.read_jsonl(metrics_path)
     if not cuda and all('cpu_seconds' in r for r in epochs_run):  # the cost of a CPU run: its CPU time
         result['cpu_time_hours'] = sum(r['cpu_seconds'] for r in epochs_run) / 3600
+    board.close()
     runs.write_json(os.path.join(save, 'result.json'), result)
     line = f'final test_error={result["test_error"]:.2f} params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}'
     logger.info(f'wrote {os.path.join(save, "result.json")}')

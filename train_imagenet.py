@@ -71,7 +71,7 @@ CHAIN_PRESET = {'epochs': 240, 'reference_batch': 1024, 'linear_lr': 0.5, 'warmu
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
 # run had started with it); --batch_size may change with the number of processes as long as the global batch
 # stays (checked on its own); the others change only how the run is executed or logged.
-RESUME_MAY_CHANGE = ('learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'no_amp',
+RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'no_amp',
                      'no_channels_last', 'data', 'save', 'resume')
 
 
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
     p.add_argument('--workers', type=int, default=8, help='data-loading processes per training process')
     p.add_argument('--report_freq', type=int, default=100, help='log every N steps (also every 30 s; 0: never)')
+    p.add_argument('--tensorboard', action='store_true',
+                   help='also write each epoch\'s figures as TensorBoard scalars into SAVE/tensorboard (needs pip '
+                        'install tensorboard)')
     return p
 
 
@@ -186,6 +189,7 @@ def main(argv=None) -> dict | None:
         args.learning_rate = preset['linear_lr'] if chain and args.lr_schedule == 'linear' else DEFAULT_LR[args.lr_schedule]
     if not chain:
         args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
+    runs.check_tensorboard(args.tensorboard)
     utils.check_flags(args, {'warmup_epochs': utils.Range(0), 'label_smooth': utils.Range(0, 1),
                              'lr_gamma': utils.Range(0, 1, low_open=True)})
     global_batch = args.batch_size * world
@@ -292,6 +296,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         logger.info(f'resumed from {resume} after epoch {start_epoch}')
         if runs.describe_changes(changed or {}, start_epoch):
             logger.info(runs.describe_changes(changed, start_epoch))
+    board = runs.TensorBoard(save, args.tensorboard and rank == 0, start_epoch)
     net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -337,10 +342,12 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
                     f'top5 {val[2]:.2f} ({seconds:.0f}s; unreadable images skipped so far: {skipped[0]} '
                     f'train, {skipped[1]} val)')
         if rank == 0:
-            runs.append_jsonl(os.path.join(save, 'metrics.jsonl'), {
+            record = {
                 'epoch': epoch + 1, 'lr': epoch_lr, 'train_loss': train_loss, 'train_acc': train_acc,
                 'val_loss': val[0], 'top1': val[1], 'top5': val[2], 'seconds': seconds,
-                'skipped_train': skipped[0], 'skipped_val': skipped[1]})
+                'skipped_train': skipped[0], 'skipped_val': skipped[1]}
+            runs.append_jsonl(os.path.join(save, 'metrics.jsonl'), record)
+            board.scalars(record, epoch + 1)
             runs.save_checkpoint({
                 'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'arch': label,
@@ -370,6 +377,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         **runs.run_info(device, amp_dtype, world),
     }
     runs.write_json(os.path.join(save, 'result.json'), result)
+    board.close()
     logger.info(f'wrote {os.path.join(save, "result.json")}')
     runs.report_run(logger, save, [
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr, skipped images'),

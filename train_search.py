@@ -61,7 +61,7 @@ DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
 # The flags that may change when a search resumes (README "Resume"); every other flag defines the run and
 # must match the checkpoint's. A learning rate takes effect from the resumed epoch.
 RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'data',
-                     'teacher', 'save', 'resume', 'no_download', 'debug')
+                     'teacher', 'save', 'resume', 'no_download', 'debug', 'tensorboard')
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
 # The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
 # method's paper value (its `defaults(args)`).
@@ -166,6 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=2, help='data-loading processes')
     p.add_argument('--report_freq', type=int, default=50,
                    help='steps between progress lines (also every 30 s; 0: none)')
+    p.add_argument('--tensorboard', action='store_true',
+                   help='also write TensorBoard event files into SAVE/tensorboard: every figure of the epoch '
+                        'records and the importance heatmaps (needs pip install tensorboard)')
     p.add_argument('--debug', action='store_true',
                    help='also log debugging lines: under torchrun, each process\'s checksum of the architecture '
                         'at the end (the processes compare them after every epoch in any case)')
@@ -210,6 +213,7 @@ def check_args(args) -> None:
     """Bad flag values become one-sentence errors."""
     if args.method not in METHODS:
         raise utils.UserError(f'unknown --method {args.method!r}; valid methods: {", ".join(METHODS)}')
+    runs.check_tensorboard(args.tensorboard)
     if args.space == model_macro.SPACE:
         check_chain_args(args)
     elif args.width_mult is not None:
@@ -624,6 +628,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
             logger.info(runs.describe_changes(changed, start_epoch))
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
+    board = runs.TensorBoard(args.save, args.tensorboard and rank == 0, start_epoch)
 
     pin = device.type == 'cuda'
     limit = utils.loss_limit(num_classes)
@@ -682,6 +687,8 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         if lookup is not None:
             record['benchmark'] = lookup
         runs.append_jsonl(log_path, record)
+        board.scalars(record, epoch + 1)
+        board.heatmaps(importance, model.ops, args.space, epoch + 1)
         genotypes.save(genotype, os.path.join(args.save, 'genotype.json'))
         runs.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(),
                                'optimizer': optimizer.state_dict(), 'method': method.state_dict(),
@@ -692,6 +699,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
 
     if world > 1:  # each process's own word that it ends with the architecture of every other (--debug shows it)
         logger.debug('rank %d arch_sha256=%s', rank, arch_checksum(model, method.importance()))
+    board.close()
     if rank != 0:
         return
     genotype = genotypes.validate(method.genotype())
