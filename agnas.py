@@ -25,6 +25,9 @@ descriptor is taken from its effect on the edge's skip output.
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +45,7 @@ from operations import GateAttention, GateStatistics, dynamic_conv
 # Everything else the search uses is train_search.py's default and matches §3: 8 cells, 16 channels,
 # batch 64, 25K/25K split, SGD lr 0.025, momentum 0.9, wd 3e-4, gradient-norm clip 5.
 DEFAULTS = {
+    'space': 'darts',             # §5.2 (CIFAR-10, DARTS's space); --space nos is this repo's own (§8)
     'epochs': 50,                 # §5.2
     'learning_rate_min': 0.001,   # the authors' code (the paper does not say): cosine to 0.001
     'lambda_at': 0.0,             # AGNAS has no teacher; > 0 adds NOS's AGS (this repo's own combination)
@@ -65,6 +69,10 @@ def box_sums(x: torch.Tensor, k: int, ones: torch.Tensor | None = None) -> torch
     return F.conv2d(x, ones, padding=k // 2, groups=C)
 
 
+SKIP_NEEDED = ('AGNAS over attention or dynamic ops needs skip_connect alive on every edge: their descriptors pool '
+               'their effect on the skip output (keep skip_connect alive in the alive masks)')
+
+
 class AttentionMixedOp(GateStatistics, MixedOp):
     """An edge whose op outputs are gated by its own GateAttention (agnas.md §1, §7).
 
@@ -74,21 +82,29 @@ class AttentionMixedOp(GateStatistics, MixedOp):
     - NOS space (§8, experimental): features = sum w_o * o(x) over feature ops, attention = sum w_o * a_o(x),
       kernels = [w_o * D_o] (exact: dwconv is linear in the kernel). Op descriptors: GAP(o(x)) for a
       feature op, GAP(x' * a(x)) for an attention op, GAP(dwconv(x', D)) for a dynamic op, x' being the
-      edge's skip_connect output. w = g / sum_o g_o per channel (this repo's decision; §8 says w = g): raw
-      gates make an edge a sum of about 5.5 ops that the surrogate node's kernels and maps multiply and the
-      identity ops compound node to node (initial cross-entropy 866 in the 5-cell, 16-channel supernet),
-      while normalised ones make it a convex combination, as NOS's softmax does. The importance stays
-      the raw gates.
+      edge's skip_connect output. w = g / sum_o g_o per channel (`normalize`, this repo's decision; §8 says
+      w = g), whatever the op set (--ops feature too): raw gates make an edge a sum of about 5.5 ops that
+      the surrogate node's kernels and maps multiply and the identity ops compound node to node (initial
+      cross-entropy 866 in the 5-cell, 16-channel supernet), while normalised ones make it a convex
+      combination, as NOS's softmax does. The importance is the mean of w, the weights the forward uses
+      (GateStatistics); the raw gates are logged beside it.
     `weights` is accepted and ignored (the cells pass None): the gates replace the softmax weights.
 
-    Its gates are collected while `collecting` (GateStatistics).
+    Alive masks (`active`, set by the Network from its alive_normal / alive_reduce, as for MixedOp): a dead
+    op is not computed, its descriptor is 0 (as `none`'s) and its weight is 0 (before the normalisation);
+    over attention or dynamic ops skip_connect must stay alive (the descriptors need x'). The fast path
+    (FastGatedEdges) computes the same, test_fast_search.py proves it.
+
+    normalize: None decides by the ops (normalise when attention or dynamic ops are among them);
+    agnas.build_network passes space == 'nos'. Its gates are collected while `collecting` (GateStatistics).
     """
 
-    def __init__(self, C: int, stride: int, ops: list[str], **kwargs):
+    def __init__(self, C: int, stride: int, ops: list[str], normalize: bool | None = None, **kwargs):
         super().__init__(C, stride, ops, **kwargs)  # kwargs: MixedOp's (NAS-Bench-201's cells pass them)
         self.C = C
         self.attention = GateAttention(len(ops), C)
         self.plain = not (self.attention_idx or self.dynamic_idx)  # DARTS's space: feature ops only
+        self.normalize = not self.plain if normalize is None else normalize
         if not self.plain and 'skip_connect' not in ops:
             raise ValueError('AGNAS over attention or dynamic ops needs skip_connect among the ops: their '
                              'descriptors pool their effect on the skip output (agnas.md §8)')
@@ -96,29 +112,37 @@ class AttentionMixedOp(GateStatistics, MixedOp):
         self.reset_importance()
 
     def forward(self, x: torch.Tensor, weights=None):
-        outs = [op(x) for op in self._ops]
-        if self.plain:
-            pooled = torch.stack([gap(o) for o in outs], dim=1)
-        else:
+        m = len(self._ops)
+        dead = len(self.active) < m
+        outs = {i: self._ops[i](x) for i in self.active}  # a dead op is not computed
+        if not self.plain:
+            if self.skip_idx not in outs:
+                raise ValueError(SKIP_NEEDED)
             skip = outs[self.skip_idx]
-            desc = []
-            for i, o in enumerate(outs):
-                if i in self.attention_idx:
-                    desc.append(gap(skip * o))
-                elif i in self.dynamic_idx:
-                    desc.append(gap(dynamic_conv(skip, o)))
-                else:
-                    desc.append(gap(o))
-            pooled = torch.stack(desc, dim=1)
+        desc = []
+        for i in range(m):
+            if i not in outs:
+                desc.append(None)                                      # dead: a zero descriptor
+            elif i in self.attention_idx:
+                desc.append(gap(skip * outs[i]))
+            elif i in self.dynamic_idx:
+                desc.append(gap(dynamic_conv(skip, outs[i])))
+            else:
+                desc.append(gap(outs[i]))
+        zero = next(d for d in desc if d is not None).new_zeros(x.shape[0], self.C)
+        pooled = torch.stack([zero if d is None else d for d in desc], dim=1)
         gates = self.attention(pooled)                                 # (N, m, C), Eq. 4-5
-        self.collect(gates)                                            # Eq. 6, summed over the images
-        if not self.plain:  # NOS variant: convex weights per channel (see the class docstring)
-            gates = gates / gates.sum(dim=1, keepdim=True)
-        g = gates[:, :, :, None, None]                                 # broadcast over H, W (or k, k)
-        features = sum(g[:, i] * outs[i] for i in self.feature_idx)   # Eq. 7-8
-        attention = sum(g[:, i] * outs[i] for i in self.attention_idx) if self.attention_idx else None
-        kernels = [g[:, i] * outs[i] for i in self.dynamic_idx]
-        return features, attention, kernels
+        w = gates
+        if dead:
+            w = w * gates.new_tensor([float(i in outs) for i in range(m)])[:, None]
+        if self.normalize:  # NOS variant: convex weights per channel (see the class docstring)
+            w = w / w.sum(dim=1, keepdim=True)
+        self.collect(gates, w)                                         # Eq. 6, summed over the images
+        g = w[:, :, :, None, None]                                     # broadcast over H, W (or k, k)
+        features = [g[:, i] * outs[i] for i in self.feature_idx if i in outs]   # Eq. 7-8
+        attention = [g[:, i] * outs[i] for i in self.attention_idx if i in outs]
+        kernels = [g[:, i] * outs[i] for i in self.dynamic_idx if i in outs]
+        return sum(features) if features else None, sum(attention) if attention else None, kernels
 
 
 class FastGatedEdges(GateStatistics, FastEdges):
@@ -139,11 +163,13 @@ class FastGatedEdges(GateStatistics, FastEdges):
     stacked edge by edge. Collects its gates like AttentionMixedOp (GateStatistics; `mean_gates`: (E, m)).
     """
 
-    def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False):
+    def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False,
+                 normalize: bool | None = None):
         super().__init__(C, stride, ops, S, K, carrier)
         m = self.m = len(ops)
         self.ops = list(ops)
         self.plain = not (self.has_sa or self.has_ca or self.dyn)  # DARTS's space: feature ops only
+        self.normalize = not self.plain if normalize is None else normalize  # as AttentionMixedOp
         hidden = C  # GateAttention's r = m: the hidden width is m*C / m
 
         def linear(*shape):  # nn.Linear's initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -154,8 +180,10 @@ class FastGatedEdges(GateStatistics, FastEdges):
         self.reset_importance()
 
     def _gated_index(self, lay, device) -> tuple:
-        """(descriptor index, coefficient index, entries per kind): where each edge's op descriptors sit in
-        the descriptor table, and where each (target, entry) coefficient sits in [gates | 0 | 1]."""
+        """(descriptor index, coefficient index, entries per kind, skip entries, alive mask): where each edge's
+        op descriptors sit in the descriptor table (a dead (edge, op) reads the zero row), where each
+        (target, entry) coefficient sits in [gates | 0 | 1], and the (E, m, 1) alive mask of the gates (None
+        when every op is alive)."""
         key = ('gated', id(lay), device)
         if key in self._cache:
             return self._cache[key]
@@ -169,25 +197,31 @@ class FastGatedEdges(GateStatistics, FastEdges):
             r, o = divmod(i, lay.ncol)
             return edge_of_row[r] * m + o
 
+        col = {n: o for o, n in enumerate(self.ops)}
+        rows = [r for rr in lay.rows for r in rr]  # edge e's row of the alive mask
+        alive = [[bool(lay.alive[r][o]) for o in range(m)] for r in rows]
+        if not self.plain and not all(row[col['skip_connect']] for row in alive):
+            raise ValueError(SKIP_NEEDED)
         kinds = [k for k in ('F', 'SA', 'D') if k in lay.index]
         coef = {k: [[local(i) for i in row] for row in lay.index[k]] for k in kinds}
         # the descriptor table: [GAP of each F entry | GAP(x' SA) per edge | GAP(x' CA) per edge |
         # GAP(dwconv(x', D)) per dynamic op and edge | 0]
         where = {i: q for row in coef['F'] for q, i in enumerate(row) if i < zero}
         n_f = len(coef['F'][0])
-        col = {n: o for o, n in enumerate(self.ops)}
         extra = {}
         a = n_f
         for names in (['spatial_attention'] if lay.sa else [], ['channel_attention'] if lay.ca else [], lay.dyn):
             for n in names:
                 for e in range(E):
-                    extra[e * m + col[n]] = a + e
+                    if alive[e][col[n]]:  # a dead (edge, op) reads the zero row
+                        extra[e * m + col[n]] = a + e
                 a += E
         desc = [where.get(i, extra.get(i, a)) for i in range(E * m)]  # `a`: the zero row (`none`)
         skip = sorted({where[e * m + col['skip_connect']] for e in range(E)}) if not self.plain else []
         flat = [i for k in kinds for row in coef[k] for i in row]
+        mask = None if all(all(row) for row in alive) else torch.tensor(alive, device=device).view(E, m, 1)
         out = (torch.tensor(desc, device=device), torch.tensor(flat, device=device),
-               [(k, len(coef[k][0])) for k in kinds], (skip[0], len(skip)) if skip else None)
+               [(k, len(coef[k][0])) for k in kinds], (skip[0], len(skip)) if skip else None, mask)
         if skip:
             assert skip == list(range(skip[0], skip[0] + len(skip)))  # the skip entries are adjacent
         self._cache[key] = out
@@ -205,7 +239,7 @@ class FastGatedEdges(GateStatistics, FastEdges):
         f = stacks['F']                                        # (N, Q, C, H, W)
         N, _, C, H, W = f.shape
         E, m = self.E, self.m
-        desc_index, coef_index, entries, skip_entries = self._gated_index(lay, f.device)
+        desc_index, coef_index, entries, skip_entries, mask = self._gated_index(lay, f.device)
         pooled = f.mean((3, 4))                                # GAP of every entry (Eq. 4)
         table = [pooled]
         if skip_entries is not None:  # NOS (§8): descriptors of the attention and dynamic ops from x'
@@ -233,10 +267,11 @@ class FastGatedEdges(GateStatistics, FastEdges):
         desc = torch.cat(table, 1).index_select(1, desc_index)                 # (N, E*m, C)
         hidden = F.relu(F.conv1d(desc.view(N, E * m * C, 1), self.gate_fc1, groups=E))
         gates = torch.sigmoid(F.conv1d(hidden, self.gate_fc2, groups=E)).view(N, E, m, C)   # Eq. 5
-        self.collect(gates)                                                    # Eq. 6, summed over the images
-        if not self.plain:  # NOS variant: convex weights per channel (AttentionMixedOp)
-            gates = gates / gates.sum(dim=2, keepdim=True)
-        w = torch.cat([gates.view(N, E * m, C), self._const(0., pooled), self._const(1., pooled)], 1)
+        w = gates if mask is None else gates * mask.to(gates.dtype)            # a dead (edge, op) weighs 0
+        if self.normalize:  # NOS variant: convex weights per channel (AttentionMixedOp)
+            w = w / w.sum(dim=2, keepdim=True)
+        self.collect(gates, w)                                                 # Eq. 6, summed over the images
+        w = torch.cat([w.view(N, E * m, C), self._const(0., pooled), self._const(1., pooled)], 1)
         w = w.index_select(1, coef_index).split([self.K * q for _, q in entries], 1)
         out = {}
         for (kind, q), wk in zip(entries, w):  # Eq. 7-8: sum over entries q of w[n, k, q, c] * entry q
@@ -258,9 +293,11 @@ class FastGatedEdges(GateStatistics, FastEdges):
 def build_network(C: int, num_classes: int, layers: int, criterion=None, space: str = 'darts', ops=None,
                   **kwargs) -> Network:
     """AGNAS's supernet: model_search.Network with gated edges and no architecture parameters (with
-    fast=True, the fast path's FastGatedEdges)."""
+    fast=True, the fast path's FastGatedEdges). Over NOS the gates are normalised whatever the op set."""
+    normalize = space == 'nos'
     return Network(C, num_classes, layers, criterion, space=space, ops=ops, method='agnas',
-                   mixed_op=AttentionMixedOp, fast_edges=FastGatedEdges, **kwargs)
+                   mixed_op=functools.partial(AttentionMixedOp, normalize=normalize),
+                   fast_edges=functools.partial(FastGatedEdges, normalize=normalize), **kwargs)
 
 
 def gated_edges(model: Network) -> list[GateStatistics]:
@@ -271,7 +308,8 @@ def importance_pass(model: Network, loader, device) -> dict:
     """Forward every image of `loader` in order, in eval mode under no_grad, collecting each edge's gates
     (agnas.md §2, §6.5: a full validation pass after every epoch; the last one decides).
 
-    Returns {'importance': (layers, edges, ops) mean gates, 'images': n, 'val_ce': .., 'val_acc': ..}; the
+    Returns {'importance': (layers, edges, ops) mean weights (GateStatistics.mean_gates), 'raw_gates': the
+    raw gates' means (cell spaces; None for the chain), 'images': n, 'val_ce': .., 'val_acc': ..}; the
     cross-entropy and top-1 of the same pass come for free and are logged.
     """
     was_training = model.training
@@ -304,12 +342,14 @@ def importance_pass(model: Network, loader, device) -> dict:
     if utils.world_size() > 1:
         for e in edges:
             e._gate_sum = utils.all_sum(e._gate_sum)
+            e._weight_sum = utils.all_sum(e._weight_sum)
             e._images = int(totals[0])
     n = int(totals[0])
     if not n:
         raise utils.UserError('the validation half is empty, so AGNAS has no images to rank the ops with; '
                               'lower --train_portion')
-    return {'importance': model.importance(), 'images': n, 'val_ce': totals[1] / n,
+    raw = model.importance(raw=True) if isinstance(model, Network) else None  # the cell spaces' edges
+    return {'importance': model.importance(), 'raw_gates': raw, 'images': n, 'val_ce': totals[1] / n,
             'val_acc': 100. * totals[2] / n}
 
 
@@ -322,6 +362,8 @@ class AGNASMethod:
     """
     name = 'agnas'
     uses_val_batch = False
+    paper_spaces = ('darts', 'nb201', 'proxyless')  # Table 1; NAS-Bench-201 (§5.4, App. B); Table 2
+    paper_ags = False
 
     @classmethod
     def defaults(cls, args) -> dict:
@@ -380,14 +422,19 @@ class AGNASMethod:
                                     sampler=list(range(rank, len(data), world)), pin=val_loader.pin_memory)
         out = importance_pass(self.model, ordered, device)
         self.matrix = out['importance']
+        # the pass is a full eval-mode pass over the held-out half: it is also the epoch's val_acc_end
+        end = {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'val_acc_end': out['val_acc'],
+               'val_ce_end': out['val_ce'], 'importance_images': out['images']}
         if self.chain:  # the table itself is the record's `importance`
-            return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images']}
+            return end
         if self.nb201:
-            return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images'],
-                    'cell_genotypes': self.model.cell_genotypes(self.matrix)}
-        return {'val_ce': out['val_ce'], 'val_acc': out['val_acc'], 'importance_images': out['images'],
+            return {**end, 'cell_genotypes': self.model.cell_genotypes(self.matrix)}
+        return {**end,
                 'stage_cell': self.stage_cell, 'stages': self.stages, 'reduction_cells': self.reductions,
-                'cell_genotypes': self.model.cell_genotypes(self.matrix)}
+                'cell_genotypes': self.model.cell_genotypes(self.matrix),
+                # over NOS the importance is the normalised gates; the raw gates' means beside it
+                **({'raw_gates': np.asarray(out['raw_gates']).round(6).tolist()} if self.model.space == 'nos'
+                   else {})}
 
     def importance(self) -> dict:
         """Each supernet cell's mean gates, edges x ops: {'cell 0': .., 'cell 1': .., ...}."""

@@ -2,7 +2,7 @@
 
     python bench_search.py --gpu 0                 # full size, on CUDA
     python bench_search.py --device cpu --iters 3  # the same on the CPU (slow)
-    python bench_search.py --device cpu --adwp_ranking 8   # ADWPNAS ranking check instead (spec adwpnas §7.10)
+    python bench_search.py --device cpu --adwp_ranking 20  # ADWPNAS's ranking check instead
     python bench_search.py --gpu 0 --eoinas        # EoiNAS iterations as ops are pruned, against darts
     python bench_search.py --device cpu --count    # kernel ops, saved bytes, 1-thread CPU ms (issue 11)
 
@@ -424,12 +424,20 @@ def print_agnas_table(args, device) -> None:
             print(f'{what:38} {b:5d} {t * 1e3:9.1f} {images / t:9.0f} {peak:9.2f} {t / base:8.2f}x')
 
 
+MIN_RANKED = 20  # fewer architectures give a Kendall tau whose band under random rankings is too wide to read
+
+
 def adwp_ranking(args, device) -> dict:
-    """Spec adwpnas §7.10: Kendall's tau between predicted-weight and from-scratch val accuracy; prints a table."""
+    """ADWPNAS's ranking check (search_adwp.ranking_check): Kendall's tau between predicted-weight and
+    from-scratch val accuracy, beside the control with untrained generators and the band of tau under random
+    rankings; prints a table."""
     import json
 
     import model_adwp
     import search_adwp
+    if args.adwp_ranking < MIN_RANKED:
+        raise utils.UserError(f'--adwp_ranking {args.adwp_ranking} ranks too few architectures: under random '
+                              f'rankings Kendall\'s tau spreads too widely to say anything; use at least {MIN_RANKED}')
     if args.adwp_space:
         with open(args.adwp_space) as f:
             data = json.load(f)
@@ -441,11 +449,17 @@ def adwp_ranking(args, device) -> dict:
                                     hyper_epochs=args.adwp_hyper_epochs, scratch_epochs=args.adwp_scratch_epochs,
                                     batch_size=args.adwp_batch_size, dataset=args.adwp_dataset, data_root=args.data,
                                     synthetic_size=args.adwp_synthetic_size, seed=args.adwp_seed, device=device)
-    print(f'{"arch":>4} {"predicted %":>11} {"scratch %":>9} {"params":>8}')
+    print(f'{"arch":>4} {"predicted %":>11} {"untrained G %":>13} {"scratch %":>9} {"params":>8}')
     for r in out['rows']:
-        print(f'{r["arch"]:4d} {r["predicted_acc"]:11.2f} {r["scratch_acc"]:9.2f} {r["params"]:8d}')
-    mean = sum(r['predicted_acc'] for r in out['rows']) / len(out['rows'])
-    print(f'kendall_tau={out["kendall_tau"]:.3f} mean_predicted_acc={mean:.2f} chance={out["chance_acc"]:.2f}')
+        print(f'{r["arch"]:4d} {r["predicted_acc"]:11.2f} {r["control_acc"]:13.2f} {r["scratch_acc"]:9.2f} '
+              f'{r["params"]:8d}')
+    n = len(out['rows'])
+    mean = sum(r['predicted_acc'] for r in out['rows']) / n
+    control = sum(r['control_acc'] for r in out['rows']) / n
+    lo, hi = out['random_band']
+    print(f'kendall_tau={out["kendall_tau"]:.3f} (untrained generators: {out["control_tau"]:.3f}; random rankings of '
+          f'these {n}: 95% in [{lo:.3f}, {hi:.3f}]) mean_predicted_acc={mean:.2f} mean_untrained_acc={control:.2f} '
+          f'chance={out["chance_acc"]:.2f}')
     return out
 
 

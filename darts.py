@@ -24,6 +24,7 @@ from model_search_fast import Network
 # The method's defaults of the flags whose argparse default is None: the paper's values (each method file has
 # its own DEFAULTS; train_search.py fills them in).
 DARTS_DEFAULTS = {
+    'space': 'nos',               # NOS publishes --method darts on its own space (--space darts: DARTS's)
     'epochs': 25,                 # NOS App. A
     'learning_rate_min': 0.0,     # NOS App. A: cosine to 0
     'arch_learning_rate': 6e-4,   # NOS App. A (DARTS: 3e-4)
@@ -182,11 +183,14 @@ class DartsMethod:
       flags (optional)                   names of the method's own flags (argparse default None); check_args
                                          refuses them with another method, which would ignore them
       log_lines() (optional)             lines the loop logs after the epoch line (EoiNAS: its prunes)
+      paper_spaces, paper_ags            what a paper ran (else the log says the run is this repo's own)
     end_epoch's `alive` and `pruned` fields ({cell type: mask / [row, op]}), where a method returns them, mark
     the pruned ops in the log's importance tables.
     """
     name = 'darts'
     uses_val_batch = True
+    paper_spaces = ('nos', 'darts', 'nb201')  # spaces a paper searched with this method (others: "ours", logged)
+    paper_ags = True                 # NOS's AGS is this method's (--lambda_at > 0); with others it is ours
 
     @classmethod
     def defaults(cls, args) -> dict:

@@ -38,6 +38,7 @@ ARCH_GRAD_CLIP = 5.  # the authors' code clips A's gradient norm at 5 (ts.py:360
 # The method's defaults (spec §4 and §8). `epochs` is not here: it follows from the schedule
 # (warm-up + every * ceil((n_ops - 1) / count): 160 on the DARTS space, 220 on the NOS space).
 DEFAULTS = {
+    'space': 'darts',            # the paper searched DARTS's space; --space nos is this repo's own
     'learning_rate_min': 1e-3,   # [P] §4.2: cosine to 0.001 (the authors' code: 0)
     'arch_learning_rate': 3e-4,  # [P] §4.2 (the authors' code: 6e-4)
     'lambda_at': 0.0,            # EoiNAS has no teacher; > 0 adds AGS (this repo's combination)
@@ -51,7 +52,7 @@ DEFAULTS = {
     'skip_dropout': 0.1,         # the authors' code (readme: "dropout 0.1"); 0 = the paper as written
     'gumbel_hard': False,        # soft sampling (Eq. 4 and the authors' code); True = GDAS's one-op forward
 }
-FLAGS = tuple(k for k in DEFAULTS if k not in ('learning_rate_min', 'arch_learning_rate', 'lambda_at'))
+FLAGS = tuple(k for k in DEFAULTS if k not in ('space', 'learning_rate_min', 'arch_learning_rate', 'lambda_at'))
 
 
 def add_args(p) -> None:
@@ -228,6 +229,8 @@ class EoiNASMethod:
     """--method eoinas: Gumbel-softmax sampling, indicator I and gradual pruning (Alg. 1; spec §8)."""
     name = 'eoinas'
     flags = FLAGS
+    paper_spaces = ('darts',)
+    paper_ags = False
 
     @classmethod
     def defaults(cls, args) -> dict:

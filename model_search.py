@@ -100,16 +100,56 @@ def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     return F.softmax(alpha.masked_fill(~alive, float('-inf')), dim=-1)
 
 
-def sample_weights(alpha: torch.Tensor, alive: torch.Tensor, tau: float, hard: bool = False):
-    """One Gumbel-softmax sample per row over the alive ops (EoiNAS Eq. 5; spec §1).
+def sample_weights(alpha: torch.Tensor, alive: torch.Tensor, tau: float, hard: bool = False, tiers=None):
+    """One Gumbel-softmax sample per row over the alive ops (EoiNAS Eq. 5, and GDAS: docs/eoinas.md, docs/gdas.md).
 
-    Soft (EoiNAS's code): h = softmax((alpha + g) / tau), g ~ Gumbel(0, 1), pruned entries 0. Hard (GDAS):
-    the one-hot of argmax h with the straight-through gradient of h. Returns (weights, index) where index
-    = argmax(alpha + g) per row, distributed as Categorical(softmax(alpha)) over the alive ops whatever tau.
-    Noise is drawn for every entry, pruned or not, so the random stream does not depend on what is alive.
+    Soft (EoiNAS's code): h = softmax((alpha + g) / tau), g ~ Gumbel(0, 1) i.i.d., pruned entries 0. Hard
+    (GDAS): the one-hot of index = argmax(alpha + g) = argmax h, with h's gradient (straight-through:
+    one_hot - h.detach() + h, so the forward value is exactly the one-hot). Returns (weights, index); index
+    is distributed as Categorical(softmax(alpha)) over the alive ops whatever tau. Noise is drawn for every
+    entry, pruned or not (as F.gumbel_softmax draws it), so the random stream does not depend on what is alive.
+
+    tiers (hard samples on the NOS space; this repo's own rule): (first-tier rows of each node, is_feature per
+    op). A hard sample runs one op per edge, and a node whose first tier sampled no feature op would have no
+    F to calibrate (NOS Eq. 5); such a node takes `feature_constrained`'s repair.
     """
-    weights = F.gumbel_softmax(alpha.masked_fill(~alive, float('-inf')), tau=tau, hard=hard, dim=-1)
-    return weights, weights.detach().argmax(dim=-1)
+    logits = alpha.masked_fill(~alive, float('-inf'))
+    gumbels = -torch.empty_like(logits).exponential_().log()   # Gumbel(0, 1)
+    scores = logits + gumbels                                  # alpha + g
+    soft = F.softmax(scores / tau, dim=-1)                     # h, Eq. 5
+    index = scores.detach().argmax(dim=-1)
+    if not hard:
+        return soft, index
+    if tiers is not None:
+        index = feature_constrained(scores.detach(), index, *tiers)
+    one_hot = torch.zeros_like(soft).scatter_(-1, index.unsqueeze(-1), 1.)
+    return one_hot - soft.detach() + soft, index               # straight-through (GDAS)
+
+
+def feature_constrained(scores: torch.Tensor, index: torch.Tensor, node_rows, is_feature) -> torch.Tensor:
+    """A hard sample on the NOS space with a feature op in every node's first tier (this repo's own rule).
+
+    scores (rows, ops): alpha + g of the sample (-inf where dead); index (rows,): its argmax per row;
+    node_rows: the first-tier rows of each node; is_feature: per op. A node whose rows all sampled an
+    attention or dynamic op switches one row to a feature op: the (row, feature op) that lowers the node's
+    sum of sampled scores least, i.e. the argmax of sum over its rows of (alpha + g) under the constraint
+    (perturb-and-MAP, as derive_cell maximises the sum of weights under the same constraint). Ties: the lower
+    row, then the lower op index. Returns the repaired index (a new tensor on index's device).
+    """
+    s, out = scores.cpu(), index.cpu().clone()
+    feature = torch.tensor([bool(f) for f in is_feature])
+    columns = feature.nonzero().flatten()
+    for rows in node_rows:
+        rows = torch.as_tensor(rows)
+        if feature[out[rows]].any():
+            continue
+        loss = s[rows][:, columns] - s[rows, out[rows]].unsqueeze(1)   # <= 0: what the switch costs
+        best = int(loss.argmax())
+        if not torch.isfinite(loss.flatten()[best]):
+            raise RuntimeError('no alive feature op in a node\'s first tier (a pruning rule was broken)')
+        r, q = divmod(best, len(columns))
+        out[rows[r]] = columns[q]
+    return out.to(index.device)
 
 
 class MixedOp(nn.Module):
@@ -549,7 +589,8 @@ class Network(nn.Module):
             if self._all_alive:
                 return tuple(F.softmax(a, dim=-1) for a in arch)
             return tuple(masked_softmax(a, m) for a, m in zip(arch, alive))
-        samples = [sample_weights(a, m, self.tau, self.gumbel_hard) for a, m in zip(arch, alive)]
+        tiers = self.first_tiers() if self.gumbel_hard and self.space == 'nos' else None
+        samples = [sample_weights(a, m, self.tau, self.gumbel_hard, tiers) for a, m in zip(arch, alive)]
         self.last_sample = torch.stack([i for _, i in samples])
         if self.gumbel_hard:  # one op per edge; the indices go to the CPU once per forward, as in GDAS
             picked = self.last_sample.tolist()
@@ -557,6 +598,15 @@ class Network(nn.Module):
         else:
             self._set_active(*self._alive_rows)
         return tuple(w for w, _ in samples)
+
+    def first_tiers(self) -> tuple[list[list[int]], list[bool]]:
+        """(the first-tier rows of each node, is_feature per op): what a hard sample on the NOS space keeps
+        feasible (`feature_constrained`)."""
+        rows, offset = [], 0
+        for k in range(self._steps):
+            rows.append(list(range(offset, offset + k + 2)))
+            offset += k + 2
+        return rows, [op_kind(o) == 'feature' for o in self.ops]
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -566,6 +616,7 @@ class Network(nn.Module):
         """Per cell type ((normal, reduce); NB201: (normal,)): what every cell of that type takes with its
         inputs. DARTS: the edge weights (`edge_weights`); AGNAS: None, its edges weigh themselves."""
         if self.method == 'agnas':
+            self._set_active(*self._alive_rows)  # the gated edges compute their alive ops only
             return (None,) * len(self.cell_types)
         return self.edge_weights()
 
@@ -641,10 +692,12 @@ class Network(nn.Module):
         for edge in self.gated_edges():
             edge.reset_importance()
 
-    def importance(self) -> np.ndarray:
+    def importance(self, raw: bool = False) -> np.ndarray:
         """(layers, edges, ops) float64: each edge's mean gate per op over the images collected since
-        `reset_importance` (agnas.md §2: A_k / (images * C), in (0, 1))."""
-        return np.stack([np.stack([edge.mean_gates() for edge in self.cell_edges(cell)])
+        `reset_importance` (agnas.md §2: A_k / (images * C), in (0, 1)); over NOS the mean of the normalised
+        gates the forward uses (agnas.GateStatistics). raw: the raw gates' means instead."""
+        name = 'mean_raw_gates' if raw else 'mean_gates'
+        return np.stack([np.stack([getattr(edge, name)() for edge in self.cell_edges(cell)])
                          for cell in self.cells])
 
     def _derive(self, matrix) -> list:

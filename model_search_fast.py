@@ -93,6 +93,7 @@ class _Layout:
         col = {name: i for i, name in enumerate(ops)}
         rows = spec['rows']
         self.rows, self.ncol, self.zero, self.one = rows, ncol, zero, one  # how to read `index` (gated edges)
+        self.alive = alive  # rows x ops (gated edges: which (edge, op) pairs weigh)
         S, K = len(rows), len(rows[0])
         E = S * K
         stride = spec['stride']
@@ -904,13 +905,13 @@ class Network(model_search.Network):
             return super().gated_edges()
         return [group for cell in self.cells for group in cell.groups]
 
-    def importance(self) -> np.ndarray:
+    def importance(self, raw: bool = False) -> np.ndarray:
         if not self.fast:
-            return super().importance()
+            return super().importance(raw)
         out = np.empty((len(self.cells), self._fast_plans[False].rows, len(self.ops)))
         for i, cell in enumerate(self.cells):  # a group's (E, ops) gates back to the rows of its edges
             for spec, group in zip(cell.specs, cell.groups):
-                gates = group.mean_gates()
+                gates = group.mean_raw_gates() if raw else group.mean_gates()
                 for e, row in enumerate(r for rr in spec['rows'] for r in rr):
                     out[i, row] = gates[e]
         return out

@@ -26,6 +26,7 @@ from utils import UserError
 # 0.9, lr 0.025 cosine to 0.001, weight decay 5e-4, batch 64; A: Adam 3e-4, betas (0.5, 0.999), weight decay
 # 1e-3 (train_search.py's default); the network: C 16, N 5 (15 cells); gradient-norm clip 5. No teacher.
 SEARCH_SETTINGS = {
+    'batch_size': 64,
     'learning_rate_min': 0.001,
     'weight_decay': 5e-4,
     'nesterov': True,

@@ -262,29 +262,46 @@ class GateAttention(nn.Module):
 
 class GateStatistics:
     """Candidate importance from the gates (AGNAS Eq. 6), for every module that gates with GateAttention:
-    while `collecting` (agnas.importance_pass sets it), `collect(gates)` adds the gates summed over the batch
-    and the channels to a float64 accumulator on the gates' device (no host sync), and the batch size to an
-    image count. `mean_gates()`: each candidate's mean gate over the images and its C channels, (m,) for one
-    edge or layer, (E, m) for a group of edges. The module sets `self.C`."""
+    while `collecting` (agnas.importance_pass sets it), `collect(gates, weights)` adds the gates, and the
+    weights the forward multiplies the candidates' outputs by, each summed over the batch and the channels,
+    to float64 accumulators on the gates' device (no host sync), and the batch size to an image count. The
+    module sets `self.C`.
+
+    `mean_gates()`, the importance: each candidate's mean *weight* over the images and its C channels, (m,)
+    for one edge or layer, (E, m) for a group of edges. Where the forward weighs by the gates themselves (the
+    DARTS space, the ProxylessNAS chain) that is the mean gate (Eq. 6). AGNAS over NOS weighs by the
+    normalised gates w = g / sum_o g: the forward uses only those, so a level shared by all ops of a channel
+    gets no gradient and would rank nothing, and its importance is the mean w. An op that the alive masks
+    switch off weighs 0. `mean_raw_gates()`: the raw gates' means, logged beside the importance."""
 
     collecting = False
 
     def reset_importance(self) -> None:
-        self._gate_sum = None   # float64 on the device of the gates
+        self._gate_sum = None    # float64 on the device of the gates
+        self._weight_sum = None  # the same for the weights the forward uses
         self._images = 0
 
-    def collect(self, gates: torch.Tensor) -> None:
-        """gates (N, ..., m, C): batch first, channels last."""
+    def collect(self, gates: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """gates, weights (N, ..., m, C): batch first, channels last; weights None: the gates themselves."""
         if self.collecting:
-            total = gates.detach().sum(dim=(0, -1), dtype=torch.float64)
-            self._gate_sum = total if self._gate_sum is None else self._gate_sum + total
+            raw = gates.detach().sum(dim=(0, -1), dtype=torch.float64)
+            used = raw if weights is None else weights.detach().sum(dim=(0, -1), dtype=torch.float64)
+            self._gate_sum = raw if self._gate_sum is None else self._gate_sum + raw
+            self._weight_sum = used if self._weight_sum is None else self._weight_sum + used
             self._images += gates.shape[0]
 
-    def mean_gates(self) -> np.ndarray:
-        """Each candidate's mean gate over the collected images and its C channels, float64."""
+    def _mean(self, total) -> np.ndarray:
         if not self._images:
             raise RuntimeError('no importance collected yet: run agnas.importance_pass first')
-        return (self._gate_sum / (self._images * self.C)).cpu().numpy()
+        return (total / (self._images * self.C)).cpu().numpy()
+
+    def mean_gates(self) -> np.ndarray:
+        """The importance: each candidate's mean weight over the collected images and its C channels, float64."""
+        return self._mean(self._weight_sum)
+
+    def mean_raw_gates(self) -> np.ndarray:
+        """Each candidate's mean raw gate (before a normalisation and the alive masks), float64."""
+        return self._mean(self._gate_sum)
 
 
 OPS = {

@@ -148,9 +148,12 @@ def check_args(args) -> None:
 # Stage 0: the intensive space from a DARTS search log
 
 
-def read_stage0_log(path: str, n: int) -> tuple[list, list, list]:
-    """(weights, accuracies, epochs) of a stage-0 search_log.jsonl: per epoch the softmaxed (alphas_normal,
-    alphas_reduce), val_acc / 100 (the held-out half, never the test set) and the epoch number."""
+def read_stage0_log(path: str, n: int) -> tuple[list, list, list, str]:
+    """(weights, accuracies, epochs, accuracy key) of a stage-0 search_log.jsonl: per epoch the softmaxed (alphas_normal,
+    alphas_reduce), epsilon of Eq. 3 and the epoch number. Epsilon is `val_acc_end` / 100: the supernet's top-1
+    over the whole held-out half at the end of the epoch, in eval mode (DARTS's `infer`), never the test set.
+    A log written before train_search.py logged it has only `val_acc`, the running mean of the minibatch
+    accuracies of the epoch's A steps; it is used then, and `stage0_accuracy_key` says so."""
     if not os.path.isfile(path):
         raise utils.UserError(f'--space_from {path} does not exist; give the search_log.jsonl of a stage-0 '
                               f'search, {STAGE0}')
@@ -175,7 +178,13 @@ def read_stage0_log(path: str, n: int) -> tuple[list, list, list]:
                               f'at least {n + 1}; run the stage-0 search for at least {n + 1} epochs (the paper: '
                               f'30) or lower --n')
     weights = [(r['alphas_normal'], r['alphas_reduce']) for r in records]
-    return weights, [r['val_acc'] / 100. for r in records], [r['epoch'] for r in records]
+    key = stage0_accuracy_key(records)
+    return weights, [r[key] / 100. for r in records], [r['epoch'] for r in records], key
+
+
+def stage0_accuracy_key(records: list[dict]) -> str:
+    """'val_acc_end' when every epoch of the stage-0 log has it (Eq. 3's epsilon), else 'val_acc'."""
+    return 'val_acc_end' if records and all('val_acc_end' in r for r in records) else 'val_acc'
 
 
 def stage0_fault(record) -> str | None:
@@ -216,9 +225,9 @@ def intensive_space(args) -> dict:
     """{'space', 'K', 'n', 'epoch', 'table', 'source'}: selected from --space_from, or read from
     --intensive_space (a file this script wrote, or a bare {"normal", "reduce"} object)."""
     if args.space_from is not None:
-        weights, accs, epochs = read_stage0_log(args.space_from, args.n)
+        weights, accs, epochs, key = read_stage0_log(args.space_from, args.n)
         chosen = model_adwp.select_intensive_space(weights, accs, args.K, args.n, epochs)
-        return {**chosen, 'source': os.path.abspath(args.space_from)}
+        return {**chosen, 'source': os.path.abspath(args.space_from), 'accuracy': key}
     path = args.intensive_space
     if not os.path.isfile(path):
         raise utils.UserError(f'--intensive_space {path} does not exist; pass the intensive_space.json of an '
@@ -376,6 +385,9 @@ def main(argv=None) -> dict:
     device = utils.get_device(args.gpu, args.device)
     data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
                                 download=not args.no_download)
+    # the per-epoch accuracy (and alpha*) measures the held-out half as it is, without random augmentation
+    plain = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
+                                 augment=False, download=False)
     train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
 
     logger = runs.get_logger(args.save, 'search_adwp')
@@ -384,11 +396,15 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
     runs.write_json(os.path.join(args.save, 'intensive_space.json'),
                      {'K': chosen['K'], 'n': chosen['n'], 'epoch': chosen['epoch'], 'source': chosen['source'],
+                      'accuracy': chosen.get('accuracy'),
                       'space': space_json(space), 'table': chosen['table']})
     logger.info('intensive space (K = %d) from %s, epoch %s', chosen['K'], chosen['source'], chosen['epoch'])
+    if chosen.get('accuracy') == 'val_acc':
+        logger.info('the stage-0 log has no val_acc_end (it predates it): Eq. 3\'s epsilon is its val_acc, the '
+                    'running mean of the A steps\' minibatch accuracies, not the held-out top-1 at the epoch\'s end')
     for row in chosen['table']:
         s = row['superiority']
-        logger.info('  stage-0 epoch %3d  val_acc %.4f  superiority %s', row['epoch'], row['accuracy'],
+        logger.info('  stage-0 epoch %3d  epsilon %.4f  superiority %s', row['epoch'], row['accuracy'],
                     '-' if s is None else f'{s:.4f}')
     for kind in ('normal', 'reduce'):
         for j, node in enumerate(space[kind]):
@@ -430,7 +446,8 @@ def main(argv=None) -> dict:
     pin = device.type == 'cuda'
     train_data = torch.utils.data.Subset(data, train_idx)
     val_data = torch.utils.data.Subset(data, val_idx)
-    val_loader = datasets.make_loader(val_data, args.batch_size, False, args.workers, pin=pin)
+    val_loader = datasets.make_loader(torch.utils.data.Subset(plain, val_idx), args.batch_size, False,
+                                      args.workers, pin=pin)
     select_from = first_selectable(args.hyper_epochs, args.cross_start, args.cross_end)
     for epoch in range(start_epoch, args.epochs):
         name = phase(epoch, args.hyper_epochs, args.cross_start, args.cross_end)
@@ -513,23 +530,45 @@ def kendall_tau(a: list, b: list) -> float:
     return (concordant - discordant) / denom if denom else float('nan')
 
 
-def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, hyper_epochs: int = 3,
+def random_tau_band(scratch: list, draws: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of Kendall's tau between `scratch` and a uniformly random ranking of the
+    same architectures (seeded permutations of the indices; ties in `scratch` count as in `kendall_tau`): a
+    tau inside it is what a predictor with no information gives."""
+    g = torch.Generator().manual_seed(seed)
+    taus = sorted(kendall_tau(torch.randperm(len(scratch), generator=g).tolist(), scratch) for _ in range(draws))
+    taus = [t for t in taus if not math.isnan(t)] or [float('nan')]
+    lo = taus[int((1 - level) / 2 * (len(taus) - 1))]
+    hi = taus[math.ceil((1 + level) / 2 * (len(taus) - 1))]
+    return lo, hi
+
+
+def ranking_check(space: dict, *, archs: int = 20, layers: int = 5, C: int = 8, hyper_epochs: int = 3,
                   scratch_epochs: int = 3, batch_size: int = 32, dataset: str = 'synthetic', data_root: str = 'data',
                   synthetic_size: int = 512, seed: int = 0, device=None, logger=None) -> dict:
-    """Train a HyperNetwork for `hyper_epochs` of Stage 1, then for `archs` random discrete architectures
-    (top-2 of random alphas) compare the val top-1 with predicted weights (D14) against the val top-1 of
-    NetworkCIFAR trained from scratch for `scratch_epochs` on the same train half. Returns per-architecture
-    rows, Kendall's tau and the chance level."""
+    """Do predicted weights rank architectures as training from scratch does (spec adwpnas §7.10)?
+
+    Trains a HyperNetwork for `hyper_epochs` of Stage 1, then, for `archs` random discrete architectures
+    (top-2 of random alphas per node), compares three val top-1s on the held-out half (no augmentation):
+    - predicted: the HyperNetwork's predicted weights (D14);
+    - control: the same network with the GeneratingBlocks reset to their untrained initial weights (the
+      trained ordinary weights kept), so that what predicted weights add over the shared weights shows;
+    - scratch: NetworkCIFAR trained from scratch for `scratch_epochs` on the same training half.
+    Returns the rows, Kendall's tau of predicted and of control against scratch, the 95% band of tau under
+    random rankings (`random_tau_band`) and the chance accuracy.
+    """
     from model import NetworkCIFAR
     device = device or torch.device('cpu')
     data = datasets.get_dataset(dataset, data_root, train=True, synthetic_size=synthetic_size)
+    plain = datasets.get_dataset(dataset, data_root, train=True, synthetic_size=synthetic_size, augment=False)
     train_idx, val_idx = datasets.search_split(len(data), 0.5)
-    train_data, val_data = torch.utils.data.Subset(data, train_idx), torch.utils.data.Subset(data, val_idx)
-    val_loader = datasets.make_loader(val_data, batch_size, False, 0)
+    train_data = torch.utils.data.Subset(data, train_idx)
+    val_loader = datasets.make_loader(torch.utils.data.Subset(plain, val_idx), batch_size, False, 0)
     num_classes = datasets.NUM_CLASSES[dataset]
 
     utils.set_seed(seed)
     model = HyperNetwork(C, num_classes, layers, space).to(device)
+    untrained = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith('cells.') and
+                 '.generators.' in n}
     w_opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, float(hyper_epochs))
@@ -541,12 +580,16 @@ def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, h
         sched.step()
         if logger:
             logger.info(f'stage 1 epoch {epoch + 1}/{hyper_epochs}: loss {loss:.3f} top1 {acc:.2f}')
+    control = HyperNetwork(C, num_classes, layers, space).to(device)
+    control.load_state_dict({**model.state_dict(), **untrained})
 
     sampler = torch.Generator().manual_seed(seed + 12345)
     rows = []
     for k in range(archs):
         genotype = genotypes.validate(model.genotype(2, model.sample_alphas(1., sampler)))
-        predicted = evaluate(model, val_loader, device, model.discrete_alphas(genotype))[1]
+        alphas = model.discrete_alphas(genotype)
+        predicted = evaluate(model, val_loader, device, alphas)[1]
+        untrained_acc = evaluate(control, val_loader, device, alphas)[1]
         utils.set_seed(seed + k)
         net = NetworkCIFAR(C, num_classes, layers, False, genotype).to(device)
         opt = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
@@ -557,13 +600,15 @@ def ranking_check(space: dict, *, archs: int = 8, layers: int = 5, C: int = 8, h
                               nn.CrossEntropyLoss(), device)
             s.step()
         scratch = utils.evaluate(net, val_loader, nn.CrossEntropyLoss(), device)[1]
-        rows.append({'arch': k, 'predicted_acc': predicted, 'scratch_acc': scratch,
+        rows.append({'arch': k, 'predicted_acc': predicted, 'control_acc': untrained_acc, 'scratch_acc': scratch,
                      'params': utils.count_params(net), 'genotype': genotype})
         if logger:
-            logger.info(f'architecture {k + 1}/{archs}: predicted weights {predicted:.2f}%, from scratch '
-                        f'{scratch:.2f}%')
-    tau = kendall_tau([r['predicted_acc'] for r in rows], [r['scratch_acc'] for r in rows])
-    return {'rows': rows, 'kendall_tau': tau, 'chance_acc': 100. / num_classes}
+            logger.info(f'architecture {k + 1}/{archs}: predicted weights {predicted:.2f}%, untrained generators '
+                        f'{untrained_acc:.2f}%, from scratch {scratch:.2f}%')
+    scratch = [r['scratch_acc'] for r in rows]
+    return {'rows': rows, 'kendall_tau': kendall_tau([r['predicted_acc'] for r in rows], scratch),
+            'control_tau': kendall_tau([r['control_acc'] for r in rows], scratch),
+            'random_band': random_tau_band(scratch, seed=seed), 'chance_acc': 100. / num_classes}
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ hours (NOS Sec. 4.3 reports "best and average of 10 independent runs"; methods.m
     python summarize.py runs/search-* --csv searches.csv   # searches of train_search.py
     python summarize.py runs/random-*                      # Table 2's random baseline: the first row is the best
     python summarize.py runs/nb201-*                       # NAS-Bench-201 searches: also the benchmark table
+    python summarize.py runs/eoinas-seed* --select val     # EoiNAS's best of 4: the search with the best val acc
 
 Each RUN_DIR is one run's --save folder:
 - retraining: SAVE/result.json, written at the end by train_cifar.py and train_imagenet.py. Runs are grouped
@@ -23,6 +24,11 @@ method and search data set, the runs, the mean ± std over them of the benchmark
 cell on CIFAR-10, CIFAR-100 and ImageNet16-120, and the search cost (hours per run).
 A run without a result yet (still running, or stopped) is listed as such; a directory that is not a run is
 named on stderr and skipped. The table also goes to --csv (one row per group, and one per unfinished run).
+
+--select val keeps, of the finished searches of one configuration (the same method, space, dataset and
+settings; the seed left out), the one with the best final supernet validation accuracy (`val_acc_end`: the
+whole held-out half in eval mode at the last epoch; logs without it: `val_acc`), and says which run won:
+EoiNAS Sec. 4.2 runs 4 searches and retrains the best by validation. Retraining runs are not selected.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from genotypes import OP_SUBSETS
 
 RUN_FILES = ('result.json', 'search_result.json', 'search_log.jsonl', 'metrics.jsonl', 'checkpoint.pt',
              'log.txt')
+SELECT = ('val',)
 COLUMNS = ('kind', 'dataset', 'label', 'status', 'runs', 'error_mean', 'error_std', 'error_best', 'top5_mean',
            'params_M', 'macs_M', 'hours_per_run', 'gpu_hours_per_run', 'cpu_time_hours_per_run', 'device', 'precision',
            'seeds', 'dirs')
@@ -49,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help='--save folders of training or search runs')
     p.add_argument('--csv', default='summary.csv', help='where to write the table as CSV (\'\': nowhere)')
+    p.add_argument('--select', default=None, choices=SELECT,
+                   help='val: of the searches of one configuration, keep the best by final validation accuracy')
     return p
 
 
@@ -188,7 +197,10 @@ def _read_search(path: str, final: dict | None, log: list[dict]) -> dict:
         return {'status': 'unfinished', 'dir': path, 'kind': 'search', 'dataset': dataset, 'label': label,
                 'why': f'search at epoch {epoch} of {total or "?"} (still running, or stopped: --resume '
                        f'continues it)'}
-    val_acc = final.get('val_acc', last.get('val_acc'))
+    # val_acc_end: the whole held-out half in eval mode at the last epoch; older logs have only val_acc,
+    # the running mean over the epoch's A steps. A final result's figure comes first.
+    val_key, val_acc = next(((k, src[k]) for src in (final, last) for k in ('val_acc_end', 'val_acc')
+                             if src.get(k) is not None), ('val_acc', None))
     if val_acc is None:
         return {'status': 'unfinished', 'dir': path, 'kind': 'search', 'dataset': dataset, 'label': label,
                 'why': 'the search log has no val_acc'}
@@ -205,8 +217,27 @@ def _read_search(path: str, final: dict | None, log: list[dict]) -> dict:
             'gpu_hours': gpu, 'cpu_time_hours': (_cpu_hours(final) if final else None if device == 'cuda'
                                                  else _cpu_hours_of_log(log)),
             'device': device,
-            'precision': final.get('precision'), 'seed': seed,
+            'precision': final.get('precision'), 'seed': seed, 'val_acc': val_acc, 'val_key': val_key,
             'key': ('search', dataset, json.dumps(settings, sort_keys=True, default=str))}
+
+
+def select_best(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """--select val: of the finished searches sharing a key (one configuration), keep the one with the best
+    final validation accuracy (ties: the first given). Returns (the runs kept, one sentence per group saying
+    which run won and the others' figures). Other runs pass through."""
+    groups: dict = {}
+    for r in runs:
+        if r['status'] == 'done' and r['kind'] == 'search':
+            groups.setdefault(r['key'], []).append(r)
+    dropped, notes = set(), []
+    for members in groups.values():
+        best = max(members, key=lambda m: m['val_acc'])  # max keeps the first of equal maxima
+        dropped |= {id(m) for m in members if m is not best}
+        others = ', '.join(f'{m["dir"]} {m["val_acc"]:.2f}%' for m in members if m is not best)
+        notes.append(f'--select val: of {len(members)} search(es) of {best["label"]} ({best["dataset"]}), '
+                     f'{best["dir"]} won with {best["val_key"]} {best["val_acc"]:.2f}%'
+                     + (f' (the others: {others})' if others else ''))
+    return [r for r in runs if id(r) not in dropped], notes
 
 
 def _mean(values):
@@ -347,8 +378,13 @@ def main(argv=None) -> list[dict]:
     if not runs:
         raise utils.UserError(f'none of the {len(args.run_dirs)} directories given is a run folder (the --save '
                               f'folder of train_cifar.py, train_imagenet.py or train_search.py)')
+    notes = []
+    if args.select == 'val':
+        runs, notes = select_best(runs)
     rows = summarize(runs)
     print(format_table(rows))
+    for note in notes:
+        print(note)
     nb = nb201_rows(args.run_dirs)
     if nb:
         print('\n' + format_nb201(nb))

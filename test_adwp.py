@@ -3,6 +3,7 @@ with SepConv/DilConv, the phase gates, locality and seeding, derivation, the per
 phase boundaries, and the pipeline end to end on synthetic data (CPU)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import train_cifar
 import train_imagenet
 import train_search
 import utils
+import visualize
 from genotypes import DARTS_PRIMITIVES, GenotypeError, MacroGenotype
 from model import NetworkCIFAR
 from operations import OPS
@@ -378,6 +380,9 @@ def test_pipeline_stage0_search_and_one_epoch_of_retraining(stage0, tmp_path, ca
                                   '--synthetic_size', '32', '--report_freq', '0', '--save', save] + PHASES_2111) == 0
     chosen = json.loads((save / 'intensive_space.json').read_text())
     assert chosen['epoch'] == 3 and [r['superiority'] is None for r in chosen['table']] == [True, True, False]
+    # Eq. 3's epsilon: the stage-0 supernet's held-out top-1 at each epoch's end, in [0, 1]
+    assert chosen['accuracy'] == 'val_acc_end'
+    assert [r['accuracy'] for r in chosen['table']] == [r['val_acc_end'] / 100 for r in read_jsonl(stage0)]
     assert all(len(node) == 6 for kind in ('normal', 'reduce') for node in chosen['space'][kind])
     records = read_jsonl(save / 'search_log.jsonl')
     assert [r['phase'] for r in records] == ['train', 'train', 'basic', 'cross', 'basic']
@@ -400,6 +405,10 @@ def test_pipeline_stage0_search_and_one_epoch_of_retraining(stage0, tmp_path, ca
     result = json.loads((tmp_path / 'eval' / 'result.json').read_text())
     assert 'final test_error=' in capsys.readouterr().out and len(result['genotype']['cells']) == 5
     assert runs.load_checkpoint(str(tmp_path / 'eval' / 'checkpoint.pt'))['args']['layers'] == 5
+
+    pytest.importorskip('matplotlib')  # visualize.py's ADWPNAS figures: Fig. 4 (stage 0) and Fig. 5 (accuracy)
+    assert run(visualize.main, [save, save, '--out', tmp_path / 'plots']) == 0
+    assert {'adwp_stage0.png', 'adwp_accuracy.png'} <= set(os.listdir(tmp_path / 'plots'))
 
 
 def test_search_resumed_at_every_phase_boundary_ends_bit_identical(stage0, tmp_path, monkeypatch):
@@ -488,3 +497,60 @@ def test_kendall_tau_against_hand_counts():
     assert tau([1, 2, 3], [3, 2, 1]) == -1
     assert math.isclose(tau([1, 1, 2], [1, 2, 3]), 2 / math.sqrt(2 * 3))  # tau-b: one pair tied in the first
     assert math.isnan(tau([1, 1, 1], [1, 2, 3]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fidelity: each formula restated here, independently of model_adwp / search_adwp
+
+
+def test_a_generating_block_is_two_fcs_with_a_relu_over_the_cells_probabilities():
+    """Sec. 3.2.1, Fig. 3 (D3-D5): kernels = split(W2 relu(W1 p + b1) + b2), p = all of the cell's per-node
+    softmax (`cell`) or the block's own op probability (`op`)."""
+    torch.manual_seed(0)
+    for gen_input in ('cell', 'op'):
+        net = M.HyperNetwork(4, 10, 4, random_space(1), gen_input=gen_input)
+        with torch.no_grad():
+            net.alphas.normal_()
+        p = torch.softmax(net.alphas, dim=-1)                      # per node (Eq. 4), (L, 4, K)
+        kernels = net.generate(net.probabilities(net.alphas))
+        cell, li = net.cells[0], 0
+        for key, gb in cell.generators.items():
+            c = int(key)
+            x = p[li].flatten() if gen_input == 'cell' else p[li].flatten()[c:c + 1]
+            flat = gb.fc2.weight @ torch.relu(gb.fc1.weight @ x + gb.fc1.bias) + gb.fc2.bias
+            expected = torch.cat([k.flatten() for k in kernels[li][c]])
+            torch.testing.assert_close(expected, flat, rtol=1e-6, atol=1e-7)
+
+
+def test_stage0_epsilon_is_the_held_out_accuracy_at_the_epochs_end(tmp_path):
+    """Eq. 3's epsilon is `val_acc_end` / 100 (the whole held-out half in eval mode, as DARTS's infer), not
+    `val_acc` (the running mean of the A steps); a log without it falls back to val_acc and says so."""
+    rows = torch.full((14, 8), 1 / 8).tolist()
+    records = [{'epoch': e, 'val_acc': 10. * e, 'val_acc_end': 90. - e, 'primitives': DARTS_PRIMITIVES,
+                'alphas_normal': rows, 'alphas_reduce': rows} for e in (1, 2, 3)]
+    _, accs, epochs, key = search_adwp.read_stage0_log(_fake_log(tmp_path / 'a.jsonl', records), 2)
+    assert key == 'val_acc_end' and accs == [0.89, 0.88, 0.87] and epochs == [1, 2, 3]
+    old = [{k: v for k, v in r.items() if k != 'val_acc_end'} for r in records]
+    _, accs, _, key = search_adwp.read_stage0_log(_fake_log(tmp_path / 'b.jsonl', old), 2)
+    assert key == 'val_acc' and accs == [0.1, 0.2, 0.3]
+
+
+def test_random_ranking_band_of_kendall_tau_at_20_architectures():
+    """Under random rankings of n = 20 untied items, tau has mean 0 and variance 2(2n + 5) / (9n(n - 1))
+    (Kendall), sd 0.162: the 95% band is about +-0.32."""
+    lo, hi = search_adwp.random_tau_band(list(range(20)), draws=4000, seed=0)
+    sd = math.sqrt(2 * 45 / (9 * 20 * 19))
+    assert lo == pytest.approx(-1.96 * sd, abs=0.04) and hi == pytest.approx(1.96 * sd, abs=0.04)
+
+
+@pytest.mark.slow
+def test_predicted_weights_beat_twice_chance_and_the_ranking_is_reported(capsys):
+    """Spec test 10 at the issue's size: 20 architectures, predicted weights after a short Stage 1 against a
+    short training from scratch; the predicted accuracy beats twice chance. Kendall's tau, its band under
+    random rankings and the control with untrained generators are printed (not asserted: synthetic data)."""
+    out = search_adwp.ranking_check(random_space(3), archs=20, layers=5, C=8, hyper_epochs=3, scratch_epochs=2,
+                                    batch_size=32, synthetic_size=256, seed=0)
+    predicted = [r['predicted_acc'] for r in out['rows']]
+    assert len(out['rows']) == 20 and sum(predicted) / 20 > 2 * out['chance_acc']
+    lo, hi = out['random_band']
+    print(f'kendall_tau={out["kendall_tau"]:.3f} untrained={out["control_tau"]:.3f} band=[{lo:.3f}, {hi:.3f}]')

@@ -138,7 +138,8 @@ def test_paper_equations_4_to_8_give_the_same_output_and_importance():
 def test_nos_edge_gates_features_attention_and_kernels():
     """agnas.md §8: one GateAttention(11, C); descriptors GAP(o(X)), GAP(X' * a(X)), GAP(dwconv(X', D));
     features = sum w o(X), attention = sum w a(X), kernels = w D, with w = g / sum_o g (this repo's
-    normalisation, README), while the importance collects the raw gates g."""
+    normalisation, README); the importance is the mean of w, the weights the forward uses, and the raw gates'
+    means are kept beside it."""
     edge, x = edge_and_input(ops=PRIMITIVES)
     assert isinstance(edge.attention, agnas.GateAttention) and edge.attention.fc1.in_features == 11 * 4
     (features, attention, kernels), g = gates_of(edge, x)
@@ -153,12 +154,30 @@ def test_nos_edge_gates_features_attention_and_kernels():
     assert torch.allclose(gg.sum(1), torch.ones(()).double())  # a convex combination per channel
     edge.collecting = True
     edge(x)
-    np.testing.assert_allclose(edge.mean_gates(), g.detach().mean((0, 2)).numpy(), rtol=1e-12)  # raw gates
+    np.testing.assert_allclose(edge.mean_raw_gates(), g.detach().mean((0, 2)).numpy(), rtol=1e-12)  # raw gates
+    np.testing.assert_allclose(edge.mean_gates(), gg.detach().mean((0, 2, 3, 4)).numpy(), rtol=1e-12)  # w
     torch.testing.assert_close(features, sum(gg[:, i] * outs[i] for i in range(11) if kind[i] == 'feature'))
     torch.testing.assert_close(attention, sum(gg[:, i] * outs[i] for i in range(11) if kind[i] == 'attention'))
     assert len(kernels) == 2
     for d, i in zip(kernels, [i for i in range(11) if kind[i] == 'dynamic']):
         torch.testing.assert_close(d, gg[:, i] * outs[i])
+
+
+@pytest.mark.parametrize('space, ops, convex', [('nos', 'feature', True), ('nos', None, True),
+                                                ('darts', None, False)])
+def test_the_nos_variant_normalises_its_gates_whatever_the_op_set(space, ops, convex):
+    """Over NOS the edge weighs its ops by w = g / sum_o g, also with --ops feature (no attention or dynamic
+    op among them); DARTS's space weighs them by the raw gates (Eq. 7-8). Computed here from the gates."""
+    torch.manual_seed(0)
+    net = agnas.build_network(4, 10, 5, space=space, ops=ops).double()
+    edge = net.cells[0]._ops[2]
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    (features, _, _), g = gates_of(edge, x)
+    outs = op_outputs(edge, x)
+    w = g / g.sum(1, keepdim=True) if convex else g
+    kind = [genotypes.op_kind(o) for o in net.ops]
+    expected = sum(w[:, i, :, None, None] * outs[i] for i in range(len(outs)) if kind[i] in ('feature', 'none'))
+    torch.testing.assert_close(features, expected, rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------------------

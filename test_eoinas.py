@@ -249,6 +249,82 @@ def test_warm_up_counts_nothing_and_the_search_counts_every_step():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 3b. The method's own use of the formulas (each computed here, independently of eoinas.py)
+
+
+def test_a_step_counts_the_weight_steps_sample_and_records_the_a_steps_accuracy(monkeypatch):
+    """Ce counts the sample of the weight step's forward (never the A step's), and Ca of the A step's
+    sampled ops becomes that batch's top-1 in percent: 3 of 4 right = 75."""
+    model, method, optimizer = tiny_method()
+    x, y, xv, yv = batches()
+    seen = {}
+    weight_step, arch_step = darts.weight_step, darts.Architect.step
+
+    def recorded_weight_step(*a, **k):
+        out = weight_step(*a, **k)
+        seen['train'] = model.last_sample.clone()
+        return out
+
+    def arch_step_with_3_of_4_right(self, *a, **k):
+        ce, at, _ = arch_step(self, *a, **k)
+        seen['val'] = model.last_sample.clone()
+        logits = F.one_hot((yv + torch.tensor([0, 0, 0, 1])) % 10, 10).double()  # the last one wrong
+        return ce, at, logits
+
+    monkeypatch.setattr(darts, 'weight_step', recorded_weight_step)
+    monkeypatch.setattr(darts.Architect, 'step', arch_step_with_3_of_4_right)
+    method.start_epoch(1)
+    method.step(x, y, xv, yv, None, 0.025, optimizer)
+    assert not torch.equal(seen['train'], seen['val'])  # two draws: a swapped sample would show
+    expected_count = torch.zeros(2, 14, 8, dtype=torch.float64)
+    expected_acc = torch.zeros(2, 14, 8, dtype=torch.float64)
+    for c in range(2):
+        for r in range(14):
+            expected_count[c, r, seen['train'][c, r]] = 1.
+            expected_acc[c, r, seen['val'][c, r]] = 75.
+    assert torch.equal(method.stats.count, expected_count)
+    assert torch.equal(method.stats.acc, expected_acc)
+
+
+def test_the_methods_indicator_is_beta_plus_half_ca_over_ce_and_its_prune_takes_the_minimum():
+    """I = softmax(A) + 0.5 Ca / Ce over the alive ops (Eq. 6-7, lambda 0.5), computed here with numpy from
+    hand-set A, Ce and Ca; the prune of a prune epoch removes each row's argmin of that I."""
+    model, method, _ = tiny_method()
+    rng = np.random.default_rng(3)
+    alpha = rng.normal(size=(2, 14, 8))
+    count = rng.integers(0, 5, size=(2, 14, 8)).astype(float)
+    acc = rng.uniform(0, 100, size=(2, 14, 8)).round(1)
+    with torch.no_grad():
+        for a, v in zip(model.arch_parameters(), alpha):
+            a.copy_(torch.from_numpy(v))
+    method.stats.count.copy_(torch.from_numpy(count))
+    method.stats.acc.copy_(torch.from_numpy(acc))
+    beta = np.exp(alpha) / np.exp(alpha).sum(-1, keepdims=True)
+    ratio = np.divide(acc, count, out=np.zeros_like(acc), where=count > 0)
+    expected = beta + 0.5 * ratio
+    np.testing.assert_allclose(method.current_importance().numpy(), expected, rtol=1e-6)
+    extra = method.end_epoch(1, None, None)  # epoch 2 (1-indexed) is a prune epoch of this schedule
+    for c, cell in enumerate(eoinas.CELLS):
+        # none may go first only when the row keeps another op: with 8 alive ops the plain argmin goes
+        assert extra['pruned'][cell] == [[r, DARTS_PRIMITIVES[int(np.argmin(expected[c, r]))]] for r in range(14)]
+    np.testing.assert_allclose(np.array(method.importance()['normal']), expected[0], rtol=1e-6)
+
+
+def test_each_epoch_sets_the_temperature_and_the_skip_dropout_of_every_edge():
+    """T(e) and p(e) (the authors' code; 4 epochs, warm-up 1), typed out: T(0) = T(1) = 5, T(3) = 5 * 0.965^2;
+    p(0) = 0.1 * 3/4, p(2) = 0.1 * exp(-0.2); every edge of both paths drops with p."""
+    for extra in ([], ['--no_fast']):
+        model, method, _ = tiny_method(extra=extra)
+        holders = [m for m in model.modules() if hasattr(m, 'skip_dropout')]
+        assert holders
+        for epoch, tau, p in ((0, 5., 0.075), (1, 5., 0.1), (2, 4.825, 0.1 * 0.8187307530779818),
+                              (3, 4.656125, 0.1 * 0.6703200460356393)):
+            method.start_epoch(epoch)
+            assert model.tau == pytest.approx(tau, abs=1e-12)
+            assert all(m.skip_dropout == pytest.approx(p, abs=1e-15) for m in holders), (epoch, p)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 4. Schedules
 
 
@@ -270,7 +346,7 @@ def test_method_defaults_on_both_spaces():
         assert (a.eoi_lambda, a.eoi_warmup, a.prune_every, a.prune_count) == (0.5, 20, 20, 1)
         assert (a.temperature_init, a.temperature_decay, a.eoi_acc, a.skip_dropout, a.gumbel_hard) == \
             (5., 0.965, 'last', 0.1, False)
-    fast = train_search.parse_args(['--method', 'eoinas', '--prune_every', '10', '--prune_count', '2'])
+    fast = train_search.parse_args(['--method', 'eoinas', '--space', 'nos', '--prune_every', '10', '--prune_count', '2'])
     assert fast.epochs == 70  # spec §8: NOS in 70 epochs
     assert train_search.parse_args(['--method', 'eoinas', '--epochs', '9', '--eoi_lambda', '0']).epochs == 9
 

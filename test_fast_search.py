@@ -271,6 +271,53 @@ def test_agnas_gated_edges_match_the_reference(space, ops):
                                                                                            passes[0]['importance'])
 
 
+@pytest.mark.parametrize('space', ['darts', 'nos'])
+def test_agnas_alive_masks_match_the_reference(space):
+    """With alive masks (a dead (edge, op) is not computed, reads a zero descriptor and weighs 0; over NOS the
+    gates are normalised over the alive ops), the reference AttentionMixedOp and the fast FastGatedEdges give
+    the same loss, gradients and importance in float64; dead entries of the importance are exactly 0."""
+    plain, fast = agnas_pair(space)
+    g = torch.Generator().manual_seed(3)
+    skip = plain.ops.index('skip_connect')
+    masks = []
+    for _ in range(2):
+        m = torch.rand(plain.alive_normal.shape, generator=g) > 0.4
+        m[:, skip] = True   # over NOS the descriptors need x'
+        masks.append(m)
+    for model in (plain, fast):
+        model.set_alive(*masks)
+    calls = []
+    edge = plain.cells[0]._ops[0]
+    for o, op in enumerate(edge._ops):
+        op.register_forward_hook(lambda mod, inp, out, o=o: calls.append(o))
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(10, (3,))
+    losses = []
+    for model in (plain, fast):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    assert sorted(calls) == masks[0][0].nonzero().flatten().tolist()  # the reference skips the dead ops
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    expected = fast.plain_tensors(plain, lambda t: t.grad)
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-9 * expected[name].abs().max(),
+                                   msg=name)
+    passes = [agnas.importance_pass(model, [(x, y)], torch.device('cpu')) for model in (plain, fast)]
+    np.testing.assert_allclose(passes[1]['importance'], passes[0]['importance'], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(passes[1]['raw_gates'], passes[0]['raw_gates'], rtol=1e-12, atol=0)
+    reduction = [cell.reduction for cell in plain.cells]
+    for i, imp in enumerate(passes[0]['importance']):
+        dead = ~masks[1 if reduction[i] else 0].numpy()
+        assert (imp[dead] == 0).all() and (imp[~dead] > 0).all()
+    if space == 'nos':  # a dead skip_connect beside a live attention op: one sentence from both paths
+        masks[0][0, skip] = False
+        for model in (plain, fast):
+            model.set_alive(*masks)
+            with pytest.raises(ValueError, match='skip_connect alive on every edge'):
+                model(x)
+
+
 def test_agnas_float32_matches_to_round_off():
     plain, fast = agnas_pair('nos')
     plain.float(), fast.float()

@@ -124,3 +124,54 @@ def test_random_seed_must_be_an_integer(arch):
     with pytest.raises(GenotypeError, match=f'--arch {arch}: the seed .* is not an integer; write '
                                             f'random:SEED'):
         G.load(arch=arch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Released genotypes against literal cells typed from their sources (not from genotypes.py)
+
+# DARTS's repository (quark0/darts, cnn/genotypes.py): DARTS_V1 (first order) and DARTS_V2 (second order)
+LITERAL_DARTS_V1 = (
+    [('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 0), ('sep_conv_3x3', 1), ('skip_connect', 0),
+     ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 2)],
+    [('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 0), ('max_pool_3x3', 0),
+     ('skip_connect', 2), ('skip_connect', 2), ('avg_pool_3x3', 0)])
+LITERAL_DARTS_V2 = (
+    [('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 1),
+     ('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)],
+    [('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 1), ('max_pool_3x3', 0),
+     ('skip_connect', 2), ('skip_connect', 2), ('max_pool_3x3', 1)])
+# AGNAS's authors' genotypes (Sunzh1996/AGNAS, Darts_Search_Space/genotypes.py): cells 0, 3, 6 normal, 2, 5 reduce
+AGNAS_CELLS = {
+    0: [('sep_conv_3x3', 0), ('dil_conv_3x3', 1), ('dil_conv_5x5', 0), ('skip_connect', 1), ('sep_conv_3x3', 0),
+        ('sep_conv_5x5', 3), ('dil_conv_5x5', 0), ('sep_conv_3x3', 3)],
+    2: [('max_pool_3x3', 0), ('sep_conv_5x5', 1), ('skip_connect', 0), ('sep_conv_5x5', 1), ('max_pool_3x3', 0),
+        ('skip_connect', 1), ('sep_conv_5x5', 0), ('sep_conv_3x3', 1)],
+    3: [('skip_connect', 0), ('sep_conv_3x3', 1), ('dil_conv_5x5', 0), ('sep_conv_3x3', 1), ('dil_conv_3x3', 0),
+        ('sep_conv_5x5', 1), ('sep_conv_3x3', 1), ('dil_conv_5x5', 4)],
+    5: [('skip_connect', 1), ('skip_connect', 0), ('dil_conv_3x3', 1), ('dil_conv_3x3', 0), ('avg_pool_3x3', 0),
+        ('max_pool_3x3', 1), ('avg_pool_3x3', 0), ('max_pool_3x3', 1)],
+    6: [('skip_connect', 0), ('dil_conv_5x5', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_5x5', 0),
+        ('max_pool_3x3', 2), ('sep_conv_5x5', 0), ('sep_conv_3x3', 1)],
+}
+# EoiNAS's authors' repository (ZLab540/EoiNAS c337faa, EoiNAS_train_semantic/genotypes.py): `GNAS`
+LITERAL_EOINAS_GNAS = (
+    [('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 2), ('skip_connect', 1),
+     ('sep_conv_5x5', 3), ('skip_connect', 1), ('dil_conv_5x5', 4)],
+    [('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_5x5', 1), ('sep_conv_5x5', 0),
+     ('dil_conv_5x5', 3), ('dil_conv_5x5', 2), ('dil_conv_5x5', 3)])
+
+
+@pytest.mark.parametrize('name, literal', [('DARTS_V1', LITERAL_DARTS_V1), ('DARTS_V2', LITERAL_DARTS_V2),
+                                           ('EOINAS_REPO_CANDIDATE', LITERAL_EOINAS_GNAS)])
+def test_released_classic_genotypes_are_their_sources_cells(name, literal):
+    g = getattr(G, name)
+    assert [tuple(p) for p in g.normal] == literal[0] and [tuple(p) for p in g.reduce] == literal[1]
+    assert list(g.normal_concat) == list(g.reduce_concat) == [2, 3, 4, 5]
+    assert G.DARTS is G.DARTS_V2
+
+
+def test_released_agnas_genotype_is_the_authors_cells_0_3_6_and_2_5():
+    g = G.AGNAS
+    assert [[tuple(p) for p in cell] for cell in g.normal] == [AGNAS_CELLS[0], AGNAS_CELLS[3], AGNAS_CELLS[6]]
+    assert [[tuple(p) for p in cell] for cell in g.reduce] == [AGNAS_CELLS[2], AGNAS_CELLS[5]]
+    assert list(g.normal_concat) == list(g.reduce_concat) == [2, 3, 4, 5]

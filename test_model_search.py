@@ -316,3 +316,20 @@ def test_new_copies_alphas_not_identity():
     for a, b in zip(copy.arch_parameters(), model.arch_parameters()):
         assert a is not b and torch.equal(a, b)
     assert [p.shape for p in copy.weights()] == [p.shape for p in model.weights()]
+
+
+@pytest.mark.parametrize('space', ['darts', 'nos'])
+def test_edge_weights_are_the_softmax_of_each_row_of_a(space):
+    """Eq. 11: w = softmax over the ops of each row of A. Rows log(1), log(2), ...: w = (1, 2, ...) / sum."""
+    torch.manual_seed(0)
+    model = Network(4, 10, 3, space=space)
+    n = len(model.ops)
+    literal = torch.arange(1., n + 1) / (n * (n + 1) / 2)
+    with torch.no_grad():
+        model.alphas_normal.copy_(torch.log(torch.arange(1., n + 1)).expand_as(model.alphas_normal))
+        model.alphas_reduce.copy_(torch.log(torch.arange(n, 0., -1)).expand_as(model.alphas_reduce))
+    w_normal, w_reduce = model.edge_weights()
+    torch.testing.assert_close(w_normal, literal.expand_as(w_normal))
+    torch.testing.assert_close(w_reduce, literal.flip(0).expand_as(w_reduce))
+    a_normal, _ = model.arch_weights()
+    np.testing.assert_allclose(a_normal, literal.expand_as(w_normal).numpy(), rtol=1e-6)

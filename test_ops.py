@@ -128,3 +128,64 @@ def test_stride_2_kernel_generator_reads_the_full_resolution(name):
         y = x.clone()
         y[:, :, 1, 1] += 5.
         assert not torch.allclose(reduce(y), reduce(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention maps and the kernel generator (NOS ICLR text, App. A.1), each restated here from its
+# description with plain tensor arithmetic on the module's own weights, and the AGS loss on a hand example
+
+
+def test_channel_attention_is_sigmoid_of_two_1x1_convs_over_the_pooled_input():
+    torch.manual_seed(0)
+    op = OPS['channel_attention'](32, 1, True).double()
+    x = torch.randn(2, 32, 5, 5, dtype=torch.float64)
+    w1 = op.conv_1.weight.flatten(1)               # (C/16, C)
+    w2 = op.conv_2.weight.flatten(1)               # (C, C/16)
+    pooled = x.mean(dim=(2, 3))                     # global average pool
+    expected = torch.sigmoid(torch.relu(pooled @ w1.T) @ w2.T)
+    assert w1.shape == (2, 32)                      # C -> C/16
+    torch.testing.assert_close(op(x).flatten(1), expected, rtol=1e-12, atol=0)
+
+
+def test_spatial_attention_is_sigmoid_of_a_3x3_conv_over_a_bottleneck():
+    torch.manual_seed(0)
+    op = OPS['spatial_attention'](32, 2, True).double().eval()
+    with torch.no_grad():
+        op.bn_1.running_mean.uniform_(-0.5, 0.5)
+        op.bn_1.running_var.uniform_(0.5, 2.)
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    bn = op.bn_1
+    z = F.conv2d(x, op.conv_1.weight, stride=2)                       # 1x1, C -> C/16, the edge's stride
+    z = (z - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    z = z * bn.weight[:, None, None] + bn.bias[:, None, None]
+    expected = torch.sigmoid(F.conv2d(torch.relu(z), op.conv_2.weight, padding=1))  # 3x3 -> 1 map
+    torch.testing.assert_close(op(x), expected, rtol=1e-12, atol=0)
+    assert expected.shape == (2, 1, 4, 4)
+
+
+def test_dynamic_kernel_pools_context_into_taps_and_softmaxes_each_channel():
+    torch.manual_seed(0)
+    op = OPS['dynamic_conv_3x3'](16, 1, True).double().eval()
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    conv, bn = op.bottleneck[0], op.bottleneck[1]
+    z = torch.relu((F.conv2d(x, conv.weight) - bn.running_mean[:, None, None])
+                   / torch.sqrt(bn.running_var[:, None, None] + bn.eps) * bn.weight[:, None, None]
+                   + bn.bias[:, None, None]).flatten(2)                         # (N, C/8, HW)
+    mask = torch.softmax(F.conv2d(x, op.transform.weight).flatten(2), dim=2)    # (N, 9, HW): over positions
+    taps = torch.einsum('nmp,ntp->nmt', z, mask)                                 # (N, C/8, 9)
+    decoded = torch.einsum('cm,nmt->nct', op.decode.weight.flatten(1), taps)     # (N, C, 9)
+    expected = torch.softmax(decoded, dim=2).view(2, 16, 3, 3)                   # over the 9 taps
+    torch.testing.assert_close(op(x), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_attention_transfer_loss_on_a_hand_example():
+    """at(F) = normalise(mean over channels of F^2); L_AT = 1/2 sum over stages of mean((at_S - at_T)^2).
+    Student 1x2x1x2 with channels [1, 2] and [3, 0]: at = [5, 2] / sqrt(29); teacher [1, 0], [1, 0]: at = [1, 0]."""
+    import math
+
+    import utils
+    s = torch.tensor([[[[1., 2.]], [[3., 0.]]]])
+    t = torch.tensor([[[[1., 0.]], [[1., 0.]]]])
+    one = 0.5 * ((5 / math.sqrt(29) - 1) ** 2 + (2 / math.sqrt(29)) ** 2) / 2
+    assert utils.attention_transfer_loss([s], [t]).item() == pytest.approx(one, rel=1e-6)
+    assert utils.attention_transfer_loss([s, s], [t, s]).item() == pytest.approx(one, rel=1e-6)  # a sum

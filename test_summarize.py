@@ -160,3 +160,25 @@ def test_a_cpu_search_reports_cpu_time_and_old_results_stay_readable(tmp_path, c
                                                           'cpu_seconds': 900., 'settings': settings})
     (row,) = summarize.main([str(log), '--csv', ''])
     assert row['cpu_time_hours_per_run'] == pytest.approx(0.5)
+
+
+def test_select_val_keeps_the_search_with_the_best_final_held_out_accuracy(tmp_path, capsys):
+    """--select val (EoiNAS's best of 4): of the searches of one configuration, the one whose last epoch has
+    the best val_acc_end (the whole held-out half in eval mode) stays and is named; val_acc (the running mean
+    of the A steps) decides only for logs without val_acc_end; other configurations and retraining runs pass."""
+    dirs = [search_run(tmp_path, f's{seed}', [50., acc], seed) for seed, acc in ((1, 70.), (2, 90.), (3, 80.))]
+    for d, end in zip(dirs, (75., 72., 81.)):  # s3 has the best val_acc_end although s2 has the best val_acc
+        records = runs.read_jsonl(os.path.join(d, 'search_log.jsonl'))
+        records[-1]['val_acc_end'] = end
+        with open(os.path.join(d, 'search_log.jsonl'), 'w') as f:
+            f.write(''.join(json.dumps(r) + '\n' for r in records))
+    other = search_run(tmp_path, 'plain', [40., 60.], 4, lambda_at=0.)
+    train = train_run(tmp_path, 'train', 2.6, 0)
+    rows = summarize.main(dirs + [other, train, '--csv', '', '--select', 'val'])
+    out = capsys.readouterr().out
+    (ags,) = [r for r in rows if 'lambda_at=1000' in r['label']]
+    assert ags['runs'] == 1 and ags['dirs'] == dirs[2] and ags['error_mean'] == pytest.approx(19.)
+    assert f'{dirs[2]} won with val_acc_end 81.00%' in out and f'{dirs[0]} 75.00%' in out
+    assert len(rows) == 3 and '--select val: of 1 search(es)' in out  # the other configuration is alone
+    plain = summarize.main(dirs + ['--csv', ''])  # without --select: all three, by their val_acc_end
+    assert plain[0]['runs'] == 3 and plain[0]['error_best'] == pytest.approx(19.)

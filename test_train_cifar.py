@@ -188,3 +188,17 @@ def test_random_arch_needs_an_integer_seed(tmp_path, capsys):
     err = fail(['--device', 'cpu', '--arch', 'random:x', '--save', str(tmp_path / 'run')], capsys)
     assert err == ("error: --arch random:x: the seed 'x' is not an integer; write random:SEED with an integer "
                    "SEED, for example --arch random:0\n")
+
+
+def test_fp32_is_the_default_and_bf16_is_opt_in(tmp_path, capsys):
+    """The papers trained in fp32, so that is the default on every device; --amp bf16 opts in to bf16 autocast
+    with channels_last, and result.json and summarize.py say which precision ran."""
+    assert train_cifar.build_parser().parse_args([]).amp == 'none'
+    save = tmp_path / 'bf16'
+    assert run(TINY + ['--epochs', '1', '--amp', 'bf16', '--save', str(save)]) == 0
+    with open(save / 'result.json') as f:
+        assert json.load(f)['precision'] == 'bf16'
+    assert 'bf16 autocast, channels_last' in (save / 'log.txt').read_text()
+    import summarize
+    (row,) = summarize.main([str(save), '--csv', ''])
+    assert row['precision'] == 'bf16' and 'bf16' in capsys.readouterr().out

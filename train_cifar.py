@@ -55,7 +55,8 @@ WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 
 # The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
 # if the run had started with it); the others change only how the run is executed or logged.
-RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'no_amp', 'no_channels_last',
+AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
+RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'amp', 'no_channels_last',
                      'data', 'save', 'resume', 'no_download')
 
 
@@ -107,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
-    p.add_argument('--no_amp', action='store_true', help='CUDA: train in fp32 instead of bf16 autocast')
-    p.add_argument('--no_channels_last', action='store_true', help='CUDA: keep the NCHW memory layout')
+    p.add_argument('--amp', default='none', choices=AMP_CHOICES,
+                   help='none: fp32, as the papers trained; bf16: bf16 autocast with channels_last (faster on a GPU, '
+                        'not the papers\' numerics; result.json and summarize.py show the precision)')
+    p.add_argument('--no_channels_last', action='store_true', help='--amp bf16: keep the NCHW memory layout')
     p.add_argument('--save', default=None, help='output folder (default eval-DATASET-TIME)')
     p.add_argument('--resume', nargs='?', const='', default=None, metavar='PATH',
                    help='continue from PATH (default SAVE/checkpoint.pt)')
@@ -283,8 +286,8 @@ def main(argv=None) -> dict:
     args.save = save  # the folder in use, as the checkpoint records it
     device = utils.get_device(args.gpu, args.device)
     cuda = device.type == 'cuda'
-    amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
-    channels_last = cuda and not args.no_channels_last
+    amp_dtype = torch.bfloat16 if args.amp == 'bf16' else None  # opt-in: the papers trained in fp32
+    channels_last = amp_dtype is not None and not args.no_channels_last
 
     # Everything that must match before the checkpoint is touched, so a mismatch costs nothing.
     ckpt, changed = None, {}

@@ -71,7 +71,8 @@ CHAIN_PRESET = {'epochs': 240, 'reference_batch': 1024, 'linear_lr': 0.5, 'warmu
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
 # run had started with it); --batch_size may change with the number of processes as long as the global batch
 # stays (checked on its own); the others change only how the run is executed or logged.
-RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'no_amp',
+AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
+RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'amp',
                      'no_channels_last', 'data', 'save', 'resume')
 
 
@@ -112,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
     p.add_argument('--gpu', type=int, default=0, help='single process only; under torchrun LOCAL_RANK picks')
     p.add_argument('--device', default=None, help='cpu to run on the CPU (gloo backend under torchrun)')
-    p.add_argument('--no_amp', action='store_true', help='CUDA: train in fp32 instead of bf16 autocast')
-    p.add_argument('--no_channels_last', action='store_true', help='CUDA: keep the NCHW memory layout')
+    p.add_argument('--amp', default='none', choices=AMP_CHOICES,
+                   help='none: fp32, as the papers trained; bf16: bf16 autocast with channels_last (faster on a GPU, '
+                        'not the papers\' numerics; result.json and summarize.py show the precision)')
+    p.add_argument('--no_channels_last', action='store_true', help='--amp bf16: keep the NCHW memory layout')
     p.add_argument('--save', default=None, help='output folder (default eval-imagenet-TIME)')
     p.add_argument('--resume', nargs='?', const='', default=None, metavar='PATH',
                    help='continue from PATH (default SAVE/checkpoint.pt)')
@@ -214,8 +217,8 @@ def main(argv=None) -> dict | None:
         changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     cuda = device.type == 'cuda'
-    amp_dtype = torch.bfloat16 if cuda and not args.no_amp else None
-    channels_last = cuda and not args.no_channels_last
+    amp_dtype = torch.bfloat16 if args.amp == 'bf16' else None  # opt-in: the papers trained in fp32
+    channels_last = amp_dtype is not None and not args.no_channels_last
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed 224x224 shapes: pick the fastest kernels once
     if world > 1:

@@ -44,6 +44,7 @@ import agnas
 import darts
 import datasets
 import eoinas
+import gdas
 import genotypes
 import model_macro
 import model_search
@@ -65,7 +66,8 @@ RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_f
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
 # The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
 # method's paper value (its `defaults(args)`).
-METHODS = {'darts': darts.DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod}
+METHODS = {'darts': darts.DartsMethod, 'eoinas': eoinas.EoiNASMethod, 'agnas': agnas.AGNASMethod,
+           'gdas': gdas.GDASMethod}
 # Flags whose value depends on the space (argparse default None): --space nb201 fills in the benchmark's search
 # settings (nb201.search_defaults) and --space proxyless the authors' recipe (model_macro.SEARCH_DEFAULTS), then
 # the method its own, then these (the cell spaces' own flags, CELL_ONLY, on a cell space only)
@@ -96,8 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'AGNAS Sec. 5.3: 10%% and 2.5%%)')
     p.add_argument('--image_size', type=int, default=32, help='--dataset folder: images are resized to N x N')
     p.add_argument('--synthetic_size', type=int, default=512, help='images of --dataset synthetic')
-    p.add_argument('--space', default='nos', help=f'search space: {" | ".join(SPACES)} (NAS-Bench-201: its benchmark '
-                                                 f'settings are the defaults, see docs/nb201.md)')
+    p.add_argument('--space', default=None,
+                   help=f'search space: {" | ".join(SPACES)} (default: the method\'s paper\'s: nos for darts, as '
+                        f'NOS publishes; darts for eoinas, agnas and gdas; NAS-Bench-201: its benchmark settings are '
+                        f'the defaults, see docs/nb201.md)')
     p.add_argument('--method', default='darts', help=f'search method: {" | ".join(METHODS)}')
     p.add_argument('--stage_cell', default=None,
                    help=f'--method agnas: the normal cell each stage takes: {" | ".join(STAGE_CELLS)} (mean: '
@@ -105,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--ops', default=None,
                    help=f'NOS op set (Fig. 7 ablation): {" | ".join(OP_SUBSETS)} (default all)')
     p.add_argument('--batch_size', type=int, default=None,
-                   help='images per step, each level (default 64, App. A; proxyless 512); the global batch, '
+                   help='images per step, each level (default 64, App. A; gdas 256; proxyless 512); the global batch, '
                         'split evenly under torchrun')
     p.add_argument('--learning_rate', type=float, default=None,
                    help=f'weights: SGD (default {DEFAULT_LEARNING_RATE}; proxyless 0.25)')
@@ -116,9 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='end of the cosine schedule (default: the method\'s, see README)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--nesterov', action='store_true', default=None,
-                   help='Nesterov momentum (default: on for --space nb201, as its reference searches)')
+                   help='Nesterov momentum (default: on for --space nb201 and --method gdas, as their reference searches)')
     p.add_argument('--weight_decay', type=float, default=None,
-                   help='weights (default 3e-4, App. A; nb201: 5e-4; proxyless 4e-5)')
+                   help='weights (default 3e-4, App. A; nb201 and gdas: 5e-4; proxyless 4e-5)')
     p.add_argument('--weight_decay_on', default=None,
                    help=f'{" | ".join(DECAY_ON)}: decay every weight, or only the convolutions and the classifier '
                         f'(default all; proxyless conv_fc)')
@@ -178,14 +182,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--resume', nargs='?', const='', default=None,
                    help='continue from a checkpoint (default: SAVE/checkpoint.pt); see RESUME_MAY_CHANGE')
     eoinas.add_args(p)
+    gdas.add_args(p)
     args = p.parse_args(argv)
     fill_method_defaults(args)
     return args
 
 
 def fill_method_defaults(args) -> None:
-    """Flags left at None take the space's value (nb201: the benchmark's search settings; proxyless: the authors'
-    recipe), then the method's (methods.md), then GENERIC_DEFAULTS; unknown methods are left to check_args."""
+    """Flags left at None take, in this order: the space the method's paper searched (`--space`: the other
+    defaults may depend on it), the space's values (nb201: the benchmark's search settings; proxyless: the
+    authors' recipe), the method's (methods.md), then GENERIC_DEFAULTS; unknown methods are left to
+    check_args."""
+    if args.method in METHODS and getattr(args, 'space', None) is None:
+        args.space = METHODS[args.method].defaults(args).get('space', 'nos')
     space = getattr(args, 'space', None)
     values = []
     if space == 'nb201':
@@ -207,6 +216,23 @@ def fill_method_defaults(args) -> None:
                 setattr(args, key, value)
     if getattr(args, 'subset', None) is None and getattr(args, 'train_portion', None) is None:
         args.train_portion = TRAIN_PORTION
+
+
+def ours_notice(args) -> str | None:
+    """A sentence for the first lines of the log when the run is this repo's own combination (no paper ran
+    it): a method on a space its paper did not search (`paper_spaces`), or AGS with a method other than
+    NOS's (`paper_ags`)."""
+    cls = METHODS[args.method]
+    parts = []
+    if args.space not in getattr(cls, 'paper_spaces', (args.space,)):
+        parts.append(f'--method {args.method} on --space {args.space}')
+    if args.lambda_at > 0 and not getattr(cls, 'paper_ags', True):
+        parts.append(f'attention-guided search (--lambda_at {args.lambda_at:g}) with --method {args.method}')
+    if not parts:
+        return None
+    doc = {'nb201': 'nb201', 'proxyless': 'macro'}.get(args.space, 'nos' if args.method == 'darts' else args.method)
+    return (f'this is one of this repo\'s own combinations, which no paper ran: {" and ".join(parts)} '
+            f'(docs/{doc}.md says what it computes)')
 
 
 def check_args(args) -> None:
@@ -364,6 +390,37 @@ def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, d
     return stats
 
 
+def held_out_accuracy(model, data, batch_size: int, workers: int, pin: bool, device, dtype) -> dict:
+    """{'val_ce_end', 'val_acc_end'}: the supernet's cross-entropy and top-1 (%) over the whole held-out half at
+    the end of an epoch, in eval mode under no_grad (DARTS's `infer`), without augmentation; the figure
+    ADWPNAS's stage 0 (Eq. 3's epsilon) and `summarize.py --select val` read. The forward is the method's:
+    the softmax of A (darts), one Gumbel sample per batch at the epoch's temperature (eoinas, gdas), drawn
+    on a forked random stream so that the search's own stream is untouched. Under torchrun each process
+    takes every world-th image and the sums are added."""
+    world = utils.world_size()
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    loader = datasets.make_loader(data, max(1, batch_size // world), False, workers,
+                                  sampler=list(range(rank, len(data), world)), pin=pin)
+    was_training = model.training
+    model.eval()
+    ce = correct = n = 0.
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            for x, y in loader:
+                x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                ce = ce + torch.nn.functional.cross_entropy(logits, y, reduction='sum').double()
+                correct = correct + (logits.argmax(1) == y).sum().double()
+                n += x.shape[0]
+    finally:
+        model.train(was_training)
+    totals = utils.all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                        for v in (n, ce, correct)])).tolist()
+    if not totals[0]:
+        raise utils.UserError('the validation half is empty; lower --train_portion')
+    return {'val_ce_end': totals[1] / totals[0], 'val_acc_end': 100. * totals[2] / totals[0]}
+
+
 def format_matrix(name: str, weights, ops, space: str, alive=None, pruned=()) -> str:
     """A table of an importance matrix (rows: edges, columns: ops) for the log. With `alive` (a pruning
     method's mask after this epoch) and `pruned` (the (row, op name) pairs this epoch's prune took), an op
@@ -387,6 +444,8 @@ def epoch_summary(stats: dict, extra: dict, teacher: bool) -> str:
     the epoch's end (AGNAS's importance pass over the validation half); the attention-transfer losses only
     where a teacher is in use (without one they are 0)."""
     shown = {**stats, **{k: extra[k] for k in ('val_ce', 'val_acc') if k in extra and k not in stats}}
+    if 'val_acc_end' in extra and shown.get('val_acc') != extra['val_acc_end']:  # AGNAS's pass is both
+        shown['val_acc_end'] = extra['val_acc_end']
     return '  '.join(f'{k} {v:.4g}' for k, v in shown.items() if teacher or not k.endswith('_at'))
 
 
@@ -508,7 +567,7 @@ def main(argv=None) -> None:
         changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
-    train_data, val_data, num_classes = search_data(args, data_stats)
+    train_data, val_data, val_plain, num_classes = search_data(args, data_stats)
     steps_on_val = METHODS[args.method].uses_val_batch is not False  # AGNAS only ranks with those images
     if args.batch_size > len(train_data) or (steps_on_val and args.batch_size > len(val_data)):
         raise utils.UserError(f'--batch_size {args.batch_size} is more than the {len(train_data)} images that '
@@ -523,7 +582,8 @@ def main(argv=None) -> None:
     if world > 1:
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
-        search(args, world, rank, device, ckpt, changed, settings, train_data, val_data, num_classes, data_stats,
+        search(args, world, rank, device, ckpt, changed, settings, train_data, val_data, val_plain, num_classes,
+               data_stats,
                teacher_net, started)
     finally:
         if torch.distributed.is_initialized():
@@ -531,31 +591,40 @@ def main(argv=None) -> None:
 
 
 def search_data(args, data_stats) -> tuple:
-    """(weights' images, architecture's images, classes). The architecture's images are what DARTS's A
-    steps on and what AGNAS's importance pass ranks with: the rest of the set after --train_portion, or with
-    --subset a disjoint class-balanced quarter of the weights' share. On ImageNet they keep the evaluation
+    """(weights' images, architecture's images, the architecture's images without augmentation, classes). The
+    architecture's images are what DARTS's A steps on: the rest of the set after --train_portion, or with
+    --subset a disjoint class-balanced quarter of the weights' share. What measures on them (val_acc_end,
+    AGNAS's importance pass) sees them without random augmentation. On ImageNet they keep the evaluation
     transform (resize 256, centre crop 224), as the authors' compute_attention.py."""
     if args.dataset == 'imagenet':
         data, view = datasets.imagenet_search_data(args.data, augment=not args.no_augment)
+        plain = view
         num_classes = len(data.classes)
     else:
         data = view = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
                                            image_size=args.image_size, stats=data_stats,
                                            augment=not args.no_augment, download=not args.no_download)
+        plain = data if args.no_augment else datasets.get_dataset(
+            args.dataset, args.data, train=True, synthetic_size=args.synthetic_size, image_size=args.image_size,
+            stats=data_stats, augment=False, download=False)
         num_classes = datasets.num_classes(args.dataset, args.data)
     if args.subset is not None:
         train_idx, val_idx = datasets.class_balanced_split(data.targets, args.subset)
     else:
         train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
-    return torch.utils.data.Subset(data, train_idx), torch.utils.data.Subset(view, val_idx), num_classes
+    subset = torch.utils.data.Subset
+    return subset(data, train_idx), subset(view, val_idx), subset(plain, val_idx), num_classes
 
 
-def search(args, world, rank, device, ckpt, changed, settings, train_data, val_data, num_classes, data_stats,
-           teacher_net, started) -> None:
+def search(args, world, rank, device, ckpt, changed, settings, train_data, val_data, val_plain, num_classes,
+           data_stats, teacher_net, started) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
     logger = runs.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0, debug=args.debug)
     logger.info('args = %s', vars(args))
+    notice = ours_notice(args)
+    if notice:
+        logger.info(notice)
     if data_stats is not None:
         logger.info(datasets.folder_summary(data_stats))
     if device.type == 'cuda':
@@ -654,7 +723,10 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         scheduler.step()
         utils.broadcast_state(model)  # rank 0's BatchNorm statistics everywhere (they differ without sync)
         datasets.log_unreadable(train_data, logger)
-        extra = method.end_epoch(epoch, val_loader, device)
+        measure_loader = datasets.make_loader(val_plain, args.batch_size, False, args.workers, pin=pin)
+        extra = method.end_epoch(epoch, measure_loader, device)
+        if 'val_acc_end' not in extra:
+            extra.update(held_out_accuracy(model, val_plain, args.batch_size, args.workers, pin, device, dtype))
         seconds = time.time() - start
         cpu = float(utils.all_sum(torch.tensor([utils.cpu_seconds() - cpu_start], dtype=torch.float64,
                                                device=device)).item())  # every process's

@@ -4,6 +4,7 @@
     python visualize.py search-xxx/genotype.json       # the JSON that train_search.py writes
     python visualize.py search-xxx                     # a search --save folder: cells + heatmaps of A
     python visualize.py nb201-darts-s* nb201-agnas-s*  # NAS-Bench-201 searches: AGNAS App. B's figure
+    python visualize.py runs/adwp8 runs/adwp8-nocross  # ADWPNAS (search_adwp.py folders): Fig. 4 and Fig. 5
 
 Cells (both tiers of the heterogeneous residual block, Sec. 3.2, Fig. 2): per block k, the first-tier
 edges from two earlier nodes into the surrogate node k', and the second-tier edge k' -> k. Edges are
@@ -30,6 +31,10 @@ A search that prunes ops (--method eoinas) also gets the same two plots of its i
 (OUT/importance_{normal,reduce,evolution}.FORMAT, on a scale from 0 since I is never negative); pruned ops
 are crossed out in the heatmaps and end their lines in the evolution plot, and warm-up epochs (weights only,
 A frozen) are labelled so.
+
+ADWPNAS (search_adwp.py --save folders, several at once): OUT/adwp_stage0.FORMAT (Fig. 4: stage 0's accuracy
+and superiority per epoch, t* marked) and OUT/adwp_accuracy.FORMAT (Fig. 5: the val top-1 per epoch of each
+run, the phases shaded; a run with cross-search beside one without draws Fig. 5's comparison).
 """
 from __future__ import annotations
 
@@ -192,6 +197,77 @@ def plot_nb201(runs_records: list[tuple[str, list[dict]]], out: str, fmt: str) -
     fig.savefig(path)
     plt.close(fig)
     return [path]
+
+
+ADWP_SPACE = 'intensive_space.json'  # what marks a search_adwp.py --save folder
+
+
+def read_adwp_run(path: str) -> tuple[dict, list[dict]]:
+    """(intensive_space.json, search_log.jsonl records) of a search_adwp.py --save folder."""
+    try:
+        with open(os.path.join(path, ADWP_SPACE)) as f:
+            space = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f'{os.path.join(path, ADWP_SPACE)} cannot be read ({e}); pass a search_adwp.py --save '
+                        f'folder') from None
+    return space, runs.read_jsonl(os.path.join(path, SEARCH_LOG))
+
+
+def plot_adwp(adwp_runs: list[tuple[str, dict, list[dict]]], out: str, fmt: str) -> list[str]:
+    """ADWPNAS's figures from search_adwp.py folders (label, intensive_space.json, search_log.jsonl records):
+    - Fig. 4 (adwp_stage0.FMT, from the first run): stage 0, per epoch of the DARTS search, epsilon (the
+      supernet's held-out top-1, Eq. 3) and the superiority S of that epoch's intensive space, t* marked;
+    - Fig. 5 (adwp_accuracy.FMT): per epoch of the macro search, the val top-1 of the relaxed HyperNetwork
+      on the held-out half, one line per run, with the phases of the first run shaded. Fig. 5 compares a
+      run with cross-search and one without (--cross_start E --cross_end E): pass both folders."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('note: matplotlib is not installed (pip install matplotlib), so the ADWPNAS curves are not drawn',
+              file=sys.stderr)
+        return []
+    written = []
+    label, space, _ = adwp_runs[0]
+    table = space.get('table') or []
+    if table:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        epochs = [row['epoch'] for row in table]
+        ax.plot(epochs, [100 * row['accuracy'] for row in table], marker='.', color='C0', label='accuracy (epsilon)')
+        ax.set(xlabel='stage-0 epoch', ylabel='held-out top-1 (%)', title=f'ADWPNAS Fig. 4: stage 0 of {label}')
+        twin = ax.twinx()
+        s = [math.nan if row['superiority'] is None else row['superiority'] for row in table]
+        twin.plot(epochs, s, marker='.', color='C1', label='superiority S (Eq. 3)')
+        twin.set_ylabel('superiority S')
+        if space.get('epoch') is not None:
+            twin.axvline(space['epoch'], color='C1', linestyle=':', label=f't* = {space["epoch"]}')
+        lines = ax.get_legend_handles_labels()
+        lines2 = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc='lower right')
+        fig.tight_layout()
+        written.append(os.path.join(out, f'adwp_stage0.{fmt}'))
+        fig.savefig(written[-1])
+        plt.close(fig)
+    else:
+        print('note: the intensive space was given (--intensive_space), not selected, so stage 0 (Fig. 4) is not '
+              'drawn', file=sys.stderr)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {'train': '#eeeeee', 'cross': '#ffe9c9'}
+    first = adwp_runs[0][2]
+    for r in first:  # the phases of the first run: Stage 1 grey, cross-search orange, basic search white
+        if r.get('phase') in colors:
+            ax.axvspan(r['epoch'] - 0.5, r['epoch'] + 0.5, color=colors[r['phase']], linewidth=0)
+    for label, _, records in adwp_runs:
+        ax.plot([r['epoch'] for r in records], [r['val_acc'] for r in records], marker='.', label=label)
+    ax.set(xlabel='epoch', ylabel='val top-1 (%)',
+           title='ADWPNAS Fig. 5: accuracy per epoch (grey: Stage 1, orange: cross-search)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(os.path.join(out, f'adwp_accuracy.{fmt}'))
+    fig.savefig(written[-1])
+    plt.close(fig)
+    return written
 
 
 def staged_dots(genotype: genotypes.StagedGenotype) -> dict[str, str]:
@@ -686,6 +762,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    adwp = [a for a in args.genotype if os.path.isfile(os.path.join(a, ADWP_SPACE))]
+    if adwp:  # search_adwp.py folders: Fig. 4 and Fig. 5 (several runs drawn together)
+        if len(adwp) < len(args.genotype):
+            raise UserError('search_adwp.py folders are drawn together only with other search_adwp.py folders; '
+                            'pass the others separately')
+        out = args.out or os.path.join(adwp[0], 'plots')
+        runs.check_folder(out, '--out')
+        os.makedirs(out, exist_ok=True)
+        for path in plot_adwp([(os.path.basename(os.path.normpath(a)), *read_adwp_run(a)) for a in adwp], out,
+                              args.format):
+            print(f'wrote {path}')
+        return
     inputs = [load_input(a) for a in args.genotype]
     nb201_runs = [(os.path.basename(os.path.normpath(a)) + f' ({recs[-1].get("method", "?")})', recs)
                   for a, (g, recs, _) in zip(args.genotype, inputs)
