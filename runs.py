@@ -339,6 +339,67 @@ def check_genotype(ckpt: dict, genotype_json: str, label: str, path: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Which paper's retraining recipe fits a genotype (train_cifar.py and train_imagenet.py --preset)
+
+# The recipe of each named genotype of genotypes.py (random:SEED, NOS's Table 2 baseline, takes nos), and of
+# each method whose search wrote a genotype.json (train_search.py's result.json or search_log.jsonl beside it).
+# GDAS has no recipe of its own here: its genotypes take DARTS's.
+ARCH_PRESETS = {'DARTS_V1': 'darts', 'DARTS_V2': 'darts', 'NOS_EXAMPLE': 'nos', 'AGNAS': 'agnas',
+                'EOINAS_REPO_CANDIDATE': 'eoinas'}
+METHOD_PRESETS = {'eoinas': 'eoinas', 'agnas': 'agnas', 'gdas': 'darts'}  # darts: nos or darts, by the search
+
+
+def search_origin(genotype_file: str) -> tuple[str | None, str]:
+    """(the preset of the search that wrote `genotype_file`, where that was read) from the files beside it:
+    train_search.py's result.json or search_log.jsonl, search_adwp.py's intensive_space.json; (None, why not)."""
+    folder = os.path.dirname(os.path.abspath(genotype_file))
+    for name in ('result.json', 'search_log.jsonl'):
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                record = json.loads(f.readline() if name.endswith('.jsonl') else f.read())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or 'method' not in record:
+            continue
+        method, space = record['method'], record.get('space')
+        if method in METHOD_PRESETS:
+            return METHOD_PRESETS[method], f'a --method {method} search ({path})'
+        if method == 'darts':
+            # NOS (and NOS's experiment on DARTS's space, with a teacher) retrains with NOS's recipe; a plain
+            # DARTS search with DARTS's
+            lambda_at = (record.get('settings') or {}).get('lambda_at', 0. if space == 'darts' else None)
+            preset = 'darts' if space == 'darts' and not lambda_at else 'nos'
+            return preset, f'a --method darts --space {space} search{" with AGS" if lambda_at else ""} ({path})'
+    if os.path.exists(os.path.join(folder, 'intensive_space.json')):
+        return 'adwpnas', f'a search_adwp.py search ({folder})'
+    return None, f'no search record beside {genotype_file}'
+
+
+def genotype_origin(genotype, label: str, genotype_file: str | None) -> tuple[str, str]:
+    """(the paper whose retraining recipe fits a genotype, why): nos, darts, agnas, eoinas, adwpnas or nb201,
+    from the genotype's form, the search files beside --genotype_file, or the name of --arch (the retraining
+    scripts' --preset; nos, this repo's default, where nothing says otherwise)."""
+    import genotypes
+    if isinstance(genotype, genotypes.NB201Genotype):
+        return 'nb201', 'a NAS-Bench-201 architecture'
+    if isinstance(genotype, genotypes.MacroGenotype):
+        return 'adwpnas', 'a per-layer genotype, which ADWPNAS searches'
+    if isinstance(genotype, genotypes.StagedGenotype):
+        return 'agnas', 'a staged genotype, which AGNAS searches'
+    if isinstance(genotype, getattr(genotypes, 'ChainGenotype', ())):
+        return 'agnas', 'a chain genotype, which AGNAS\'s macro search finds'
+    if genotype_file:
+        preset, where = search_origin(genotype_file)
+        if preset is not None:
+            return preset, f'the genotype comes from {where}'
+        return 'nos', f'{where}: NOS\'s recipe, this repo\'s default'
+    if label in ARCH_PRESETS:
+        return ARCH_PRESETS[label], f'--arch {label}'
+    return 'nos', f'--arch {label}: NOS\'s recipe, this repo\'s default'
+
+
+# ---------------------------------------------------------------------------------------------------------
 # --tensorboard: the per-epoch records as TensorBoard scalars, and the importance matrices as heatmaps
 
 

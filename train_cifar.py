@@ -34,7 +34,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
 import torch
@@ -140,61 +139,11 @@ PRESETS = {
     'nb201': nb201.TRAIN_SCHEDULE,  # the benchmark's own (apply_nb201_schedule)
 }
 PRESET_KEYS = ('epochs', 'batch_size', 'learning_rate', 'drop_path_prob')
-# The preset of each named genotype of genotypes.py (random:SEED, NOS's Table 2 baseline, takes nos), and of
-# each method whose search wrote a genotype.json (train_search.py's result.json or search_log.jsonl beside it).
-# GDAS has no recipe of its own here: its genotypes take DARTS's.
-ARCH_PRESETS = {'DARTS_V1': 'darts', 'DARTS_V2': 'darts', 'NOS_EXAMPLE': 'nos', 'AGNAS': 'agnas',
-                'EOINAS_REPO_CANDIDATE': 'eoinas'}
-METHOD_PRESETS = {'eoinas': 'eoinas', 'agnas': 'agnas', 'gdas': 'darts'}  # darts: nos or darts, by the search
-
-
-def search_origin(genotype_file: str) -> tuple[str | None, str]:
-    """(the preset of the search that wrote `genotype_file`, where that was read) from the files beside it:
-    train_search.py's result.json or search_log.jsonl, search_adwp.py's intensive_space.json; (None, why not)."""
-    folder = os.path.dirname(os.path.abspath(genotype_file))
-    for name in ('result.json', 'search_log.jsonl'):
-        path = os.path.join(folder, name)
-        try:
-            with open(path) as f:
-                record = json.loads(f.readline() if name.endswith('.jsonl') else f.read())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(record, dict) or 'method' not in record:
-            continue
-        method, space = record['method'], record.get('space')
-        if method in METHOD_PRESETS:
-            return METHOD_PRESETS[method], f'a --method {method} search ({path})'
-        if method == 'darts':
-            # NOS (and NOS's experiment on DARTS's space, with a teacher) retrains with NOS's recipe; a plain
-            # DARTS search with DARTS's
-            lambda_at = (record.get('settings') or {}).get('lambda_at', 0. if space == 'darts' else None)
-            preset = 'darts' if space == 'darts' and not lambda_at else 'nos'
-            return preset, f'a --method darts --space {space} search{" with AGS" if lambda_at else ""} ({path})'
-    if os.path.exists(os.path.join(folder, 'intensive_space.json')):
-        return 'adwpnas', f'a search_adwp.py search ({folder})'
-    return None, f'no search record beside {genotype_file}'
-
-
 def choose_preset(args, genotype, label: str) -> tuple[str, str]:
     """(preset, why): --preset as given, else the recipe of the paper whose method found the genotype."""
     if args.preset is not None:
         return args.preset, 'given'
-    if isinstance(genotype, genotypes.NB201Genotype):
-        return 'nb201', 'a NAS-Bench-201 architecture'
-    if isinstance(genotype, genotypes.MacroGenotype):
-        return 'adwpnas', 'a per-layer genotype, which ADWPNAS searches'
-    if isinstance(genotype, genotypes.StagedGenotype):
-        return 'agnas', 'a staged genotype, which AGNAS searches'
-    if isinstance(genotype, getattr(genotypes, 'ChainGenotype', ())):
-        return 'agnas', 'a chain genotype, which AGNAS\'s macro search finds (on CIFAR: ours)'
-    if args.genotype_file:
-        preset, where = search_origin(args.genotype_file)
-        if preset is not None:
-            return preset, f'the genotype comes from {where}'
-        return 'nos', f'{where}: NOS\'s recipe, this repo\'s default'
-    if label in ARCH_PRESETS:
-        return ARCH_PRESETS[label], f'--arch {label}'
-    return 'nos', f'--arch {label}: NOS\'s recipe, this repo\'s default'
+    return runs.genotype_origin(genotype, label, args.genotype_file)
 
 
 def apply_preset(args, given: set[str], why: str) -> str:
@@ -214,11 +163,6 @@ def apply_preset(args, given: set[str], why: str) -> str:
                       f'batch {args.batch_size})')
     shown = ', '.join(f'{k} {getattr(args, k):g}' for k in PRESET_KEYS)
     return f'retraining recipe: --preset {args.preset} ({why}): {shown}{scaled}; a flag given wins'
-
-
-def given_flags(argv) -> set[str]:
-    """The flags named on the command line (`--name` or `--name=value`), without the dashes."""
-    return {a[2:].split('=')[0] for a in argv if isinstance(a, str) and a.startswith('--')}
 
 
 def apply_nb201_schedule(args, given: set[str], genotype, label: str) -> None:
@@ -259,7 +203,7 @@ def main(argv=None) -> dict:
     started = time.time()
     argv = list(argv) if argv is not None else None
     args = build_parser().parse_args(argv)
-    given = given_flags(sys.argv[1:] if argv is None else argv)
+    given = utils.given_flags(argv)
     genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     if args.nb201_schedule or isinstance(genotype, genotypes.NB201Genotype):
         if args.preset not in (None, 'nb201'):

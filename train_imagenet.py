@@ -67,6 +67,20 @@ CELL_PRESET = {'epochs': 300, 'reference_batch': REFERENCE_BATCH, 'warmup_epochs
                'decay_on': 'all', 'init_channels': 48}
 CHAIN_PRESET = {'epochs': 240, 'reference_batch': 1024, 'linear_lr': 0.5, 'warmup_epochs': 0., 'weight_decay': 4e-5,
                 'decay_on': 'conv_fc'}
+# Each paper's ImageNet recipe (--preset; chosen like train_cifar.py's, from the genotype and the search that
+# found it): the flags in which the papers differ, for the flags not given. `lr` is the lr at `reference_batch`
+# (the global batch); a learning rate not given scales linearly with the global batch, whatever the schedule.
+STEP = {'lr_schedule': 'step', 'lr_gamma': 0.97, 'warmup_epochs': 0., 'weight_decay': 3e-5, 'decay_on': 'all',
+        'init_channels': 48, 'auxiliary_weight': 0.4}  # DARTS's ImageNet recipe (its StepLR(1, 0.97))
+IMAGENET_PRESETS = {
+    'nos': {**CELL_PRESET, 'lr_schedule': 'linear', 'lr': DEFAULT_LR['linear'], 'auxiliary_weight': 0.4},  # App. A.2
+    'darts': {**STEP, 'epochs': 250, 'reference_batch': 128, 'lr': 0.1},                 # DARTS Sec. 3.3
+    'eoinas': {**STEP, 'epochs': 250, 'reference_batch': 128, 'lr': 0.1},                # EoiNAS Sec. 4.4, its code
+    'adwpnas': {**STEP, 'epochs': 250, 'reference_batch': 256, 'lr': 0.1, 'auxiliary_weight': 0.7},  # Sec. 4.3
+    'agnas': {**CHAIN_PRESET, 'lr_schedule': 'linear', 'lr': CHAIN_PRESET['linear_lr']},  # Sec. 5.3 (chains)
+}
+RECIPE_FLAGS = ('epochs', 'warmup_epochs', 'weight_decay', 'init_channels', 'lr_schedule', 'lr_gamma',
+                'auxiliary_weight')
 # The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
 # run had started with it); --batch_size may change with the number of processes as long as the global batch
@@ -84,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 '--genotype_file), or random:SEED, a genotype drawn '
                                                 'uniformly from the NOS space (Table 2\'s random baseline)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
+    p.add_argument('--preset', default=None, choices=sorted(IMAGENET_PRESETS),
+                   help='a paper\'s ImageNet recipe for the flags not given (default: that of the method that found '
+                        'the genotype, NOS\'s for cells of a paper without one; docs/retrain.md)')
     p.add_argument('--epochs', type=int, default=None, help='default 300 (NOS App. A.2); a chain genotype 240')
     p.add_argument('--batch_size', type=int, default=None,
                    help=f'per process; default {REFERENCE_BATCH} (a chain genotype: 1024) / number of processes')
@@ -170,6 +187,47 @@ def all_mean(values: list[float], weight: float, device) -> list[float]:
     return (t[:-1] / t[-1]).tolist()
 
 
+def keep_resumed_recipe(args, given: set[str], world: int) -> set[str]:
+    """A resumed run keeps the recipe it started with (also one from before --preset): the checkpoint's values
+    of the recipe's flags not given, read ahead of the checks (a checkpoint that cannot be read is left to
+    them, which say why)."""
+    if args.resume is None:
+        return set()
+    path = args.resume or (os.path.join(args.save, runs.CHECKPOINT) if args.save else '')
+    if os.path.isdir(path):
+        path = os.path.join(path, runs.CHECKPOINT)
+    if not os.path.isfile(path):
+        return set()
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        saved = dict(ckpt.get('args') or {})
+    except Exception:  # noqa: BLE001 (any damage: runs.load_resume says what it is)
+        return set()
+    if 'global_batch' in ckpt and 'batch_size' not in given:
+        saved['batch_size'] = max(1, ckpt['global_batch'] // world)
+    kept = {k for k in RECIPE_FLAGS + ('preset', 'batch_size', 'learning_rate') if k not in given and k in saved}
+    for key in kept:
+        setattr(args, key, saved[key])
+    return kept
+
+
+def choose_recipe(args, genotype, label: str, chain: bool) -> str:
+    """Set args.preset (--preset, else the paper whose method found the genotype; a cell genotype of a paper
+    without an ImageNet recipe for cells takes NOS's) and return the log line that says which and why."""
+    if args.preset is not None:
+        why = 'given'
+    else:
+        args.preset, why = runs.genotype_origin(genotype, label, args.genotype_file)
+        if (args.preset == 'agnas') != chain or args.preset not in IMAGENET_PRESETS:
+            args.preset, why = 'nos', f'{why}; its paper has no ImageNet recipe for it, so NOS\'s'
+    if (args.preset == 'agnas') != chain:
+        raise utils.UserError(f'--preset {args.preset} does not fit {label}: --preset agnas is the recipe of chain '
+                              f'genotypes (AGNAS\'s macro search), the others of cell genotypes; drop --preset')
+    shown = ', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in IMAGENET_PRESETS[args.preset].items()
+                      if k in RECIPE_FLAGS + ('lr', 'reference_batch'))
+    return f'retraining recipe: --preset {args.preset} ({why}): {shown}; a flag given wins'
+
+
 def main(argv=None) -> dict | None:
     started = time.time()
     args = build_parser().parse_args(argv)
@@ -181,15 +239,20 @@ def main(argv=None) -> dict | None:
     if chain:
         check_chain_flags(args, label)
         args.auxiliary = False  # the chain has no auxiliary tower
-    preset = CHAIN_PRESET if chain else CELL_PRESET
-    for name in ('epochs', 'warmup_epochs', 'weight_decay', 'init_channels'):
-        if getattr(args, name) is None and name in preset:
+    given = utils.given_flags(argv)
+    given |= keep_resumed_recipe(args, given, world)  # a resumed run's recipe counts as given
+    recipe = choose_recipe(args, genotype, label, chain)
+    preset = IMAGENET_PRESETS[args.preset]
+    for name in RECIPE_FLAGS:
+        if name not in given and name in preset:
             setattr(args, name, preset[name])
     reference_batch = preset['reference_batch']
     if args.batch_size is None:
         args.batch_size = max(1, reference_batch // world)
-    if args.learning_rate is None:
-        args.learning_rate = preset['linear_lr'] if chain and args.lr_schedule == 'linear' else DEFAULT_LR[args.lr_schedule]
+    lr_given = args.learning_rate is not None
+    if not lr_given:  # the paper's at its batch; the linear schedule scales it below, the step one here
+        args.learning_rate = preset['lr'] * (1 if args.lr_schedule == 'linear'
+                                             else args.batch_size * world / reference_batch)
     if not chain:
         args.layers = runs.genotype_layers(genotype, args.layers, DEFAULT_LAYERS, label)
     runs.check_tensorboard(args.tensorboard)
@@ -226,7 +289,7 @@ def main(argv=None) -> dict | None:
     try:
         return train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json,
                      train_data, val_data, num_classes, save, resume, ckpt, global_batch, lr, changed, started,
-                     reference_batch=reference_batch)
+                     reference_batch=reference_batch, recipe=recipe)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -234,9 +297,11 @@ def main(argv=None) -> dict | None:
 
 def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, genotype_json, train_data,
           val_data, num_classes, save, resume, ckpt, global_batch, lr, changed=None, started=None,
-          reference_batch=REFERENCE_BATCH):
+          reference_batch=REFERENCE_BATCH, recipe=None):
     cuda = device.type == 'cuda'
     logger = runs.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
+    if recipe:
+        logger.info(recipe)
     logger.info(f'args: {vars(args)}')
     logger.info(f'genotype {label}: {genotype!r}')
     if rank == 0:

@@ -265,6 +265,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def given_flags(argv=None) -> set[str]:
+    """The flags named on the command line (`--name` or `--name=value`; argv None: sys.argv), without the
+    dashes: what a recipe (--preset) must not override."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split('=')[0] for a in argv if isinstance(a, str) and a.startswith('--')}
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """Every script's parser: a bad command line is one line on stderr and exit code 2, like every other
     error (`run_main`), instead of argparse's usage block: `error: unrecognized arguments: --lerning_rate
