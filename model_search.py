@@ -134,22 +134,23 @@ def feature_constrained(scores: torch.Tensor, index: torch.Tensor, node_rows, is
     attention or dynamic op switches one row to a feature op: the (row, feature op) that lowers the node's
     sum of sampled scores least, i.e. the argmax of sum over its rows of (alpha + g) under the constraint
     (perturb-and-MAP, as derive_cell maximises the sum of weights under the same constraint). Ties: the lower
-    row, then the lower op index. Returns the repaired index (a new tensor on index's device).
+    row, then the lower op index. Computed on the scores' device without reading a value back (a node that
+    needs no repair keeps its draw through torch.where). Needs an alive feature op in every node's first tier,
+    which EoiNAS's prune rule keeps and GDAS never prunes. Returns the repaired index (a new tensor).
     """
-    s, out = scores.cpu(), index.cpu().clone()
-    feature = torch.tensor([bool(f) for f in is_feature])
-    columns = feature.nonzero().flatten()
+    device = scores.device
+    feature = torch.tensor([bool(f) for f in is_feature], device=device)
+    columns = torch.tensor([o for o, f in enumerate(is_feature) if f], device=device)
+    out = index.clone()
     for rows in node_rows:
-        rows = torch.as_tensor(rows)
-        if feature[out[rows]].any():
-            continue
-        loss = s[rows][:, columns] - s[rows, out[rows]].unsqueeze(1)   # <= 0: what the switch costs
-        best = int(loss.argmax())
-        if not torch.isfinite(loss.flatten()[best]):
-            raise RuntimeError('no alive feature op in a node\'s first tier (a pruning rule was broken)')
-        r, q = divmod(best, len(columns))
-        out[rows[r]] = columns[q]
-    return out.to(index.device)
+        r = torch.tensor(rows, device=device)
+        drawn = out[r]
+        sub = scores[r]
+        cost = sub[:, columns] - sub.gather(1, drawn[:, None])     # <= 0: what switching to a feature op costs
+        best = cost.flatten().argmax().view(1)                      # the first maximum: lower row, lower op
+        repaired = drawn.index_put((best // len(columns),), columns.gather(0, best % len(columns)))
+        out[r] = torch.where(feature[drawn].any(), drawn, repaired)
+    return out
 
 
 class MixedOp(nn.Module):
