@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import model_macro
+import runs
 import utils
 from model_search import resolve_ops
 from model_search_fast import Network
@@ -179,7 +180,8 @@ class DartsMethod:
       end_epoch(epoch, val_loader, device) -> extra fields of the epoch's search_log.jsonl record
       importance() -> {name: rows x ops array}: what the log tables and visualize.py show
       genotype(), state_dict(), load_state_dict(state)
-    load_state_dict keeps the learning rates of this run's flags: --arch_learning_rate may change on resume.
+    load_state_dict keeps this run's flags (--arch_learning_rate, ...: they may change on resume), as
+    runs.load_optimizer does; test_robustness.py checks it for every method in train_search.METHODS.
       flags (optional)                   names of the method's own flags (argparse default None); check_args
                                          refuses them with another method, which would ignore them
       log_lines() (optional)             lines the loop logs after the epoch line (EoiNAS: its prunes)
@@ -252,11 +254,8 @@ class DartsMethod:
         return {'arch_optimizer': self.architect.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        optimizer = self.architect.optimizer
-        lr = optimizer.param_groups[0]['lr']  # --arch_learning_rate of this run (may change on resume)
-        optimizer.load_state_dict(state['arch_optimizer'])
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        # --arch_learning_rate and --arch_weight_decay of this run (they may change on resume), Adam's moments
+        runs.load_optimizer(self.architect.optimizer, state['arch_optimizer'], scheduled=False)
 
 
 

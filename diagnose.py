@@ -933,9 +933,10 @@ def main(argv=None) -> dict | None:
         written += [os.path.basename(p) for p in plot(search.folder, search, records, logger)]
     logger.info('%d evaluations in %.1f s (%.1f s of CPU time); wrote %s in %s', count, time.time() - started,
                 cpu, ', '.join(written), search.folder)
-    if derive:
-        logger.info('next: python train_cifar.py --genotype_file %s',
-                    os.path.join(search.folder, 'genotype_accuracy.json'))
+    if derive:  # on this machine (diagnose's --device/--gpu) and the search's data (runs.command)
+        machine = argparse.Namespace(**{**vars(search.args), 'device': args.device, 'gpu': args.gpu})
+        logger.info('next: %s', runs.command('train_cifar.py', machine,
+                                             genotype_file=os.path.join(search.folder, 'genotype_accuracy.json')))
     return result
 
 

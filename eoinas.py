@@ -26,6 +26,7 @@ from torch import nn
 
 import darts
 import genotypes
+import runs
 import utils
 from genotypes import op_kind
 from model_search import masked_softmax, resolve_ops
@@ -426,7 +427,8 @@ class EoiNASMethod:
             if saved != v:
                 raise utils.UserError(f'the checkpoint was made with --{k} {saved}, but this run has --{k} {v}; '
                                       f'resume with the same --{k}, or start a new --save')
-        self.architect.optimizer.load_state_dict(state['arch_optimizer'])
+        # --arch_learning_rate and --arch_weight_decay of this run (they may change on resume), Adam's moments
+        runs.load_optimizer(self.architect.optimizer, state['arch_optimizer'], scheduled=False)
         self.stats.load_state_dict(state['stats'])
         imp = state['importance']
         self.importance_ = None if imp is None else imp.to(self.model.alphas_normal.device)

@@ -182,11 +182,7 @@ def validate_staged(genotype: StagedGenotype) -> StagedGenotype:
             blocks = to_blocks(cell, name)
             out.append([pair for b in blocks for pair in b[:2]] if is_classic(list(cell)) else blocks)
         fields[kind] = out
-        concat = list(getattr(genotype, kind + '_concat'))
-        if concat != CONCAT:
-            raise GenotypeError(f'{kind}_concat must be {CONCAT} (the outputs of the {STEPS} blocks), '
-                                f'got {concat}')
-        fields[kind + '_concat'] = concat
+        fields[kind + '_concat'] = _concat(getattr(genotype, kind + '_concat'), f'{kind}_concat')
     return StagedGenotype(**fields)
 
 
@@ -221,13 +217,29 @@ class GenotypeError(ValueError):
 
 
 def is_classic(cell) -> bool:
-    """True for DARTS's flat list of (op, input) pairs, False for NOS blocks."""
-    return len(cell) > 0 and isinstance(cell[0], (tuple, list)) and isinstance(cell[0][0], str)
+    """True for DARTS's flat list of (op, input) pairs, False for NOS blocks (and anything else)."""
+    return (isinstance(cell, (list, tuple)) and len(cell) > 0 and isinstance(cell[0], (tuple, list))
+            and len(cell[0]) > 0 and isinstance(cell[0][0], str))
+
+
+def _cell(cell, name: str):
+    """A cell must be a list (of pairs or blocks) before anything looks inside it."""
+    if not isinstance(cell, (list, tuple)):
+        raise GenotypeError(f'{name}: a cell is a list of (op, input) pairs or of blocks ((op_i, i), (op_j, j), '
+                            f'op_second), got {cell!r:.80}')
+    return cell
+
+
+def _concat(concat, name: str) -> list:
+    """The nodes a cell concatenates: always CONCAT, the outputs of its blocks."""
+    if not isinstance(concat, (list, tuple)) or list(concat) != CONCAT:
+        raise GenotypeError(f'{name} must be {CONCAT} (the outputs of the {STEPS} blocks), got {concat!r:.80}')
+    return list(concat)
 
 
 def to_blocks(cell, cell_name: str = 'cell') -> list:
     """The cell as validated NOS blocks ((op_i, i), (op_j, j), op_second), whichever form it came in."""
-    cell = list(cell)
+    cell = list(_cell(cell, cell_name))
     if is_classic(cell):
         if len(cell) != 2 * STEPS:
             raise GenotypeError(f'{cell_name}: a classic cell needs {2 * STEPS} (op, input) pairs '
@@ -268,7 +280,26 @@ def _pair(pair, cell_name, k):
 
 
 def validate(genotype: Genotype) -> Genotype:
-    """Check both cells; returns the genotype (with tuples, not lists) or raises GenotypeError."""
+    """Check a genotype of any form (a hand-edited one too); returns it (with tuples, not lists) or raises
+    GenotypeError, whatever it holds."""
+    return checked('', _validate, genotype)
+
+
+def checked(source: str, check, *args):
+    """check(*args), where an exception other than GenotypeError (a number where a list belongs, deep inside)
+    becomes one GenotypeError naming `source`: whatever a genotype holds, the caller gets a genotype or one
+    sentence. The checks name the common faults themselves; this is the net under them."""
+    try:
+        return check(*args)
+    except GenotypeError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as e:
+        where = f'{source} is not a valid genotype' if source else 'not a valid genotype'
+        raise GenotypeError(f'{where}: {type(e).__name__} ({str(e)[:80]}) where a cell, a pair, an op name or an '
+                            f'input index belongs') from None
+
+
+def _validate(genotype):
     if isinstance(genotype, StagedGenotype):  # staged form (AGNAS)
         return validate_staged(genotype)
     if isinstance(genotype, MacroGenotype):
@@ -282,15 +313,11 @@ def validate(genotype: Genotype) -> Genotype:
                             f'{type(genotype).__name__}')
     fields = {}
     for name in ('normal', 'reduce'):
-        cell = getattr(genotype, name)
+        cell = _cell(getattr(genotype, name), name)
         classic = is_classic(cell)
         blocks = to_blocks(cell, name)
         fields[name] = ([pair for b in blocks for pair in b[:2]] if classic else blocks)
-        concat = list(getattr(genotype, name + '_concat'))
-        if concat != CONCAT:
-            raise GenotypeError(f'{name}_concat must be {CONCAT} (the outputs of the {STEPS} blocks), '
-                                f'got {concat}')
-        fields[name + '_concat'] = concat
+        fields[name + '_concat'] = _concat(getattr(genotype, name + '_concat'), f'{name}_concat')
     return Genotype(**fields)
 
 
@@ -335,29 +362,30 @@ def to_json(genotype: Genotype) -> str:
 
 
 def from_json(text: str, source: str = 'genotype') -> Genotype:
-    """Parse the JSON that train_search.py writes; tuples come back as tuples so repr() pastes."""
+    """The genotype in a genotype.json's text, validated; tuples come back as tuples so repr() pastes. Any text
+    gives a genotype or one GenotypeError sentence: the form is told by the object's keys (JSON_FORMS, at the
+    end of this file), and `checked` catches what a form's own checks do not name."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise GenotypeError(f'{source} is not valid JSON: {e}') from None
-    if isinstance(data, dict) and data.get('staged') is True:  # staged form (AGNAS)
-        return _staged_from_dict(data, source)
-    if isinstance(data, dict) and 'cells' in data:
-        return macro_from_dict(data, source)
-    if isinstance(data, dict) and 'nb201' in data:
-        if set(data) != {'nb201'}:
-            raise GenotypeError(f'{source}: a NAS-Bench-201 genotype is a JSON object with the one key nb201, '
-                                f'got {", ".join(sorted(data))}')
-        return validate_nb201(NB201Genotype(data['nb201']))
-    if isinstance(data, dict) and 'chain' in data:
-        return chain_from_dict(data, source)
-    if not isinstance(data, dict) or set(data) != set(Genotype._fields):
-        raise GenotypeError(f'{source} must be a JSON object with the keys {", ".join(Genotype._fields)}')
+    except RecursionError:
+        raise GenotypeError(f'{source} nests its brackets too deeply to be a genotype') from None
+    form = next((f for f in JSON_FORMS if f.recognise(data)), None)
+    if form is None:
+        raise GenotypeError(f'{source} must be a JSON object with the keys {", ".join(Genotype._fields)} (or '
+                            f'another genotype form: {"; ".join(f"{f.name}: {f.keys}" for f in JSON_FORMS[1:])})')
+    try:
+        return checked(source, form.parse, data, source)
+    except GenotypeError as e:  # the sentence names the file
+        if str(e).startswith(source):
+            raise
+        raise GenotypeError(f'{source}: {e}') from None
 
-    def tuplify(x):
-        return tuple(tuplify(v) for v in x) if isinstance(x, list) else x
 
-    cells = {k: [tuplify(e) for e in data[k]] if isinstance(data[k], list) else data[k]
+def _plain_from_dict(data: dict, source: str) -> Genotype:
+    """The plain form of from_json: {"normal": cell, "normal_concat": [...], "reduce": cell, ...}."""
+    cells = {k: [_tuplify(e) for e in data[k]] if isinstance(data[k], list) else data[k]
              for k in ('normal', 'reduce')}
     return validate(Genotype(normal=cells['normal'], normal_concat=data['normal_concat'],
                              reduce=cells['reduce'], reduce_concat=data['reduce_concat']))
@@ -478,10 +506,7 @@ def validate_macro(genotype: MacroGenotype) -> MacroGenotype:
             raise GenotypeError(f'{name}: expected a list of (op, input) pairs, got {cell!r}')
         blocks = to_blocks(cell, name)
         checked.append([pair for b in blocks for pair in b[:2]] if is_classic(cell) else blocks)
-    concat = list(genotype.concat)
-    if concat != CONCAT:
-        raise GenotypeError(f'concat must be {CONCAT} (the outputs of the {STEPS} blocks), got {concat}')
-    return MacroGenotype(cells=checked, concat=concat)
+    return MacroGenotype(cells=checked, concat=_concat(genotype.concat, 'concat'))
 
 
 def macro_cell(genotype: MacroGenotype, i: int, layers: int) -> Genotype:
@@ -746,3 +771,32 @@ AGNAS_PROXYLESS = ChainGenotype(layers=[
 
 # Every genotype form, for `load` (a name in this module) and the scripts that accept any of them.
 GENOTYPE_FORMS = (Genotype, StagedGenotype, MacroGenotype, NB201Genotype, ChainGenotype)
+
+
+def _nb201_from_dict(data: dict, source: str) -> NB201Genotype:
+    """The NAS-Bench-201 form of from_json: {"nb201": "<architecture string>"}."""
+    if set(data) != {'nb201'}:
+        raise GenotypeError(f'{source}: a NAS-Bench-201 genotype is a JSON object with the one key nb201, '
+                            f'got {", ".join(sorted(data))}')
+    return validate_nb201(NB201Genotype(data['nb201']))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The forms a genotype.json takes, told apart by the keys of its object (from_json tries them in order). A new
+# genotype form adds a JsonForm here: how its object is recognised, how it is parsed (into a validated genotype,
+# or a GenotypeError), and valid examples, which test_robustness.py mutates thousands of times to check that
+# every malformed file gives a genotype or one sentence.
+JsonForm = namedtuple('JsonForm', 'name keys recognise parse examples')
+JSON_FORMS = [
+    JsonForm('plain (DARTS or NOS cells)', ', '.join(Genotype._fields),
+             lambda d: isinstance(d, dict) and set(d) == set(Genotype._fields), _plain_from_dict,
+             (DARTS_V2, NOS_EXAMPLE)),
+    JsonForm('staged (AGNAS)', '"staged": true and the plain keys',
+             lambda d: isinstance(d, dict) and d.get('staged') is True, _staged_from_dict, (AGNAS,)),
+    JsonForm('per-layer (ADWPNAS)', 'cells, concat', lambda d: isinstance(d, dict) and 'cells' in d,
+             macro_from_dict, (as_macro(DARTS_V2, 5), as_macro(NOS_EXAMPLE, 3))),
+    JsonForm('NAS-Bench-201', 'nb201', lambda d: isinstance(d, dict) and 'nb201' in d, _nb201_from_dict,
+             (NB201_EXAMPLE,)),
+    JsonForm('chain (AGNAS macro)', '"chain": true, layers', lambda d: isinstance(d, dict) and 'chain' in d,
+             chain_from_dict, (AGNAS_PROXYLESS,)),
+]

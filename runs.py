@@ -5,18 +5,27 @@ ADWPNAS) goes through these, so a run folder looks and resumes the same whatever
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import math
 import os
-import pickle
 import platform
+import shlex
+import shutil
+import socket
 import sys
 import time
 
 import torch
 
+import utils
 from utils import UserError, format_time
+
+try:
+    import fcntl  # the run-folder lock (POSIX); elsewhere runs go unlocked
+except ImportError:
+    fcntl = None
 
 # ---------------------------------------------------------------------------------------------------------
 # Output folders and logs
@@ -37,12 +46,96 @@ def check_folder(path: str, flag: str) -> None:
         raise UserError(f'{flag} {path}: this user may not write in {parent}; pick another {flag}')
 
 
+# ---------------------------------------------------------------------------------------------------------
+# One run per folder. Two runs on one --save would interleave one log and overwrite each other's checkpoints,
+# so the first takes an flock on SAVE/.lock and a second is refused while it is held. The operating system
+# drops an flock when its process ends in any way (a crash or kill -9 included), so a lock is never stale;
+# the file holds the holder's pid and host for the refusal. Under torchrun rank 0 locks for all.
 
+LOCK = '.lock'
+_held: dict[str, tuple] = {}  # absolute folder -> (open lock file, whether this run made the folder)
+
+
+def lock_folder(save: str) -> None:
+    """Take SAVE's lock for this process (made if missing), or refuse in one sentence naming the run that holds
+    it. Taking it again in the same process is a no-op; `holds_folder_lock` gives it back."""
+    folder = os.path.abspath(save)
+    if fcntl is None or folder in _held:
+        return
+    made = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK)
+    while True:
+        f = open(path, 'a+')  # noqa: SIM115 (held open while the run lasts: the lock is on it)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            f.close()
+            if made:
+                os.rmdir(folder)
+            raise UserError(f'{save} is in use by another run ({holder}); wait for it to end, or give this run '
+                            f'another --save') from None
+        try:  # the holder may have released and removed the file between our open and our flock: retry
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.truncate(0)
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}, since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    _held[folder] = (f, made)
+
+
+def unlock_folder(save: str) -> None:
+    """Give SAVE's lock back: the lock file goes, and so does the folder if this run made it and left it empty
+    (a refused run leaves nothing behind)."""
+    folder = os.path.abspath(save)
+    f, made = _held.pop(folder, (None, False))
+    if f is None:
+        return
+    try:
+        os.remove(os.path.join(folder, LOCK))
+    except OSError:
+        pass
+    f.close()
+    if made:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty: the run wrote its files
+            pass
+
+
+def holds_folder_lock(main):
+    """Decorate a script's main(): every run-folder lock that it takes is given back when it returns or
+    fails (the process may go on: the tests, a notebook)."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        before = set(_held)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for folder in set(_held) - before:
+                unlock_folder(folder)
+    return run
 
 
 # logger.info(text, extra=FILE_ONLY) writes to SAVE/log.txt only, not to the terminal: what a researcher
 # greps for later (tables of A every epoch) without burying the summary lines on screen.
 FILE_ONLY = {'file_only': True}
+
+
+class _LogFile(logging.FileHandler):
+    """log.txt. A write that fails (a full disk) ends the run with utils.run_main's sentence, rather than the
+    page of '--- Logging error ---' that logging prints for each line while the run goes on unlogged."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise error
+        super().handleError(record)
 
 
 def get_logger(save: str | None, name: str = 'nos', enabled: bool = True, debug: bool = False) -> logging.Logger:
@@ -63,13 +156,14 @@ def get_logger(save: str | None, name: str = 'nos', enabled: bool = True, debug:
     logger.addHandler(stream)
     if save and enabled:
         os.makedirs(save, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(save, 'log.txt'))
+        fh = _LogFile(os.path.join(save, 'log.txt'))
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
 
 
 def append_jsonl(path: str, record: dict) -> None:
+    """One line more; a line cut short by a kill or a full disk is dropped on resume (trim_jsonl)."""
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
@@ -99,25 +193,67 @@ def run_info(device: torch.device, amp_dtype: torch.dtype | None, processes: int
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, so a run killed mid-write keeps its previous checkpoint.
+# Checkpoints: written atomically, so a run killed mid-write keeps its previous checkpoint; each carries the
+# checksum of its contents, so a file changed on disk (or in a copy) is refused rather than resumed.
+
+CHECKPOINT = 'checkpoint.pt'  # every run's checkpoint, inside its --save folder
+CHECKSUM = 'checksum'         # its entry: utils.state_checksum of everything else in it
+# What each script does, for the sentences that name another script's checkpoint.
+SCRIPTS = {'train_search.py': 'a search', 'search_adwp.py': 'an ADWPNAS search', 'train_cifar.py': 'a CIFAR retraining',
+           'train_imagenet.py': 'an ImageNet retraining', 'teacher.py': 'a teacher\'s training'}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write (torch.save chains it under a RuntimeError of its zip writer)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def save_checkpoint(state: dict, path: str) -> None:
+    """Write `state` with its checksum to `path` atomically (a temporary file, then a rename). A write that
+    fails (a full disk) removes the temporary file and says, in one sentence, that the previous checkpoint is
+    intact. A state holding a NaN is never written (the run diverged: utils.check_state says it better)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    nan = next((name for name, t in utils.state_items(state)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any())), None)
+    kept = (f'the previous checkpoint {path} is intact' if os.path.exists(path) else
+            'no checkpoint was written before')
+    if nan is not None:
+        raise UserError(f'{path} was not written: its state holds NaN ({nan}), so the run diverged; {kept}: '
+                        f'resume from it with a lower --learning_rate')
+    state = {**state, CHECKSUM: utils.state_checksum(state)}
     tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        _remove(tmp)
+        why = utils.WRITE_FAILURES.get(cause.errno) or cause.strerror or type(cause).__name__
+        raise UserError(f'writing the checkpoint {path} failed: {why}; {kept} and its temporary file was '
+                        f'removed: make room (or fix the disk) and add --resume to the same command') from None
 
 
-CHECKPOINT = 'checkpoint.pt'  # every run's checkpoint, inside its --save folder
+_unverified: set[str] = set()  # checkpoints without a checksum that were said so already
 
 
 def load_checkpoint(path: str, map_location='cpu') -> dict:
-    """The checkpoint in `path` (a file, or a run folder holding checkpoint.pt); a missing, damaged or foreign
-    file is one sentence that says what to do."""
+    """The checkpoint in `path` (a file, or a run folder holding checkpoint.pt), its checksum verified; every
+    way it can fail (missing, cut short, damaged, changed bytes, written by other code) is one sentence that
+    says what to do. A checkpoint from before checksums loads, and says once that it was not verified."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CHECKPOINT)):
             raise UserError(f'{path} is a folder without {CHECKPOINT}; pass a checkpoint file (every run writes '
@@ -133,10 +269,29 @@ def load_checkpoint(path: str, map_location='cpu') -> dict:
         raise UserError(f'checkpoint {path} does not exist; pass the path of a checkpoint, or drop --resume to '
                         f'start a new run')
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # damaged or foreign
-        raise UserError(f'checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not a '
-                        f'checkpoint of this project') from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (ImportError, AttributeError) as e:  # a module, class or function that this code does not have
+        raise UserError(f'checkpoint {path} needs code that this project does not have ({utils.one_line(str(e))}); '
+                        f'it was written by another project or another version of this one: resume it with '
+                        f'that code, or start a new run') from None
+    except Exception as e:  # noqa: BLE001 (cut short, damaged, not a checkpoint: every other way torch.load fails)
+        raise UserError(f'checkpoint {path} cannot be read ({type(e).__name__}: {utils.one_line(str(e))[:120]}); '
+                        f'it is cut short, damaged or not a checkpoint of this project: pass an intact copy, or '
+                        f'start a new run') from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint of this project (a dict that a '
+                        f'script of this project writes); pass SAVE/{CHECKPOINT} of a run')
+    saved = ckpt.pop(CHECKSUM, None)
+    if saved is None:
+        if os.path.abspath(path) not in _unverified:
+            _unverified.add(os.path.abspath(path))
+            print(f'note: {path} has no checksum (it was written before checksums were), so its contents '
+                  f'cannot be verified', file=sys.stderr)
+    elif utils.state_checksum(ckpt) != saved:
+        raise UserError(f'checkpoint {path} is damaged: its contents do not match the checksum written with it '
+                        f'(the file changed on disk or in a copy); resume from an intact copy, or start a new '
+                        f'run')
+    return ckpt
 
 
 def checkpoint_script(ckpt) -> str | None:
@@ -144,8 +299,10 @@ def checkpoint_script(ckpt) -> str | None:
     what only that script writes; None for anything else."""
     if not isinstance(ckpt, dict):
         return None
-    if 'script' in ckpt:
+    if isinstance(ckpt.get('script'), str):
         return ckpt['script']
+    if {'arch_optimizer', 'best', 'settings'} <= set(ckpt):
+        return 'search_adwp.py'
     if 'settings' in ckpt:
         return 'train_search.py'
     if {'arch', 'config', 'state_dict'} <= set(ckpt):
@@ -157,17 +314,63 @@ def checkpoint_script(ckpt) -> str | None:
     return None
 
 
-def load_resume(path: str, script: str) -> dict:
-    """The checkpoint that `script --resume PATH` continues; refuses another script's checkpoint by name
-    (rather than failing later on a missing entry)."""
+def load_resume(path: str, script: str, needs=()) -> dict:
+    """The checkpoint that `script --resume PATH` continues. Another script's checkpoint is refused naming the
+    script that wrote it and the command that continues it; one that lacks an entry of `needs` (what the
+    script reads) is refused as damaged, before anything reads it."""
     ckpt = load_checkpoint(path)
     found = checkpoint_script(ckpt)
     if found != script:
-        what = f'a checkpoint of {found}' if found else 'not a checkpoint of this project'
-        raise UserError(f'{path} is {what}, but {script} --resume needs a checkpoint that {script} wrote '
-                        f'(SAVE/{CHECKPOINT} of an earlier {script} run); pass one, or drop --resume to start '
-                        f'a new run')
+        if found is None:
+            raise UserError(f'{path} is not a checkpoint of this project\'s scripts, but {script} --resume needs '
+                            f'the SAVE/{CHECKPOINT} of an earlier {script} run; pass one, or drop --resume to '
+                            f'start a new run')
+        what = SCRIPTS.get(found, 'another run')
+        raise UserError(f'{path} is a checkpoint of {found} ({what}), not of {script}: continue it with `python '
+                        f'{found} --resume {path}` and the flags of that run, or pass {script} the '
+                        f'SAVE/{CHECKPOINT} of one of its own runs')
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise UserError(f'checkpoint {path} lacks {", ".join(repr(k) for k in missing)}, which every {script} '
+                        f'checkpoint holds: it is damaged or was written by other code; resume from another '
+                        f'checkpoint, or start a new run')
     return ckpt
+
+
+class restoring:
+    """`with runs.restoring(path):` around the code that reads a checkpoint into this run's objects: an entry
+    missing or of the wrong kind, a tensor of the wrong shape (what a damaged checkpoint, or one written by
+    other code, gives) becomes one sentence. A UserError raised inside keeps its own."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        from genotypes import GenotypeError
+        if e is None or isinstance(e, (UserError, GenotypeError, torch.OutOfMemoryError)):
+            return False
+        if isinstance(e, (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)):
+            first = utils.one_line(str(e))[:160] or type(e).__name__
+            raise UserError(f'checkpoint {self.path} does not fit this run ({type(e).__name__}: {first}); it is '
+                            f'damaged or was written by other code: resume from another checkpoint, or start a '
+                            f'new run') from None
+        return False
+
+
+def load_optimizer(optimizer, state: dict, scheduled: bool = True) -> None:
+    """optimizer.load_state_dict(state), keeping this run's hyperparameters: momentum, weight decay, betas,
+    ... come from the flags (which may change on resume), not from the checkpoint; so does the learning rate
+    unless `scheduled` (a schedule's rate is the checkpoint's, re-based by set_learning_rate when the flag
+    changed). Unchanged flags give back exactly the saved values, so a plain resume stays bit-identical."""
+    mine = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, mine):
+        for k, v in values.items():
+            if not (scheduled and k in ('lr', 'initial_lr')):
+                group[k] = v
 
 
 def check_same(what: str, saved, current, path: str) -> None:
@@ -191,18 +394,46 @@ def resume_path(ckpt_path: str, resume: str | None) -> str | None:
     return resume or ckpt_path
 
 
-def run_folder(save: str | None, resume: str | None, stem: str,
-               default: str | None = None) -> tuple[str, str | None]:
-    """(SAVE, checkpoint to resume from) for the training scripts: SAVE defaults to the folder of a
-    `--resume PATH` (so a resumed run goes on in its own folder), else to `default`, else to a fresh
-    STEM-DATE-TIME folder. A file where the folder belongs is refused."""
+def run_folder(save: str | None, resume: str | None, stem: str, default: str | None = None,
+               lock: bool = True) -> tuple[str, str | None]:
+    """(SAVE, checkpoint to resume from) for every script that writes a run folder: SAVE defaults to the
+    folder of a `--resume PATH` (so a resumed run goes on in its own folder), else to `default`, else to a
+    fresh STEM-DATE-TIME folder. A file where the folder belongs is refused, and so is a folder that another
+    run holds (lock_folder; `lock` False: a process other than torchrun's rank 0, which locks for all)."""
     if save is None:
         if resume:
             save = resume if os.path.isdir(resume) else (os.path.dirname(resume) or '.')
         else:
             save = default or f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}'
     check_folder(save, '--save')
+    if lock:
+        lock_folder(save)
     return save, resume_path(os.path.join(save, CHECKPOINT), resume)
+
+
+def carry_over(resume: str, save: str, names) -> list[str]:
+    """A run resumed into another --save than its checkpoint's folder goes on there with its history: the
+    files `names` of that folder (its JSONL log, log.txt, ...) and the checkpoint are copied into SAVE,
+    replacing what SAVE holds (the checkpoint is the truth; trim_jsonl then cuts the log to it), so SAVE is a
+    whole run folder that --resume, summarize.py and visualize.py read, even when no epoch is left to train.
+    Returns the names copied; none when SAVE is the checkpoint's own folder."""
+    path = os.path.join(resume, CHECKPOINT) if os.path.isdir(resume) else resume
+    source = os.path.dirname(os.path.abspath(path))
+    if source == os.path.abspath(save):
+        return []
+    os.makedirs(save, exist_ok=True)
+    copied = []
+    for name, src in [(n, os.path.join(source, n)) for n in names] + [(CHECKPOINT, path)]:
+        if os.path.isfile(src):
+            dst = os.path.join(save, name)
+            try:
+                shutil.copyfile(src, f'{dst}.tmp')
+                os.replace(f'{dst}.tmp', dst)
+            except OSError:
+                _remove(f'{dst}.tmp')
+                raise
+            copied.append(name)
+    return copied
 
 
 def trim_jsonl(path: str, last_epoch: int) -> int:
@@ -263,12 +494,15 @@ def resume_flags(ckpt: dict, args, may_change, path: str) -> dict[str, tuple]:
     return changed
 
 
-def describe_changes(changed: dict, epoch: int) -> str | None:
-    """The log line that says which flags changed on resume (None if none did); `epoch` 0-based."""
-    shown = {k: v for k, v in changed.items() if k != 'resume'}
+def describe_changes(changed: dict, epoch: int, epochs: int | None = None) -> str | None:
+    """The log line that says which flags changed on resume (None if none did); `epoch` 0-based, the first
+    epoch the resumed run trains; `epochs` the run's length: a finished run trains none, and says so."""
+    shown = {k: v for k, v in changed.items() if k not in ('resume', 'save')}
     if not shown:
         return None
     text = ', '.join(f'--{k} {_flag_text(a)} -> {_flag_text(b)}' for k, (a, b) in shown.items())
+    if epochs is not None and epoch >= epochs:
+        return f'changed on resume: {text}; the run had finished its {epochs} epochs, so no epoch trains with them'
     return f'changed on resume, in effect from epoch {epoch + 1}: {text}'
 
 
@@ -296,12 +530,16 @@ def set_learning_rate(optimizer, scheduler, lr: float) -> None:
 
 
 def write_json(path: str, record: dict) -> None:
-    """Write a JSON file atomically."""
+    """Write a JSON file atomically; a write that fails leaves no temporary file behind."""
     tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(record, f, indent=1)
-        f.write('\n')
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(record, f, indent=1)
+            f.write('\n')
+        os.replace(tmp, path)
+    except OSError:
+        _remove(tmp)
+        raise
 
 
 def resolve_genotype(arch: str | None, genotype_file: str | None, default: str):
@@ -311,9 +549,24 @@ def resolve_genotype(arch: str | None, genotype_file: str | None, default: str):
     if arch and genotype_file:
         raise UserError('give either --arch or --genotype_file, not both')
     if genotype_file:
+        refuse_checkpoint(genotype_file, '--genotype_file')
         return genotypes.load(genotype_file=genotype_file), genotype_file
     arch = arch or default
     return genotypes.load(arch=arch), arch
+
+
+def refuse_checkpoint(path: str, what: str) -> None:
+    """A checkpoint where a genotype.json belongs is refused naming the script that wrote it and the file to
+    pass instead (torch.save writes a zip archive; anything else is left to the genotype's own checks)."""
+    try:
+        with open(path, 'rb') as f:
+            if f.read(2) != b'PK':
+                return
+    except OSError:
+        return
+    found = checkpoint_script(load_checkpoint(path))
+    raise UserError(f'{what} {path} is a checkpoint{f" of {found}" if found else ""}, not a genotype: pass the '
+                    f'genotype.json that the run wrote beside it ({os.path.join(os.path.dirname(path), "genotype.json")})')
 
 
 def genotype_layers(genotype, layers: int | None, default: int, label: str) -> int:
@@ -473,6 +726,67 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands a run prints for the user to run next (its `next:` lines, the advice in an error). Each repeats the
+# flags that say where this run ran and on what data, so that, copied as printed, it runs on the same machine
+# and data: without --device cpu a next step on a CPU machine would ask for CUDA, without --data it would look
+# for CIFAR in data/.
+
+
+def same_run_flags(args, keep=None) -> list[str]:
+    """This run's flags that a next command repeats: --device (or --gpu N but 0), --dataset, --data (but the
+    default data/), --image_size (folder data), --synthetic_size (synthetic data), --workers 0 (a machine
+    whose data-loading processes fail); only those in `keep` where given (a script without --dataset)."""
+    value = functools.partial(getattr, args)
+    dataset = value('dataset', None)
+    wanted = {'device': value('device', None),
+              'gpu': value('gpu', 0) if value('device', None) is None and value('gpu', 0) else None,
+              'dataset': dataset, 'data': value('data', 'data') if value('data', 'data') != 'data' else None,
+              'image_size': value('image_size', None) if dataset == 'folder' else None,
+              'synthetic_size': value('synthetic_size', None) if dataset == 'synthetic' else None,
+              'workers': 0 if value('workers', None) == 0 else None}
+    return [f'--{k} {shlex.quote(str(v))}' for k, v in wanted.items()
+            if v is not None and (keep is None or k in keep)]
+
+
+def command(script: str, args=None, *words, keep=None, **flags) -> str:
+    """`python SCRIPT WORDS --FLAG VALUE ...`: the positional `words`, the script's own `flags` (True: the
+    flag alone; None: left out), then this run's same_run_flags (those not given in `flags`; only those in
+    `keep` where given); quoted for the shell."""
+    parts = ['python', script] + [shlex.quote(str(w)) for w in words]
+    for k, v in flags.items():
+        if v is True:
+            parts.append(f'--{k}')
+        elif v is not None and v is not False:
+            parts.append(f'--{k} {shlex.quote(str(v))}')
+    if args is not None:
+        parts += [f for f in same_run_flags(args, keep) if f.split()[0][2:] not in flags]
+    return ' '.join(parts)
+
+
+def unfinished_search(genotype_file: str | None) -> str | None:
+    """A warning when `genotype_file` is the genotype.json of a search that has not finished (a search
+    rewrites it every epoch, so a retraining started early trains an early cell): its folder's search log
+    holds fewer epochs than the search plans and no final result.json. None otherwise."""
+    if not genotype_file:
+        return None
+    folder = os.path.dirname(os.path.abspath(genotype_file))
+    try:
+        records = read_jsonl(os.path.join(folder, 'search_log.jsonl'))
+    except (OSError, ValueError):
+        return None
+    if not records or not isinstance(records[-1], dict) or os.path.exists(os.path.join(folder, 'result.json')):
+        return None
+    done, planned = records[-1].get('epoch'), records[-1].get('epochs')
+    if not isinstance(done, int) or (isinstance(planned, int) and done >= planned):
+        return None
+    length = (f'{done} of its {planned} epochs' if isinstance(planned, int) else
+              f'{done} epochs and has written no result.json yet')
+    return (f'warning: {genotype_file} comes from a search that has run {length}; a '
+            f'search rewrites genotype.json every epoch, so this trains the cell of epoch {done}: retrain once '
+            f'it has finished, or pass --allow_unfinished to silence this')
 
 
 def report_run(logger: logging.Logger, save: str, files: list[tuple[str, str]], next_steps: list[str],

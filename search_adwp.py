@@ -43,6 +43,18 @@ PHASES = ('train', 'basic', 'cross')
 # (g_G, g_alpha): which parameters a phase updates (Alg. 1, Fig. 3)
 GATES = {'train': (True, False), 'basic': (False, True), 'cross': (True, True)}
 STAGE0 = '`python train_search.py --space darts --lambda_at 0`'
+DEFAULT_SAVE = 'runs/adwp'
+DEFAULT_LEARNING_RATE, DEFAULT_ARCH_LEARNING_RATE = 0.025, 3e-4  # Sec. 4.2 (DARTS's)
+# The flags that may change when a search resumes, as in train_search.py; they take effect from the resumed
+# epoch. Every other flag defines the run and must match the checkpoint's (the intensive space is compared
+# itself, so it may come from --space_from or from the run's own intensive_space.json).
+RESUME_MAY_CHANGE = ('learning_rate', 'learning_rate_min', 'arch_learning_rate', 'momentum', 'weight_decay',
+                     'arch_weight_decay', 'grad_clip', 'workers', 'report_freq', 'gpu', 'device', 'data', 'save',
+                     'resume', 'space_from', 'intensive_space', 'n', 'no_download')
+# What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
+CHECKPOINT_KEYS = ('epoch', 'model', 'optimizer', 'arch_optimizer', 'scheduler', 'settings', 'best')
+# What a search resumed into another --save carries over from its checkpoint's folder (runs.carry_over).
+RUN_FILES = ('search_log.jsonl', 'log.txt', 'genotype.json', 'intensive_space.json')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,20 +85,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--cross_end', type=int, default=100, help='I_cs^end: first epoch after cross-search')
     p.add_argument('--epochs', type=int, default=120, help='I_total')
     p.add_argument('--batch_size', type=int, default=98, help='Sec. 4.2')
-    p.add_argument('--learning_rate', type=float, default=0.025, help='w_G and weights: SGD, cosine')
+    p.add_argument('--learning_rate', type=float, default=DEFAULT_LEARNING_RATE, help='w_G and weights: SGD, cosine')
     p.add_argument('--learning_rate_min', type=float, default=0.0, help='end of the cosine schedule (D10)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight_decay', type=float, default=3e-4, help='w_G and weights')
     p.add_argument('--grad_clip', type=float, default=5.0, help='gradient-norm clip of the weights (DARTS)')
-    p.add_argument('--arch_learning_rate', type=float, default=3e-4, help='alpha: Adam, betas (0.5, 0.999)')
+    p.add_argument('--arch_learning_rate', type=float, default=DEFAULT_ARCH_LEARNING_RATE,
+                   help='alpha: Adam, betas (0.5, 0.999)')
     p.add_argument('--arch_weight_decay', type=float, default=1e-3, help='alpha')
     p.add_argument('--seed', type=int, default=2, help='seeds weights, alphas, batches and augmentation')
     p.add_argument('--gpu', type=int, default=0, help='CUDA device')
     p.add_argument('--device', default=None, help='cpu to run on the CPU')
     p.add_argument('--workers', type=int, default=2, help='data-loading processes')
     p.add_argument('--report_freq', type=int, default=50, help='steps between progress lines')
-    p.add_argument('--save', default='runs/adwp',
-                   help='output folder: log, intensive_space.json, search_log.jsonl, genotype.json, checkpoint')
+    p.add_argument('--save', default=None,
+                   help=f'output folder: log, intensive_space.json, search_log.jsonl, genotype.json, checkpoint '
+                        f'(default: {DEFAULT_SAVE}, or the folder of --resume PATH)')
     p.add_argument('--resume', nargs='?', const='', default=None,
                    help='continue from a checkpoint (default: SAVE/checkpoint.pt)')
     return p.parse_args(argv)
@@ -107,11 +121,16 @@ def first_selectable(hyper_epochs: int, cross_start: int, cross_end: int) -> int
     return cross_end if cross_start < cross_end else hyper_epochs
 
 
+def stage0_command(args) -> str:
+    """The stage-0 search, as a command to run on this machine and data (runs.command)."""
+    return f'`{runs.command("train_search.py", args, space="darts", lambda_at=0)}`'
+
+
 def check_args(args) -> None:
     """Bad flag values become one-sentence errors."""
     if (args.space_from is None) == (args.intensive_space is None):
         raise utils.UserError(f'give exactly one of --space_from SEARCH_LOG (the log of a stage-0 search, '
-                              f'{STAGE0}) and --intensive_space JSON')
+                              f'{stage0_command(args)}) and --intensive_space JSON')
     if args.dataset not in datasets.DATASETS:
         raise utils.UserError(f'unknown --dataset {args.dataset!r}; choose one of {", ".join(datasets.DATASETS)}')
     if args.gen_input not in GEN_INPUTS:
@@ -148,15 +167,16 @@ def check_args(args) -> None:
 # Stage 0: the intensive space from a DARTS search log
 
 
-def read_stage0_log(path: str, n: int) -> tuple[list, list, list, str]:
+def read_stage0_log(path: str, n: int, stage0: str = STAGE0) -> tuple[list, list, list, str]:
     """(weights, accuracies, epochs, accuracy key) of a stage-0 search_log.jsonl: per epoch the softmaxed (alphas_normal,
     alphas_reduce), epsilon of Eq. 3 and the epoch number. Epsilon is `val_acc_end` / 100: the supernet's top-1
     over the whole held-out half at the end of the epoch, in eval mode (DARTS's `infer`), never the test set.
     A log written before train_search.py logged it has only `val_acc`, the running mean of the minibatch
-    accuracies of the epoch's A steps; it is used then, and `stage0_accuracy_key` says so."""
+    accuracies of the epoch's A steps; it is used then, and `stage0_accuracy_key` says so. `stage0` is the
+    command of such a search that the errors give."""
     if not os.path.isfile(path):
         raise utils.UserError(f'--space_from {path} does not exist; give the search_log.jsonl of a stage-0 '
-                              f'search, {STAGE0}')
+                              f'search, {stage0}')
     records = []
     with open(path) as f:
         for k, line in enumerate(f, 1):
@@ -166,13 +186,13 @@ def read_stage0_log(path: str, n: int) -> tuple[list, list, list, str]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 raise utils.UserError(f'line {k} of {path} is not JSON; --space_from needs the search_log.jsonl '
-                                      f'that {STAGE0} writes') from None
+                                      f'that {stage0} writes') from None
     for k, r in enumerate(records, 1):
         fault = stage0_fault(r)
         if fault:
             where = f'epoch {r["epoch"]}' if isinstance(r, dict) and 'epoch' in r else f'line {k}'
             raise utils.UserError(f'{path} cannot be a stage-0 log: {where} {fault}; ADWPNAS needs the '
-                                  f'search_log.jsonl of {STAGE0}')
+                                  f'search_log.jsonl of {stage0}')
     if len(records) <= n:
         raise utils.UserError(f'{path} holds {len(records)} epoch(s), but the superiority window (--n {n}) needs '
                               f'at least {n + 1}; run the stage-0 search for at least {n + 1} epochs (the paper: '
@@ -225,7 +245,7 @@ def intensive_space(args) -> dict:
     """{'space', 'K', 'n', 'epoch', 'table', 'source'}: selected from --space_from, or read from
     --intensive_space (a file this script wrote, or a bare {"normal", "reduce"} object)."""
     if args.space_from is not None:
-        weights, accs, epochs, key = read_stage0_log(args.space_from, args.n)
+        weights, accs, epochs, key = read_stage0_log(args.space_from, args.n, stage0_command(args))
         chosen = model_adwp.select_intensive_space(weights, accs, args.K, args.n, epochs)
         return {**chosen, 'source': os.path.abspath(args.space_from), 'accuracy': key}
     path = args.intensive_space
@@ -297,8 +317,10 @@ def adwp_step(model: HyperNetwork, phase_name: str, x, y, w_opt, a_opt, *, alpha
 
 
 def train_epoch(model, phase_name, loader, w_opt, a_opt, *, device, alpha_gen, alpha_std, grad_clip,
-                arch_loader=None, progress=None, epoch=0, has_checkpoint=False) -> tuple[float, float]:
-    """One epoch of adwp_step; returns (mean loss, top-1 %) of the batches learnt from."""
+                arch_loader=None, progress=None, epoch=0, has_checkpoint=False, loss_limit=math.inf,
+                checkpoint='', retry='') -> tuple[float, float]:
+    """One epoch of adwp_step; returns (mean loss, top-1 %) of the batches learnt from. A loss that is not
+    finite or above `loss_limit` stops the run (utils.check_loss; `retry`: the advice's flags)."""
     loss_sum, correct, seen = 0., 0., 0
     arch_iter = iter(arch_loader) if arch_loader is not None else None
     for step, (x, y) in enumerate(loader):
@@ -314,11 +336,8 @@ def train_epoch(model, phase_name, loader, w_opt, a_opt, *, device, alpha_gen, a
         loss, right = adwp_step(model, phase_name, x, y, w_opt, a_opt, alpha_gen=alpha_gen, alpha_std=alpha_std,
                                 grad_clip=grad_clip, arch_batch=arch_batch)
         value, right = torch.stack([loss.float(), right.float()]).tolist()  # the one sync per step
-        if not math.isfinite(value):
-            kept = f'the last checkpoint (epoch {epoch}) is kept' if has_checkpoint else 'no checkpoint was written'
-            raise utils.NonFiniteLoss(f'the search loss became {value} at epoch {epoch + 1} ({phase_name} phase), '
-                                      f'step {step + 1}, and {kept}: lower --learning_rate or '
-                                      f'--arch_learning_rate and start again or --resume')
+        utils.check_loss({f'{phase_name}_loss': value}, loss_limit, epoch=epoch, step=step,
+                         kept=epoch if has_checkpoint else 0, checkpoint=checkpoint, retry=retry)
         n = x.shape[0] if arch_batch is None or GATES[phase_name][0] else arch_batch[0].shape[0]
         loss_sum, correct, seen = loss_sum + value * n, correct + right, seen + n
         if progress is not None:
@@ -368,20 +387,52 @@ def settings_of(args, space: dict) -> dict:
     return {**{k: getattr(args, k) for k in keys}, 'intensive_space': space_json(space)}
 
 
+def retry_flags(args, phase_name: str) -> str:
+    """The divergence advice's flags: the learning rate of what the phase trains (the weights in train,
+    alpha in basic, both in cross)."""
+    flags = []
+    if GATES[phase_name][0]:
+        flags.append(f'--learning_rate {utils.retry_learning_rate(args.learning_rate, DEFAULT_LEARNING_RATE):g}')
+    if GATES[phase_name][1]:
+        rate = utils.retry_learning_rate(args.arch_learning_rate, DEFAULT_ARCH_LEARNING_RATE)
+        flags.append(f'--arch_learning_rate {rate:g}')
+    return ' '.join(flags)
+
+
+def importance(p: torch.Tensor, space: dict, reductions) -> dict:
+    """Each cell's softmax(alpha_l) as every method's search log holds importance: {'cell l': edges x ops},
+    rows the 14 edges of DARTS's cell, columns DARTS_PRIMITIVES, each of a node's K candidates (op, input)
+    at its edge and op, 0 where no candidate is."""
+    offsets = [sum(k + 2 for k in range(j)) for j in range(STEPS)]
+    out = {}
+    for cell, probs in enumerate(p.tolist()):
+        matrix = [[0.] * len(DARTS_PRIMITIVES) for _ in range(offsets[-1] + STEPS + 1)]
+        for j, node in enumerate(space['reduce' if cell in reductions else 'normal']):
+            for (op, i), value in zip(node, probs[j]):
+                matrix[offsets[j] + i][DARTS_PRIMITIVES.index(op)] = round(value, 6)
+        out[f'cell {cell}'] = matrix
+    return out
+
+
+@runs.holds_folder_lock
 def main(argv=None) -> dict:
     started = time.time()
     args = parse_args(argv)
     check_args(args)
+    # --resume PATH without --save goes on in the checkpoint's own folder
+    args.save, args.resume = runs.run_folder(args.save, args.resume, 'adwp', default=DEFAULT_SAVE)
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
-    args.resume = runs.resume_path(ckpt_path, args.resume)
+    ckpt, changed = None, {}
+    if args.resume:  # before the intensive space: a foreign checkpoint is named first
+        ckpt = runs.load_resume(args.resume, 'search_adwp.py', CHECKPOINT_KEYS)
     chosen = intensive_space(args)
     space = chosen['space']
     settings = settings_of(args, space)
-    ckpt = None
-    if args.resume:
-        ckpt = runs.load_checkpoint(args.resume)
-        for key, value in settings.items():
-            runs.check_same(key, ckpt.get('settings', {}).get(key), value, args.resume)
+    if ckpt is not None:
+        with runs.restoring(args.resume):
+            for key, value in settings.items():
+                runs.check_same(key, ckpt['settings'].get(key), value, args.resume)
+            changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(args.gpu, args.device)
     data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
                                 download=not args.no_download)
@@ -390,6 +441,8 @@ def main(argv=None) -> dict:
                                  augment=False, download=False)
     train_idx, val_idx = datasets.search_split(len(data), args.train_portion)
 
+    if ckpt is not None:  # resumed into another --save: the run's history goes with it
+        runs.carry_over(args.resume, args.save, RUN_FILES)
     logger = runs.get_logger(args.save, 'search_adwp')
     logger.info('args = %s', vars(args))
     if device.type == 'cuda':
@@ -432,14 +485,23 @@ def main(argv=None) -> dict:
     start_epoch = 0
     best = {'epoch': None, 'val_acc': None, 'alphas': None}
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        w_opt.load_state_dict(ckpt['optimizer'])
-        a_opt.load_state_dict(ckpt['arch_optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        best = ckpt['best']
-        start_epoch = ckpt['epoch']
-        runs.trim_jsonl(log_path, start_epoch)
+        with runs.restoring(args.resume):  # the flags' momentum, weight decay, ... replace the checkpoint's
+            model.load_state_dict(ckpt['model'])
+            runs.load_optimizer(w_opt, ckpt['optimizer'])
+            runs.load_optimizer(a_opt, ckpt['arch_optimizer'], scheduled=False)
+            scheduler.load_state_dict(ckpt['scheduler'])
+            best = dict(ckpt['best'])
+            start_epoch = int(ckpt['epoch'])
+        if {'learning_rate', 'learning_rate_min'} & set(changed):  # the cosine schedule goes on as if the run
+            scheduler.eta_min = args.learning_rate_min               # had started with them
+            runs.set_learning_rate(w_opt, scheduler, args.learning_rate)
+        dropped = runs.trim_jsonl(log_path, start_epoch)
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
+        if dropped:
+            logger.info('dropped %d line(s) of %s beyond the checkpoint (an epoch that was not saved, or a '
+                        'line cut short by a kill)', dropped, log_path)
+        if runs.describe_changes(changed, start_epoch, args.epochs):
+            logger.info(runs.describe_changes(changed, start_epoch, args.epochs))
     elif os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
@@ -448,6 +510,7 @@ def main(argv=None) -> dict:
     val_data = torch.utils.data.Subset(data, val_idx)
     val_loader = datasets.make_loader(torch.utils.data.Subset(plain, val_idx), args.batch_size, False,
                                       args.workers, pin=pin)
+    limit = utils.loss_limit(datasets.NUM_CLASSES[args.dataset])
     select_from = first_selectable(args.hyper_epochs, args.cross_start, args.cross_end)
     for epoch in range(start_epoch, args.epochs):
         name = phase(epoch, args.hyper_epochs, args.cross_start, args.cross_end)
@@ -464,11 +527,15 @@ def main(argv=None) -> dict:
         train_loss, train_acc = train_epoch(
             model, name, train_loader, w_opt, a_opt, device=device, alpha_gen=alpha_gen, alpha_std=args.alpha_std,
             grad_clip=args.grad_clip, arch_loader=arch_loader, progress=progress, epoch=epoch,
-            has_checkpoint=epoch > 0)
+            has_checkpoint=epoch > 0, loss_limit=limit, checkpoint=ckpt_path, retry=retry_flags(args, name))
         scheduler.step()
         # the train phase has no alpha of its own: its val figure is the mean over random architectures
         val_loss, val_acc = evaluate(model, val_loader, device, None if name == 'train' else model.alphas.detach(),
                                      alpha_gen, args.alpha_std)
+        # no checkpoint of a diverged state: the weights about to be saved must be finite and their loss sane
+        utils.check_state({'model': model.state_dict(), 'optimizer': w_opt.state_dict(),
+                           'arch_optimizer': a_opt.state_dict()}, {'val_loss': val_loss}, limit, epoch=epoch,
+                          kept=epoch, checkpoint=ckpt_path, retry=retry_flags(args, name))
         seconds = time.time() - start
         genotype = genotypes.validate(model.genotype(args.T))
         selectable = epoch >= select_from
@@ -478,28 +545,33 @@ def main(argv=None) -> dict:
                     epoch + 1, name, train_loss, train_acc, val_loss, val_acc, seconds,
                     f'; alpha* from epoch {best["epoch"]} (val_acc {best["val_acc"]:.2f})' if best['epoch'] else '')
         p = model.probabilities(model.alphas.detach().cpu().double())
-        record = {'epoch': epoch + 1, 'phase': name, 'lr': lr, 'train_loss': train_loss, 'train_acc': train_acc,
-                  'val_loss': val_loss, 'val_acc': val_acc, 'seconds': seconds, 'selectable': selectable,
-                  'best_epoch': best['epoch'], 'alphas': p.numpy().round(6).tolist(),
-                  'genotype': json.loads(genotypes.to_json(genotype))}
+        record = {'epoch': epoch + 1, 'epochs': args.epochs, 'method': 'adwpnas', 'phase': name, 'lr': lr,
+                  'train_loss': train_loss, 'train_acc': train_acc, 'val_loss': val_loss, 'val_acc': val_acc,
+                  'seconds': seconds, 'selectable': selectable, 'best_epoch': best['epoch'],
+                  'alphas': p.numpy().round(6).tolist(), 'genotype': json.loads(genotypes.to_json(genotype)),
+                  # what every method's log holds: per-cell importance over (edge, op), with the primitives
+                  'primitives': list(DARTS_PRIMITIVES), 'reduction_cells': model.reduction_layers,
+                  'importance': importance(p, space, model.reduction_layers),
+                  'cell_genotypes': [[list(pair) for pair in cell] for cell in genotype.cells]}
         runs.append_jsonl(log_path, record)
         if best['epoch'] == epoch + 1:
             genotypes.save(genotype, geno_path)
         runs.save_checkpoint({'epoch': epoch + 1, 'model': model.state_dict(), 'optimizer': w_opt.state_dict(),
                                'arch_optimizer': a_opt.state_dict(), 'scheduler': scheduler.state_dict(),
-                               'settings': settings, 'best': best, 'args': vars(args)}, ckpt_path)
+                               'settings': settings, 'best': best, 'args': vars(args),
+                               'script': 'search_adwp.py'}, ckpt_path)
 
     final = genotypes.validate(model.genotype(args.T, best['alphas']))
     logger.info('final genotype: alpha* from epoch %d (val_acc %.2f); train it with train_cifar.py --genotype_file '
                 '%s, or paste:\n%s', best['epoch'], best['val_acc'], geno_path, genotypes.macro_repr(final))
-    retrain = f'python train_cifar.py --genotype_file {geno_path} --dataset {args.dataset}'
+    retrain = runs.command('train_cifar.py', args, genotype_file=geno_path)  # on this machine and data
     runs.report_run(logger, args.save, [
         ('log.txt', 'the log: the intensive space, every epoch\'s phase, losses and accuracies'),
         ('intensive_space.json', 'the K candidates per node kept from stage 0 (--intensive_space reuses it)'),
         ('search_log.jsonl', 'one record per epoch: phase, losses, accuracies, alpha, genotype'),
         ('genotype.json', f'the per-layer genotype of alpha* (epoch {best["epoch"]})'),
         ('checkpoint.pt', 'the last epoch (--resume)'),
-    ], [f'python visualize.py {geno_path}    (draw the cells)',
+    ], [f'{runs.command("visualize.py", None, args.save)}    (draw every layer\'s cell and each cell\'s alpha)',
         f'{retrain}    (retrain it, with ADWPNAS\'s settings)'], started)
     return {'genotype': final, 'best_epoch': best['epoch'], 'best_val_acc': best['val_acc']}
 

@@ -2,7 +2,7 @@
 hours (NOS Sec. 4.3 reports "best and average of 10 independent runs"; methods.md, "Comparing methods").
 
     python summarize.py runs/c10-seed*                     # retraining runs of train_cifar.py / train_imagenet.py
-    python summarize.py runs/search-* --csv searches.csv   # searches of train_search.py
+    python summarize.py runs/search-* --out searches.csv   # searches of train_search.py and search_adwp.py
     python summarize.py runs/random-*                      # Table 2's random baseline: the first row is the best
     python summarize.py runs/nb201-*                       # NAS-Bench-201 searches: also the benchmark table
     python summarize.py runs/eoinas-seed* --select val     # EoiNAS's best of 4: the search with the best val acc
@@ -15,6 +15,8 @@ Each RUN_DIR is one run's --save folder:
   "kind": "search" where the search wrote one. Runs are grouped by their search settings (the checkpoint's
   `settings`, or those of the log or the final result; the seed left out); the error is the proxy's
   validation error at the last epoch.
+- teacher: SAVE/result.json of teacher.py (kind "teacher"; older teacher folders: their finished checkpoint);
+  the error is the CIFAR test error.
 Rows are sorted by mean error. The std is the sample standard deviation (n - 1), as papers report over
 seeds. Hours are wall-clock hours per run (training and evaluation epochs, summed over --resume sessions);
 GPU-hours are those times the number of processes, known where the run says it ran on CUDA; CPU time is the
@@ -23,7 +25,8 @@ NAS-Bench-201 searches run with --benchmark also get the table papers print on t
 method and search data set, the runs, the mean ± std over them of the benchmark's test accuracy of the final
 cell on CIFAR-10, CIFAR-100 and ImageNet16-120, and the search cost (hours per run).
 A run without a result yet (still running, or stopped) is listed as such; a directory that is not a run is
-named on stderr and skipped. The table also goes to --csv (one row per group, and one per unfinished run).
+named on stderr and skipped. The table also goes to summary.csv beside the runs (in the folder that holds
+them all), or to --out (one row per group, and one per unfinished run).
 
 --select val keeps, of the finished searches of one configuration (the same method, space, dataset and
 settings; the seed left out), the one with the best final supernet validation accuracy (`val_acc_end`: the
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -55,7 +59,9 @@ COLUMNS = ('kind', 'dataset', 'label', 'status', 'runs', 'error_mean', 'error_st
 def build_parser() -> argparse.ArgumentParser:
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help='--save folders of training or search runs')
-    p.add_argument('--csv', default='summary.csv', help='where to write the table as CSV (\'\': nowhere)')
+    p.add_argument('--out', '--csv', dest='out', default=None,
+                   help='where to write the table as CSV, a file or a folder (default: summary.csv in the folder '
+                        'that holds the runs; \'\': nowhere)')
     p.add_argument('--select', default=None, choices=SELECT,
                    help='val: of the searches of one configuration, keep the best by final validation accuracy')
     return p
@@ -130,6 +136,8 @@ def read_run(path: str) -> dict:
                 'why': 'only a log.txt: the run is in its first epoch, or stopped before the first ended '
                        '(its log.txt says why)'}
     ckpt = _checkpoint(path)
+    if runs.checkpoint_script(ckpt) == 'teacher.py':
+        return _read_teacher(path, ckpt)
     done = [r['epoch'] for r in runs.read_jsonl(os.path.join(path, 'metrics.jsonl'))]
     epoch = done[-1] if done else ckpt.get('epoch', 0)
     total = ckpt.get('args', {}).get('epochs')
@@ -141,21 +149,42 @@ def read_run(path: str) -> dict:
 
 
 def _read_training(path: str, result: dict) -> dict:
+    kind = 'teacher' if result.get('kind') == 'teacher' else 'train'
     if 'test_error' in result:
         error, top5 = result['test_error'], 100. - result['test_top5'] if 'test_top5' in result else None
     elif 'top1_error' in result:
         error, top5 = result['top1_error'], result.get('top5_error')
     else:
-        return {'status': 'unfinished', 'dir': path, 'kind': 'train',
+        return {'status': 'unfinished', 'dir': path, 'kind': kind,
                 'why': 'result.json holds no test_error or top1_error'}
     hours, gpu = _hours(result)
     genotype = json.dumps(result.get('genotype'), sort_keys=True)
-    return {'status': 'done', 'dir': path, 'kind': 'train', 'dataset': result.get('dataset', '?'),
+    return {'status': 'done', 'dir': path, 'kind': kind, 'dataset': result.get('dataset', '?'),
             'label': result.get('arch', '?'), 'error': error, 'top5': top5, 'params_M': result.get('params_M'),
             'macs_M': result.get('macs_M'), 'hours': hours, 'gpu_hours': gpu, 'cpu_time_hours': _cpu_hours(result),
             'device': result.get('device_name', result.get('device')), 'precision': result.get('precision'),
             'seed': result.get('seed'),
-            'key': ('train', result.get('dataset'), genotype, result.get('params'), result.get('macs'))}
+            'key': (kind, result.get('dataset'), genotype, result.get('arch'), result.get('params'),
+                    result.get('macs'))}
+
+
+def _read_teacher(path: str, ckpt: dict) -> dict:
+    """A teacher.py folder without result.json (teachers trained before it wrote one): its checkpoint says
+    whether it finished and its test accuracy."""
+    config = ckpt.get('config') or {}
+    label = f'{ckpt.get("arch", "?")} ' + ' '.join(f'{k}={v}' for k, v in sorted(config.items()))
+    done, total = ckpt.get('epoch', -1) + 1, ckpt.get('epochs')
+    if not ckpt.get('finished') or 'test_top1' not in ckpt:
+        return {'status': 'unfinished', 'dir': path, 'kind': 'teacher', 'dataset': ckpt.get('dataset', '?'),
+                'label': label, 'why': f'teacher at epoch {done} of {total or "?"} (still running, or stopped: '
+                                       f'--resume continues it)'}
+    hours = sum(r.get('seconds', 0.) for r in runs.read_jsonl(os.path.join(path, 'train_log.jsonl'))) / 3600
+    return {'status': 'done', 'dir': path, 'kind': 'teacher', 'dataset': ckpt.get('dataset', '?'), 'label': label,
+            'error': 100. - ckpt['test_top1'], 'top5': 100. - ckpt['test_top5'] if 'test_top5' in ckpt else None,
+            'params_M': None, 'macs_M': None, 'hours': hours or None, 'gpu_hours': None, 'cpu_time_hours': None,
+            'device': None,
+            'precision': None, 'seed': (ckpt.get('args') or {}).get('seed'),
+            'key': ('teacher', ckpt.get('dataset'), label)}
 
 
 def _settings_label(settings: dict) -> str:
@@ -175,6 +204,9 @@ def _settings_label(settings: dict) -> str:
     if 'epochs' in s:
         parts.append(f'{s.pop("epochs")} epochs')
     s.pop('dataset', None)
+    space = s.pop('intensive_space', None)  # ADWPNAS: a table of candidates, named by a short hash
+    if space is not None:
+        parts.append('intensive space ' + hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:8])
     parts += [f'{k}={v}' for k, v in sorted(s.items())]
     return ' '.join(parts) or '(settings unknown)'
 
@@ -185,6 +217,8 @@ def _read_search(path: str, final: dict | None, log: list[dict]) -> dict:
     last = log[-1] if log else {}
     settings = dict(final.get('settings') or last.get('settings') or ckpt.get('settings') or {})
     method = final.get('method', last.get('method', settings.get('method')))
+    if method is None and 'intensive_space' in settings:  # ADWPNAS logs from before they named the method
+        method = 'adwpnas'
     if method is not None:
         settings['method'] = method
     settings.pop('seed', None)
@@ -368,30 +402,42 @@ def format_nb201(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    runs = []
+    found = []
     for path in args.run_dirs:
         run = read_run(path)
         if run['status'] == 'not a run':
             print(f'skipped {path}: {run["why"]}', file=sys.stderr)
             continue
-        runs.append(run)
-    if not runs:
+        found.append(run)
+    if not found:
         raise utils.UserError(f'none of the {len(args.run_dirs)} directories given is a run folder (the --save '
-                              f'folder of train_cifar.py, train_imagenet.py or train_search.py)')
+                              f'folder of train_cifar.py, train_imagenet.py, train_search.py, search_adwp.py or '
+                              f'teacher.py)')
     notes = []
     if args.select == 'val':
-        runs, notes = select_best(runs)
-    rows = summarize(runs)
+        found, notes = select_best(found)
+    rows = summarize(found)
     print(format_table(rows))
     for note in notes:
         print(note)
     nb = nb201_rows(args.run_dirs)
     if nb:
         print('\n' + format_nb201(nb))
-    if args.csv:
-        write_csv(args.csv, rows)
-        print(f'\nwrote {args.csv}')
+    out = beside_the_runs([r['dir'] for r in found]) if args.out is None else args.out
+    if out and os.path.isdir(out):  # a folder: summary.csv in it
+        out = os.path.join(out, 'summary.csv')
+    if out:
+        runs.check_folder(os.path.dirname(out) or '.', '--out')
+        write_csv(out, rows)
+        print(f'\nwrote {out}')
     return rows
+
+
+def beside_the_runs(dirs: list[str]) -> str:
+    """summary.csv in the folder that holds the runs (their deepest common parent), not wherever the command
+    happens to run."""
+    parents = [os.path.dirname(os.path.abspath(d.rstrip(os.sep))) for d in dirs]
+    return os.path.join(os.path.commonpath(parents), 'summary.csv')
 
 
 if __name__ == '__main__':

@@ -39,6 +39,8 @@ DEFAULT_LEARNING_RATE = 0.025  # App. A1
 # the others change only how the run is executed or logged.
 RESUME_MAY_CHANGE = ('learning_rate', 'epochs', 'workers', 'report_freq', 'gpu', 'device', 'amp', 'data', 'save',
                      'resume', 'no_download')
+# What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
+CHECKPOINT_KEYS = ('arch', 'config', 'dataset', 'state_dict', 'epoch', 'optimizer', 'scheduler')
 PYRAMID = 'pyramidnet'
 RESNET18 = 'resnet18'
 ARCHS = {'pyramidnet110': PYRAMID, 'resnet18': RESNET18}
@@ -294,34 +296,36 @@ def save_teacher(model: nn.Module, path: str, dataset: str, **extra) -> None:
 
 
 def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | None = None,
-                 image_size: int = 32) -> nn.Module:
+                 image_size: int = 32, how: str | None = None) -> nn.Module:
     """The PyramidNet teacher in `path` (a checkpoint, or the teacher.py --save folder holding it), frozen
     (eval mode, no gradients), on `device`.
 
     Raises utils.UserError with one sentence for a missing or damaged file, a teacher of another dataset,
     of other classes than `classes` (--dataset folder) or another image size, and a checkpoint of another
-    architecture (or weights that do not fit its config).
+    architecture (or weights that do not fit its config); `how` is the command that trains the teacher wanted
+    (runs.command, with the caller's machine and data flags).
     """
+    how = how or runs.command('teacher.py', None, dataset=dataset,
+                              device='cpu' if torch.device(device).type == 'cpu' else None)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, runs.CHECKPOINT)):
         path = os.path.join(path, runs.CHECKPOINT)
     if not os.path.isfile(path):
-        raise utils.UserError(f'no teacher checkpoint at {path}: train one with `python teacher.py --dataset '
-                              f'{dataset} --gpu 0`, or pass --lambda_at 0 to search without a teacher')
+        raise utils.UserError(f'no teacher checkpoint at {path}: train one with `{how}`, or pass --lambda_at 0 to '
+                              f'search without a teacher')
     state = runs.load_checkpoint(path)
     if not isinstance(state, dict) or not {'arch', 'config', 'dataset', 'state_dict'} <= set(state):
-        raise utils.UserError(f'{path} is not a teacher checkpoint of this project (it lacks the arch, config, '
-                              f'dataset and weights that teacher.py writes); train one with `python teacher.py '
-                              f'--dataset {dataset} --gpu 0`')
+        found = runs.checkpoint_script(state)
+        what = f'a checkpoint of {found}' if found else 'not a teacher checkpoint of this project'
+        raise utils.UserError(f'{path} is {what} (it lacks the arch, config, dataset and weights that teacher.py '
+                              f'writes); train a teacher with `{how}`')
     if state['dataset'] != dataset:
         raise utils.UserError(f'the teacher {path} was trained on {state["dataset"]}, but this run uses '
-                              f'{dataset}; train a {dataset} teacher with `python teacher.py --dataset {dataset} '
-                              f'--gpu 0` and pass its path')
-    check_teacher_data(state, path, classes, image_size)
+                              f'{dataset}; train a {dataset} teacher with `{how}` and pass its path')
+    check_teacher_data(state, path, classes, image_size, how)
     arch, config = state['arch'], state['config']
     if arch != PYRAMID:
         raise utils.UserError(f'{path} holds a {describe(arch, config)}, not the PyramidNet teacher that '
-                              f'attention-guided search expects; train one with `python teacher.py --dataset '
-                              f'{dataset} --gpu 0`')
+                              f'attention-guided search expects; train one with `{how}`')
     try:
         model = build(arch, config)
         model.load_state_dict(state['state_dict'])
@@ -338,15 +342,15 @@ def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | Non
     return model
 
 
-def check_teacher_data(state: dict, path: str, classes: list[str] | None, image_size: int) -> None:
+def check_teacher_data(state: dict, path: str, classes: list[str] | None, image_size: int,
+                       how: str = 'python teacher.py --dataset folder --data PATH') -> None:
     """A teacher trained with --dataset folder is tied to its classes and image size (teacher.py records
     both); a CIFAR teacher saw 32x32 images."""
     if classes is not None and state.get('classes') != classes:
         saved = state.get('classes') or []
         raise utils.UserError(f'the teacher {path} was trained on other classes than this run\'s data '
                               f'({datasets.class_difference(saved, classes, "the teacher", "the data")}); train a '
-                              f'teacher on this data with `python teacher.py --dataset folder --data PATH` and pass '
-                              f'it with --teacher')
+                              f'teacher on this data with `{how}` and pass it with --teacher')
     if state.get('image_size', 32) != image_size:
         raise utils.UserError(f'the teacher {path} was trained on {state.get("image_size", 32)}-pixel images, but '
                               f'this run uses --image_size {image_size}; train the teacher with the same '
@@ -430,6 +434,7 @@ def cost_line(model: nn.Module, baseline: tuple[int, int] | None) -> str:
     return line
 
 
+@runs.holds_folder_lock
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
@@ -447,7 +452,7 @@ def main(argv=None):
     ckpt_path = os.path.join(log_dir, runs.CHECKPOINT)
     state, changed = None, {}
     if resume_path is not None:
-        state = runs.load_resume(resume_path, 'teacher.py')
+        state = runs.load_resume(resume_path, 'teacher.py', CHECKPOINT_KEYS)
     device = utils.get_device(args.gpu, args.device)
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, log_dir, state, resume_path)
     train_data = datasets.get_dataset(args.dataset, args.data, train=True, synthetic_size=args.synthetic_size,
@@ -463,10 +468,12 @@ def main(argv=None):
     model = make_model(args)  # before the log folder exists: a bad --depth leaves nothing behind
     arch = model.arch
     if state is not None:  # before the log folder too: a refused resume leaves nothing behind
-        for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
-                                   ('network config', 'config', model.config)):
-            runs.check_same(what, state.get(key), current, resume_path)
-        changed = runs.resume_flags(state, args, RESUME_MAY_CHANGE, resume_path)
+        with runs.restoring(resume_path):
+            for what, key, current in (('dataset', 'dataset', args.dataset), ('architecture', 'arch', arch),
+                                       ('network config', 'config', model.config)):
+                runs.check_same(what, state.get(key), current, resume_path)
+            changed = runs.resume_flags(state, args, RESUME_MAY_CHANGE, resume_path)
+        runs.carry_over(resume_path, log_dir, ('train_log.jsonl', 'log.txt'))  # resumed into another --save
     logger = runs.get_logger(log_dir, 'teacher')
     logger.info(f'args: {vars(args)}')
     if data_stats is not None:
@@ -485,16 +492,17 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     start, best = 0, 0.0
     if state is not None:
-        model.load_state_dict(state['state_dict'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        start, best = state['epoch'] + 1, state.get('best_top1', 0.0)
+        with runs.restoring(resume_path):
+            model.load_state_dict(state['state_dict'])
+            runs.load_optimizer(optimizer, state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            start, best = int(state['epoch']) + 1, float(state.get('best_top1', 0.0))
         if 'learning_rate' in changed:  # the step schedule goes on as if the run had started with it
             runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
         runs.trim_jsonl(os.path.join(log_dir, 'train_log.jsonl'), start)
         logger.info(f'resumed from {resume_path} after epoch {start}')
-        if runs.describe_changes(changed, start):
-            logger.info(runs.describe_changes(changed, start))
+        if runs.describe_changes(changed, start, args.epochs):
+            logger.info(runs.describe_changes(changed, start, args.epochs))
 
     test_loader = datasets.make_loader(test_data, max(args.batch_size, 256), False, args.workers,
                                     pin=device.type == 'cuda')
@@ -519,6 +527,10 @@ def main(argv=None):
         seconds = time.time() - tic
         test_loss, top1, top5 = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                                                channels_last=channels_last)
+        # no checkpoint of a diverged state: the weights about to be saved must be finite and their loss sane
+        utils.check_state({'model': model.state_dict(), 'optimizer': optimizer.state_dict()},
+                          {'test_loss': test_loss}, utils.loss_limit(datasets.num_classes(args.dataset, args.data)),
+                          epoch=epoch, kept=epoch, checkpoint=ckpt_path, retry=retry)
         best = max(best, top1)
         logger.info(f'epoch {epoch + 1}/{args.epochs} lr {lr:.2e} train loss {train_loss:.4f} top1 '
                     f'{train_top1:.2f} | test loss {test_loss:.4f} top1 {top1:.2f} top5 {top5:.2f} | '
@@ -538,13 +550,23 @@ def main(argv=None):
     logger.info(f'final: {describe(arch, model.config)} on {args.dataset}: test top1 {top1:.2f} '
                 f'(error {100 - top1:.2f}%) top5 {top5:.2f} (error {100 - top5:.2f}%), best top1 {best:.2f}; '
                 f'{cost_line(model, baseline)}; checkpoint {ckpt_path}')
+    params, macs = cost(model)
+    runs.write_json(os.path.join(log_dir, 'result.json'), {  # what summarize.py lists
+        'kind': 'teacher', 'script': 'teacher', 'dataset': args.dataset, 'arch': describe(arch, model.config),
+        'epochs': args.epochs, 'test_error': 100. - top1, 'test_acc': top1, 'test_top5': top5,
+        'test_loss': test_loss, 'best_top1': best, 'params': params, 'params_M': params / 1e6, 'macs': macs,
+        'macs_M': macs / 1e6, 'learning_rate': args.learning_rate, 'batch_size': args.batch_size, 'seed': args.seed,
+        'seconds': sum(r.get('seconds', 0.) for r in runs.read_jsonl(os.path.join(log_dir, 'train_log.jsonl'))),
+        **runs.run_info(device, amp_dtype)})
     if arch == PYRAMID:
-        after = f'python train_search.py --dataset {args.dataset} --teacher {log_dir}    (search with it)'
+        after = f'{runs.command("train_search.py", args, teacher=log_dir)}    (search with it)'
     else:
-        after = 'python teacher.py --arch resnet18 --calibration OTHER    (another row of Table 1)'
+        after = (f'{runs.command("teacher.py", args, arch="resnet18", calibration="OTHER")}    (another row of '
+                 f'Table 1)')
     runs.report_run(logger, log_dir, [
         (runs.CHECKPOINT, 'the network (train_search.py --teacher reads it; --resume continues it)'),
         ('log.txt', 'the log'), ('train_log.jsonl', 'one record per epoch: losses, accuracies, lr'),
+        ('result.json', 'test error, weights, multiply-adds (summarize.py lists it)'),
     ], [after], started)
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 import bench_search
 import model
 import model_search
+import runs
 import teacher
 import train_cifar
 import train_imagenet
@@ -124,14 +125,21 @@ PATHS = [
     *[case(s, ['--resume', '{killed}/checkpoint.pt'], 'stopped before it finished its first checkpoint',
            'without --resume') for s in ('search', 'cifar', 'teacher')],
     case('search', ['--save', '{killed}', '--resume'], 'stopped before it finished its first checkpoint'),
-    case('search', ['--resume', '{teacher_ckpt}'], 'is a checkpoint of teacher.py, but train_search.py --resume'),
-    case('search', ['--resume', '{cifar_ckpt}'], 'is a checkpoint of train_cifar.py, but train_search.py'),
+    case('search', ['--resume', '{teacher_ckpt}'],
+         "is a checkpoint of teacher.py (a teacher's training), not of train_search.py"),
+    case('search', ['--resume', '{cifar_ckpt}'],
+         'is a checkpoint of train_cifar.py (a CIFAR retraining), not of train_search.py'),
     case('search', ['--resume', '{foreign_ckpt}'], 'is not a checkpoint of this project'),
-    case('cifar', ['--resume', '{search_ckpt}'], 'is a checkpoint of train_search.py, but train_cifar.py'),
-    case('cifar', ['--resume', '{teacher_ckpt}'], 'is a checkpoint of teacher.py, but train_cifar.py'),
-    case('cifar', ['--resume', '{imagenet_ckpt}'], 'is a checkpoint of train_imagenet.py, but train_cifar.py'),
-    case('imagenet', ['--resume', '{cifar_ckpt}'], 'is a checkpoint of train_cifar.py, but train_imagenet.py'),
-    case('teacher', ['--resume', '{search_ckpt}'], 'is a checkpoint of train_search.py, but teacher.py'),
+    case('cifar', ['--resume', '{search_ckpt}'],
+         'is a checkpoint of train_search.py (a search), not of train_cifar.py'),
+    case('cifar', ['--resume', '{teacher_ckpt}'],
+         "is a checkpoint of teacher.py (a teacher's training), not of train_cifar.py"),
+    case('cifar', ['--resume', '{imagenet_ckpt}'],
+         'is a checkpoint of train_imagenet.py (an ImageNet retraining), not of train_cifar.py'),
+    case('imagenet', ['--resume', '{cifar_ckpt}'],
+         'is a checkpoint of train_cifar.py (a CIFAR retraining), not of train_imagenet.py'),
+    case('teacher', ['--resume', '{search_ckpt}'],
+         'is a checkpoint of train_search.py (a search), not of teacher.py'),
     # --data: a file, nothing there, damaged CIFAR files
     case('search', ['--dataset', 'cifar10', '--data', '{file}'], '--data {file} is a file', 'cifar-10-batches-py'),
     case('cifar', ['--dataset', 'cifar100', '--data', '{file}'], '--data {file} is a file', 'cifar-100-python'),
@@ -148,16 +156,16 @@ PATHS = [
     case('search', ['--lambda_at', '1000', '--teacher', '{tmp}/none.pt'], 'no teacher checkpoint at',
          'teacher.py'),
     case('search', ['--lambda_at', '1000', '--teacher', '{folder}'], 'no teacher checkpoint at'),
-    case('search', ['--lambda_at', '1000', '--teacher', '{search_ckpt}'], 'is not a teacher checkpoint'),
+    case('search', ['--lambda_at', '1000', '--teacher', '{search_ckpt}'], 'is a checkpoint of train_search.py'),
     case('search', ['--lambda_at', '1000', '--teacher', '{garbage}'], 'cannot be read'),
     # --genotype_file: missing, a folder, a checkpoint
     *[case(s, ['--genotype_file', '{tmp}/none.json'], 'does not exist') for s in ('cifar', 'imagenet')],
     *[case(s, ['--genotype_file', '{folder}'], 'is a folder; pass the genotype.json in it')
       for s in ('cifar', 'imagenet')],
-    *[case(s, ['--genotype_file', '{search_ckpt}'], 'is not JSON text (a checkpoint?)')
+    *[case(s, ['--genotype_file', '{search_ckpt}'], 'is a checkpoint of train_search.py, not a genotype')
       for s in ('cifar', 'imagenet')],
     # visualize.py: a checkpoint, a folder without a search, an --out that is a file
-    case('visualize', ['{search_ckpt}'], 'is not JSON text (a checkpoint?)'),
+    case('visualize', ['{search_ckpt}'], 'is a checkpoint of train_search.py, not a genotype'),
     case('visualize', ['{folder}'], 'is a folder without genotype.json'),
     case('visualize', ['{tmp}/none.json'], 'does not exist'),
     case('visualize', ['DARTS_V2', '--out', '{file}'], '--out {file} is a file'),
@@ -173,11 +181,12 @@ def paths(tmp_path_factory):
     (root / 'file').write_text('not a folder\n')
     (root / 'folder').mkdir()
     (root / 'garbage.pt').write_bytes(b'not a checkpoint')
-    torch.save({'epoch': 1, 'settings': {}, 'script': 'train_search.py', 'args': {}}, root / 'search.pt')
-    torch.save({'arch': 'pyramidnet', 'config': {}, 'dataset': 'cifar10', 'state_dict': {}}, root / 'teacher.pt')
-    torch.save({'epoch': 1, 'genotype': '{}', 'synthetic_size': 512, 'dataset': 'cifar10'}, root / 'cifar.pt')
-    torch.save({'epoch': 1, 'global_batch': 512, 'script': 'train_imagenet.py'}, root / 'imagenet.pt')
-    torch.save({'weights': 1}, root / 'foreign.pt')
+    for name, state in (('search', {'epoch': 1, 'settings': {}, 'script': 'train_search.py', 'args': {}}),
+                        ('teacher', {'arch': 'pyramidnet', 'config': {}, 'dataset': 'cifar10', 'state_dict': {}}),
+                        ('cifar', {'epoch': 1, 'genotype': '{}', 'synthetic_size': 512, 'dataset': 'cifar10'}),
+                        ('imagenet', {'epoch': 1, 'global_batch': 512, 'script': 'train_imagenet.py'}),
+                        ('foreign', {'weights': 1})):
+        runs.save_checkpoint(state, str(root / f'{name}.pt'))
     (root / 'killed').mkdir()
     (root / 'killed' / 'log.txt').write_text('args = ...\n')
     (root / 'killed' / 'checkpoint.pt.tmp').write_bytes(b'PK half a checkpoint')

@@ -100,7 +100,8 @@ def test_no_run_at_all_is_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f'skipped {tmp_path / "empty"}: not a run folder' in err
     assert err.strip().splitlines()[-1] == ('error: none of the 1 directories given is a run folder (the --save '
-                                            'folder of train_cifar.py, train_imagenet.py or train_search.py)')
+                                            'folder of train_cifar.py, train_imagenet.py, train_search.py, '
+                                            'search_adwp.py or teacher.py)')
 
 
 def test_searches_group_by_settings(tmp_path):

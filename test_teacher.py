@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import runs
 import teacher
 import utils
 
@@ -130,7 +131,7 @@ def test_load_teacher_errors(tmp_path):
     missing = str(tmp_path / 'none.pt')
     with pytest.raises(utils.UserError) as e:
         teacher.load_teacher(missing, 'cifar100', 'cpu')
-    assert missing in str(e.value) and 'python teacher.py --dataset cifar100 --gpu 0' in str(e.value)
+    assert missing in str(e.value) and 'python teacher.py --dataset cifar100 --device cpu' in str(e.value)
     assert '--lambda_at 0' in str(e.value)
 
     path = str(tmp_path / 't.pt')
@@ -145,6 +146,7 @@ def test_load_teacher_errors(tmp_path):
 
     state = torch.load(path, weights_only=False)
     state['config']['alpha'] = 20                 # weights of alpha 12 under a config that says 20
+    del state[runs.CHECKSUM]                      # (written so by other code: with its checksum, it is damage)
     torch.save(state, path)
     with pytest.raises(utils.UserError, match='do not fit.*PyramidNet-11'):
         teacher.load_teacher(path, 'cifar10', 'cpu')
@@ -159,15 +161,25 @@ def test_load_teacher_errors(tmp_path):
         teacher.load_teacher(path, 'cifar10', 'cpu')
 
 
+def log_top1(save):
+    with open(os.path.join(save, 'train_log.jsonl')) as f:
+        return [json.loads(line) for line in f][-1]['test_top1']
+
+
 def test_train_end_to_end_writes_a_teacher(tmp_path, capsys):
     save = str(tmp_path / 'teacher')
     teacher.main(TINY + ['--epochs', '1', '--save', save])
     out = capsys.readouterr().out
     assert 'final:' in out and 'checkpoint' in out
     # one folder holds everything, and the end of the run says where and what next
-    assert sorted(os.listdir(save)) == ['checkpoint.pt', 'log.txt', 'train_log.jsonl']
+    assert sorted(os.listdir(save)) == ['checkpoint.pt', 'log.txt', 'result.json', 'train_log.jsonl']
     assert f'its files, in {save}' in out
-    assert f'next: python train_search.py --dataset synthetic --teacher {save}' in out
+    # the next command runs on this machine and data as printed
+    assert (f'next: python train_search.py --teacher {save} --device cpu --dataset synthetic --synthetic_size 48 '
+            f'--workers 0' in out)
+    with open(os.path.join(save, 'result.json')) as f:
+        result = json.load(f)
+    assert result['kind'] == 'teacher' and result['test_error'] == pytest.approx(100 - log_top1(save))
     model = teacher.load_teacher(save, 'synthetic', 'cpu')  # the folder, as train_search.py --teacher takes it
     assert model.config['depth'] == 11
     with open(os.path.join(save, 'train_log.jsonl')) as f:

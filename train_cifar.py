@@ -56,7 +56,9 @@ WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 
 # if the run had started with it); the others change only how the run is executed or logged.
 AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
 RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'amp', 'no_channels_last',
-                     'data', 'save', 'resume', 'no_download')
+                     'data', 'save', 'resume', 'no_download', 'allow_unfinished')
+# What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
+CHECKPOINT_KEYS = ('epoch', 'model', 'optimizer', 'scheduler', 'arch', 'genotype', 'dataset', 'synthetic_size', 'args')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'for a NAS-Bench-201 architecture)')
     p.add_argument('--nesterov', action='store_true', help='Nesterov momentum (on with --nb201_schedule)')
     p.add_argument('--genotype_file', default=None, help='genotype.json written by train_search.py')
+    p.add_argument('--allow_unfinished', action='store_true',
+                   help='no warning for the genotype.json of a search that has not finished')
     p.add_argument('--preset', default=None, choices=sorted(PRESETS),
                    help='the retraining recipe of a paper, for the flags not given (default: the one of the method '
                         'that found the genotype, see PRESETS; nos for a genotype of unknown origin)')
@@ -199,6 +203,7 @@ def apply_chain(args, given: set[str], genotype, label: str) -> None:
     args.auxiliary, args.drop_path_prob, args.init_channels = False, 0., None
 
 
+@runs.holds_folder_lock
 def main(argv=None) -> dict:
     started = time.time()
     argv = list(argv) if argv is not None else None
@@ -236,25 +241,30 @@ def main(argv=None) -> dict:
     # Everything that must match before the checkpoint is touched, so a mismatch costs nothing.
     ckpt, changed = None, {}
     if resume is not None:
-        ckpt = runs.load_resume(resume, 'train_cifar.py')
-        # the recipe a run started with stays, unless a flag says otherwise (and older runs had no --preset)
-        kept = {k: ckpt['args'][k] for k in ('preset',) + PRESET_KEYS
-                if k not in given and k in ckpt['args'] and ckpt['args'][k] != getattr(args, k)}
-        if kept:
-            vars(args).update(kept)
-            recipe = (f'retraining recipe: the checkpoint\'s, {", ".join(f"{k} {v}" for k, v in kept.items())} '
-                      f'(a resumed run keeps the settings it started with)')
-        runs.check_genotype(ckpt, genotype_json, label, resume)
-        runs.check_same('dataset', ckpt['dataset'], args.dataset, resume)
-        if args.dataset == 'synthetic':
-            runs.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
-        for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
-            runs.check_same(name, ckpt['args'][name], getattr(args, name), resume)
-        changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
+        ckpt = runs.load_resume(resume, 'train_cifar.py', CHECKPOINT_KEYS)
+        with runs.restoring(resume):
+            # the recipe a run started with stays, unless a flag says otherwise (and older runs had no --preset)
+            kept = {k: ckpt['args'][k] for k in ('preset',) + PRESET_KEYS
+                    if k not in given and k in ckpt['args'] and ckpt['args'][k] != getattr(args, k)}
+            if kept:
+                vars(args).update(kept)
+                recipe = (f'retraining recipe: the checkpoint\'s, {", ".join(f"{k} {v}" for k, v in kept.items())} '
+                          f'(a resumed run keeps the settings it started with)')
+            runs.check_genotype(ckpt, genotype_json, label, resume)
+            runs.check_same('dataset', ckpt['dataset'], args.dataset, resume)
+            if args.dataset == 'synthetic':
+                runs.check_same('synthetic_size', ckpt['synthetic_size'], args.synthetic_size, resume)
+            for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
+                runs.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+            changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
+        runs.carry_over(resume, save, ('metrics.jsonl', 'log.txt'))  # resumed into another --save
 
     logger = runs.get_logger(save, 'train_cifar')
     logger.info(recipe)
     logger.info(f'args: {vars(args)}')
+    unfinished = None if args.allow_unfinished else runs.unfinished_search(args.genotype_file)
+    if unfinished:
+        logger.warning(unfinished)
     logger.info(f'genotype {label}: {genotype!r}')
     genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
     logger.info(f'weight decay {args.weight_decay:g} ({args.dataset}); lr {args.learning_rate:g} cosine to 0;'
@@ -299,17 +309,18 @@ def main(argv=None) -> dict:
     start_epoch = 0
     metrics_path = os.path.join(save, 'metrics.jsonl')
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        start_epoch = ckpt['epoch']
+        with runs.restoring(resume):
+            model.load_state_dict(ckpt['model'])
+            runs.load_optimizer(optimizer, ckpt['optimizer'])
+            scheduler.load_state_dict(ckpt['scheduler'])
+            start_epoch = int(ckpt['epoch'])
         if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
             runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
         dropped = runs.trim_jsonl(metrics_path, start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}'
                     + (f'; dropped {dropped} line(s) of metrics.jsonl beyond it' if dropped else ''))
-        if runs.describe_changes(changed, start_epoch):
-            logger.info(runs.describe_changes(changed, start_epoch))
+        if runs.describe_changes(changed, start_epoch, args.epochs):
+            logger.info(runs.describe_changes(changed, start_epoch, args.epochs))
 
     board = runs.TensorBoard(save, args.tensorboard, start_epoch)
     # BatchNorm in the auxiliary tower cannot train on a batch of one image: drop such a last batch.
@@ -339,6 +350,10 @@ def main(argv=None) -> dict:
         datasets.log_unreadable(train_data, logger)
         test = utils.evaluate(model, test_loader, criterion, device, amp_dtype=amp_dtype,
                               channels_last=channels_last)
+        # no checkpoint of a diverged state: the weights about to be saved must be finite and their loss sane
+        utils.check_state({'model': model.state_dict(), 'optimizer': optimizer.state_dict()},
+                          {'test_loss': test[0]}, utils.loss_limit(num_classes), epoch=epoch, kept=epoch,
+                          checkpoint=ckpt_path, retry=retry)
         seconds, cpu = time.time() - start, utils.cpu_seconds() - cpu_start
         logger.info(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} drop_path {model.drop_path_prob:.3f} '
                     f'train_loss {train_loss:.4f} train_acc {train_acc:.2f} test_loss {test[0]:.4f} '

@@ -87,7 +87,10 @@ RECIPE_FLAGS = ('epochs', 'warmup_epochs', 'weight_decay', 'init_channels', 'lr_
 # stays (checked on its own); the others change only how the run is executed or logged.
 AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
 RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'amp',
-                     'no_channels_last', 'data', 'save', 'resume')
+                     'no_channels_last', 'data', 'save', 'resume', 'allow_unfinished')
+# What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
+CHECKPOINT_KEYS = ('epoch', 'model', 'optimizer', 'scheduler', 'arch', 'genotype', 'num_classes', 'global_batch',
+                   'args')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--preset', default=None, choices=sorted(IMAGENET_PRESETS),
                    help='a paper\'s ImageNet recipe for the flags not given (default: that of the method that found '
                         'the genotype, NOS\'s for cells of a paper without one; docs/retrain.md)')
+    p.add_argument('--allow_unfinished', action='store_true',
+                   help='no warning for the genotype.json of a search that has not finished')
     p.add_argument('--epochs', type=int, default=None, help='default 300 (NOS App. A.2); a chain genotype 240')
     p.add_argument('--batch_size', type=int, default=None,
                    help=f'per process; default {REFERENCE_BATCH} (a chain genotype: 1024) / number of processes')
@@ -228,6 +233,7 @@ def choose_recipe(args, genotype, label: str, chain: bool) -> str:
     return f'retraining recipe: --preset {args.preset} ({why}): {shown}; a flag given wins'
 
 
+@runs.holds_folder_lock
 def main(argv=None) -> dict | None:
     started = time.time()
     args = build_parser().parse_args(argv)
@@ -264,20 +270,21 @@ def main(argv=None) -> dict | None:
     # Every check that can fail runs on every rank before the process group exists, so a bad input ends
     # all processes with the same sentence instead of leaving some waiting in a collective.
     genotype_json = genotypes.to_json(genotype)
+    save, resume = runs.run_folder(args.save, args.resume, 'eval-imagenet', lock=rank == 0)
+    args.save = save  # the folder in use, as the checkpoint records it
     train_data, val_data = datasets.imagenet_folders(args.data)
     num_classes = len(train_data.classes)
-    save, resume = runs.run_folder(args.save, args.resume, 'eval-imagenet')
-    args.save = save  # the folder in use, as the checkpoint records it
     ckpt, changed = None, {}
     if resume is not None:
-        ckpt = runs.load_resume(resume, 'train_imagenet.py')
-        runs.check_genotype(ckpt, genotype_json, label, resume)
-        runs.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
-        runs.check_same('global batch', ckpt['global_batch'], global_batch, resume)
-        runs.check_same('lr_schedule', ckpt['args'].get('lr_schedule', 'linear'), args.lr_schedule, resume)
-        for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
-            runs.check_same(name, ckpt['args'][name], getattr(args, name), resume)
-        changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
+        ckpt = runs.load_resume(resume, 'train_imagenet.py', CHECKPOINT_KEYS)
+        with runs.restoring(resume):
+            runs.check_genotype(ckpt, genotype_json, label, resume)
+            runs.check_same('number of classes', ckpt['num_classes'], num_classes, resume)
+            runs.check_same('global batch', ckpt['global_batch'], global_batch, resume)
+            runs.check_same('lr_schedule', ckpt['args'].get('lr_schedule', 'linear'), args.lr_schedule, resume)
+            for name in ('layers', 'init_channels', 'auxiliary', 'epochs'):
+                runs.check_same(name, ckpt['args'][name], getattr(args, name), resume)
+            changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     cuda = device.type == 'cuda'
     amp_dtype = torch.bfloat16 if args.amp == 'bf16' else None  # opt-in: the papers trained in fp32
@@ -299,10 +306,15 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
           val_data, num_classes, save, resume, ckpt, global_batch, lr, changed=None, started=None,
           reference_batch=REFERENCE_BATCH, recipe=None):
     cuda = device.type == 'cuda'
+    if ckpt is not None and rank == 0:  # resumed into another --save: the run's history goes with it
+        runs.carry_over(resume, save, ('metrics.jsonl', 'log.txt'))
     logger = runs.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
     if recipe:
         logger.info(recipe)
     logger.info(f'args: {vars(args)}')
+    unfinished = None if args.allow_unfinished else runs.unfinished_search(args.genotype_file)
+    if unfinished:
+        logger.warning(unfinished)
     logger.info(f'genotype {label}: {genotype!r}')
     if rank == 0:
         genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
@@ -353,17 +365,18 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     start_epoch = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        start_epoch = ckpt['epoch']
+        with runs.restoring(resume):
+            model.load_state_dict(ckpt['model'])
+            runs.load_optimizer(optimizer, ckpt['optimizer'])
+            scheduler.load_state_dict(ckpt['scheduler'])
+            start_epoch = int(ckpt['epoch'])
         if 'learning_rate' in (changed or {}):  # the schedule goes on as if the run had started with it
             runs.set_learning_rate(optimizer, scheduler, lr)
         if rank == 0:
             runs.trim_jsonl(os.path.join(save, 'metrics.jsonl'), start_epoch)
         logger.info(f'resumed from {resume} after epoch {start_epoch}')
-        if runs.describe_changes(changed or {}, start_epoch):
-            logger.info(runs.describe_changes(changed, start_epoch))
+        if runs.describe_changes(changed or {}, start_epoch, args.epochs):
+            logger.info(runs.describe_changes(changed, start_epoch, args.epochs))
     board = runs.TensorBoard(save, args.tensorboard and rank == 0, start_epoch)
     net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
     if world > 1:
@@ -401,6 +414,9 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         val_local = utils.evaluate(net, val_loader, criterion, device, amp_dtype=amp_dtype,
                                    channels_last=channels_last)
         val = all_mean(list(val_local), float(len(val_indices)), device)
+        # no checkpoint of a diverged state: the weights about to be saved must be finite and their loss sane
+        utils.check_state({'model': net.state_dict(), 'optimizer': optimizer.state_dict()}, {'val_loss': val[0]},
+                          utils.loss_limit(num_classes), epoch=epoch, kept=epoch, checkpoint=ckpt_path, retry=retry)
         # the distinct unreadable images skipped so far, summed over the processes
         skipped = [round(v * world) for v in all_mean([float(train_data.skipped), float(val_data.skipped)], 1.,
                                                        device)]

@@ -61,8 +61,13 @@ DEFAULT_SAVE = 'runs/search'
 DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
 # The flags that may change when a search resumes (README "Resume"); every other flag defines the run and
 # must match the checkpoint's. A learning rate takes effect from the resumed epoch.
-RESUME_MAY_CHANGE = ('learning_rate', 'arch_learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'data',
-                     'teacher', 'save', 'resume', 'no_download', 'debug', 'tensorboard')
+RESUME_MAY_CHANGE = ('learning_rate', 'learning_rate_min', 'arch_learning_rate', 'momentum', 'weight_decay',
+                     'arch_weight_decay', 'grad_clip', 'workers', 'report_freq', 'gpu', 'device', 'data', 'teacher',
+                     'save', 'resume', 'no_download', 'debug', 'tensorboard')
+# What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
+CHECKPOINT_KEYS = ('epoch', 'model', 'optimizer', 'method', 'scheduler', 'settings')
+# What a search resumed into another --save carries over from its checkpoint's folder (runs.carry_over).
+RUN_FILES = ('search_log.jsonl', 'log.txt', 'genotype.json')
 AT_LEVELS = ('both', 'weights')  # Fig. 6: AGS in both levels, or in the weight step only (distillation only)
 # The methods (each file's class follows darts.DartsMethod's interface); a flag a user does not give takes the
 # method's paper value (its `defaults(args)`).
@@ -343,9 +348,10 @@ def make_scheduler(optimizer, args):
 
 
 def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, device, dtype, epoch, logger,
-                 report_freq, has_checkpoint, loss_limit=math.inf, checkpoint='', retry='') -> dict:
-    """One epoch of method.step; the validation batches cycle if the validation part is shorter. A loss
-    that is not finite or above `loss_limit` stops the run (utils.check_loss; `retry`: the advice's flags).
+                 report_freq, has_checkpoint, loss_limit=math.inf, checkpoint='', retry='') -> tuple:
+    """One epoch of method.step: (stats, the last training batch); the validation batches cycle if the
+    validation part is shorter. A loss that is not finite or above `loss_limit` stops the run
+    (utils.check_loss; `retry`: the advice's flags).
     Under torchrun the figures are the global batch's: the per-process sums are added in the one sync."""
     sums, counts = {}, {'train': 0, 'val': 0}
     progress = utils.Progress(len(train_loader), report_freq, logger, prefix=f'epoch {epoch + 1} ')
@@ -387,7 +393,7 @@ def search_epoch(method, optimizer, train_loader, val_loader, *, teacher, eta, d
     stats['train_acc'] = 100 * mean['train_correct']
     if 'val_correct' in mean:
         stats['val_acc'] = 100 * mean['val_correct']
-    return stats
+    return stats, (x, y)
 
 
 def held_out_accuracy(model, data, batch_size: int, workers: int, pin: bool, device, dtype) -> dict:
@@ -544,6 +550,7 @@ def check_processes(args, world: int) -> None:
                                   f'this machine; use one process per GPU')
 
 
+@runs.holds_folder_lock
 def main(argv=None) -> None:
     started = time.time()
     args = parse_args(argv)
@@ -551,20 +558,22 @@ def main(argv=None) -> None:
     world, rank, local_rank = utils.dist_env()
     check_processes(args, world)
     # --resume PATH without --save goes on in the checkpoint's own folder
-    args.save, args.resume = runs.run_folder(args.save, args.resume, 'search', default=DEFAULT_SAVE)
+    args.save, args.resume = runs.run_folder(args.save, args.resume, 'search', default=DEFAULT_SAVE,
+                                             lock=rank == 0)
     settings = settings_of(args)
     ckpt, changed = None, {}
     if args.resume:
-        ckpt = runs.load_resume(args.resume, 'train_search.py')
-        saved = {'fast': False, **ckpt.get('settings', {})}  # older checkpoints: the reference cells
-        if saved['fast'] != settings['fast']:
-            raise utils.UserError(f'checkpoint {args.resume} was made with the '
-                                  f'{"fast path" if saved["fast"] else "reference cells (--no_fast)"}, whose weights '
-                                  f'are laid out differently; resume {"without" if saved["fast"] else "with"} '
-                                  f'--no_fast')
-        for key, value in settings.items():
-            runs.check_same(key, saved.get(key), value, args.resume)
-        changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
+        ckpt = runs.load_resume(args.resume, 'train_search.py', CHECKPOINT_KEYS)
+        with runs.restoring(args.resume):
+            saved = {'fast': False, **ckpt['settings']}  # older checkpoints: the reference cells
+            if saved['fast'] != settings['fast']:
+                raise utils.UserError(f'checkpoint {args.resume} was made with the '
+                                      f'{"fast path" if saved["fast"] else "reference cells (--no_fast)"}, whose '
+                                      f'weights are laid out differently; resume '
+                                      f'{"without" if saved["fast"] else "with"} --no_fast')
+            for key, value in settings.items():
+                runs.check_same(key, saved.get(key), value, args.resume)
+            changed = runs.resume_flags(ckpt, args, RESUME_MAY_CHANGE, args.resume)
     device = utils.get_device(local_rank if world > 1 else args.gpu, args.device)
     data_stats = datasets.data_stats(args.dataset, args.data, args.image_size, args.save, ckpt, args.resume)
     train_data, val_data, val_plain, num_classes = search_data(args, data_stats)
@@ -578,7 +587,8 @@ def main(argv=None) -> None:
         import teacher
         path = args.teacher or teacher.default_teacher_path(datasets.dataset_name(args.dataset, args.data))
         classes = data_stats['classes'] if data_stats else None  # --dataset folder: the teacher's must match
-        teacher_net = teacher.load_teacher(path, args.dataset, device, classes=classes, image_size=args.image_size)
+        teacher_net = teacher.load_teacher(path, args.dataset, device, classes=classes, image_size=args.image_size,
+                                           how=runs.command('teacher.py', args))
     if world > 1:
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
@@ -620,6 +630,8 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
            data_stats, teacher_net, started) -> None:
     method_cls = METHODS[args.method]
     ckpt_path = os.path.join(args.save, 'checkpoint.pt')
+    if ckpt is not None and rank == 0:  # resumed into another --save: the run's history goes with it
+        runs.carry_over(args.resume, args.save, RUN_FILES)
     logger = runs.get_logger(args.save if rank == 0 else None, 'search', enabled=rank == 0, debug=args.debug)
     logger.info('args = %s', vars(args))
     notice = ours_notice(args)
@@ -681,20 +693,22 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
     log_path = os.path.join(args.save, 'search_log.jsonl')
     start_epoch = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        method.load_state_dict(ckpt['method'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        start_epoch = ckpt['epoch']
-        if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
+        with runs.restoring(args.resume):  # the flags' momentum, weight decay, ... replace the checkpoint's
+            model.load_state_dict(ckpt['model'])
+            runs.load_optimizer(optimizer, ckpt['optimizer'])
+            method.load_state_dict(ckpt['method'])
+            scheduler.load_state_dict(ckpt['scheduler'])
+            start_epoch = int(ckpt['epoch'])
+        if {'learning_rate', 'learning_rate_min'} & set(changed):  # the cosine schedule goes on as if the run
+            scheduler.eta_min = args.learning_rate_min               # had started with them
             runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
         dropped = runs.trim_jsonl(log_path, start_epoch) if rank == 0 else 0
         logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
         if dropped:
             logger.info('dropped %d line(s) of %s beyond the checkpoint (an epoch that was not saved, or a '
                         'line cut short by a kill)', dropped, log_path)
-        if runs.describe_changes(changed, start_epoch):
-            logger.info(runs.describe_changes(changed, start_epoch))
+        if runs.describe_changes(changed, start_epoch, args.epochs):
+            logger.info(runs.describe_changes(changed, start_epoch, args.epochs))
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
     board = runs.TensorBoard(args.save, args.tensorboard and rank == 0, start_epoch)
@@ -716,7 +730,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         logger.info('epoch %d/%d lr %e', epoch + 1, args.epochs, lr)
         start, cpu_start = time.time(), utils.cpu_seconds()
         method.start_epoch(epoch)
-        stats = search_epoch(method, optimizer, train_loader, val_loader, teacher=teacher_net, eta=lr,
+        stats, last_batch = search_epoch(method, optimizer, train_loader, val_loader, teacher=teacher_net, eta=lr,
                              device=device, dtype=dtype, epoch=epoch, logger=logger,
                              report_freq=args.report_freq, has_checkpoint=epoch > 0, loss_limit=limit,
                              checkpoint=ckpt_path, retry=retry)
@@ -730,6 +744,10 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         seconds = time.time() - start
         cpu = float(utils.all_sum(torch.tensor([utils.cpu_seconds() - cpu_start], dtype=torch.float64,
                                                device=device)).item())  # every process's
+        # no checkpoint of a diverged state: the weights about to be saved must be finite and their loss sane
+        utils.check_state({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                           'method': method.state_dict()}, {'loss': utils.state_loss(model, *last_batch)}, limit,
+                          epoch=epoch, kept=epoch, checkpoint=ckpt_path, retry=retry)
         genotype = genotypes.validate(method.genotype())
         importance = method.importance()
         check_same_architecture(model, importance, epoch)
@@ -752,7 +770,8 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
                         extra=runs.FILE_ONLY)
         if rank != 0:
             continue
-        record = {'epoch': epoch + 1, **stats, 'lr': lr, 'seconds': seconds, 'cpu_seconds': cpu, 'method': args.method,
+        record = {'epoch': epoch + 1, 'epochs': args.epochs, **stats, 'lr': lr, 'seconds': seconds, 'cpu_seconds': cpu,
+                  'method': args.method,
                   'space': args.space, 'genotype': json.loads(genotypes.to_json(genotype)),
                   'primitives': list(model.ops),
                   'importance': {k: np.asarray(v).round(6).tolist() for k, v in importance.items()}, **extra}
@@ -792,19 +811,20 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         ('genotype.json', 'the derived chain' if chain else 'the derived cell'),
         ('checkpoint.pt', 'the last epoch (--resume)'),
         ('result.json', 'settings, search cost, genotype'),
-    ], [f'python visualize.py {args.save}    (draw the {"chain" if chain else "cells"} and the importance)',
-        retrain_hint(args, genotype_path, model)], started)
+    ], [(f'{runs.command("visualize.py", None, args.save)}    (draw the {"chain" if chain else "cells"} and the '
+         f'importance)'), retrain_hint(args, genotype_path, model)], started)
 
 
 def retrain_hint(args, genotype_path: str, model) -> str:
-    """The command that retrains what the search found."""
+    """The command that retrains what the search found, on this machine and data (runs.command)."""
     if args.space != model_macro.SPACE:
-        return f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the cell)'
+        return f'{runs.command("train_cifar.py", args, genotype_file=genotype_path)}    (retrain the cell)'
     if model.layout == 'imagenet':
-        data = f' --data {args.data}' if args.dataset == 'imagenet' else ' --data PATH_TO_IMAGENET'
-        return f'python train_imagenet.py --genotype_file {genotype_path}{data}    (retrain the chain)'
-    return (f'python train_cifar.py --genotype_file {genotype_path} --dataset {args.dataset}    (retrain the chain, '
-            f'CIFAR-sized)')
+        data = args.data if args.dataset == 'imagenet' else 'PATH_TO_IMAGENET'
+        command = runs.command('train_imagenet.py', args, genotype_file=genotype_path, data=data,
+                               keep=('device', 'gpu', 'workers'))
+        return f'{command}    (retrain the chain)'
+    return f'{runs.command("train_cifar.py", args, genotype_file=genotype_path)}    (retrain the chain, CIFAR-sized)'
 
 
 def final_lookup(benchmark, genotype, lookup) -> dict:

@@ -5,6 +5,7 @@ torchrun helpers. Data sets live in data.py; logs, checkpoints and resume rules 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -54,9 +55,28 @@ def run_main(main) -> None:
         print(f'error: the run ran out of memory ({one_line(str(e))}); use a smaller --batch_size or a '
               f'smaller network (--init_channels, --layers)', file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in WRITE_FAILURES:
+            raise
+        print(f'error: {write_failure(e)}; every checkpoint written before is intact: make room (or fix the disk) '
+              f'and add --resume to the same command', file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+
+
+# What a failed write means, for the errors a full or broken disk gives (the class of "disk full while
+# writing"): a checkpoint write says so itself (runs.save_checkpoint); any other write of a run ends here.
+WRITE_FAILURES = {errno.ENOSPC: 'the disk is full', errno.EDQUOT: 'the disk quota is used up',
+                  errno.EFBIG: 'the file grew beyond the size this system allows',
+                  errno.EROFS: 'the file system is read-only'}
+
+
+def write_failure(e: OSError) -> str:
+    """'writing PATH failed: the disk is full' for an OSError of a write."""
+    why = WRITE_FAILURES.get(e.errno) or e.strerror or type(e).__name__
+    return f'writing {e.filename} failed: {why}' if e.filename else f'a write failed: {why}'
 
 
 def one_line(text: str) -> str:
@@ -401,13 +421,14 @@ def retry_learning_rate(current: float, default: float) -> float:
     return default if current > default else current / 10
 
 
-def check_loss(losses: dict, limit: float = math.inf, *, epoch: int | None = None, step: int = 0,
+def check_loss(losses: dict, limit: float = math.inf, *, epoch: int | None = None, step: int | None = 0,
                kept: int = 0, checkpoint: str = '', retry: str = '') -> None:
     """Stop a run whose loss is not finite or above `limit` (loss_limit), in one sentence: the epoch and
     step, the losses, what was kept, and what to run next. Shared by every training script.
 
-    losses: {name: value} of this step; epoch: 0-based; kept: epochs in the last checkpoint (0: none);
-    checkpoint: its path; retry: the flags that the advice adds, e.g. '--learning_rate 0.025'.
+    losses: {name: value} of this step; epoch: 0-based; step: 0-based, None for the weights at the end of the
+    epoch (check_state); kept: epochs in the last checkpoint (0: none); checkpoint: its path; retry: the flags
+    that the advice adds, e.g. '--learning_rate 0.025'.
     The advice works when followed: `--resume` continues from the checkpoint, and a changed
     --learning_rate takes effect from the resumed epoch (resume_flags, set_learning_rate).
     """
@@ -418,7 +439,17 @@ def check_loss(losses: dict, limit: float = math.inf, *, epoch: int | None = Non
         how = f'left the sensible range ({text}; the bound is {limit:.3g}, ten times chance level plus 10)'
     else:
         how = f'became non-finite ({text})'
-    where = f'at epoch {epoch + 1}, step {step + 1}' if epoch is not None else f'at step {step + 1}'
+    if step is None:
+        what, where = 'loss of the weights', f'at the end of epoch {epoch + 1}, so they were not saved'
+    else:
+        what = 'training loss'
+        where = f'at epoch {epoch + 1}, step {step + 1}' if epoch is not None else f'at step {step + 1}'
+    raise NonFiniteLoss(f'the {what} {how} {where}; {_advice(kept, checkpoint, retry)}')
+
+
+def _advice(kept: int, checkpoint: str, retry: str) -> str:
+    """What a diverged run says to do: resume from the last checkpoint (written only after its weights passed
+    check_state, so it can work) with other flags, or start again with them."""
     retry = retry or 'a lower --learning_rate'
     if kept:
         resume = f'--resume {checkpoint}' if checkpoint else '--resume'
@@ -426,7 +457,41 @@ def check_loss(losses: dict, limit: float = math.inf, *, epoch: int | None = Non
                  f'{retry}` to the same command to go on from it')
     else:
         after = f'no checkpoint was written yet: run the same command again with `{retry}`'
-    raise NonFiniteLoss(f'the training loss {how} {where}; {after} (or, if the data are at fault, check them)')
+    return f'{after} (or, if the data are at fault, check them)'
+
+
+def check_state(state, losses: dict, limit: float = math.inf, *, epoch: int, kept: int = 0,
+                checkpoint: str = '', retry: str = '') -> None:
+    """Refuse to checkpoint a diverged state: every floating tensor of `state` (what the checkpoint would hold:
+    weights, buffers, optimizer moments) finite, and `losses` (of those very weights: the epoch's evaluation,
+    or a forward pass after its last step) finite and within `limit`. A run whose last step blew its weights
+    up stops here with check_loss's sentence, and the checkpoint its advice names is the previous one, which
+    passed this check, rather than one that no learning rate can rescue."""
+    bad = [name for name, t in state_items(state)
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteLoss(f'the weights at the end of epoch {epoch + 1} hold non-finite values ({len(bad)} '
+                            f'tensor(s), the first {bad[0]}), so they were not saved; '
+                            f'{_advice(kept, checkpoint, retry)}')
+    check_loss(losses, limit, epoch=epoch, step=None, kept=kept, checkpoint=checkpoint, retry=retry)
+
+
+@torch.no_grad()
+def state_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion=F.cross_entropy) -> float:
+    """The loss of the current weights on one batch, in eval mode, leaving every generator as it was (a
+    Gumbel sample draws noise): what check_state needs where an epoch evaluates nothing (the search). Under
+    torchrun the mean over the processes' batches."""
+    was = model.training
+    devices = [x.device.index or 0] if x.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            logits, _ = _split_output(model(x))
+            loss = criterion(logits.float(), y) * x.shape[0]
+        finally:
+            model.train(was)
+    total = all_sum(torch.stack([loss.double(), loss.new_tensor(x.shape[0], dtype=torch.float64)]))
+    return (total[0] / total[1]).item()
 
 
 def _split_output(out):
@@ -557,15 +622,43 @@ def broadcast_state(module: nn.Module) -> None:
             torch.distributed.broadcast(t.data, 0)
 
 
-def state_checksum(tensors) -> str:
-    """sha256 of tensors (a state dict or a list), independent of their memory layout."""
+def state_items(state, name: str = ''):
+    """(key path, leaf) of a nested state (dicts, lists and tuples walked, in order): a checkpoint, a state
+    dict, a list of tensors. Paths join keys with '/' ('model/cells.0.weight', 'optimizer/state/3/...')."""
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield from state_items(v, f'{name}/{k}' if name else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            yield from state_items(v, f'{name}/{i}' if name else str(i))
+    else:
+        yield name, state
+
+
+def _plain(value) -> str:
+    """A plain value as text that does not depend on library versions (numpy 2 writes np.float64(0.1))."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    for kind in (bool, int, float):  # bool first: it is an int
+        if isinstance(value, kind):
+            return kind.__repr__(value)
+    if isinstance(value, (str, bytes)) or value is None:
+        return repr(value)
+    return type(value).__name__  # another object: only its kind counts
+
+
+def state_checksum(state) -> str:
+    """sha256 of a state (a checkpoint, a state dict, a list of tensors): every tensor's dtype, shape and bytes
+    (independent of its memory layout) and every plain value (numbers, strings), each with its key path."""
     import hashlib
     h = hashlib.sha256()
-    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
-    for name, t in items:
-        h.update(str(name).encode())
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, leaf in state_items(state):
+        if isinstance(leaf, (torch.Tensor, np.ndarray)):
+            t = torch.as_tensor(leaf).detach().cpu().contiguous()
+            h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(f'{name}={_plain(leaf)}'.encode())
     return h.hexdigest()
 
 

@@ -19,6 +19,9 @@ folder OUT/alphas_{normal,reduce}.FORMAT (the softmaxed A, epoch by epoch, the d
 outlined in the last panel) and OUT/alphas_evolution.FORMAT (one panel per cell type: every edge's op weights
 over the epochs in grey, the derived cell's choices in colour) through matplotlib (optional).
 
+A per-layer genotype (ADWPNAS) draws every layer's cell, OUT/cell_NN_{normal,reduce}.dot, and an ADWPNAS
+search folder (`search_adwp.py --save`) gets OUT/importance_cells.FORMAT: each cell's softmax(alpha) over its
+intensive candidates, the derived ops outlined.
 A staged genotype (AGNAS: one normal cell per stage, one cell per reduction) draws all its cells:
 OUT/normal_stage{1,2,3}.dot and OUT/reduce_{1,2}.dot. For an AGNAS search folder (`--method agnas`), the
 heatmaps are OUT/importance_cells.FORMAT: the mean gates of every supernet cell after the last epoch, each
@@ -66,6 +69,8 @@ KIND_MEANING = {'feature': 'feature op (outputs added, &#8853;)',
                 'dynamic': 'dynamic kernel (convolves, &#8855;)'}
 INPUT_FILL, SURROGATE_FILL, NODE_FILL, OUTPUT_FILL = 'darkseagreen2', 'gray92', 'lightblue', 'palegoldenrod'
 SEARCH_LOG = 'search_log.jsonl'
+# Methods whose every cell has its own importance (drawn cell by cell, `plot_importance`): what it is
+PER_CELL = {'agnas': 'AGNAS: mean gates', 'adwpnas': 'ADWPNAS: softmax(alpha) of the intensive candidates'}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,15 +143,32 @@ def cell_dot(cell, name: str = 'normal') -> str:
 
 def genotype_dots(genotype: Genotype) -> dict[str, str]:
     """{'normal': DOT, 'reduce': DOT} of a validated genotype; a staged one gives every cell (see
-    staged_dots), a chain genotype {'chain': DOT} (chain_dot)."""
+    staged_dots), a per-layer one every layer's (macro_dots), a NAS-Bench-201 cell {'cell': DOT}
+    (nb201_dot), a chain genotype {'chain': DOT} (chain_dot)."""
     genotype = genotypes.validate(genotype)
     if isinstance(genotype, genotypes.StagedGenotype):
         return staged_dots(genotype)
+    if isinstance(genotype, genotypes.MacroGenotype):
+        return macro_dots(genotype)
     if isinstance(genotype, genotypes.NB201Genotype):
         return {'cell': nb201_dot(genotype)}
     if isinstance(genotype, genotypes.ChainGenotype):
         return {'chain': chain_dot(genotype)}
+    if not isinstance(genotype, Genotype):  # a form without a drawing yet: one sentence, not a traceback
+        raise GenotypeError(f'visualize.py does not draw a {type(genotype).__name__} yet')
     return {'normal': cell_dot(genotype.normal, 'normal'), 'reduce': cell_dot(genotype.reduce, 'reduce')}
+
+
+def macro_dots(genotype: genotypes.MacroGenotype) -> dict[str, str]:
+    """A per-layer genotype's cells (ADWPNAS: one cell per layer): {'cell_00_normal': DOT, ...,
+    'cell_02_reduce': DOT, ...}, the reduction cells where the network has them."""
+    reductions = genotypes.reduction_layers(len(genotype.cells))
+    width = len(str(len(genotype.cells) - 1))
+    dots = {}
+    for i, cell in enumerate(genotype.cells):
+        name = f'cell_{i:0{width}d}_{"reduce" if i in reductions else "normal"}'
+        dots[name] = cell_dot(cell, name)
+    return dots
 
 
 def nb201_dot(genotype: genotypes.NB201Genotype) -> str:
@@ -361,7 +383,7 @@ def read_search_log(path: str) -> list[dict]:
                 raise UserError(f'{path} line {n} is not valid JSON; the file is damaged (a search writes one '
                                 f'JSON object per epoch)') from None
             needed = ({'importance'} if rec.get('space') == 'proxyless'  # the chain's one table
-                      else {'importance', 'cell_genotypes'} if rec.get('method') == 'agnas'  # gates, not A
+                      else {'importance', 'cell_genotypes'} if rec.get('method') in PER_CELL  # per cell, not A
                       else {'alphas_normal'} if rec.get('space') == 'nb201'  # one matrix
                       else {'alphas_normal', 'alphas_reduce'})
             missing = ({'epoch', 'primitives'} | needed) - set(rec)
@@ -389,6 +411,7 @@ def load_input(arg: str) -> tuple[Genotype, list[dict] | None, str]:
                             f'folder, a genotype.json or a genotype name in genotypes.py')
         return genotype, records, os.path.join(arg, 'plots')
     if os.path.isfile(arg) or arg.endswith('.json') or os.sep in arg:
+        runs.refuse_checkpoint(arg, 'the argument')
         genotype = genotypes.load(genotype_file=arg)  # GenotypeError names a missing or malformed file
         stem = os.path.splitext(os.path.basename(arg))[0]
         return genotype, None, os.path.join(os.path.dirname(arg) or '.', f'plots_{stem}')
@@ -612,8 +635,9 @@ def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') ->
 
 
 def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
-    """AGNAS: a heatmap of each supernet cell's mean gates (edges x ops) after the last epoch, the cell's own
-    derived ops outlined, and the cells that the staged genotype took named in the panel titles."""
+    """A method with an importance per cell (PER_CELL): a heatmap of each supernet cell's (edges x ops) after
+    the last epoch, the cell's own derived ops outlined; AGNAS's mean gates, with the cells that the staged
+    genotype took named in the panel titles, and ADWPNAS's softmax(alpha_l) over its candidates."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -675,8 +699,9 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
             chosen = []
         for r, c in chosen:
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.5))
-    fig.colorbar(im, ax=axes, shrink=0.5, label='mean gate')
-    fig.suptitle(f'AGNAS: mean gates of each supernet cell, epoch {last["epoch"]}, edges (rows) x ops '
+    what = PER_CELL.get(last.get('method'), PER_CELL['agnas'])
+    fig.colorbar(im, ax=axes, shrink=0.5, label=what.split(': ')[1])
+    fig.suptitle(f'{what} of each supernet cell, epoch {last["epoch"]}, edges (rows) x ops '
                  f'(columns); red boxes: each cell\'s derived ops')
     path = os.path.join(out, f'importance_cells.{fmt}')
     fig.savefig(path, dpi=130)
@@ -794,7 +819,7 @@ def main(argv=None) -> None:
         written += plot_nb201(nb201_runs, out, args.format)
     elif records is not None and records[-1].get('space') == 'proxyless':
         written += plot_chain_importance(records, out, args.format)
-    elif records is not None and records[-1].get('method') == 'agnas':
+    elif records is not None and records[-1].get('method') in PER_CELL:
         written += plot_importance(records, out, args.format)
     elif records is not None:
         written += plot_alphas(records, out, args.format)
