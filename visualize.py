@@ -788,6 +788,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     adwp = [a for a in args.genotype if os.path.isfile(os.path.join(a, ADWP_SPACE))]
+    written = []
     if adwp:  # search_adwp.py folders: Fig. 4 and Fig. 5 (several runs drawn together)
         if len(adwp) < len(args.genotype):
             raise UserError('search_adwp.py folders are drawn together only with other search_adwp.py folders; '
@@ -795,10 +796,12 @@ def main(argv=None) -> None:
         out = args.out or os.path.join(adwp[0], 'plots')
         runs.check_folder(out, '--out')
         os.makedirs(out, exist_ok=True)
-        for path in plot_adwp([(os.path.basename(os.path.normpath(a)), *read_adwp_run(a)) for a in adwp], out,
-                              args.format):
-            print(f'wrote {path}')
-        return
+        written = plot_adwp([(os.path.basename(os.path.normpath(a)), *read_adwp_run(a)) for a in adwp], out,
+                            args.format)
+        if len(adwp) > 1:  # one folder also gets its per-layer cells and per-cell alphas, below
+            for path in written:
+                print(f'wrote {path}')
+            return
     inputs = [load_input(a) for a in args.genotype]
     nb201_runs = [(os.path.basename(os.path.normpath(a)) + f' ({recs[-1].get("method", "?")})', recs)
                   for a, (g, recs, _) in zip(args.genotype, inputs)
@@ -814,7 +817,7 @@ def main(argv=None) -> None:
     for name, text in dots.items():
         with open(os.path.join(out, f'{name}.dot'), 'w') as f:
             f.write(text)
-    written = render_cells(dots, out, args.format)
+    written += render_cells(dots, out, args.format)
     if nb201_runs:
         written += plot_nb201(nb201_runs, out, args.format)
     elif records is not None and records[-1].get('space') == 'proxyless':
