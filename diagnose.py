@@ -617,8 +617,10 @@ def edge_record(search: Search, e: Edge) -> dict:
     if done:
         top_imp = done[int(np.argmax(imp))]
         best = max(acc)
+        # with ties at the top, the most important op matches when it is among the most accurate; a random
+        # pick matches as often as those tied ops are
         record.update(top_importance=ops[e.ops[top_imp]], top_accuracy=ops[e.ops[done[acc.index(best)]]],
-                      match=e.accuracy[top_imp] == best)
+                      match=e.accuracy[top_imp] == best, match_chance=acc.count(best) / len(acc))
     ranked = sorted(e.importance, reverse=True)
     record['margin'] = ranked[0] - ranked[1] if len(ranked) > 1 else None
     if len(done) >= 2:
@@ -643,7 +645,7 @@ def summarise(records: list[dict]) -> dict:
                       'mean_tau_loss': float(np.mean(losses)) if losses else None,
                       'random_band': random_tau_band(sizes),
                       'top1_match': float(np.mean([r['match'] for r in rs])),
-                      'top1_chance': float(np.mean([1 / n for n in sizes]))}
+                      'top1_chance': float(np.mean([r['match_chance'] for r in rs]))}
     return out
 
 

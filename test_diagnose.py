@@ -6,6 +6,8 @@ import itertools
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ TINY = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers
         '--batch_size', '8', '--synthetic_size', '32', '--report_freq', '0']
 QUICK = ['--device', 'cpu', '--workers', '0', '--batches', '1', '--no_plots']
 LOG = logging.getLogger('test_diagnose')
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def search_run(tmp_path_factory, name, *flags):
@@ -442,3 +445,21 @@ def test_agnas_gated_edge_keeps_its_gate():
         b = ref(x)
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert not torch.allclose(a, fast(x))
+
+
+@pytest.mark.slow  # two processes start torch: ~20 s of the suite's budget
+def test_torchrun_splits_the_edges_and_gathers_them(darts_run, capsys):
+    """Two processes (gloo on the CPU), the edges split between them: rank 0 writes what one process writes."""
+    args = ['--edges', 'normal:1,reduce:3,normal:2']
+    one = diagnose_run(capsys, darts_run, *args)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+                           'diagnose.py', darts_run, *args, *QUICK], cwd=HERE, env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(os.path.join(darts_run, 'diagnose.json')) as f:
+        two = json.load(f)
+    assert two['cost']['processes'] == 2 and two['cost']['evaluations'] == one['cost']['evaluations']
+    for key in ('supernet', 'derived', 'summary'):
+        assert two[key] == one[key]
+    assert two['edges'] == one['edges']
