@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import darts
 import datasets
@@ -78,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('run_dir', help='a train_search.py --save folder (or its checkpoint.pt)')
     p.add_argument('--edges', default='all',
-                   help='all | a comma list of: normal, reduce, cellI (all their edges), normal:R, reduce:R, '
-                        'cellI:R (row R: an index or a label such as 1->2)')
+                   help='all | none (the importance density only) | a comma list of: normal, reduce, cellI (all '
+                        'their edges), normal:R, reduce:R, cellI:R (row R: an index or a label such as 1->2), '
+                        'layerI (the ProxylessNAS chain)')
     p.add_argument('--only_ops', default=None, help='comma list of ops: rank only these (default: every alive op)')
     p.add_argument('--batches', type=int, default=None, help='evaluate on the first N batches of the held-out half')
     p.add_argument('--batch_size', type=int, default=None, help='default: the search\'s')
@@ -249,6 +251,7 @@ def load_search(path: str, device, data: str | None = None) -> Search:
     importance = {k: np.asarray(v, dtype=np.float64) for k, v in method.importance().items()}
     if not importance:
         raise utils.UserError(f'{path} holds no importance yet (the search has not finished an epoch)')
+    model._criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # the search's (fine-tuning)
     model.tau = None  # no Gumbel sample: every evaluation is deterministic
     if hasattr(model, 'set_skip_dropout'):
         model.set_skip_dropout(0.)
@@ -476,11 +479,12 @@ class Evaluator:
                         t.copy_(s)
 
     def _finetune(self) -> None:
+        """The search's weight step (its optimizer, loss and clip; no teacher) on the fine-tuning batches."""
         args, model = self.search.args, self.model
-        optimizer = torch.optim.SGD(model.weights(), self.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        optimizer = train_search.make_optimizer(model, args, self.lr)
         model.train()
         for x, y in self.finetune:
-            darts.weight_step(model, optimizer, x, y, None, 0., args.grad_clip)
+            darts.weight_step(model, optimizer, x, y, None, 0., args.grad_clip, args.grad_clip_by or 'norm')
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float]:
@@ -843,6 +847,21 @@ def spread(search: Search) -> dict:
 # The run
 
 
+def importance_only(search: Search, args, logger) -> dict:
+    """--edges none: how densely the importance values crowd (EoiNAS Fig. 5), without evaluating anything."""
+    result = {'kind': 'diagnose', 'run': os.path.abspath(search.folder), 'method': search.args.method,
+              'space': search.args.space, 'ops': list(search.model.ops), 'settings': {'edges': 'none'},
+              'spread': spread(search)}
+    runs.write_json(os.path.join(search.folder, 'diagnose.json'), result)
+    for group, s in result['spread'].items():
+        gap = 'n/a' if s['mean_top2_gap'] is None else f'{s["mean_top2_gap"]:.4g}'
+        logger.info('%s: %d importance values, standard deviation %.4g, mean gap between an edge\'s two most '
+                    'important ops %s', group, s['values'], s['std'], gap)
+    written = [] if args.no_plots else [os.path.basename(p) for p in plot(search.folder, search, [], logger)]
+    logger.info('wrote %s in %s', ', '.join(['diagnose.json'] + written), search.folder)
+    return result
+
+
 def main(argv=None) -> dict | None:
     started, cpu_started = time.time(), time.process_time()
     args = parse_args(argv)
@@ -861,6 +880,8 @@ def main(argv=None) -> dict | None:
     if derive and (args.edges.strip() != 'all' or args.only_ops):
         raise utils.UserError('--derive accuracy derives a whole genotype, so it needs every edge and op: drop '
                               '--edges and --only_ops')
+    if args.edges.strip() == 'none':  # EoiNAS Fig. 5 alone: the importance values, no evaluation
+        return importance_only(search, args, logger)
     edges = parse_edges(search, args.edges, args.only_ops, keep_single=derive)
     batches, finetune, images = load_batches(search, args, device)
     lr = args.finetune_lr or search.args.learning_rate

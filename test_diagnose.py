@@ -272,6 +272,10 @@ def test_darts_checkpoint(darts_run, capsys):
     assert result['cost']['evaluations'] == 2 * 8 + 2 and result['settings']['rest'] == 'softmax'
     with open(os.path.join(darts_run, 'diagnose.csv')) as f:
         assert len(f.read().strip().splitlines()) == 1 + 2 * 8
+    density = diagnose_run(capsys, darts_run, '--edges', 'none')   # EoiNAS Fig. 5's values alone
+    values = search.importance['normal'].flatten()
+    assert density['spread']['normal']['values'] == 112 and 'edges' not in density
+    assert density['spread']['normal']['std'] == pytest.approx(values.std())
 
 
 def test_eoinas_checkpoint_with_pruned_ops(eoinas_run, capsys):

@@ -332,6 +332,13 @@ def check_chain_args(args) -> None:
                               f'have; drop --lambda_at')
 
 
+def make_optimizer(model, args, lr: float | None = None):
+    """The weights' SGD (diagnose.py's fine-tuning builds the same one, at its own `lr`)."""
+    return torch.optim.SGD(utils.decay_groups(model, model.weights(), args.weight_decay, args.weight_decay_on),
+                           args.learning_rate if lr is None else lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, nesterov=bool(args.nesterov))
+
+
 def make_scheduler(optimizer, args):
     """The weights' learning rate per epoch: cosine (DARTS) or linear (the authors' ProxylessNAS-space search,
     which steps it per batch) from --learning_rate down to --learning_rate_min."""
@@ -649,9 +656,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         model = utils.convert_sync_batchnorm(model)
     if teacher_net is not None:
         teacher_net.to(dtype)
-    optimizer = torch.optim.SGD(utils.decay_groups(model, model.weights(), args.weight_decay, args.weight_decay_on),
-                                args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
-                                nesterov=bool(args.nesterov))
+    optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     method = method_cls(model, args)
     size = model.search_space_size()
