@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import agnas
 import darts
 import datasets
 import genotypes
@@ -235,6 +236,11 @@ def load_search(path: str, device, data: str | None = None) -> Search:
     vars(args).update(saved)
     if data is not None:
         args.data = data
+    if args.method == 'agnas' and args.space == 'nos':
+        raise utils.UserError(f'{path} is an AGNAS search over the NOS space (this repo\'s experimental combination), '
+                              f'whose gated edges read their attention and dynamic ops\' descriptors off '
+                              f'skip_connect\'s output, so an edge cannot keep one op alone; diagnose AGNAS on the '
+                              f'darts, nb201 or proxyless space')
     stats = ckpt.get('data_stats')
     classes = len(stats['classes']) if stats else datasets.num_classes(args.dataset, args.data)
     dtype = torch.float64 if args.double else torch.float32
@@ -251,11 +257,26 @@ def load_search(path: str, device, data: str | None = None) -> Search:
     importance = {k: np.asarray(v, dtype=np.float64) for k, v in method.importance().items()}
     if not importance:
         raise utils.UserError(f'{path} holds no importance yet (the search has not finished an epoch)')
+    if model.method == 'agnas' and not getattr(model, 'fast', True) and not gated_edges_restrictable():
+        raise utils.UserError(f'{path} is an AGNAS search on the reference cells (--no_fast or --sync_bn), whose '
+                              f'gated edges cannot yet compute a subset of their ops; diagnose a search made '
+                              f'on the fast path (the default)')
     model._criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # the search's (fine-tuning)
     model.tau = None  # no Gumbel sample: every evaluation is deterministic
     if hasattr(model, 'set_skip_dropout'):
         model.set_skip_dropout(0.)
     return Search(folder, args, model, method, importance, method.genotype(), dtype, data_stats=stats)
+
+
+def gated_edges_restrictable() -> bool:
+    """Whether agnas.AttentionMixedOp (AGNAS's reference edge) computes only its `active` ops, as the fast
+    path's gated edges do under an alive mask: a two-op edge, once with both ops, once with one."""
+    edge = agnas.AttentionMixedOp(2, 1, ['avg_pool_3x3', 'skip_connect']).eval()
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = edge(x)[0]
+        edge.active = [1]
+        return not torch.equal(full, edge(x)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,25 +440,19 @@ def one_hot(o: int, n: int) -> list[float]:
 
 def cannot_run(search: Search, restriction: dict) -> str | None:
     """Why the supernet cannot run under this restriction, or None: on the NOS space an inner node must keep
-    a first-tier edge with a feature op; AGNAS over NOS reads an attention or dynamic op's descriptor off the
-    edge's skip_connect output, so such an op needs skip_connect on its edge."""
+    a first-tier edge that computes a feature op."""
     if search.chain or search.args.space != 'nos':
         return None
     model = search.model
-    kinds = [op_kind(o) for o in model.ops]
-    skip = model.ops.index('skip_connect') if 'skip_connect' in model.ops else None
+    feature = [op_kind(o) == 'feature' for o in model.ops]
     for i in {i for i, _ in restriction}:
         alive = [list(r) for r in alive_rows(search, i)]
         for (j, r), (kept, _) in restriction.items():
             if j == i:
                 alive[r] = [o in kept for o in range(len(model.ops))]
-                if model.method == 'agnas' and (skip is None or skip not in kept) and any(
-                        kinds[o] in ('attention', 'dynamic') for o in kept):
-                    return 'needs skip_connect on its edge'
         offset = 0
         for k in range(genotypes.STEPS):
-            if not any(alive[r][o] and kinds[o] == 'feature' for r in range(offset, offset + k + 2)
-                       for o in range(len(kinds))):
+            if not any(alive[r][o] and feature[o] for r in range(offset, offset + k + 2) for o in range(len(feature))):
                 return f'leaves node {k + 2} without a feature op'
             offset += k + 2
     return None

@@ -42,8 +42,8 @@ def darts_run(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def eoinas_run(tmp_path_factory):  # two prunes: 6 of the 8 ops alive on every edge
-    return search_run(tmp_path_factory, 'eoinas', '--method', 'eoinas', '--space', 'darts', '--epochs', '2',
+def eoinas_run(tmp_path_factory):  # on the NOS space; two prunes: 9 of the 11 ops alive on every edge
+    return search_run(tmp_path_factory, 'eoinas', '--method', 'eoinas', '--space', 'nos', '--epochs', '2',
                       '--eoi_warmup', '0', '--prune_every', '1')
 
 
@@ -280,14 +280,15 @@ def test_darts_checkpoint(darts_run, capsys):
 
 def test_eoinas_checkpoint_with_pruned_ops(eoinas_run, capsys):
     search = diagnose.load_search(eoinas_run, torch.device('cpu'))
-    alive = search.model.alive_normal[1].tolist()
-    assert sum(alive) == 6
-    result = diagnose_run(capsys, eoinas_run, '--edges', 'normal:1')
+    alive = search.model.alive_normal[14].tolist()
+    assert sum(alive) == 9
+    result = diagnose_run(capsys, eoinas_run, '--edges', "normal:2'->2")   # NOS's second tier, by its label
     edge = result['edges'][0]
-    assert edge['ops'] == [o for o, a in zip(genotypes.DARTS_PRIMITIVES, alive) if a]   # only the alive ops
-    assert edge['importance'] == pytest.approx([search.importance['normal'][1][o] for o in range(8) if alive[o]])
-    pruned = genotypes.DARTS_PRIMITIVES[alive.index(False)]
-    fails_with(capsys, [eoinas_run, '--edges', 'normal:1', '--only_ops', pruned] + QUICK, pruned, 'pruned')
+    assert edge['edge'] == 'normal:14' and edge['ops'] == [o for o, a in zip(genotypes.PRIMITIVES, alive) if a]
+    assert edge['importance'] == pytest.approx([search.importance['normal'][14][o] for o in range(11) if alive[o]])
+    assert None not in edge['accuracy']
+    pruned = genotypes.PRIMITIVES[alive.index(False)]
+    fails_with(capsys, [eoinas_run, '--edges', 'normal:14', '--only_ops', pruned] + QUICK, pruned, 'pruned')
 
 
 def test_agnas_checkpoint(agnas_run, capsys):
@@ -296,6 +297,11 @@ def test_agnas_checkpoint(agnas_run, capsys):
     assert result['settings']['rest'] == 'gates' and result['edges'][0]['cells'] == [2]
     assert result['edges'][0]['importance'] == pytest.approx(search.importance['cell 2'][1].tolist())
     fails_with(capsys, [agnas_run, '--rest', 'argmax'] + QUICK, '--rest', 'gates')
+    ckpt = runs.load_checkpoint(agnas_run)   # AGNAS over NOS (ours) cannot keep one op alone: refused
+    ckpt['args']['space'] = 'nos'
+    nos = os.path.join(os.path.dirname(agnas_run), 'agnas-nos')
+    runs.save_checkpoint(ckpt, os.path.join(nos, 'checkpoint.pt'))
+    fails_with(capsys, [nos] + QUICK, 'NOS space', 'skip_connect')
 
 
 def test_edges_name_cell_types_cells_and_rows(darts_run, agnas_run):
