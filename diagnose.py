@@ -25,8 +25,8 @@ own `build_model` from the checkpoint's flags and loaded from it; its importance
 - Evaluation: the held-out half (the images that trained A, without augmentation), in eval mode: BatchNorm
   uses the running statistics of the search (`--bn batch`: each batch's own statistics, the stored ones left
   as they were). `--finetune_steps K` first takes K weight steps (the search's step, on K fixed batches of
-  the training half) with the edge discretised, as AGNAS §6.1 and DARTS-PT do; every weight and statistic
-  is restored before the next candidate.
+  the training half) with the edge discretised, as DARTS-PT does (AGNAS §6.1 does not say); every weight
+  and statistic is restored before the next candidate.
 - `--derive accuracy`: DARTS-PT's perturbation rule (Wang et al., ICLR 2021, "Rethinking Architecture
   Selection in Differentiable NAS"): removing op o from its edge costs the supernet acc - acc(without o);
   the method's own derivation then runs on that matrix of costs instead of its importance. Written to
@@ -73,7 +73,6 @@ BN_MODES = ('running', 'batch')
 DERIVE = ('accuracy',)
 MAX_PRELOAD_BYTES = 2 << 30  # the evaluation batches are kept on the device when they fit in this
 TIE_BREAK = 1e-6        # --derive accuracy: a loss increase breaks ties between equal accuracy costs
-OUTPUTS = ('diagnose.json', 'diagnose.csv', 'genotype_accuracy.json')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
