@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import agnas
 import darts
 import datasets
 import genotypes
@@ -63,6 +62,7 @@ import train_search
 import utils
 import visualize
 from genotypes import op_kind
+from model_search import resolve_ops
 
 LEVEL = 0.95            # the central share of random rankings' tau that the band holds
 BAND_DRAWS = 20000      # seeded draws of the mean tau when the edges have different op counts
@@ -235,11 +235,12 @@ def load_search(path: str, device, data: str | None = None) -> Search:
     vars(args).update(saved)
     if data is not None:
         args.data = data
-    if args.method == 'agnas' and args.space == 'nos':
-        raise utils.UserError(f'{path} is an AGNAS search over the NOS space (this repo\'s experimental combination), '
-                              f'whose gated edges read their attention and dynamic ops\' descriptors off '
+    if args.method == 'agnas' and args.space == 'nos' and any(
+            op_kind(o) in ('attention', 'dynamic') for o in resolve_ops(args.space, args.ops)):
+        raise utils.UserError(f'{path} is an AGNAS search over NOS\'s attention or dynamic ops (this repo\'s '
+                              f'experimental combination), whose gated edges read those ops\' descriptors off '
                               f'skip_connect\'s output, so an edge cannot keep one op alone; diagnose AGNAS on the '
-                              f'darts, nb201 or proxyless space')
+                              f'darts, nb201 or proxyless space, or over --ops feature')
     stats = ckpt.get('data_stats')
     classes = len(stats['classes']) if stats else datasets.num_classes(args.dataset, args.data)
     dtype = torch.float64 if args.double else torch.float32
@@ -256,26 +257,11 @@ def load_search(path: str, device, data: str | None = None) -> Search:
     importance = {k: np.asarray(v, dtype=np.float64) for k, v in method.importance().items()}
     if not importance:
         raise utils.UserError(f'{path} holds no importance yet (the search has not finished an epoch)')
-    if model.method == 'agnas' and not getattr(model, 'fast', True) and not gated_edges_restrictable():
-        raise utils.UserError(f'{path} is an AGNAS search on the reference cells (--no_fast or --sync_bn), whose '
-                              f'gated edges cannot yet compute a subset of their ops; diagnose a search made '
-                              f'on the fast path (the default)')
     model._criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # the search's (fine-tuning)
     model.tau = None  # no Gumbel sample: every evaluation is deterministic
     if hasattr(model, 'set_skip_dropout'):
         model.set_skip_dropout(0.)
     return Search(folder, args, model, method, importance, method.genotype(), dtype, data_stats=stats)
-
-
-def gated_edges_restrictable() -> bool:
-    """Whether agnas.AttentionMixedOp (AGNAS's reference edge) computes only its `active` ops, as the fast
-    path's gated edges do under an alive mask: a two-op edge, once with both ops, once with one."""
-    edge = agnas.AttentionMixedOp(2, 1, ['avg_pool_3x3', 'skip_connect']).eval()
-    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = edge(x)[0]
-        edge.active = [1]
-        return not torch.equal(full, edge(x)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

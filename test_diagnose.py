@@ -53,6 +53,11 @@ def agnas_run(tmp_path_factory):
                       '--layers', '5')
 
 
+@pytest.fixture(scope='module')
+def gdas_run(tmp_path_factory):
+    return search_run(tmp_path_factory, 'gdas', '--method', 'gdas', '--epochs', '1')
+
+
 NB201 = ['--space', 'nb201', '--batch_size', '4', '--synthetic_size', '8', '--epochs', '1']
 
 
@@ -301,7 +306,16 @@ def test_agnas_checkpoint(agnas_run, capsys):
     ckpt['args']['space'] = 'nos'
     nos = os.path.join(os.path.dirname(agnas_run), 'agnas-nos')
     runs.save_checkpoint(ckpt, os.path.join(nos, 'checkpoint.pt'))
-    fails_with(capsys, [nos] + QUICK, 'NOS space', 'skip_connect')
+    fails_with(capsys, [nos] + QUICK, 'over NOS', 'skip_connect')
+
+
+def test_gdas_checkpoint(gdas_run, capsys):
+    """GDAS's weights only ran one op per edge: the other edges take their strongest op alone by default."""
+    result = diagnose_run(capsys, gdas_run, '--edges', 'reduce:3')
+    search = diagnose.load_search(gdas_run, torch.device('cpu'))
+    assert result['method'] == 'gdas' and result['settings']['rest'] == 'argmax'
+    assert result['edges'][0]['importance'] == pytest.approx(search.importance['reduce'][3].tolist())
+    assert diagnose_run(capsys, gdas_run, '--edges', 'reduce:3', '--rest', 'softmax')['edges'][0]['accuracy'] != [None] * 8
 
 
 def test_edges_name_cell_types_cells_and_rows(darts_run, agnas_run):
@@ -450,6 +464,8 @@ def test_agnas_gated_edge_keeps_its_gate():
 
     with torch.no_grad(), fast.restrict_edges({(0, 1): ([o], None)}):
         a = fast(x)
+    with torch.no_grad(), ref.restrict_edges({(0, 1): ([o], None)}):   # the reference's gated edges: the same
+        torch.testing.assert_close(ref(x), a, rtol=1e-9, atol=1e-9)
     edge.forward = kept_alone
     with torch.no_grad():
         b = ref(x)
