@@ -242,7 +242,8 @@ def load_search(path: str, device, data: str | None = None) -> Search:
                               f'skip_connect\'s output, so an edge cannot keep one op alone; diagnose AGNAS on the '
                               f'darts, nb201 or proxyless space, or over --ops feature')
     stats = ckpt.get('data_stats')
-    classes = len(stats['classes']) if stats else datasets.num_classes(args.dataset, args.data)
+    classifier = ckpt.get('model', {}).get('classifier.weight')
+    classes = len(classifier) if classifier is not None else datasets.num_classes(args.dataset, args.data)
     dtype = torch.float64 if args.double else torch.float32
     cls = train_search.METHODS[args.method]
     model = cls.build_model(args, classes).to(device, dtype)
@@ -501,18 +502,17 @@ class Evaluator:
 
 
 def load_batches(search: Search, args, device):
-    """(evaluation batches, fine-tuning batches, images): the held-out half in order, and --finetune_steps
-    batches of the training half drawn with --seed; both without augmentation."""
+    """(evaluation batches, fine-tuning batches, images): the held-out half in order, without augmentation
+    (the images A was searched on, as the search split them: train_search.search_data), and --finetune_steps
+    batches of the training half drawn with --seed."""
     s = search.args
-    data = datasets.get_dataset(s.dataset, s.data, train=True, synthetic_size=s.synthetic_size,
-                                image_size=getattr(s, 'image_size', 32), stats=search.data_stats, augment=False)
-    train_idx, val_idx = datasets.search_split(len(data), s.train_portion)
+    train, _, held_out, _ = train_search.search_data(s, search.data_stats)
     batch = args.batch_size or s.batch_size
     pin = device.type == 'cuda'
-    loader = datasets.make_loader(torch.utils.data.Subset(data, val_idx), batch, False, args.workers, pin=pin)
+    loader = datasets.make_loader(held_out, batch, False, args.workers, pin=pin)
     limit = len(loader) if args.batches is None else min(args.batches, len(loader))
-    x0, _ = data[val_idx[0]]
-    nbytes = min(len(val_idx), limit * batch) * x0.numel() * (8 if search.dtype == torch.float64 else 4)
+    images = min(len(held_out), limit * batch)
+    nbytes = images * held_out[0][0].numel() * (8 if search.dtype == torch.float64 else 4)
 
     def move(x, y):
         return x.to(device, search.dtype, non_blocking=True), y.to(device, non_blocking=True)
@@ -520,9 +520,9 @@ def load_batches(search: Search, args, device):
     def take(loader, n):
         out = []
         for x, y in loader:
+            out.append(move(x, y))
             if len(out) == n:
                 break
-            out.append(move(x, y))
         return out
 
     if nbytes <= MAX_PRELOAD_BYTES:
@@ -537,11 +537,12 @@ def load_batches(search: Search, args, device):
     finetune = []
     if args.finetune_steps:
         g = torch.Generator().manual_seed(args.seed)
-        train = datasets.make_loader(torch.utils.data.Subset(data, train_idx), batch, True, args.workers,
-                                     generator=g, pin=pin, drop_last=len(train_idx) >= batch)
+        utils.set_seed(args.seed)  # the augmentation of the batches, drawn once for every candidate
+        loader = datasets.make_loader(train, batch, True, args.workers, generator=g, pin=pin,
+                                      drop_last=len(train) >= batch)
         while len(finetune) < args.finetune_steps:
-            finetune += take(train, args.finetune_steps - len(finetune))
-    return batches, finetune, min(len(val_idx), limit * batch)
+            finetune += take(loader, args.finetune_steps - len(finetune))
+    return batches, finetune, images
 
 
 def rest_restriction(search: Search, rest: str) -> dict:
