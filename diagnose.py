@@ -91,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--finetune_steps', type=int, default=0, help='weight steps after discretising, per candidate')
     p.add_argument('--finetune_lr', type=float, default=None, help='default: the search\'s --learning_rate')
     p.add_argument('--derive', default=None, help='accuracy: also derive a genotype by DARTS-PT\'s rule (ours)')
+    p.add_argument('--variants', default=None, metavar='CELL:G',
+                   help='EoiNAS Fig. 1: write the derived genotype once per op on gene G of its normal or reduce '
+                        'cell (a classic DARTS cell), to retrain each with train_cifar.py; the gene\'s edge is '
+                        'measured too')
     p.add_argument('--seed', type=int, default=0, help='draws the --finetune_steps batches')
     p.add_argument('--benchmark', default=None, metavar='PATH',
                    help='NAS-Bench-201: look the genotypes up in this file (default: the search\'s --benchmark)')
@@ -848,6 +852,53 @@ def spread(search: Search) -> dict:
 # The run
 
 
+def variant_gene(search: Search, spec: str) -> tuple[str, int, int]:
+    """(cell type, gene index, supernet row) of --variants CELL:G, a gene of the search's classic cell."""
+    g = search.genotype
+    if not (isinstance(g, genotypes.Genotype) and genotypes.is_classic(g.normal)):
+        raise utils.UserError(f'--variants replaces the op of one (op, input) pair of a classic DARTS cell '
+                              f'(EoiNAS Fig. 1); this search derived a {type(g).__name__} on --space '
+                              f'{search.args.space}: drop --variants')
+    kind, _, gene = spec.partition(':')
+    if kind not in ('normal', 'reduce') or not gene.isdigit() or int(gene) >= len(g.normal):
+        raise utils.UserError(f'--variants {spec!r} names no gene; use normal:G or reduce:G, G from 0 to '
+                              f'{len(g.normal) - 1} (the (op, input) pairs of genotype.json, in order)')
+    gene = int(gene)
+    node = gene // 2
+    return kind, gene, sum(2 + k for k in range(node)) + getattr(g, kind)[gene][1]
+
+
+def write_variants(search: Search, spec: str, records: list[dict], logger) -> str:
+    """EoiNAS Fig. 1: the derived genotype with the op of one gene replaced by each other alive op of its
+    edge, written as RUN_DIR/variants/CELLG_OP.json, and variants.json: each op's importance on that edge
+    (and its discretised accuracy when this run measured the edge), for plotting against the retrained
+    accuracies."""
+    kind, gene, row = variant_gene(search, spec)
+    g, model = search.genotype, search.model
+    cell = list(getattr(g, kind))
+    chosen, source = cell[gene]
+    folder = os.path.join(search.folder, 'variants')
+    os.makedirs(folder, exist_ok=True)
+    measured = next((r for r in records if r['edge'] == f'{kind}:{row}'), None)
+    alive = model._alive_lists[int(kind == 'reduce')][row]
+    entries = []
+    for o, op in enumerate(model.ops):
+        if op == 'none' or not alive[o]:
+            continue
+        variant = g._replace(**{kind: cell[:gene] + [(op, source)] + cell[gene + 1:]})
+        path = os.path.join(folder, f'{kind}{gene}_{op}.json')
+        genotypes.save(genotypes.validate(variant), path)
+        accuracy = measured['accuracy'][measured['ops'].index(op)] if measured and op in measured['ops'] else None
+        entries.append({'op': op, 'selected': op == chosen, 'importance': float(search.importance[kind][row][o]),
+                        'discretised_accuracy': accuracy, 'genotype_file': path})
+    runs.write_json(os.path.join(folder, 'variants.json'),
+                    {'gene': f'{kind}:{gene}', 'edge': f'{kind}:{row}', 'input': source, 'variants': entries})
+    logger.info('wrote %d variants of gene %s:%d (edge %s:%d) in %s; retrain each: python train_cifar.py '
+                '--genotype_file %s', len(entries), kind, gene, kind, row, folder,
+                os.path.join(folder, f'{kind}{gene}_OP.json'))
+    return folder
+
+
 def importance_only(search: Search, args, logger) -> dict:
     """--edges none: how densely the importance values crowd (EoiNAS Fig. 5), without evaluating anything."""
     result = {'kind': 'diagnose', 'run': os.path.abspath(search.folder), 'method': search.args.method,
@@ -881,8 +932,17 @@ def main(argv=None) -> dict | None:
     if derive and (args.edges.strip() != 'all' or args.only_ops):
         raise utils.UserError('--derive accuracy derives a whole genotype, so it needs every edge and op: drop '
                               '--edges and --only_ops')
+    if args.variants:  # a bad gene is refused before anything is evaluated; its edge is measured too
+        kind, _, row = variant_gene(search, args.variants)
+        if args.edges.strip() not in ('all', 'none'):
+            args.edges += f',{kind}:{row}'
     if args.edges.strip() == 'none':  # EoiNAS Fig. 5 alone: the importance values, no evaluation
-        return importance_only(search, args, logger)
+        if rank != 0:
+            return None
+        result = importance_only(search, args, logger)
+        if args.variants:
+            write_variants(search, args.variants, [], logger)
+        return result
     edges = parse_edges(search, args.edges, args.only_ops, keep_single=derive)
     batches, finetune, images = load_batches(search, args, device)
     lr = args.finetune_lr or search.args.learning_rate
@@ -955,6 +1015,8 @@ def main(argv=None) -> dict | None:
     logger.info('\n%s', format_table(search, records, summary, result))
     if not args.no_plots:
         written += [os.path.basename(p) for p in plot(search.folder, search, records, logger)]
+    if args.variants:
+        written.append(os.path.relpath(write_variants(search, args.variants, records, logger), search.folder))
     logger.info('%d evaluations in %.1f s (%.1f s of CPU time); wrote %s in %s', count, time.time() - started,
                 cpu, ', '.join(written), search.folder)
     if derive:  # on this machine (diagnose's --device/--gpu) and the search's data (runs.command)

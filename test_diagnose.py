@@ -283,6 +283,24 @@ def test_darts_checkpoint(darts_run, capsys):
     assert density['spread']['normal']['std'] == pytest.approx(values.std())
 
 
+def test_variants_replace_one_gene(darts_run, nb201_run, capsys):
+    """EoiNAS Fig. 1: the derived genotype once per op on one gene (its edge's importance beside each)."""
+    diagnose_run(capsys, darts_run, '--edges', 'none', '--variants', 'normal:3')
+    search = diagnose.load_search(darts_run, torch.device('cpu'))
+    with open(os.path.join(darts_run, 'variants', 'variants.json')) as f:
+        listed = json.load(f)
+    op, source = search.genotype.normal[3]
+    row = 2 + source   # gene 3 is node 1's second input: rows 2, 3, 4 are its edges
+    assert listed['edge'] == f'normal:{row}' and len(listed['variants']) == 7   # every op but none
+    for v in listed['variants']:
+        genotype = genotypes.load(genotype_file=v['genotype_file'])
+        assert genotype.normal[3] == (v['op'], source) and v['selected'] == (v['op'] == op)
+        assert genotype.normal[:3] == search.genotype.normal[:3] and genotype.reduce == search.genotype.reduce
+        assert v['importance'] == pytest.approx(search.importance['normal'][row][genotypes.DARTS_PRIMITIVES.index(v['op'])])
+    fails_with(capsys, [darts_run, '--variants', 'normal:8'] + QUICK, 'no gene', '0 to 7')
+    fails_with(capsys, [nb201_run, '--variants', 'normal:0'] + QUICK, 'classic DARTS cell')
+
+
 def test_eoinas_checkpoint_with_pruned_ops(eoinas_run, capsys):
     search = diagnose.load_search(eoinas_run, torch.device('cpu'))
     alive = search.model.alive_normal[14].tolist()
