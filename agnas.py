@@ -38,7 +38,7 @@ import genotypes
 import model_macro
 import utils
 from model_search import MixedOp, resolve_ops, stage_layout
-from model_search_fast import FastEdges, Network
+from model_search_fast import FastEdges, NB201Edges, Network
 from operations import GateAttention, GateStatistics, dynamic_conv
 
 # The AGNAS search settings (agnas.md §3) for the flags whose argparse default is None (methods.md).
@@ -290,14 +290,51 @@ class FastGatedEdges(GateStatistics, FastEdges):
         return out
 
 
+class NB201FastGatedEdges(GateStatistics, NB201Edges):
+    """AGNAS's gated edges of one NAS-Bench-201 source group on the fast path: model_search_fast.NB201Edges's
+    op outputs for its K edges, weighed by K GateAttentions instead of A; the same computation as K
+    `AttentionMixedOp`s (test_nb201_fast.py proves it). NB201's ops are all feature ops, so the gate arithmetic
+    is FastGatedEdges's over DARTS's space, and its methods are reused as they are: one mean pools every
+    stacked entry (a pool or identity entry serves all the source's edges), the K attention modules run as two
+    grouped 1x1 convs, and the weighted sums are one per-sample, per-channel contraction."""
+
+    plain = True  # feature ops only: each descriptor is GAP(o(x))
+    _gated_index = FastGatedEdges._gated_index
+    _const = FastGatedEdges._const
+    mix = FastGatedEdges.mix
+
+    def __init__(self, C: int, ops: list[str], K: int, track_running_stats: bool = True, normalize: bool = False):
+        super().__init__(C, ops, K, track_running_stats)
+        m = self.m = len(ops)
+        self.ops = list(ops)
+        self.normalize = normalize  # as AttentionMixedOp's (build_network: raw gates on NB201)
+
+        def linear(*shape):  # nn.Linear's initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            return nn.Parameter(torch.empty(*shape, 1).uniform_(-shape[1] ** -0.5, shape[1] ** -0.5))
+
+        self.gate_fc1 = linear(K * C, m * C)   # W1 of every edge (Eq. 5; hidden width m*C / r = C)
+        self.gate_fc2 = linear(K * m * C, C)   # W2 of every edge (Eq. 5)
+        self.reset_importance()
+
+    def from_plain(self, mixed: list, ops: list[str], get) -> dict:
+        out = super().from_plain(mixed, ops, get)
+        for name, attr in (('gate_fc1', 'fc1'), ('gate_fc2', 'fc2')):
+            ts = [get(getattr(e.attention, attr).weight) for e in mixed]
+            if all(t is not None for t in ts):
+                out[name] = torch.cat(ts).unsqueeze(-1)
+        return out
+
+
 def build_network(C: int, num_classes: int, layers: int, criterion=None, space: str = 'darts', ops=None,
                   **kwargs) -> Network:
     """AGNAS's supernet: model_search.Network with gated edges and no architecture parameters (with
-    fast=True, the fast path's FastGatedEdges). Over NOS the gates are normalised whatever the op set."""
+    fast=True, the fast path's FastGatedEdges; on NAS-Bench-201, NB201FastGatedEdges). Over NOS the gates are
+    normalised whatever the op set."""
     normalize = space == 'nos'
+    fast_edges = NB201FastGatedEdges if space == 'nb201' else FastGatedEdges
     return Network(C, num_classes, layers, criterion, space=space, ops=ops, method='agnas',
                    mixed_op=functools.partial(AttentionMixedOp, normalize=normalize),
-                   fast_edges=functools.partial(FastGatedEdges, normalize=normalize), **kwargs)
+                   fast_edges=functools.partial(fast_edges, normalize=normalize), **kwargs)
 
 
 def gated_edges(model: Network) -> list[GateStatistics]:

@@ -205,8 +205,8 @@ class DartsMethod:
     @classmethod
     def fast(cls, args) -> bool:
         # --sync_bn converts BatchNorm modules; the fast path's BatchNorms are functional, so it runs the
-        # reference cells (README "The fast search path"); NAS-Bench-201 and the ProxylessNAS chain have one path
-        return not args.no_fast and not args.sync_bn and args.space not in ('nb201', model_macro.SPACE)
+        # reference cells (README "The fast search path"); the ProxylessNAS chain has one path
+        return not args.no_fast and not args.sync_bn and args.space != model_macro.SPACE
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:

@@ -461,7 +461,7 @@ class Network(nn.Module):
                                **self._extra_config())
         # the alive masks from this network's CPU copy of them, before the move: no read from the device
         model_new.set_alive(*(torch.tensor(rows, dtype=torch.bool) for rows in self._alive_lists))
-        model_new.to(next(self.parameters()).device)
+        model_new.to(next(self.parameters()))  # device and dtype (--double --unrolled)
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
                 x.copy_(y)

@@ -23,6 +23,9 @@ dropout)`): the softmax of A, or a Gumbel-softmax sample; with alive masks an op
 source group is not computed, and dead (edge, op) pairs weigh exactly 0. A method whose edges weigh
 themselves (AGNAS) passes its own group of edges (`fast_edges`, agnas.FastGatedEdges), which overrides
 `FastEdges.mix`.
+
+NAS-Bench-201's cell (`--space nb201`) has its own section below (`NB201FastCell`, `NB201Edges`, `NB201Plan`):
+the same source-group idea on its one-input cell, proven equal to model_search.NB201Cell by test_nb201_fast.py.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import genotypes
 import model_search
 from operations import dynamic_conv
 
@@ -836,16 +840,254 @@ def _node(c: dict, like: torch.Tensor, shape) -> torch.Tensor:
     return out + f * c['SA'] if 'SA' in c else out
 
 
+# -- NAS-Bench-201 ------------------------------------------------------------------------------------------
+# NB201's cell (model_search.NB201Cell) by source group: the edges from node j to the later nodes read the same
+# input, so each conv op over them is ONE convolution with (edges x C) output channels after ONE ReLU of the
+# input, one non-affine BatchNorm covers every conv output of the group, the pool and the identity are
+# computed once per source, and the weighted sum over ops and edges is one contraction (`_contract`) that
+# also adds what the earlier groups gave the same nodes (coefficient 1). Under an alive mask a conv runs only
+# over the edges where it is alive (EoiNAS prunes edge by edge); the pool and the identity run when alive
+# on any edge of the group, weighed 0 on the others.
+
+NB201_CONVS = {'nor_conv_1x1': 1, 'nor_conv_3x3': 3}  # ReLU -> Conv k x k (with bias) -> BN (affine off)
+
+
+def _nb201_groups() -> list[dict]:
+    """The source groups of NB201's cell, in the order the cell runs them: node j (0, 1, 2) feeds the nodes
+    j+1..3; 'rows' (one source): the rows of A of those edges, in target order (genotypes.NB201_EDGES)."""
+    nodes = genotypes.NB201_NODES
+    return [{'sources': (j,), 'targets': tuple(range(j + 1, nodes)),
+             'rows': [[genotypes.NB201_EDGES.index((i, j)) for i in range(j + 1, nodes)]]}
+            for j in range(nodes - 1)]
+
+
+class _NB201Layout:
+    """What one NB201 group computes under an alive mask, and where its contraction weights come from.
+
+    `convs`: op -> the edges (0..K-1) where it is alive, ops dead on every edge left out; `pool`, `identity`:
+    alive on some edge; `skip_edges`: under EoiNAS's skip dropout, the edges whose identity is alive (each
+    draws its own mask, so each is its own entry), else None. `index['F']` lists per target k the flat index
+    of each stack entry's coefficient in [A.flatten(), 0, 1] (FastPlan.prepare gathers them): the conv
+    entries (op by op, then edge), the pool, the identity (x sources, or x skip_edges), then the K pending
+    sums of the earlier groups (`fold`: coefficient `one` on the diagonal). Also what agnas's gated `mix`
+    reads of a layout (`rows`, `ncol`, `zero`, `one`, `alive`: the whole mask; no attention or dynamic ops).
+    """
+    sa = ca = False
+    dyn = ()
+
+    def __init__(self, spec: dict, ops: list[str], alive, zero: int, one: int, fold: bool, dropout: bool):
+        col = {name: i for i, name in enumerate(ops)}
+        ncol = len(ops)
+        (rows,) = spec['rows']
+        self.rows, self.ncol, self.zero, self.one, self.alive = spec['rows'], ncol, zero, one, alive
+        K = len(rows)
+
+        def edges(name):
+            return [k for k in range(K) if name in col and alive[rows[k]][col[name]]]
+
+        def coef(name, k):
+            return rows[k] * ncol + col[name] if alive[rows[k]][col[name]] else zero
+
+        self.convs = {n: edges(n) for n in ops if n in NB201_CONVS and edges(n)}
+        self.pool = bool(edges('avg_pool_3x3'))
+        self.identity = bool(edges('skip_connect'))
+        self.skip_edges = edges('skip_connect') if dropout and self.identity else None
+        f = []
+        for k in range(K):
+            row = [coef(n, k) if e == k else zero for n, es in self.convs.items() for e in es]
+            if self.pool:
+                row.append(coef('avg_pool_3x3', k))
+            if self.skip_edges:
+                row += [coef('skip_connect', k) if e == k else zero for e in self.skip_edges]
+            elif self.identity:
+                row.append(coef('skip_connect', k))
+            f.append(row)
+        self.fold = fold and bool(f[0])  # a group that computes nothing passes the pending sums on as they are
+        if self.fold:
+            f = [row + [one if j == k else zero for j in range(K)] for k, row in enumerate(f)]
+        self.index = {'F': f} if f[0] else {}
+
+
+class NB201Plan(FastPlan):
+    """FastPlan for NAS-Bench-201's one cell type: its three source groups and their layouts per alive mask;
+    `prepare(weights, alive, dropout)` (one gather of every group's contraction weights) is FastPlan's."""
+
+    def __init__(self, ops: list[str]):  # FastPlan's attributes, for NB201's groups
+        self.ops = list(ops)
+        self.groups = _nb201_groups()
+        self.rows = len(genotypes.NB201_EDGES)
+        self._layouts, self._index, self._tail = {}, {}, {}
+
+    def layouts(self, alive=None, dropout: bool = False) -> tuple[list[_NB201Layout], tuple]:
+        if alive is None:
+            alive = [[True] * len(self.ops)] * self.rows
+        elif isinstance(alive, torch.Tensor):
+            alive = alive.tolist()
+        alive = [[bool(v) for v in row] for row in alive]
+        if len(alive) != self.rows or any(len(row) != len(self.ops) for row in alive):
+            raise ValueError(f'the alive mask must be {self.rows} x {len(self.ops)} (rows x ops)')
+        key = (tuple(map(tuple, alive)), dropout)
+        if key not in self._layouts:
+            zero = self.rows * len(self.ops)
+            self._layouts[key] = [_NB201Layout(spec, self.ops, alive, zero, zero + 1, g > 0, dropout)
+                                  for g, spec in enumerate(self.groups)]
+        return self._layouts[key], key
+
+
+class NB201Edges(nn.Module):
+    """All K edges leaving one node of an NB201 cell, every op at once (see the section comment).
+
+    Parameters: per conv op its K edges' weights and biases stacked edge by edge ((K*C, C, k, k), (K*C,));
+    buffers (with track_running_stats): the running statistics of one BatchNorm over [1x1 convs | 3x3 convs],
+    each K*C channels, edge-major. `forward(x, coef, layout, pending)` returns the group's sums for its K
+    targets, (N, K, C, H, W), the pending sums of the earlier groups included. `from_plain` assembles the
+    tensors from the reference's MixedOps of these edges.
+    """
+
+    def __init__(self, C: int, ops: list[str], K: int, track_running_stats: bool = True):
+        super().__init__()
+        self.C, self.K, self.E, self.S = C, K, K, 1  # E, S: what agnas's gated `mix` reads (one source)
+        self.track = track_running_stats
+        self.convs = [n for n in ops if n in NB201_CONVS]
+        self.skip_dropout = 0.  # EoiNAS: dropout after each edge's skip_connect (MixedOp.skip_dropout)
+        self._cache = {}
+
+        def param(*shape):  # nn.Conv2d's initialisation (the Network loads the reference's weights anyway)
+            bound = math.prod(shape[1:]) ** -0.5 if len(shape) > 1 else C ** -0.5
+            return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+        k = NB201_CONVS
+        self.weight = nn.ParameterDict({n: param(K * C, C, k[n], k[n]) for n in self.convs})
+        self.bias = nn.ParameterDict({n: param(K * C) for n in self.convs})  # bias=not affine, as the benchmark's
+        if track_running_stats and self.convs:
+            self.register_buffer('bn_mean', torch.zeros(len(self.convs) * K * C))
+            self.register_buffer('bn_var', torch.ones(len(self.convs) * K * C))
+
+    def _ranges(self, n: str, edges, per_op: bool) -> list[tuple[int, int]]:
+        """Channel ranges of op n's `edges` in its weight (per_op False) or in the BatchNorm's buffers."""
+        a = self.convs.index(n) * self.K * self.C if per_op else 0
+        return _merge([(a + e * self.C, a + (e + 1) * self.C) for e in edges])
+
+    def _rows(self, t: torch.Tensor, ranges) -> torch.Tensor:
+        """Rows of t in `ranges`: a view when they are adjacent (always, with nothing pruned)."""
+        if len(ranges) == 1:
+            a, b = ranges[0]
+            return t if (a, b) == (0, t.shape[0]) else t[a:b]
+        key = (tuple(ranges), t.device)
+        if key not in self._cache:
+            self._cache[key] = torch.cat([torch.arange(a, b) for a, b in ranges]).to(t.device)
+        return t.index_select(0, self._cache[key])
+
+    def _batch_norm(self, z: torch.Tensor, lay: _NB201Layout) -> torch.Tensor:
+        if not self.track:  # the batch's statistics in training and evaluation alike
+            return F.batch_norm(z, None, None, None, None, True, BN_MOMENTUM, BN_EPS)
+        ranges = _merge([r for n, es in lay.convs.items() for r in self._ranges(n, es, True)])
+        mean, var = self._rows(self.bn_mean, ranges), self._rows(self.bn_var, ranges)
+        out = F.batch_norm(z, mean, var, None, None, self.training, BN_MOMENTUM, BN_EPS)
+        if self.training and len(ranges) > 1:  # gathered (pruned edges in between): write the updates back
+            idx = self._cache[(tuple(ranges), z.device)]
+            with torch.no_grad():
+                self.bn_mean.index_copy_(0, idx, mean)
+                self.bn_var.index_copy_(0, idx, var)
+        return out
+
+    def forward(self, x: torch.Tensor, coef: dict, lay: _NB201Layout, pending=None) -> torch.Tensor:
+        N, C, H, W = x.shape
+        xs = iter(_fan_out(x, bool(lay.convs) + lay.pool + lay.identity))
+        entries = []
+        if lay.convs:  # one ReLU, one conv per op over its alive edges, one BatchNorm over them all
+            r = F.relu(next(xs))
+            z = []
+            for n, es in lay.convs.items():
+                ranges = self._ranges(n, es, False)
+                z.append(F.conv2d(r, self._rows(self.weight[n], ranges), self._rows(self.bias[n], ranges),
+                                  padding=NB201_CONVS[n] // 2))
+            entries.append(self._batch_norm(torch.cat(z, 1) if len(z) > 1 else z[0], lay))
+        if lay.pool:  # once per source: the same on every edge from it (no BN after it in NB201)
+            entries.append(F.avg_pool2d(next(xs), 3, 1, 1, count_include_pad=False))
+        if lay.skip_edges:  # each edge's own dropout mask, as each reference MixedOp draws its own
+            entries.append(F.dropout(_per_edge(next(xs), 1, len(lay.skip_edges)), self.skip_dropout,
+                                     self.training))
+        elif lay.identity:
+            entries.append(next(xs))
+        if not entries:  # every edge of the group is `none`: it adds nothing
+            return pending if pending is not None else x.new_zeros(N, self.K, C, H, W)
+        if lay.fold:
+            entries.append(pending.reshape(N, -1, H, W))
+        stack = torch.cat(entries, 1) if len(entries) > 1 else entries[0]
+        return self.mix({'F': stack.view(N, -1, C, H, W)}, coef, lay)['F']
+
+    def mix(self, stacks: dict, coef: dict, lay, skip=None) -> dict:
+        """The weighted sum over ops and edges: stacks['F'] (N, Q, C, H, W) -> (N, K, C, H, W), one
+        contraction with the (K, Q) coefficients FastPlan.prepare gathered (agnas's gated edges override it)."""
+        t = stacks['F']
+        return {'F': _contract(t.flatten(2), coef['F']).view(t.shape[0], -1, *t.shape[2:])}
+
+    def from_plain(self, mixed: list, ops: list[str], get) -> dict:
+        """This group's parameters and buffers from the reference MixedOps of its edges (`mixed[k]`: the edge
+        to its k-th target), `get(t)` applied to each reference tensor (see FastEdges.from_plain)."""
+        col = {n: i for i, n in enumerate(ops)}
+
+        def cat(ts):  # None (no gradient, or a buffer's) when any piece is None
+            ts = [get(t) for t in ts]
+            return None if any(t is None for t in ts) else torch.cat(ts)
+
+        out = {}
+        for n in self.convs:
+            convs = [m._ops[col[n]] for m in mixed]  # ReLUConvBN: [ReLU, Conv2d, BatchNorm2d]
+            out[f'weight.{n}'] = cat([op[1].weight for op in convs])
+            out[f'bias.{n}'] = cat([op[1].bias for op in convs])
+        if self.track and self.convs:
+            for stat in ('mean', 'var'):
+                out[f'bn_{stat}'] = cat([getattr(m._ops[col[n]][2], f'running_{stat}') for n in self.convs
+                                         for m in mixed])
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class NB201FastCell(nn.Module):
+    """The fast path of model_search.NB201Cell: its three source groups (node 0 -> 1, 2, 3; node 1 -> 2, 3;
+    node 2 -> 3) in turn, each group's contraction adding the pending sums of the earlier ones, so that node
+    j + 1 is complete when group j is done. `forward(x, weights)` takes the FastWeights of NB201Plan.prepare.
+    `edges`: a method's own group of edges (agnas.NB201FastGatedEdges)."""
+    reduction = False
+
+    def __init__(self, C: int, ops: list[str], track_running_stats: bool = True, edges=None):
+        super().__init__()
+        self.specs = _nb201_groups()
+        edges = edges or NB201Edges
+        self.groups = nn.ModuleList(edges(C, ops, len(spec['targets']), track_running_stats)
+                                    for spec in self.specs)
+
+    def forward(self, x: torch.Tensor, weights: FastWeights) -> torch.Tensor:
+        node, pending = x, None
+        for group, coef, lay in zip(self.groups, weights.split(), weights.layouts):
+            out = group(node, coef, lay, pending)  # (N, K, C, H, W): the sums of node j's K targets
+            if out.shape[1] == 1:
+                node = out.squeeze(1)
+            else:  # one split (one op in the backward, where a slice and a select would be three)
+                node, pending = out.split([1, out.shape[1] - 1], 1)
+                node = node.squeeze(1)
+        return node
+
+    def from_plain(self, plain: nn.Module, ops: list[str], get) -> dict:
+        """Every parameter (and, with get=detach, buffer) of this cell from the reference NB201Cell `plain`."""
+        out = {}
+        for i, (spec, group) in enumerate(zip(self.specs, self.groups)):
+            for name, t in group.from_plain([plain._ops[r] for r in spec['rows'][0]], ops, get).items():
+                out[f'groups.{i}.{name}'] = t
+        return out
+
 
 class Network(model_search.Network):
     """`model_search.Network` with a choice of path (DARTS's signature first, then `fast`, `fast_edges`).
 
-    fast: False builds the readable per-edge cells (DartsCell / NOSCell, the reference); True builds
-    FastCell, the same search in fewer, larger kernels (equal to the reference up to float round-off,
+    fast: False builds the readable per-edge cells (DartsCell / NOSCell / NB201Cell, the reference); True builds
+    FastCell (NB201FastCell), the same search in fewer, larger kernels (equal to the reference up to float round-off,
     test_fast_search.py). Its parameters are the reference's stacked by source group, and it starts from the
     reference's initial weights (same seed, same network); `load_plain(plain)` copies a reference network
     into it. Its state_dict has the fast layout.
-    fast_edges: with method 'agnas' and fast=True, the fast path's gated group of edges (agnas.FastGatedEdges).
+    fast_edges: with method 'agnas' and fast=True, the fast path's gated group of edges (agnas.FastGatedEdges;
+    on NAS-Bench-201 agnas.NB201FastGatedEdges).
 
     With alive masks (`set_alive`), the fast path does not compute an op that is dead on every edge of a
     source group, and weighs dead (edge, op) pairs 0.
@@ -855,8 +1097,6 @@ class Network(model_search.Network):
                  multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None,
                  method: str = 'darts', mixed_op=None, fast: bool = False, fast_edges=None,
                  track_running_stats: bool = True):
-        if fast and space == 'nb201':  # NAS-Bench-201's fast cells: not yet; its reference cells run
-            raise ValueError('the NAS-Bench-201 space runs on the reference cells (fast=False)')
         if fast and method == 'agnas' and fast_edges is None:
             raise ValueError("method='agnas' with fast=True needs the fast path's gated edges: build it with "
                              "agnas.build_network, or pass fast_edges=agnas.FastGatedEdges")
@@ -866,11 +1106,27 @@ class Network(model_search.Network):
         self._fast_edges = fast_edges
         if not fast:
             return
+        if space == 'nb201':
+            self._build_nb201_fast(fast_edges, track_running_stats)
+            return
         self._fast_plans = {r: FastPlan(steps, space, self.ops, r) for r in (False, True)}
         for i, ref in enumerate(self.cells):
             # the reference cell's initial weights: one seed, one search, whichever the path
             with torch.random.fork_rng(devices=[]):
                 cell = FastCell(steps, multiplier, *ref.shape, self.ops, space, fast_edges)
+            cell.load_state_dict(cell.from_plain(ref, self.ops, torch.Tensor.detach))
+            self.cells[i] = cell
+
+    def _build_nb201_fast(self, fast_edges, track_running_stats: bool) -> None:
+        """NB201FastCell in place of every NB201Cell, from its initial weights (one matrix A, one plan)."""
+        edges = getattr(fast_edges, 'func', fast_edges)  # a class, or a functools.partial of one
+        if edges is not None and not issubclass(edges, NB201Edges):
+            raise ValueError(f'the NAS-Bench-201 cells take a group of NB201Edges, not {edges.__name__}')
+        self._fast_plans = {False: NB201Plan(self.ops)}
+        n = self._layers // 3
+        for i, ref in enumerate(self.cells):
+            with torch.random.fork_rng(devices=[]):
+                cell = NB201FastCell(self._C * 2 ** (i // n), self.ops, track_running_stats, fast_edges)
             cell.load_state_dict(cell.from_plain(ref, self.ops, torch.Tensor.detach))
             self.cells[i] = cell
 

@@ -671,7 +671,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         logger.info('method %s; search space (%s, %d ops: %s): %.2e cells per cell type by the paper\'s formula, '
                     '%.2e exact', args.method, args.space, len(model.ops), ', '.join(model.ops), size['paper'],
                     size['exact'])
-    logger.info('search cells: %s', 'the fast path (model_search_fast.FastCell)' if model.fast else
+    logger.info('search cells: %s', f'the fast path (model_search_fast.{type(model.cells[0]).__name__})' if model.fast else
                 'the per-edge reference cells' + ('' if args.no_fast else ' (this setting has no fast path)'))
     n_weights = utils.count_params(model)
     logger.info('param size = %.6fMB (%d weights)', n_weights / 1e6, n_weights)
