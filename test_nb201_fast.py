@@ -108,7 +108,7 @@ def test_pruned_pairs_are_not_computed_and_weigh_nothing():
     plain.set_alive(alive)
     fast.set_alive(alive)
     (x, y), = batches(1, 2, 2)
-    (weights,) = fast.cell_weights()
+    weights = fast.prepare_weights(fast.cell_weights()[0], False)  # the FastWeights every cell takes
     alive_convs = int(alive[:, [ops.index('nor_conv_1x1'), ops.index('nor_conv_3x3')]].sum())
     fast.eval()  # (so that these forwards leave the running statistics alone)
     for cell in fast.cells:  # each cell alone: its convolutions' output channels
@@ -255,3 +255,20 @@ def test_one_seed_builds_the_same_network_and_the_methods_take_the_fast_path():
     with pytest.raises(ValueError, match='NB201Edges'):
         Network(C, CLASSES, LAYERS, space='nb201', method='agnas', mixed_op=agnas.AttentionMixedOp, fast=True,
                 fast_edges=agnas.FastGatedEdges)
+
+
+def test_restricted_edges_equal_the_reference():
+    """diagnose.py's restricted edges (Network.restrict_edges) on NB201's fast cells: an edge discretised to
+    one op in two cells, an op removed, a whole edge removed; the same output as the reference cells."""
+    plain, fast = pair()
+    plain.eval(), fast.eval()
+    (x, _), = batches(1, 10, 2)
+    one_hot = [0., 0., 0., 1., 0.]
+    for edges in ({(0, 1): ([3], one_hot), (2, 1): ([3], one_hot)}, {(1, 3): ([0, 1, 3, 4], None)},
+                  {(0, 5): ([], None)}):
+        with torch.no_grad(), plain.restrict_edges(edges):
+            expected = plain(x)
+        with torch.no_grad(), fast.restrict_edges(edges):
+            out = fast(x)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(out, fast(x))
