@@ -286,10 +286,13 @@ COUNT_ROWS = (  # (label, method, space, AGS, fast): the DARTS reference first; 
     ('AGNAS, DARTS space, fast', 'agnas', 'darts', False, True),
     ('AGNAS, NOS, plain', 'agnas', 'nos', False, False),
     ('AGNAS, NOS, fast', 'agnas', 'nos', False, True),
-    # NAS-Bench-201's search network (15 cells at --init_channels; reference cells: its fast path is owed)
+    # NAS-Bench-201's search network (15 cells at --init_channels)
     ('NB201, darts, plain', 'darts', 'nb201', False, False),
+    ('NB201, darts, fast', 'darts', 'nb201', False, True),
     ('NB201, EoiNAS, plain', 'eoinas', 'nb201', False, False),
+    ('NB201, EoiNAS, fast', 'eoinas', 'nb201', False, True),
     ('NB201, AGNAS, plain', 'agnas', 'nb201', False, False),
+    ('NB201, AGNAS, fast', 'agnas', 'nb201', False, True),
 )
 NB201_LAYERS = 15  # the benchmark's N = 5 cells per stage, whatever --layers says for the other rows
 
