@@ -299,9 +299,11 @@ def test_agnas_alive_masks_match_the_reference(space):
         losses.append(loss.detach())
     assert sorted(calls) == masks[0][0].nonzero().flatten().tolist()  # the reference skips the dead ops
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
-    expected = fast.plain_tensors(plain, lambda t: t.grad)
+    # a weight of an op that is dead on its edge is never run by the reference: its gradient is zero there
+    expected = fast.plain_tensors(plain, lambda t: torch.zeros_like(t) if t.grad is None else t.grad)
     for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-9 * expected[name].abs().max(),
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-9 * expected[name].abs().max(),
                                    msg=name)
     passes = [agnas.importance_pass(model, [(x, y)], torch.device('cpu')) for model in (plain, fast)]
     np.testing.assert_allclose(passes[1]['importance'], passes[0]['importance'], rtol=1e-12, atol=0)
