@@ -1,4 +1,4 @@
-"""AGNAS: attention-guided op importance, with a cell per stage (Sun et al., ICML 2022; ../shared/spec/agnas.md).
+"""AGNAS: attention-guided op importance, with a cell per stage (Sun et al., ICML 2022; docs/agnas.md).
 
 There are no architecture parameters. Behind every edge of the supernet sits its own SE-style attention
 module (`GateAttention`): it pools each op's output, passes the concatenated pooled vector through two
@@ -7,7 +7,7 @@ gated op outputs (Eq. 7-8, `AttentionMixedOp`); the summed gates of an op are it
 weights, ops and attention FCs, train in one level on the training half (Alg. 1); after every epoch
 `importance_pass` forwards the whole validation half (eval mode, no_grad) and collects each edge's mean gates,
 from which each supernet cell is derived by DARTS's rule, and one normal cell per stage plus the two
-reduction cells form the `genotypes.StagedGenotype` (agnas.md §2).
+reduction cells form the `genotypes.StagedGenotype` (docs/agnas.md).
 
 Layout: the supernet is model_search.Network; this file holds only what is AGNAS's own, and no model file
 imports it. `build_network` hands `AttentionMixedOp` to the Network as its mixed-op factory. `AGNASMethod` is
@@ -19,7 +19,7 @@ Over the ProxylessNAS chain (--space proxyless, AGNAS's macro search, §4.2) the
 model_macro.MacroSupernet: a gate module behind every layer rather than every edge, the same single-level step
 and importance pass, and the table is layers x candidates, derived by an argmax per layer (docs/macro.md).
 
-Over the NOS space (agnas.md §8, this repo's own, experimental) the gates replace NOS's softmax weights:
+Over the NOS space (docs/agnas.md, this repo's own, experimental) the gates replace NOS's softmax weights:
 features, attention maps and dynamic kernels are each gated before NOS's calibration, and each op's pooled
 descriptor is taken from its effect on the edge's skip output.
 """
@@ -41,7 +41,7 @@ from model_search import MixedOp, resolve_ops, stage_layout
 from model_search_fast import FastEdges, NB201Edges, Network
 from operations import GateAttention, GateStatistics, dynamic_conv
 
-# The AGNAS search settings (agnas.md §3) for the flags whose argparse default is None (methods.md).
+# The AGNAS search settings (docs/agnas.md) for the flags whose argparse default is None (docs/search.md).
 # Everything else the search uses is train_search.py's default and matches §3: 8 cells, 16 channels,
 # batch 64, 25K/25K split, SGD lr 0.025, momentum 0.9, wd 3e-4, gradient-norm clip 5.
 DEFAULTS = {
@@ -74,7 +74,7 @@ SKIP_NEEDED = ('AGNAS over attention or dynamic ops needs skip_connect alive on 
 
 
 class AttentionMixedOp(GateStatistics, MixedOp):
-    """An edge whose op outputs are gated by its own GateAttention (agnas.md §1, §7).
+    """An edge whose op outputs are gated by its own GateAttention (docs/agnas.md).
 
     Builds its ops as MixedOp does (DARTS's ops with affine=False, a pool followed by BatchNorm(affine=False))
     and returns MixedOp's triple (features, attention, kernels), so DARTS's and NOS's cells use it unchanged:
@@ -107,7 +107,7 @@ class AttentionMixedOp(GateStatistics, MixedOp):
         self.normalize = not self.plain if normalize is None else normalize
         if not self.plain and 'skip_connect' not in ops:
             raise ValueError('AGNAS over attention or dynamic ops needs skip_connect among the ops: their '
-                             'descriptors pool their effect on the skip output (agnas.md §8)')
+                             'descriptors pool their effect on the skip output (docs/agnas.md)')
         self.skip_idx = ops.index('skip_connect') if 'skip_connect' in ops else None
         self.reset_importance()
 
@@ -343,7 +343,7 @@ def gated_edges(model: Network) -> list[GateStatistics]:
 
 def importance_pass(model: Network, loader, device) -> dict:
     """Forward every image of `loader` in order, in eval mode under no_grad, collecting each edge's gates
-    (agnas.md §2, §6.5: a full validation pass after every epoch; the last one decides).
+    (docs/agnas.md: a full validation pass after every epoch; the last one decides).
 
     Returns {'importance': (layers, edges, ops) mean weights (GateStatistics.mean_gates), 'raw_gates': the
     raw gates' means (cell spaces; None for the chain), 'images': n, 'val_ce': .., 'val_acc': ..}; the
@@ -421,7 +421,7 @@ class AGNASMethod:
 
     @classmethod
     def build_model(cls, args, num_classes: int) -> Network:
-        if args.space == model_macro.SPACE:  # AGNAS's macro search: gated choice layers (agnas.md §4)
+        if args.space == model_macro.SPACE:  # AGNAS's macro search: gated choice layers (docs/agnas.md)
             return model_macro.build_supernet(cls.name, num_classes, args.dataset, args.image_size,
                                               args.width_mult)
         return build_network(args.init_channels, num_classes, args.layers, nn.CrossEntropyLoss(),

@@ -22,7 +22,7 @@ device, so data loading is not timed. Every row reports the median over `--iters
 
 `--agnas` adds a separate table on the DARTS space (`--agnas_only`: that table alone), its three rows timed
 in turn within each iteration: a `darts`-method iteration (first order, no AGS), an AGNAS step (one forward, backward and SGD step on a training batch;
-agnas.md §3) and one batch of AGNAS's importance pass (eval mode, no_grad; run over the validation half after
+docs/agnas.md) and one batch of AGNAS's importance pass (eval mode, no_grad; run over the validation half after
 every epoch); with `--fast_rows` the same two on the fast path (agnas.FastGatedEdges). An AGNAS epoch costs
 about one step plus one importance batch per training batch.
 `--count` prints another table instead, with the counting rule of issue 11 (`count_kernel_ops`,

@@ -29,7 +29,7 @@ DARTS_DEFAULTS = {
     'epochs': 25,                 # NOS App. A
     'learning_rate_min': 0.0,     # NOS App. A: cosine to 0
     'arch_learning_rate': 6e-4,   # NOS App. A (DARTS: 3e-4)
-    'lambda_at': 1000.0,          # NOS Sec. 3.3 / spec §6; 0 = plain DARTS
+    'lambda_at': 1000.0,          # NOS Sec. 3.3 / docs/nos.md; 0 = plain DARTS
 }
 
 
@@ -143,7 +143,7 @@ def space_options(args) -> dict:
 
 
 def teacher_stages(teacher, x):
-    """The frozen teacher's three stage outputs for a batch (spec §6); None without AGS."""
+    """The frozen teacher's three stage outputs for a batch (docs/nos.md); None without AGS."""
     if teacher is None:
         return None
     with torch.no_grad():  # the teacher is frozen, in eval mode
@@ -205,7 +205,7 @@ class DartsMethod:
     @classmethod
     def fast(cls, args) -> bool:
         # --sync_bn converts BatchNorm modules; the fast path's BatchNorms are functional, so it runs the
-        # reference cells (README "The fast search path"); the ProxylessNAS chain has one path
+        # reference cells (docs/fast-path.md); the ProxylessNAS chain has one path
         return not args.no_fast and not args.sync_bn and args.space != model_macro.SPACE
 
     @classmethod

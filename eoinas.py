@@ -1,17 +1,17 @@
 """EoiNAS as `train_search.py --method eoinas`: Gumbel-softmax sampling, the operation-importance indicator
 and gradual operation pruning (Xie, Zhou and Kung, "Exploiting Operation Importance for Differentiable NAS").
 
-What it computes, with sources and the decisions where paper and authors' code differ:
-../shared/spec/eoinas.md (cited as spec §N; the paper as §3.2, Eq. 7, Alg. 1). Per epoch e (0-indexed):
-- the temperature T(e) and the skip dropout p(e) are set (spec §1);
+What it computes, with sources and the decisions where paper and authors' code differ, is stated in
+docs/eoinas.md (the paper is cited as §3.2, Eq. 7, Alg. 1). Per epoch e (0-indexed):
+- the temperature T(e) and the skip dropout p(e) are set (docs/eoinas.md);
 - warm-up (e < --eoi_warmup): weight steps only; A is frozen and nothing is counted;
-- afterwards, per iteration (Alg. 1; spec §4): a weight step on a training batch, then a first-order step
+- afterwards, per iteration (Alg. 1; docs/eoinas.md): a weight step on a training batch, then a first-order step
   of A on a validation batch (Adam; A's gradient norm clipped at 5), each on a fresh Gumbel sample. The
   statistics Ce (training samples per op) and Ca (validation accuracy of the sampled op, in percent) are
   updated on the device, without a sync;
 - after a prune epoch (1-indexed: warm-up + every * m), I = beta + lambda * Ca / Ce (Eq. 6-7) ranks each
   row's alive ops, the lowest is masked out (`select_prunes`), Adam's state is cleared and Ce is reset.
-The cell is derived from the last I with the pruned ops masked out (spec §5).
+The cell is derived from the last I with the pruned ops masked out (docs/eoinas.md).
 
 `train_search.py` imports this module to register the method; this module uses DARTS's architecture step and
 the shared weight step (darts.Architect, darts.weight_step, darts.teacher_stages), never the loop.
@@ -34,9 +34,9 @@ from model_search_fast import Network
 
 CELLS = ('normal', 'reduce')
 ACC_MODES = ('last', 'mean')
-ARCH_GRAD_CLIP = 5.  # the authors' code clips A's gradient norm at 5 (ts.py:360; spec §4)
+ARCH_GRAD_CLIP = 5.  # the authors' code clips A's gradient norm at 5 (ts.py:360; docs/eoinas.md)
 
-# The method's defaults (spec §4 and §8). `epochs` is not here: it follows from the schedule
+# The method's defaults (docs/eoinas.md). `epochs` is not here: it follows from the schedule
 # (warm-up + every * ceil((n_ops - 1) / count): 160 on the DARTS space, 220 on the NOS space).
 DEFAULTS = {
     'space': 'darts',            # the paper searched DARTS's space; --space nos is this repo's own
@@ -77,17 +77,17 @@ def add_args(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Schedules (spec §1, §3)
+# Schedules (docs/eoinas.md)
 
 
 def temperature(epoch: int, warmup: int = 20, init: float = 5.0, decay: float = 0.965) -> float:
     """T of epoch e (0-indexed, constant within an epoch): init during the warm-up, then
-    init * decay^(e - warmup) (authors' code ts.py:152,160; 5 -> 0.0353 at e = 159; spec §1)."""
+    init * decay^(e - warmup) (authors' code ts.py:152,160; 5 -> 0.0353 at e = 159; docs/eoinas.md)."""
     return init if epoch < warmup else init * decay ** (epoch - warmup)
 
 
 def skip_dropout_p(epoch: int, epochs: int, warmup: int = 20, p: float = 0.1) -> float:
-    """Dropout after a stride-1 skip_connect in epoch e (authors' code ts.py:150,158; spec §1):
+    """Dropout after a stride-1 skip_connect in epoch e (authors' code ts.py:150,158; docs/eoinas.md):
     p (E - e - 1) / E during the warm-up, p exp(-0.2 (e - warmup)) afterwards."""
     if epoch < warmup:
         return p * (epochs - epoch - 1) / epochs
@@ -100,7 +100,7 @@ def prunes_needed(n_ops: int, count: int) -> int:
 
 
 def default_epochs(n_ops: int, warmup: int, every: int, count: int) -> int:
-    """warm-up + every * prunes (spec §8): 20 + 20 * 7 = 160 on DARTS's 8 ops, 20 + 20 * 10 = 220 on NOS's 11.
+    """warm-up + every * prunes (docs/eoinas.md): 20 + 20 * 7 = 160 on DARTS's 8 ops, 20 + 20 * 10 = 220 on NOS's 11.
     Without pruning (every 0), the epochs of the default period, so that ablation rows train as long."""
     return warmup + (every or DEFAULTS['prune_every']) * prunes_needed(n_ops, max(1, count))
 
@@ -115,12 +115,12 @@ def prune_epochs(epochs: int, warmup: int, every: int, max_prunes: int | None = 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The indicator and the prune rules (spec §2, §3)
+# The indicator and the prune rules (docs/eoinas.md)
 
 
 def indicator(beta, acc, count, lam: float) -> torch.Tensor:
     """I = beta + lam * C with C = Ca / Ce (Eq. 6-7); C := 0 where Ce = 0 (the authors' code gives inf or
-    NaN there; spec §2). Any matching shapes; float64."""
+    NaN there; docs/eoinas.md). Any matching shapes; float64."""
     beta, acc, count = (torch.as_tensor(v, dtype=torch.float64) for v in (beta, acc, count))
     c = torch.where(count > 0, acc / count.clamp(min=1), torch.zeros_like(acc))  # Eq. 6
     return beta + lam * c                                                        # Eq. 7
@@ -128,10 +128,10 @@ def indicator(beta, acc, count, lam: float) -> torch.Tensor:
 
 def select_prunes(importance, alive, ops, space: str = 'darts', n: int = 1) -> list[tuple[int, int]]:
     """(row, op) pairs to prune from one cell type: up to n ops per row, each the alive op of lowest I
-    (ties: the lower op index; spec §3), under the rules:
+    (ties: the lower op index; docs/eoinas.md), under the rules:
     - a row keeps at least one op, and never loses its last op other than `none` (so on {none, x} `none`
       goes even when I(x) is lower: the authors' get_min_k_no_zero, §3.3 "o != zero");
-    - NOS (spec §8): never leave an inner node with no first-tier row holding an alive feature op (the
+    - NOS (docs/eoinas.md): never leave an inner node with no first-tier row holding an alive feature op (the
       next-lowest I goes instead); second-tier rows are free.
     Rows are taken in order, one op each per round, n rounds, so later rows see earlier rows' prunes.
     """
@@ -170,7 +170,7 @@ def select_prunes(importance, alive, ops, space: str = 'darts', n: int = 1) -> l
 
 
 class EoiStats:
-    """Ce and Ca per (cell type, row, op) as device tensors of shape (2, rows, ops) (spec §2, §8).
+    """Ce and Ca per (cell type, row, op) as device tensors of shape (2, rows, ops) (docs/eoinas.md).
 
     record_train: Ce[sampled op] += 1 per weight step. record_val: Ca[sampled op] = the batch's top-1 in
     percent (`last`, the authors' code) or the mean of those percentages over the window (`mean`).
@@ -227,7 +227,7 @@ def _flag(args, name):
 
 
 class EoiNASMethod:
-    """--method eoinas: Gumbel-softmax sampling, indicator I and gradual pruning (Alg. 1; spec §8)."""
+    """--method eoinas: Gumbel-softmax sampling, indicator I and gradual pruning (Alg. 1; docs/eoinas.md)."""
     name = 'eoinas'
     flags = FLAGS
     paper_spaces = ('darts',)
@@ -362,7 +362,7 @@ class EoiNASMethod:
         return indicator(beta, self.stats.acc, self.stats.count, self.eoi_lambda)
 
     def end_epoch(self, epoch: int, val_loader, device) -> dict:
-        """I of the epoch; after a prune epoch, the prune (spec §3). Returns the record's EoiNAS fields."""
+        """I of the epoch; after a prune epoch, the prune (docs/eoinas.md). Returns the record's EoiNAS fields."""
         imp = self.current_importance()
         self.importance_ = imp
         pruned = {c: [] for c in self.cells}
@@ -377,7 +377,7 @@ class EoiNASMethod:
                     pruned[cell].append([r, self.ops[o]])
                 masks.append(torch.from_numpy(alive))
             self.model.set_alive(*masks)  # survivors keep their weights, BN statistics and A
-            self.architect.optimizer.state.clear()  # Adam for A starts afresh (spec §3)
+            self.architect.optimizer.state.clear()  # Adam for A starts afresh (docs/eoinas.md)
             self.stats.reset_counts()  # a new window; Ca is kept
             self.lines = self.prune_lines(epoch, imp_np, pruned, [m.numpy() for m in masks])
         beta = self.model.arch_weights()
@@ -412,7 +412,7 @@ class EoiNASMethod:
         return {c: imp[i].cpu().numpy() for i, c in enumerate(self.cells)}
 
     def genotype(self):
-        """Derived from I with pruned ops at -inf (§3.3; spec §5)."""
+        """Derived from I with pruned ops at -inf (§3.3; docs/eoinas.md)."""
         imp = self.importance()
         return self.model.genotype(importance=tuple(imp[c] for c in self.cells))
 

@@ -1,7 +1,7 @@
 """Genotypes: the cells that a search finds and the evaluation networks build.
 
 A genotype is DARTS's namedtuple, unchanged, so genotypes from DARTS-family papers paste in verbatim.
-A cell list takes one of two forms (spec §5):
+A cell list takes one of two forms (docs/nos.md):
 
 - classic (DARTS): a flat list of (op, input) pairs, two per inner node;
 - heterogeneous (NOS): one entry per block, ((op_i, i), (op_j, j), op_second): the two first-tier ops
@@ -29,7 +29,7 @@ import random
 from collections import namedtuple
 
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
-# ADWPNAS's per-layer form (spec adwpnas §7): one cell for every layer of a fixed depth L, reductions at
+# ADWPNAS's per-layer form (docs/adwpnas.md): one cell for every layer of a fixed depth L, reductions at
 # L//3 and 2L//3 as always; `cells[i]` is a cell list (classic pairs or NOS blocks), `concat` is shared.
 MacroGenotype = namedtuple('MacroGenotype', 'cells concat')
 
@@ -125,7 +125,7 @@ NOS_EXAMPLE = Genotype(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Staged genotypes (AGNAS, ../shared/spec/agnas.md §2, §5, §7): one normal cell per stage and one reduction
+# Staged genotypes (AGNAS, docs/agnas.md): one normal cell per stage and one reduction
 # cell per reduction, independent of depth. The two reduction cells split a network into three stages
 # (reductions at layers//3 and 2*layers//3, as everywhere here); every normal cell of stage s builds
 # normal[s], reduction cell r builds reduce[r]. Each cell is a classic or a heterogeneous cell as above.
@@ -133,7 +133,7 @@ StagedGenotype = namedtuple('StagedGenotype', 'normal normal_concat reduce reduc
 STAGES = 3       # normal cells of a staged genotype: one per stage
 REDUCTIONS = 2   # reduction cells of a staged genotype
 
-# AGNAS (Sun et al., ICML 2022), the authors' released CIFAR-10 cells (agnas.md §5, verbatim): the first
+# AGNAS (Sun et al., ICML 2022), the authors' released CIFAR-10 cells (docs/agnas.md, verbatim): the first
 # normal cell of each stage of the 8-cell supernet (cells 0, 3, 6) and its reduction cells (2, 5).
 # NetworkCIFAR(36, 10, 20, True, AGNAS): 3,611,998 weights without the auxiliary tower.
 AGNAS = StagedGenotype(
@@ -190,9 +190,9 @@ def validate_staged(genotype: StagedGenotype) -> StagedGenotype:
 # authors' repository (ZLab540/EoiNAS c337faa) holds several unlabelled candidates. This one is `GNAS` of
 # its EoiNAS_train_semantic/genotypes.py (cell lists verbatim): of the candidates it is the closest to the
 # paper's sizes (3.45M weights at CIFAR 20 cells / 36 channels against Table 1's 3.4M; 5.04M weights at
-# ImageNet 14 / 48 against Table 2's 5.0M, and 548M multiply-adds by utils.count_macs, 587M by the spec's
-# count, against 570M) and to §4.6's description (a chain 2->3->4->5, skips from the inputs at nodes 3-5).
-# Unverified (../shared/spec/eoinas.md §6): to reproduce EoiNAS, retrain the genotype.json of your own
+# ImageNet 14 / 48 against Table 2's 5.0M, and 548M multiply-adds by utils.count_macs against 570M) and to
+# §4.6's description (a chain 2->3->4->5, skips from the inputs at nodes 3-5).
+# Unverified (docs/eoinas.md): to reproduce EoiNAS, retrain the genotype.json of your own
 # `train_search.py --method eoinas --space darts` run.
 EOINAS_REPO_CANDIDATE = Genotype(
     normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 2),
@@ -204,7 +204,7 @@ EOINAS_REPO_CANDIDATE = Genotype(
 
 
 def edge_names(two_tier: bool = True, steps: int = STEPS) -> list[str]:
-    """Names of the rows of a search network's A, in its edge order (spec §2): first-tier edges
+    """Names of the rows of a search network's A, in its edge order (docs/nos.md): first-tier edges
     'i->k\'' into surrogate node k' (DARTS order), then second-tier edges 'k\'->k'; DARTS's single
     tier has edges 'i->k'."""
     mark = "'" if two_tier else ''
@@ -424,9 +424,9 @@ IDS_PREFIX = 'ids:'  # --arch ids:1,1,-1,...: a chain genotype in the authors' e
 
 @functools.cache
 def valid_blocks(k: int) -> tuple:
-    """Every block k of the heterogeneous space (spec §7), each once, in a fixed order: the pair of
+    """Every block k of the heterogeneous space (docs/nos.md), each once, in a fixed order: the pair of
     predecessors i < j of node k + 2, the ordered op pair (o_i, o_j) with at least one feature op (the
-    derivation's rule, spec §3), and the second-tier op: C(k+2, 2) * 105 * 11 blocks."""
+    derivation's rule, docs/nos.md), and the second-tier op: C(k+2, 2) * 105 * 11 blocks."""
     op_pairs = [(a, b) for a in PRIMITIVES for b in PRIMITIVES
                 if op_kind(a) == 'feature' or op_kind(b) == 'feature']
     return tuple(((a, i), (b, j), s) for i, j in itertools.combinations(range(k + 2), 2)
@@ -434,7 +434,7 @@ def valid_blocks(k: int) -> tuple:
 
 
 def random_genotype(seed: int) -> Genotype:
-    """A heterogeneous genotype drawn uniformly from the exact space of spec §7, 180 * (105 * 11)^4 cells
+    """A heterogeneous genotype drawn uniformly from the exact space of docs/nos.md, 180 * (105 * 11)^4 cells
     per cell type: each block uniformly from `valid_blocks(k)`, independently, normal cell first. The same
     seed gives the same genotype (Python's own Mersenne Twister, not torch's RNG)."""
     rng = random.Random(seed)
@@ -486,7 +486,7 @@ def load(arch: str | None = None, genotype_file: str | None = None) -> Genotype:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ADWPNAS's per-layer form, MacroGenotype(cells, concat) (spec adwpnas §1.3, §7). Its JSON form is
+# ADWPNAS's per-layer form, MacroGenotype(cells, concat) (docs/adwpnas.md). Its JSON form is
 # {"cells": [...], "concat": [...]}; from_json dispatches on the "cells" key.
 
 

@@ -1,4 +1,4 @@
-"""Evaluation networks built from a derived genotype (NOS Sec. 4.3; spec §4).
+"""Evaluation networks built from a derived genotype (NOS Sec. 4.3; docs/nos.md).
 
 `NetworkCIFAR` and `NetworkImageNet` are DARTS's (Liu et al., ICLR 2019, `model.py`): same signatures,
 stems, reduction cells at 1/3 and 2/3 depth, auxiliary tower after the second reduction cell, a
@@ -37,7 +37,7 @@ class Cell(nn.Module):
     """A derived cell: two preprocessed inputs, four heterogeneous residual blocks, output = their concat.
 
     Block k reads nodes i and j through its first-tier ops o_i, o_j and writes node k+2 through its
-    second-tier op o_s (spec §4):
+    second-tier op o_s (docs/nos.md):
         F = sum of the feature outputs among o_i(X_i), o_j(X_j);  A = the attention map, D = the kernel
         S_k = F + F*A + dwconv(F, D)                                            (Eq. 2-5)
         node = o_s(S_k)                   if o_s is a feature op
@@ -130,7 +130,7 @@ class Cell(nn.Module):
 
 def _calibrate(feature: torch.Tensor, attention: torch.Tensor | None, kernel: torch.Tensor | None,
                drop_prob: float) -> torch.Tensor:
-    """Eq. 5 / Eq. 9, F (+) F (.) A (+) F (x) D, with drop-path on each calibration term (spec §4).
+    """Eq. 5 / Eq. 9, F (+) F (.) A (+) F (x) D, with drop-path on each calibration term (docs/nos.md).
 
     operations.calibrate computes the same sum without drop-path; the terms are kept apart here so that
     each can be dropped on its own, as DARTS drops each op output.

@@ -1,10 +1,10 @@
-"""ADWPNAS (Zhang, Chen, Gu, arXiv 2003.01335): the intensive space and the HyperNetwork (spec adwpnas §1-2).
+"""ADWPNAS (Zhang, Chen, Gu, arXiv 2003.01335): the intensive space and the HyperNetwork (docs/adwpnas.md).
 
-Stage 0 (Sec. 3.1.2, Eq. 2-5; spec §1.2) keeps, per intermediate node, the K most likely (input, op)
+Stage 0 (Sec. 3.1.2, Eq. 2-5; docs/adwpnas.md) keeps, per intermediate node, the K most likely (input, op)
 candidates of a DARTS search, and picks the epoch whose candidates have the highest superiority:
 `derive_intensive_cell`, `stability`, `superiority`, `select_intensive_space`.
 
-The HyperNetwork (Sec. 3.2, Fig. 2-3; spec §1.3, §2) is the DARTS proxy skeleton (L cells, reductions at
+The HyperNetwork (Sec. 3.2, Fig. 2-3; docs/adwpnas.md) is the DARTS proxy skeleton (L cells, reductions at
 L//3 and 2L//3) whose cell l mixes its nodes' K candidates with p_l = per-node softmax(alpha_l) (Eq. 4).
 Every sep/dil conv candidate (a ConvBlock) has its kernels predicted by its own GeneratingBlock from the
 cell's architecture parameters, w_alpha = G(w_G, alpha) (Eq. 8); pools, skip connections (a stride-2 one is
@@ -35,13 +35,13 @@ GEN_INPUTS = ('cell', 'op')  # D3: the GeneratingBlock reads all of p_l, or its 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stage 0: the intensive space (Sec. 3.1.2; spec §1.2)
+# Stage 0: the intensive space (Sec. 3.1.2; docs/adwpnas.md)
 
 
 def derive_intensive_cell(weights, K: int = 6, ops=DARTS_PRIMITIVES, steps: int = STEPS) -> list:
     """O*_t of one cell type: for every intermediate node j, the K best (op, input) candidates.
 
-    weights: the per-edge softmax of a DARTS search, (14, 8) rows in DARTS's edge order (spec D12). The
+    weights: the per-edge softmax of a DARTS search, (14, 8) rows in DARTS's edge order (docs/adwpnas.md). The
     candidates of node j are all (i, o) with i < j + 2 and o != none, scored by w_(i,j)[o]; ties go to the
     lower input, then the lower op index. Each node gets exactly K candidates (Eq. 5), listed in canonical
     order (input, then op index) so that the HyperNetwork's alpha columns do not depend on the scores.
@@ -90,7 +90,7 @@ def superiority(spaces: list, accuracies: list, t: int, n: int = 2) -> float:
 
 def select_intensive_space(weights: list, accuracies: list, K: int = 6, n: int = 2,
                            epochs: list | None = None) -> dict:
-    """Stage 0's choice: O*_{t*} with t* = argmax_t S(O*_t), ties to the later epoch (spec §1.2).
+    """Stage 0's choice: O*_{t*} with t* = argmax_t S(O*_t), ties to the later epoch (docs/adwpnas.md).
 
     weights: one (w_normal, w_reduce) pair of softmaxed alphas per epoch; accuracies: eps per epoch, in
     [0, 1]; epochs: their numbers for the table (default 1, 2, ...). Returns {'K', 'n', 'epoch', 'space',
@@ -151,7 +151,7 @@ def check_space(space, K: int | None = None, source: str = 'intensive space') ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The HyperNetwork's building blocks (Sec. 3.2.1, Fig. 2-3; spec §2)
+# The HyperNetwork's building blocks (Sec. 3.2.1, Fig. 2-3; docs/adwpnas.md)
 
 
 def batch_norm(C: int, affine: bool = False) -> nn.BatchNorm2d:

@@ -1,6 +1,6 @@
 """The search (proxy) network: DARTS's continuous relaxation over the heterogeneous operator cell (NOS).
 
-`Network(..., space='nos')` stacks heterogeneous operator cells (Sec. 3.2; spec §2): each inner node k has
+`Network(..., space='nos')` stacks heterogeneous operator cells (Sec. 3.2; docs/nos.md): each inner node k has
 a first tier (one mixed edge from every earlier node, Eq. 2-5) that forms a surrogate node S_k, and a
 second tier (one mixed edge from S_k, Eq. 6-9). Every mixed edge relaxes its op choice with a softmax over
 the architecture row a_edge (Eq. 11); the two matrices A (normal, reduce) have 18 rows (14 first-tier edges
@@ -9,20 +9,20 @@ in DARTS order, then the 4 second-tier edges) and one column per op.
 `Network(..., space='darts')` is DARTS's own search network (none + seven feature ops, 14 edges), for the
 paper's space-generality experiment and side-by-side comparison.
 
-`genotype()` derives the discrete cell (Sec. 3.3, "Search Outcome"; spec §3) through the pure functions
+`genotype()` derives the discrete cell (Sec. 3.3, "Search Outcome"; docs/nos.md) through the pure functions
 `derive_cell` (NOS) and `derive_darts_cell` (DARTS), which tests call on hand-made matrices.
 
 The architecture matrices are nn.Parameters named `alphas_normal` / `alphas_reduce`, so state_dict() and
 .to() carry them; `weights()` returns every other parameter and `arch_parameters()` the two matrices.
 `utils.count_params` leaves out `arch_parameters()`, so it reports the weight count as DARTS does.
 
-`Network(..., method='agnas', mixed_op=agnas.AttentionMixedOp)` is AGNAS's supernet (../shared/spec/agnas.md
+`Network(..., method='agnas', mixed_op=agnas.AttentionMixedOp)` is AGNAS's supernet (docs/agnas.md
 §7): the same cells, each edge gated by its own attention module instead of a softmax over A, so it has no
 architecture parameters. The gated edge lives in agnas.py (this file never imports a method file): the cells
 take a mixed-op factory, and `agnas.build_network` passes the gated one. The Network collects each edge's
 mean gates (`reset_importance`, `importance`) and derives one cell per supernet cell (`cell_genotypes`) and a
 staged genotype from them (`genotype(stage_cell)`, `staged_genotype`).
-Pruning and sampling (EoiNAS, ../shared/spec/eoinas.md §8) mask rather than delete: the bool buffers
+Pruning and sampling (EoiNAS, docs/eoinas.md) mask rather than delete: the bool buffers
 `alive_normal` / `alive_reduce` (all True unless a method prunes) keep every shape fixed, so checkpoints
 and --resume work unchanged, and each MixedOp computes its alive ops only. `Network.tau` switches the edge
 weights from the softmax (None, DARTS) to one Gumbel-softmax sample per forward and cell type
@@ -62,8 +62,8 @@ from operations import (
 
 SPACES = ('nos', 'darts', 'nb201')
 ARCH_NAMES = ('alphas_normal', 'alphas_reduce')
-NETWORK_METHODS = ('darts', 'agnas')  # 'agnas': gated edges, no A (agnas.md §7)
-STAGE_CELLS = ('first', 'last', 'mean')  # which normal cell of a stage a staged genotype takes (agnas.md §6.6)
+NETWORK_METHODS = ('darts', 'agnas')  # 'agnas': gated edges, no A (docs/agnas.md)
+STAGE_CELLS = ('first', 'last', 'mean')  # which normal cell of a stage a staged genotype takes (docs/agnas.md)
 
 
 def resolve_ops(space: str = 'nos', ops=None) -> list[str]:
@@ -167,7 +167,7 @@ class MixedOp(nn.Module):
     Only the ops in `active` (op indices; all by default) are computed: the Network sets it to the edge's
     alive ops, or to the one sampled op in hard mode. Features are None when no active op is a feature
     op (possible on a pruned NOS edge). `skip_dropout` > 0 applies dropout after a stride-1 skip_connect
-    (EoiNAS's code; spec §1).
+    (EoiNAS's code; docs/eoinas.md).
     """
 
     def __init__(self, C: int, stride: int, ops: list[str], pool_bn: bool = True, track_running_stats: bool = True):
@@ -247,7 +247,7 @@ class DartsCell(_CellBase):
 
 
 class NOSCell(_CellBase):
-    """Heterogeneous operator cell of the search network (Sec. 3.2; spec §2).
+    """Heterogeneous operator cell of the search network (Sec. 3.2; docs/nos.md).
 
     Rows of `weights`: the first-tier edges in DARTS order (node 0: inputs 0, 1; node 1: 0, 1, 2; ...),
     then one second-tier edge per node (from its surrogate node, stride 1).
@@ -282,13 +282,13 @@ class NOSCell(_CellBase):
             surrogate = calibrate(feats, att, kernels)  # Eq. 5: S_k = F + F*A + sum_D dwconv(F, D)
             f, a, d = self._second[k](surrogate, weights[self._num_first + k])  # Eq. 6-8
             # A pruned second tier may hold no feature op: F is then S_k itself, the residual that the
-            # evaluation network's block applies an attention or dynamic second-tier op to (nos.md §4).
+            # evaluation network's block applies an attention or dynamic second-tier op to (docs/nos.md).
             states.append(calibrate(surrogate if f is None else f, a, d))  # Eq. 9
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
 class AGNASCell(DartsCell):
-    """AGNAS's search cell (agnas.md §1): DARTS's cell whose edges gate themselves (built with
+    """AGNAS's search cell (docs/agnas.md): DARTS's cell whose edges gate themselves (built with
     agnas.AttentionMixedOp), so its forward ignores `weights` (the Network passes None)."""
 
     def forward(self, s0, s1, weights=None):
@@ -296,7 +296,7 @@ class AGNASCell(DartsCell):
 
 
 class AGNASNOSCell(NOSCell):
-    """The heterogeneous cell with gated edges (agnas.md §8, this repo's own, experimental): NOS's forward
+    """The heterogeneous cell with gated edges (docs/agnas.md, this repo's own, experimental): NOS's forward
     unchanged, every first- and second-tier edge's softmax weights replaced by its own gates."""
 
     def forward(self, s0, s1, weights=None):
@@ -380,7 +380,7 @@ class Network(nn.Module):
         k = (len(genotypes.NB201_EDGES) if space == 'nb201'
              else sum(2 + i for i in range(steps)) + (steps if space == 'nos' else 0))
         for t in self.cell_types:
-            if method != 'agnas':  # AGNAS has no architecture parameters: the gates decide (agnas.md §3)
+            if method != 'agnas':  # AGNAS has no architecture parameters: the gates decide (docs/agnas.md)
                 setattr(self, f'alphas_{t}', nn.Parameter(1e-3 * torch.randn(k, len(self.ops))))
         for t in self.cell_types:
             # alive ops per row (pruning masks, never deletes: shapes stay fixed for checkpoints and --resume)
@@ -415,7 +415,7 @@ class Network(nn.Module):
                                        self.ops, mixed_op))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
-        # Attention-transfer stages (spec §6): the last cell before each reduction cell, and the last cell.
+        # Attention-transfer stages (docs/nos.md): the last cell before each reduction cell, and the last cell.
         self.stage_layers = [self.reduction_layers[0] - 1, self.reduction_layers[1] - 1, layers - 1]
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
@@ -660,7 +660,7 @@ class Network(nn.Module):
         """The derived genotype; under method 'agnas' the staged one (see `staged_genotype`; NB201: the cell of
         the importance averaged over all cells). Otherwise the discrete cell derived from `importance` (per
         cell type rows x ops; default: the softmaxed A), with pruned entries set to -inf so that only alive
-        ops can be chosen (EoiNAS §3.3; spec §5). NB201: a genotypes.NB201Genotype (`derive_nb201`)."""
+        ops can be chosen (EoiNAS §3.3; docs/nos.md). NB201: a genotypes.NB201Genotype (`derive_nb201`)."""
         if self.method == 'agnas':
             if self.space == 'nb201':  # AGNAS App. B: each edge position's gates averaged over all cells
                 importance = self.importance() if importance is None else importance
@@ -680,7 +680,7 @@ class Network(nn.Module):
     def search_space_size(self) -> dict:
         return search_space_size(self.ops, self.space, self._steps)
 
-    # -- AGNAS: op importance from the gates (agnas.md §2, §7) -------------------------------------------
+    # -- AGNAS: op importance from the gates (docs/agnas.md) -------------------------------------------
     def cell_edges(self, cell) -> list[nn.Module]:
         """A cell's edges in the row order of its importance matrix: first tier, then (NOS) second tier."""
         return list(cell._ops) + list(getattr(cell, '_second', []))
@@ -695,7 +695,7 @@ class Network(nn.Module):
 
     def importance(self, raw: bool = False) -> np.ndarray:
         """(layers, edges, ops) float64: each edge's mean gate per op over the images collected since
-        `reset_importance` (agnas.md §2: A_k / (images * C), in (0, 1)); over NOS the mean of the normalised
+        `reset_importance` (docs/agnas.md: A_k / (images * C), in (0, 1)); over NOS the mean of the normalised
         gates the forward uses (agnas.GateStatistics). raw: the raw gates' means instead."""
         name = 'mean_raw_gates' if raw else 'mean_gates'
         return np.stack([np.stack([getattr(edge, name)() for edge in self.cell_edges(cell)])
@@ -708,7 +708,7 @@ class Network(nn.Module):
         return derive(matrix, self.ops, self._steps)
 
     def cell_genotypes(self, importance=None) -> list[list]:
-        """One cell per supernet cell, each derived on its own from its matrix (agnas.md §2)."""
+        """One cell per supernet cell, each derived on its own from its matrix (docs/agnas.md)."""
         importance = self.importance() if importance is None else importance
         return [self._derive(m) for m in as_array(importance)]
 
@@ -725,7 +725,7 @@ class Network(nn.Module):
 def stage_layout(layers: int) -> tuple[list[list[int]], list[int]]:
     """([normal cells of stage 1, 2, 3], [the two reduction cells]) of a `layers`-cell network.
 
-    The reduction cells (layers//3, 2*layers//3) split it into three stages (agnas.md §2); a staged genotype
+    The reduction cells (layers//3, 2*layers//3) split it into three stages (docs/agnas.md); a staged genotype
     needs a normal cell in each, so at least 5 cells.
     """
     reductions = list(genotypes.reduction_layers(layers))
@@ -760,7 +760,7 @@ def as_array(weights) -> np.ndarray:
 
 
 def derive_cell(weights, ops=PRIMITIVES, steps: int = genotypes.STEPS) -> list:
-    """Derive a heterogeneous cell from softmaxed A rows (Sec. 3.3 "Search Outcome"; spec §3).
+    """Derive a heterogeneous cell from softmaxed A rows (Sec. 3.3 "Search Outcome"; docs/nos.md).
 
     weights: (14 + 4) x len(ops), rows in the search cell's edge order. Per block k (node k + 2):
     - first tier: the two ops (o_i on the edge from node i, o_j from node j, i < j) that maximise
@@ -834,12 +834,12 @@ def derive_nb201(weights, ops=NB201_PRIMITIVES) -> str:
 
 
 def search_space_size(ops=PRIMITIVES, space: str = 'nos', steps: int = genotypes.STEPS) -> dict:
-    """Number of distinct cells per cell type (spec §7).
+    """Number of distinct cells per cell type (docs/nos.md).
 
     ops: an op list (names; kinds are counted) or a number of NOS ops (the first n of PRIMITIVES).
     Returns {'paper': ..., 'exact': ...} as Python ints:
     - NOS, 'paper': Sec. 4.2's formula prod_{n=1..steps} C(n+1, 2) * n_ops^3 (180 * 11^12 ~ 5.6e14 with
-      the eleven primitives); 'exact': the count under the feature-op rule of spec §3, prod C(n+1, 2) *
+      the eleven primitives); 'exact': the count under the feature-op rule of docs/nos.md, prod C(n+1, 2) *
       (n_ops^2 - n_nonfeature^2) * n_ops (180 * (105 * 11)^4 ~ 3.2e14): the pair of predecessors, the
       ordered op pair with at least one feature op, and the second-tier op.
     - DARTS: both are prod C(n+1, 2) * n^2 over its n = 7 non-none ops (180 * 7^8 ~ 1.0e9).

@@ -1,7 +1,7 @@
 """The primitives of the heterogeneous search space (NOS, Sec. 3.1) and of DARTS's space.
 
 `OPS[name](C, stride, affine)` builds an op, as in DARTS. What an op returns depends on its kind
-(`genotypes.op_kind`, also the `kind` column of spec §1):
+(`genotypes.op_kind`, also the `kind` column of docs/nos.md):
 
 - feature ops (DARTS's convs, pools, identity) map (N,C,H,W) to (N,C,H',W');
 - attention ops return a map in [0,1] that multiplies features: (N,1,H',W') or (N,C,1,1);

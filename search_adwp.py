@@ -1,4 +1,4 @@
-"""ADWPNAS macro search (Zhang, Chen, Gu, arXiv 2003.01335; spec adwpnas §1-4, §7).
+"""ADWPNAS macro search (Zhang, Chen, Gu, arXiv 2003.01335; docs/adwpnas.md).
 
 Stage 0 is an ordinary DARTS search (`train_search.py --space darts --lambda_at 0`). This script reads its
 search_log.jsonl (--space_from), keeps the intensive space of the epoch with the highest superiority
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def phase(epoch: int, hyper_epochs: int = 60, cross_start: int = 90, cross_end: int = 100) -> str:
-    """The phase of 0-based `epoch` (Alg. 1; spec §3): 'train', 'cross' or 'basic'."""
+    """The phase of 0-based `epoch` (Alg. 1; docs/adwpnas.md): 'train', 'cross' or 'basic'."""
     if epoch < hyper_epochs:
         return 'train'
     if cross_start <= epoch < cross_end:
@@ -577,7 +577,7 @@ def main(argv=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The ranking check (spec §7.10): do predicted weights rank architectures as training from scratch does?
+# The ranking check (docs/adwpnas.md): do predicted weights rank architectures as training from scratch does?
 
 
 def kendall_tau(a: list, b: list) -> float:
@@ -617,7 +617,7 @@ def random_tau_band(scratch: list, draws: int = 2000, seed: int = 0, level: floa
 def ranking_check(space: dict, *, archs: int = 20, layers: int = 5, C: int = 8, hyper_epochs: int = 3,
                   scratch_epochs: int = 3, batch_size: int = 32, dataset: str = 'synthetic', data_root: str = 'data',
                   synthetic_size: int = 512, seed: int = 0, device=None, logger=None) -> dict:
-    """Do predicted weights rank architectures as training from scratch does (spec adwpnas §7.10)?
+    """Do predicted weights rank architectures as training from scratch does (docs/adwpnas.md)?
 
     Trains a HyperNetwork for `hyper_epochs` of Stage 1, then, for `archs` random discrete architectures
     (top-2 of random alphas per node), compares three val top-1s on the held-out half (no augmentation):

@@ -1,5 +1,5 @@
 """Summarise runs into the table a paper prints: runs, mean ± std and best error, weights, multiply-adds,
-hours (NOS Sec. 4.3 reports "best and average of 10 independent runs"; methods.md, "Comparing methods").
+hours (NOS Sec. 4.3 reports "best and average of 10 independent runs"; docs/search.md).
 
     python summarize.py runs/c10-seed*                     # retraining runs of train_cifar.py / train_imagenet.py
     python summarize.py runs/search-* --out searches.csv   # searches of train_search.py and search_adwp.py

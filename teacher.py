@@ -1,7 +1,7 @@
 """The teacher of attention-guided search and the self-calibration study (NOS, Sec. 3.3, Sec. 4.1, App. A1).
 
 - PyramidNet-110 (bottleneck, alpha = 84; Han et al., "Deep Pyramidal Residual Networks", CVPR 2017) is
-  the teacher whose three stage outputs guide the search (spec §6). `python teacher.py --gpu 0` trains it
+  the teacher whose three stage outputs guide the search (docs/nos.md). `python teacher.py --gpu 0` trains it
   on CIFAR-10 into the folder teachers/pyramidnet110_cifar10 (checkpoint.pt, log.txt, train_log.jsonl);
   its checkpoint is `default_teacher_path('cifar10')`, where train_search.py looks by default.
 - ResNet-18 (CIFAR variant) with one self-calibration op after each of stages 1, 2, 3 reproduces the
@@ -33,7 +33,7 @@ from operations import OPS, DynamicKernel, calibrate, dynamic_conv
 
 TEACHER_DIR = 'teachers'
 DEFAULT_LEARNING_RATE = 0.025  # App. A1
-# The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
+# The flags that may change when a run resumes (docs/resume-and-errors.md); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the step schedule goes on as if
 # the run had started with it); --epochs may grow or shrink, as the schedule's milestones do not depend on it;
 # the others change only how the run is executed or logged.
@@ -117,7 +117,7 @@ class PyramidNet(nn.Module):
     widths run 18, 21, 23, ... 100 (x4 = 400 output channels, Han et al.'s "output feat. dimension").
 
     `forward_stages` also returns the three stage outputs (32, 16, 8 px) that attention transfer pairs
-    with the search network's (spec §6): the output of each stage's last unit, before the final BN-ReLU,
+    with the search network's (docs/nos.md): the output of each stage's last unit, before the final BN-ReLU,
     as in Zagoruyko & Komodakis's reference code, which takes the raw group outputs g0, g1, g2 of its
     pre-activation networks. All three are then the same kind of tensor (a residual sum), like the
     student's cell outputs, which see no ReLU either.

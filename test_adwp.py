@@ -1,4 +1,4 @@
-"""ADWPNAS (spec adwpnas §7 tests 1-9): stage-0 selection on hand-made matrices, kernel shapes, equivalence
+"""ADWPNAS (docs/adwpnas.md tests 1-9): stage-0 selection on hand-made matrices, kernel shapes, equivalence
 with SepConv/DilConv, the phase gates, locality and seeding, derivation, the per-layer genotype, resume across
 phase boundaries, and the pipeline end to end on synthetic data (CPU)."""
 import json
@@ -284,7 +284,7 @@ def test_darts_v2_laid_out_per_layer_builds_the_same_network():
     torch.manual_seed(0)
     per_layer = NetworkCIFAR(36, 10, 8, True, macro).eval()
     assert [(n, p.shape) for n, p in plain.named_parameters()] == [(n, p.shape) for n, p in per_layer.named_parameters()]
-    assert utils.count_params(plain) == utils.count_params(per_layer) == 1_154_926  # spec §5: 1.15M
+    assert utils.count_params(plain) == utils.count_params(per_layer) == 1_154_926  # docs/adwpnas.md: 1.15M
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain(x)[0], per_layer(x)[0])
@@ -545,7 +545,7 @@ def test_random_ranking_band_of_kendall_tau_at_20_architectures():
 
 @pytest.mark.slow
 def test_predicted_weights_beat_twice_chance_and_the_ranking_is_reported(capsys):
-    """Spec test 10 at the issue's size: 20 architectures, predicted weights after a short Stage 1 against a
+    """The ranking check at full size: 20 architectures, predicted weights after a short Stage 1 against a
     short training from scratch; the predicted accuracy beats twice chance. Kendall's tau, its band under
     random rankings and the control with untrained generators are printed (not asserted: synthetic data)."""
     out = search_adwp.ranking_check(random_space(3), archs=20, layers=5, C=8, hyper_epochs=3, scratch_epochs=2,

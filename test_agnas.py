@@ -1,4 +1,4 @@
-"""AGNAS (agnas.py; ../shared/spec/agnas.md §7 tests 1-10): gates, the fast GAP path, slicing, Eq. 4-8 as the
+"""AGNAS (agnas.py; docs/agnas.md tests 1-10): gates, the fast GAP path, slicing, Eq. 4-8 as the
 paper states them, derivation, stage selection, weight counts, the importance pass, the staged genotype, and
 end to end on synthetic data with an exact resume and the one-sentence refusals."""
 import argparse
@@ -72,7 +72,7 @@ def test_gates_are_free_sigmoids_and_zeroed_fcs_give_one_half():
 
 def test_fast_path_equals_the_literal_concatenation():
     """GAP(cat F_k) = cat(GAP F_k): the gates and the output of the edge equal Eq. 4-8 computed on the
-    (N, mC, H, W) concatenation (agnas.md §1, "Efficiency")."""
+    (N, mC, H, W) concatenation (docs/agnas.md, "Efficiency")."""
     edge, x = edge_and_input(stride=2)
     (features, _, _), g = gates_of(edge, x)
     f_con = torch.cat(op_outputs(edge, x), dim=1)                         # (N, mC, H', W')
@@ -112,7 +112,7 @@ def test_each_op_owns_its_own_channel_slice(k):
 def test_paper_equations_4_to_8_give_the_same_output_and_importance():
     """Eq. 4-8 as the paper (§4.1) writes them, restated here in numpy: concatenate the m op outputs on
     channels (F_con), average over h x w (Eq. 4), Atten = sigmoid(W2 ReLU(W1 F_gap)) (Eq. 5), A_k = the sum
-    of op k's c activations (Eq. 6, with half-open slices, agnas.md §6.2), F~ = F_con (x) Atten (Eq. 7),
+    of op k's c activations (Eq. 6, with half-open slices, docs/agnas.md), F~ = F_con (x) Atten (Eq. 7),
     F_out = the element-wise sum of the m c-channel slices of F~ (Eq. 8)."""
     edge, x = edge_and_input()
     edge.collecting = True
@@ -136,7 +136,7 @@ def test_paper_equations_4_to_8_give_the_same_output_and_importance():
 
 
 def test_nos_edge_gates_features_attention_and_kernels():
-    """agnas.md §8: one GateAttention(11, C); descriptors GAP(o(X)), GAP(X' * a(X)), GAP(dwconv(X', D));
+    """docs/agnas.md: one GateAttention(11, C); descriptors GAP(o(X)), GAP(X' * a(X)), GAP(dwconv(X', D));
     features = sum w o(X), attention = sum w a(X), kernels = w D, with w = g / sum_o g (this repo's
     normalisation, README); the importance is the mean of w, the weights the forward uses, and the raw gates'
     means are kept beside it."""
@@ -251,7 +251,7 @@ def test_agnas_supernet_has_no_alphas_and_ce_reaches_every_attention_fc():
 
 
 def test_full_size_weight_counts():
-    """agnas.md §1: 8 cells, C=16, 10 classes: 5,485,946 weights, of which 3,555,328 in the attention FCs."""
+    """docs/agnas.md: 8 cells, C=16, 10 classes: 5,485,946 weights, of which 3,555,328 in the attention FCs."""
     net = agnas.build_network(16, 10, 8)
     assert utils.count_params(net) == 5_485_946
     assert sum(p.numel() for n, p in net.named_parameters() if '.attention.fc' in n) == 3_555_328

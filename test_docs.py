@@ -89,7 +89,12 @@ def test_relative_links_resolve(page):
     assert not bad, f'{page.relative_to(ROOT)} has broken links:\n' + '\n'.join(bad)
 
 
-@pytest.mark.parametrize('page', pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def sources() -> list[Path]:
+    """The top-level Python files but this one (whose FORBIDDEN names the pointers)."""
+    return [p for p in sorted(ROOT.glob('*.py')) if p.name != Path(__file__).name]
+
+
+@pytest.mark.parametrize('page', pages() + sources(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_pointers_outside_the_clone(page):
     text = page.read_text(encoding='utf-8')
     hits = [f'line {i}: {line.strip()}' for i, line in enumerate(text.splitlines(), 1)
@@ -112,3 +117,11 @@ def test_docs_index_lists_every_page():
     assert not missing, f'docs/README.md (the index) does not link to: {", ".join(missing)}'
     readme = {(ROOT / t.partition('#')[0]).resolve() for t in links(ROOT / 'README.md') if not is_external(t)}
     assert index.resolve() in readme, 'README.md does not link to docs/README.md, the index of the docs'
+
+
+@pytest.mark.parametrize('source', sources(), ids=lambda p: p.name)
+def test_code_points_at_docs_that_exist(source):
+    """A comment or docstring that says where a decision is stated (docs/PAGE.md) names a page of the clone."""
+    named = set(re.findall(r'docs/([\w-]+\.md)', source.read_text(encoding='utf-8')))
+    missing = sorted(n for n in named if not (ROOT / 'docs' / n).exists())
+    assert not missing, f'{source.name} points at docs pages that do not exist: {missing}'

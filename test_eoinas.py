@@ -1,5 +1,5 @@
 """EoiNAS (eoinas.py, the masks and sampling of model_search.py, --method eoinas): the tests of
-../shared/spec/eoinas.md §8: sampling statistics, compute skipped for pruned ops, the indicator on a
+docs/eoinas.md: sampling statistics, compute skipped for pruned ops, the indicator on a
 hand-made trace, the schedules, the prune rules (NOS node rule included), the state after a prune, the
 derivation, and end to end with an exact resume; plus the refusals and the repository candidate cell."""
 import os
@@ -347,7 +347,7 @@ def test_method_defaults_on_both_spaces():
         assert (a.temperature_init, a.temperature_decay, a.eoi_acc, a.skip_dropout, a.gumbel_hard) == \
             (5., 0.965, 'last', 0.1, False)
     fast = train_search.parse_args(['--method', 'eoinas', '--space', 'nos', '--prune_every', '10', '--prune_count', '2'])
-    assert fast.epochs == 70  # spec §8: NOS in 70 epochs
+    assert fast.epochs == 70  # docs/eoinas.md: NOS in 70 epochs
     assert train_search.parse_args(['--method', 'eoinas', '--epochs', '9', '--eoi_lambda', '0']).epochs == 9
 
 
@@ -634,7 +634,7 @@ def test_resume_with_another_schedule_names_the_flag(searched, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The repository's candidate cell (spec §6) and the pruning benchmark
+# The repository's candidate cell (docs/eoinas.md) and the pruning benchmark
 
 
 def test_repo_candidate_is_valid_and_has_the_spec_size():

@@ -104,7 +104,7 @@ def test_random_space_size_is_the_exact_count():
     size = 1
     for k in range(G.STEPS):
         size *= len(G.valid_blocks(k))
-    assert size == 180 * (105 * 11) ** 4  # spec §7's exact count, per cell type
+    assert size == 180 * (105 * 11) ** 4  # docs/nos.md's exact count, per cell type
 
 
 def test_random_genotype_is_reproducible_and_valid():

@@ -47,7 +47,7 @@ def meta(build):
 
 
 def test_weight_counts_of_the_supernet_and_the_released_architecture():
-    """agnas.md §4 (verified against the authors' code): supernet 30,778,976 weights, 3,094,656 of them in
+    """docs/macro.md (verified against the authors' code): supernet 30,778,976 weights, 3,094,656 of them in
     the attention modules; the released architecture 6,728,936."""
     sup = meta(lambda: MacroSupernet(1000))
     attention = sum(p.numel() for n, p in sup.named_parameters() if '.attention.' in n)

@@ -1,4 +1,4 @@
-"""The evaluation networks (model.py): DARTS's networks for classic genotypes, the derived block of spec §4
+"""The evaluation networks (model.py): DARTS's networks for classic genotypes, the derived block of docs/nos.md
 for heterogeneous ones, drop-path, genotype checks and the multiply-add count."""
 import pytest
 import torch
@@ -12,7 +12,7 @@ from genotypes import Genotype
 from model import Cell, NetworkCIFAR, NetworkImageNet, drop_path
 from operations import Identity
 
-# Every case of spec §4 in one normal cell: attention / kernel / two features in the first tier,
+# Every case of docs/nos.md in one normal cell: attention / kernel / two features in the first tier,
 # dynamic / attention / feature / skip_connect in the second. The reduce cell puts attention and a kernel on
 # stride-2 edges from the cell's inputs.
 CASES = Genotype(
@@ -36,7 +36,7 @@ def dwconv_by_hand(x, kernel):
 
 
 def cell_by_hand(cell, s0, s1):
-    """The derived cell of spec §4 written out block by block with the cell's own op modules."""
+    """The derived cell of docs/nos.md written out block by block with the cell's own op modules."""
     states = [cell.preprocess0(s0), cell.preprocess1(s1)]
     for k, ((op_i, i), (op_j, j), op_s) in enumerate(cell._blocks):
         outs = [(cell._ops[2 * k](states[i]), op_i), (cell._ops[2 * k + 1](states[j]), op_j)]

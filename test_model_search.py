@@ -1,5 +1,5 @@
 """model_search.py: the search network's shapes, the heterogeneous node against Eq. 2-9 computed by hand,
-the derivation rule of spec §3 on hand-made matrices, DARTS's space, and the search-space size."""
+the derivation rule of docs/nos.md on hand-made matrices, DARTS's space, and the search-space size."""
 import itertools
 
 import numpy as np
@@ -77,7 +77,7 @@ def test_reduction_cell_strides():
 
 
 def test_fused_kernel_sum_equals_per_kernel_dwconv():
-    """Spec §2: summing the (zero-padded) kernels first and convolving once is the plain formula."""
+    """docs/nos.md: summing the (zero-padded) kernels first and convolving once is the plain formula."""
     torch.manual_seed(0)
     f = torch.randn(2, 3, 7, 7)
     kernels = [torch.randn(2, 3, 3, 3), torch.randn(2, 3, 5, 5), torch.randn(2, 3, 3, 3)]
@@ -142,7 +142,7 @@ def test_gradients_reach_alphas_and_weights_through_attention_transfer():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Derivation (spec §3)
+# Derivation (docs/nos.md)
 
 
 def matrix(entries, base=0.01, ops=PRIMITIVES, rows=18):

@@ -1,4 +1,4 @@
-"""Retrain a derived cell from scratch on CIFAR-10 or CIFAR-100 (NOS Sec. 4.3, Appendix A.1; spec §8).
+"""Retrain a derived cell from scratch on CIFAR-10 or CIFAR-100 (NOS Sec. 4.3, Appendix A.1; docs/nos.md).
 
     python train_cifar.py --genotype_file runs/search/genotype.json            # CIFAR-10, paper settings
     python train_cifar.py --genotype_file runs/search/genotype.json --dataset cifar100
@@ -51,7 +51,7 @@ from model_nb201 import NB201Network
 DEFAULT_ARCH = 'DARTS_V2'
 DEFAULT_LAYERS = 20
 WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 3e-4}  # NOS App. A.1
-# The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
+# The flags that may change when a run resumes (docs/resume-and-errors.md); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
 # if the run had started with it); the others change only how the run is executed or logged.
 AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in

@@ -1,4 +1,4 @@
-"""Retrain a derived cell on ImageNet in the mobile setting (NOS Sec. 4.3, Appendix A.2; spec §8).
+"""Retrain a derived cell on ImageNet in the mobile setting (NOS Sec. 4.3, Appendix A.2; docs/nos.md).
 
     python train_imagenet.py --genotype_file runs/search/genotype.json --data /path/to/imagenet
     torchrun --nproc_per_node=4 train_imagenet.py --genotype_file runs/search/genotype.json --data ...
@@ -81,7 +81,7 @@ IMAGENET_PRESETS = {
 }
 RECIPE_FLAGS = ('epochs', 'warmup_epochs', 'weight_decay', 'init_channels', 'lr_schedule', 'lr_gamma',
                 'auxiliary_weight')
-# The flags that may change when a run resumes (README "Resume"); every other flag defines the run and must
+# The flags that may change when a run resumes (docs/resume-and-errors.md); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
 # run had started with it); --batch_size may change with the number of processes as long as the global batch
 # stays (checked on its own); the others change only how the run is executed or logged.

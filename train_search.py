@@ -1,6 +1,6 @@
 """Architecture search: one loop for every method and space, with attention-guided search (NOS, Sec. 3.3).
 
-Three independent choices (../shared/spec/methods.md): --space (nos | darts | nb201 | proxyless: the supernet;
+Three independent choices (docs/search.md): --space (nos | darts | nb201 | proxyless: the supernet;
 proxyless is AGNAS's ProxylessNAS chain, model_macro.py), --method (how op
 importance is represented and learnt, and how the cell is derived) and --lambda_at (AGS, the teacher's
 attention maps as an extra loss). A method is an object with a small interface (see `darts.DartsMethod`, the
@@ -8,11 +8,11 @@ attention maps as an extra loss). A method is an object with a small interface (
 a user does not give take the method's paper value (its `defaults`); the log prints what was used.
 
 --method eoinas (eoinas.py): Gumbel-softmax sampling, the operation-importance indicator and gradual
-operation pruning (EoiNAS; ../shared/spec/eoinas.md), on either space.
+operation pruning (EoiNAS; docs/eoinas.md), on either space.
 
 --method darts: each step first updates the architecture matrices A on a validation batch (Eq. 13), then the network
 weights on a training batch (Eq. 12); with --lambda_at > 0 both objectives add lambda * L_AT, the
-attention-transfer loss against a frozen teacher's stage outputs of the same batch (spec §6).
+attention-transfer loss against a frozen teacher's stage outputs of the same batch (docs/nos.md).
 First-order by default; --unrolled uses DARTS's second-order step (finite-difference Hessian-vector
 product). Writes SAVE/search_log.jsonl, SAVE/genotype.json and SAVE/checkpoint.pt every epoch.
 
@@ -59,7 +59,7 @@ SPACES = model_search.SPACES + (model_macro.SPACE,)  # the cell spaces, and the 
 KEYS = ('train_ce', 'train_at', 'val_ce', 'val_at', 'train_correct', 'val_correct')
 DEFAULT_SAVE = 'runs/search'
 DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
-# The flags that may change when a search resumes (README "Resume"); every other flag defines the run and
+# The flags that may change when a search resumes (docs/resume-and-errors.md); every other flag defines the run and
 # must match the checkpoint's. A learning rate takes effect from the resumed epoch.
 RESUME_MAY_CHANGE = ('learning_rate', 'learning_rate_min', 'arch_learning_rate', 'momentum', 'weight_decay',
                      'arch_weight_decay', 'grad_clip', 'workers', 'report_freq', 'gpu', 'device', 'data', 'teacher',
@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f'{" | ".join(LR_SCHEDULES)}: from --learning_rate down to --learning_rate_min over the '
                         f'epochs (default cosine; proxyless linear)')
     p.add_argument('--learning_rate_min', type=float, default=None,
-                   help='end of the cosine schedule (default: the method\'s, see README)')
+                   help='end of the cosine schedule (default: the method\'s, see docs/search.md)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--nesterov', action='store_true', default=None,
                    help='Nesterov momentum (default: on for --space nb201 and --method gdas, as their reference searches)')
@@ -196,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def fill_method_defaults(args) -> None:
     """Flags left at None take, in this order: the space the method's paper searched (`--space`: the other
     defaults may depend on it), the space's values (nb201: the benchmark's search settings; proxyless: the
-    authors' recipe), the method's (methods.md), then GENERIC_DEFAULTS; unknown methods are left to
+    authors' recipe), the method's (docs/search.md), then GENERIC_DEFAULTS; unknown methods are left to
     check_args."""
     if args.method in METHODS and getattr(args, 'space', None) is None:
         args.space = METHODS[args.method].defaults(args).get('space', 'nos')

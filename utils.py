@@ -322,7 +322,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Attention transfer (Zagoruyko & Komodakis, 2017; NOS Eq. 10 as fixed by spec §6)
+# Attention transfer (Zagoruyko & Komodakis, 2017; NOS Eq. 10 as fixed by docs/nos.md)
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:

@@ -348,7 +348,7 @@ def chain_dot(genotype: genotypes.ChainGenotype, name: str = 'chain') -> str:
 
 
 def edge_labels(n_rows: int) -> list[str]:
-    """Row labels of A in the search log's edge order (spec §2): 14 first-tier edges j -> k' in DARTS's
+    """Row labels of A in the search log's edge order (docs/nos.md): 14 first-tier edges j -> k' in DARTS's
     order, then the 4 second-tier edges k' -> k; the DARTS space has the 14 edges j -> k only."""
     if n_rows not in (14, 18):
         raise UserError(f'an architecture matrix has {n_rows} rows; expected 18 (NOS) or 14 (DARTS)')
