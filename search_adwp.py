@@ -571,8 +571,8 @@ def main(argv=None) -> dict:
         ('search_log.jsonl', 'one record per epoch: phase, losses, accuracies, alpha, genotype'),
         ('genotype.json', f'the per-layer genotype of alpha* (epoch {best["epoch"]})'),
         ('checkpoint.pt', 'the last epoch (--resume)'),
-    ], [f'{runs.command("visualize.py", None, args.save)}    (draw every layer\'s cell and each cell\'s alpha)',
-        f'{retrain}    (retrain it, with ADWPNAS\'s settings)'], started)
+    ], [f'{runs.command("visualize.py", None, args.save)}    # draw every layer\'s cell and each cell\'s alpha',
+        f'{retrain}    # retrain it, with ADWPNAS\'s settings'], started)
     return {'genotype': final, 'best_epoch': best['epoch'], 'best_val_acc': best['val_acc']}
 
 

@@ -559,10 +559,10 @@ def main(argv=None):
         'seconds': sum(r.get('seconds', 0.) for r in runs.read_jsonl(os.path.join(log_dir, 'train_log.jsonl'))),
         **runs.run_info(device, amp_dtype)})
     if arch == PYRAMID:
-        after = f'{runs.command("train_search.py", args, teacher=log_dir)}    (search with it)'
+        after = f'{runs.command("train_search.py", args, teacher=log_dir)}    # search with it'
     else:
-        after = (f'{runs.command("teacher.py", args, arch="resnet18", calibration="OTHER")}    (another row of '
-                 f'Table 1)')
+        after = (f'{runs.command("teacher.py", args, arch="resnet18", calibration="OTHER")}    # another row of '
+                 f'Table 1')
     runs.report_run(logger, log_dir, [
         (runs.CHECKPOINT, 'the network (train_search.py --teacher reads it; --resume continues it)'),
         ('log.txt', 'the log'), ('train_log.jsonl', 'one record per epoch: losses, accuracies, lr'),

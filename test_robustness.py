@@ -802,18 +802,24 @@ def test_summarize_lists_a_teacher_and_adwpnas_and_writes_beside_the_runs(adwp, 
 
 def test_next_lines_followed_as_printed_run_on_the_cpu(search, tmp_path):
     old, out = search
-    lines = [line.split('next: ', 1)[1].split('    (')[0] for line in out.splitlines() if 'next: ' in line]
+    # a line copied whole into a shell runs: what it says about itself is a shell comment
+    lines = [line.split('next: ', 1)[1] for line in out.splitlines() if 'next: ' in line]
     assert len(lines) == 2
     visualize_line, retrain_line = lines
-    assert retrain_line == (f'python train_cifar.py --genotype_file {old / "genotype.json"} --device cpu --dataset '
-                            f'synthetic --synthetic_size 16 --workers 0')
+    assert retrain_line.split('    # ')[0] == (f'python train_cifar.py --genotype_file {old / "genotype.json"} --device '
+                                             f'cpu --dataset synthetic --synthetic_size 16 --workers 0')
     scripts = {'visualize.py': visualize.main, 'train_cifar.py': train_cifar.main}
     for line, smaller in ((visualize_line, ['--out', tmp_path / 'plots']),
                           (retrain_line, ['--epochs', '1', '--layers', '3', '--init_channels', '4', '--batch_size',
                                           '8', '--save', tmp_path / 'retrain'])):
-        words = shlex.split(line)
+        words = shlex.split(line, comments=True)  # as a shell reads it
         assert words[0] == 'python'
         assert run(scripts[words[1]], words[2:] + smaller) == 0, line  # only the size added, to keep it short
+    # and the retraining's own next line (draw the cell), followed as printed
+    retrained = (tmp_path / 'retrain' / 'log.txt').read_text()
+    words = shlex.split(retrained.split('next: ', 1)[1].splitlines()[0], comments=True)
+    assert words[:2] == ['python', 'visualize.py']
+    assert run(visualize.main, words[2:] + ['--out', tmp_path / 'cell']) == 0
 
 
 def test_adwp_names_the_stage0_search_for_this_machine(capsys):

@@ -400,7 +400,7 @@ def main(argv=None) -> dict:
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr'),
         ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'test error, weights, multiply-adds'),
     ], [] if isinstance(genotype, genotypes.NB201Genotype) else
-        [f'python visualize.py {args.genotype_file or label}    (draw the cell)'], started)
+        [f'{runs.command("visualize.py", None, args.genotype_file or label)}    # draw the cell'], started)
     print(line, flush=True)
     return result
 

@@ -466,7 +466,8 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     runs.report_run(logger, save, [
         ('log.txt', 'the log'), ('metrics.jsonl', 'one record per epoch: losses, accuracies, lr, skipped images'),
         ('checkpoint.pt', 'the last epoch (--resume)'), ('result.json', 'errors, weights, multiply-adds'),
-    ], [f'python visualize.py {args.genotype_file or label}    (draw the {"chain" if chain else "cell"})'],
+    ], [(f'{runs.command("visualize.py", None, args.genotype_file or label)}    # draw the '
+         f'{"chain" if chain else "cell"}')],
         started or time.time())
     print(f'final top1_error={result["top1_error"]:.2f} top5_error={result["top5_error"]:.2f} '
           f'params_M={params / 1e6:.2f} macs_M={macs / 1e6:.1f}', flush=True)

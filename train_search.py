@@ -816,20 +816,20 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
         ('genotype.json', 'the derived chain' if chain else 'the derived cell'),
         ('checkpoint.pt', 'the last epoch (--resume)'),
         ('result.json', 'settings, search cost, genotype'),
-    ], [(f'{runs.command("visualize.py", None, args.save)}    (draw the {"chain" if chain else "cells"} and the '
-         f'importance)'), retrain_hint(args, genotype_path, model)], started)
+    ], [(f'{runs.command("visualize.py", None, args.save)}    # draw the {"chain" if chain else "cells"} and the '
+         f'importance'), retrain_hint(args, genotype_path, model)], started)
 
 
 def retrain_hint(args, genotype_path: str, model) -> str:
     """The command that retrains what the search found, on this machine and data (runs.command)."""
     if args.space != model_macro.SPACE:
-        return f'{runs.command("train_cifar.py", args, genotype_file=genotype_path)}    (retrain the cell)'
+        return f'{runs.command("train_cifar.py", args, genotype_file=genotype_path)}    # retrain the cell'
     if model.layout == 'imagenet':
         data = args.data if args.dataset == 'imagenet' else 'PATH_TO_IMAGENET'
         command = runs.command('train_imagenet.py', args, genotype_file=genotype_path, data=data,
                                keep=('device', 'gpu', 'workers'))
-        return f'{command}    (retrain the chain)'
-    return f'{runs.command("train_cifar.py", args, genotype_file=genotype_path)}    (retrain the chain, CIFAR-sized)'
+        return f'{command}    # retrain the chain'
+    return f'{runs.command("train_cifar.py", args, genotype_file=genotype_path)}    # retrain the chain, CIFAR-sized'
 
 
 def final_lookup(benchmark, genotype, lookup) -> dict:
