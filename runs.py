@@ -737,8 +737,9 @@ class TensorBoard:
 
 def same_run_flags(args, keep=None) -> list[str]:
     """This run's flags that a next command repeats: --device (or --gpu N but 0), --dataset, --data (but the
-    default data/), --image_size (folder data), --synthetic_size (synthetic data), --workers 0 (a machine
-    whose data-loading processes fail); only those in `keep` where given (a script without --dataset)."""
+    default data/), --image_size (folder data), --synthetic_size and --batch_size (synthetic data: a tiny set,
+    on which the next script's paper batch of 64 to 256 may exceed the images), --workers 0 (a machine whose
+    data-loading processes fail); only those in `keep` where given (a script without --dataset)."""
     value = functools.partial(getattr, args)
     dataset = value('dataset', None)
     wanted = {'device': value('device', None),
@@ -746,6 +747,7 @@ def same_run_flags(args, keep=None) -> list[str]:
               'dataset': dataset, 'data': value('data', 'data') if value('data', 'data') != 'data' else None,
               'image_size': value('image_size', None) if dataset == 'folder' else None,
               'synthetic_size': value('synthetic_size', None) if dataset == 'synthetic' else None,
+              'batch_size': value('batch_size', None) if dataset == 'synthetic' else None,
               'workers': 0 if value('workers', None) == 0 else None}
     return [f'--{k} {shlex.quote(str(v))}' for k, v in wanted.items()
             if v is not None and (keep is None or k in keep)]

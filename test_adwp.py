@@ -394,7 +394,8 @@ def test_pipeline_stage0_search_and_one_epoch_of_retraining(stage0, tmp_path, ca
     assert G.from_json(json.dumps(records[-1]['genotype'])) == g  # alpha* is the last (only selectable) epoch
     out = capsys.readouterr().out  # the end of every run: wall time, the files, the next commands
     assert 'done in ' in out and 'intensive_space.json the K candidates' in out
-    assert f'next: python train_cifar.py --genotype_file {save / "genotype.json"} --dataset synthetic' in out
+    assert (f'next: python train_cifar.py --genotype_file {save / "genotype.json"} --device cpu --dataset synthetic '
+            f'--synthetic_size 32 --batch_size 16 --workers 0    # retrain it' in out)  # on this machine and data
 
     retrain = ['--genotype_file', save / 'genotype.json', '--dataset', 'synthetic', '--device', 'cpu',
                '--workers', '0', '--epochs', '1', '--init_channels', '8', '--batch_size', '16',

@@ -590,7 +590,7 @@ def test_search_and_adwp_checkpoints_are_named_by_the_other_script(search, adwp,
           'is a checkpoint of train_search.py (a search), not of search_adwp.py')
     fails(capsys, train_search.main, SEARCH + ['--lambda_at', '1', '--teacher', old, '--save', tmp_path / 'c'],
           'is a checkpoint of train_search.py', 'train a teacher with `python teacher.py --device cpu --dataset '
-          'synthetic --synthetic_size 16 --workers 0`')
+          'synthetic --synthetic_size 16 --batch_size 4 --workers 0`')
     # where a genotype.json belongs
     fails(capsys, train_cifar.main, CIFAR[:-2] + ['--genotype_file', old / 'checkpoint.pt', '--save', tmp_path / 'd'],
           f'--genotype_file {old / "checkpoint.pt"} is a checkpoint of train_search.py, not a genotype: pass the '
@@ -807,7 +807,7 @@ def test_next_lines_followed_as_printed_run_on_the_cpu(search, tmp_path):
     assert len(lines) == 2
     visualize_line, retrain_line = lines
     assert retrain_line.split('    # ')[0] == (f'python train_cifar.py --genotype_file {old / "genotype.json"} --device '
-                                             f'cpu --dataset synthetic --synthetic_size 16 --workers 0')
+                                             f'cpu --dataset synthetic --synthetic_size 16 --batch_size 4 --workers 0')
     scripts = {'visualize.py': visualize.main, 'train_cifar.py': train_cifar.main}
     for line, smaller in ((visualize_line, ['--out', tmp_path / 'plots']),
                           (retrain_line, ['--epochs', '1', '--layers', '3', '--init_channels', '4', '--batch_size',
@@ -825,7 +825,7 @@ def test_next_lines_followed_as_printed_run_on_the_cpu(search, tmp_path):
 def test_adwp_names_the_stage0_search_for_this_machine(capsys):
     fails(capsys, search_adwp.main, ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0'],
           '`python train_search.py --space darts --lambda_at 0 --device cpu --dataset synthetic --synthetic_size '
-          '512 --workers 0`')
+          '512 --batch_size 98 --workers 0`')
 
 
 def test_the_flags_a_next_command_repeats():
@@ -834,5 +834,9 @@ def test_the_flags_a_next_command_repeats():
     assert runs.command('train_search.py', args, teacher='t') == ("python train_search.py --teacher t --device cpu "
                                                                   "--dataset folder --data 'my data' --image_size 64 "
                                                                   "--workers 0")
+    tiny = train_cifar.build_parser().parse_args(['--device', 'cpu', '--dataset', 'synthetic', '--synthetic_size',
+                                                  '32', '--batch_size', '8'])  # a tiny set: the batch that fits it
+    assert runs.command('train_search.py', tiny) == ('python train_search.py --device cpu --dataset synthetic '
+                                                     '--synthetic_size 32 --batch_size 8')
     gpu = train_cifar.build_parser().parse_args(['--gpu', '1'])
     assert runs.command('teacher.py', gpu) == 'python teacher.py --gpu 1 --dataset cifar10'

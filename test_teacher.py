@@ -176,7 +176,7 @@ def test_train_end_to_end_writes_a_teacher(tmp_path, capsys):
     assert f'its files, in {save}' in out
     # the next command runs on this machine and data as printed
     assert (f'next: python train_search.py --teacher {save} --device cpu --dataset synthetic --synthetic_size 48 '
-            f'--workers 0' in out)
+            f'--batch_size 16 --workers 0' in out)
     with open(os.path.join(save, 'result.json')) as f:
         result = json.load(f)
     assert result['kind'] == 'teacher' and result['test_error'] == pytest.approx(100 - log_top1(save))
