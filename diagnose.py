@@ -949,8 +949,8 @@ def main(argv=None) -> dict | None:
     evaluate = Evaluator(search, batches, finetune, lr, args.bn, rest_restriction(search, rest))
     candidates = sum(len(e.ops) + (sum(alive_rows(search, e.cells[0])[e.row]) if derive else 0) for e in edges)
     logger.info('%s search on %s (%s): %d edges, %d evaluations of %d held-out images each (%s BatchNorm%s; '
-                'other edges: %s)%s', method, search.args.space, search.folder, len(edges), candidates + 2, images,
-                args.bn, f', {args.finetune_steps} weight steps first at lr {lr:g}' if finetune else '', rest,
+                'other edges: %s)%s', method, search.args.space, search.folder, len(edges), candidates + 2 + derive,
+                images, args.bn, f', {args.finetune_steps} weight steps first at lr {lr:g}' if finetune else '', rest,
                 f'; {world} processes' if world > 1 else '')
     result = {'kind': 'diagnose', 'run': os.path.abspath(search.folder), 'method': method,
               'space': search.args.space, 'ops': list(search.model.ops),

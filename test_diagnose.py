@@ -136,6 +136,52 @@ def test_random_band_exact_and_simulated():
     assert diagnose.random_tau_band([1])['low'] is None
 
 
+def test_edge_records_and_summary_by_hand():
+    """Per edge: tau-b of importance against accuracy and against lower loss, the top-1 match and its chance
+    (ties at the top counted), the margin; per cell type and over all: the mean tau over the edges where it is
+    defined, and the band of random rankings of the sizes that were measured (an op that could not run is not
+    ranked)."""
+    ops = ['a', 'b', 'c', 'd', 'e']
+    search = argparse.Namespace(model=argparse.Namespace(ops=ops))
+    # importance order a < c < d < b; accuracy a 50, b 70, c 70, d 40: pairs ab C, ac C, ad D, bc tied in
+    # accuracy, bd C, cd D: (3 - 2) / sqrt(6 * 5); by lower loss 4 C, 2 D: 1/3
+    one = diagnose.edge_record(search, diagnose.Edge('normal:0', 'normal', [0], 0, '0->2', [0, 1, 2, 3],
+                                                     [.1, .4, .2, .3], [50., 70., 70., 40.], [1., .5, .6, 1.2]))
+    assert one['tau'] == pytest.approx(1 / 30 ** .5) and one['tau_loss'] == pytest.approx(1 / 3)
+    assert (one['top_importance'], one['top_accuracy'], one['match'], one['match_chance']) == ('b', 'b', True, .5)
+    assert one['margin'] == pytest.approx(.1)
+    # e could not run (None): ranked over a, c, d, b, which agree fully
+    two = diagnose.edge_record(search, diagnose.Edge('normal:1', 'normal', [0], 1, '1->2', [0, 4, 1, 2, 3],
+                                                     [.5, .1, .2, .3, .05], [60., None, 30., 40., 20.],
+                                                     [.1, None, .9, .5, 1.5]))
+    assert (two['tau'], two['tau_loss'], two['match'], two['match_chance']) == (1, 1, True, .25)
+    flat = diagnose.edge_record(search, diagnose.Edge('normal:2', 'normal', [0], 2, '0->3', [0, 1], [.6, .4],
+                                                      [50., 50.], [1., 2.]))
+    assert flat['tau'] is None and flat['match'] and flat['match_chance'] == 1
+    three = diagnose.edge_record(search, diagnose.Edge('reduce:0', 'reduce', [1], 0, '0->2', [0, 1, 2],
+                                                       [.2, .3, .5], [80., 60., 40.], [.2, .4, .6]))
+    assert (three['tau'], three['top_importance'], three['top_accuracy'], three['match']) == (-1, 'c', 'a', False)
+    summary = diagnose.summarise([one, two, flat, three])
+    normal, reduce, every = summary['normal'], summary['reduce'], summary['all']
+    assert normal['edges'] == 2 and normal['mean_tau'] == pytest.approx((1 / 30 ** .5 + 1) / 2)
+    assert normal['mean_tau_loss'] == pytest.approx((1 / 3 + 1) / 2)
+    assert (normal['top1_match'], normal['top1_chance']) == (1, pytest.approx((.5 + .25) / 2))
+
+    def tau(p):   # the band of two 4-op edges, enumerated: (concordant - discordant) / 6 over 24 x 24 rankings
+        return sum((p[i] < p[j]) - (p[i] > p[j]) for i in range(4) for j in range(i + 1, 4)) / 6
+    perms = list(itertools.permutations(range(4)))
+    means = sorted((tau(p) + tau(q)) / 2 for p in perms for q in perms)
+    # the smallest mean whose cumulative share reaches 2.5%, and the one reaching 97.5%: the 15th and 562nd of 576
+    assert normal['random_band'] == {'low': pytest.approx(means[14]), 'high': pytest.approx(means[561]),
+                                     'method': 'exact'}
+    assert (reduce['edges'], reduce['mean_tau'], reduce['top1_match']) == (1, -1, 0)
+    assert reduce['top1_chance'] == pytest.approx(1 / 3)
+    assert every['edges'] == 3 and every['mean_tau'] == pytest.approx((1 / 30 ** .5 + 1 - 1) / 3)
+    assert every['random_band']['method'].endswith('seeded draws')   # 4, 4 and 3 ops
+    assert every['top1_chance'] == pytest.approx((.5 + .25 + 1 / 3) / 3)
+    assert list(diagnose.summarise([one, two])) == ['normal']   # one cell type: no 'all'
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Network.restrict_edges
 
@@ -363,7 +409,11 @@ def test_nb201_checkpoints(nb201_run, nb201_agnas_run, capsys, monkeypatch):
             return {'index': 7, **{k: 50. for k, _, _ in diagnose.nb201.ACCURACIES}}
 
     monkeypatch.setattr(diagnose.nb201, 'Benchmark', FakeBenchmark)
-    result = diagnose_run(capsys, nb201_run, '--derive', 'accuracy', '--benchmark', 'bench.pth')
+    ckpt = runs.load_checkpoint(nb201_run)   # the search's own --benchmark, as a search with one stores it
+    ckpt['args']['benchmark'] = 'bench.pth'
+    nb201_run = os.path.join(os.path.dirname(nb201_run), 'nb201-benchmark')
+    runs.save_checkpoint(ckpt, os.path.join(nb201_run, 'checkpoint.pt'))
+    result = diagnose_run(capsys, nb201_run, '--derive', 'accuracy')
     assert [e['edge'] for e in result['edges']] == [f'normal:{r}' for r in range(6)]
     assert result['edges'][2]['cells'] == [0, 1, 2] and result['edges'][2]['label'] == '1->2'
     genotype = genotypes.load(genotype_file=os.path.join(nb201_run, 'genotype_accuracy.json'))
@@ -371,9 +421,10 @@ def test_nb201_checkpoints(nb201_run, nb201_agnas_run, capsys, monkeypatch):
     assert looked_up == [result['derived']['genotype']['nb201'], genotype.arch]
     assert result['derive_accuracy']['benchmark']['index'] == 7
     assert result['cost']['evaluations'] == 6 * 5 * 2 + 3
-    result = diagnose_run(capsys, nb201_agnas_run, '--edges', 'normal:1')
+    result = diagnose_run(capsys, nb201_agnas_run, '--edges', 'normal:1', '--benchmark', 'bench.pth')
     search = diagnose.load_search(nb201_agnas_run, torch.device('cpu'))
     assert result['edges'][0]['importance'] == pytest.approx(search.importance['mean'][1].tolist())
+    assert looked_up[-1] == search.genotype.arch and result['derived']['benchmark']['index'] == 7   # --benchmark
 
 
 def test_chain_checkpoint(chain_run, capsys):
@@ -422,6 +473,85 @@ def test_accuracy_derivation_picks_the_costliest_removal(darts_run):
         expected += [(genotypes.DARTS_PRIMITIVES[7 - r % 4], r - rows[0]) for r in top]
     assert [tuple(p) for p in genotype.normal] == expected
     assert [tuple(p) for p in genotype.reduce] == expected
+
+
+def removal_costs(monkeypatch, cost):
+    """Evaluations answered without running the supernet: the supernet 60%, a candidate kept alone 50%, and the
+    supernet without op o on row r of cell (layer) i 60% - cost(i, r, o) (loss 1 + the same, so that the rule's
+    loss tie-break agrees). Returns the count of evaluations per kind."""
+    counts = {'removal': 0, 'other': 0}
+
+    def fake(self, restriction):
+        self.count += 1
+        kept = [(key, ops) for key, (ops, weights) in restriction.items() if weights is None and ops]
+        if len(kept) != len(restriction) or not restriction:   # the supernet, a keep, or a genotype inside it
+            counts['other'] += 1
+            return (60., 1.) if not restriction else (50., 2.)
+        counts['removal'] += 1
+        (i, r), ops = kept[0]
+        missing = [o for o, a in enumerate(diagnose.alive_rows(self.search, i)[r]) if a and o not in ops]
+        assert len(missing) == 1 and all(set(v) == set(ops) for _, v in kept)   # one op, in every cell of the edge
+        c = cost(i, r, missing[0])
+        return 60. - c, 1. + c
+
+    monkeypatch.setattr(diagnose.Evaluator, '__call__', fake)
+    return counts
+
+
+def darts_pick(costliest):
+    """DARTS's rule typed out: per node, the two edges whose costliest op costs most (later rows cost more
+    below), each with that op; `costliest(row)` names the op."""
+    out = []
+    for rows in ([0, 1], [2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12, 13]):
+        out += [(costliest(r), r - rows[0]) for r in sorted(rows, reverse=True)[:2]]
+    return out
+
+
+@pytest.mark.parametrize('which', ['darts', 'agnas', 'chain'])
+def test_derive_accuracy_writes_the_genotype(which, request, capsys, monkeypatch):
+    """--derive accuracy end to end on the classic cell (DARTS), the staged cell (AGNAS, each stage from its own
+    cell's costs) and the chain (its argmax per layer), with removal accuracies made up by hand: the genotype
+    file holds the costliest op of each edge, chosen by the method's own rule, and loads as a genotype."""
+    run = request.getfixturevalue(f'{which}_run')
+    prims = genotypes.DARTS_PRIMITIVES
+    if which == 'chain':
+        def cost(i, r, o):   # a distinct cost per candidate; the layer's costliest available one wins
+            return 1. + (3 * o + i) % 7
+    else:
+        def cost(i, r, o):   # op 1 + (i + r) % 7 (never none) costs 1 + r, the others 0.5
+            return 1. + r if o == 1 + (i + r) % 7 else 0.5
+    counts = removal_costs(monkeypatch, cost)
+    assert utils.exit_code(diagnose.main, [run, '--derive', 'accuracy'] + QUICK) == 0, capsys.readouterr().err
+    path = os.path.join(run, 'genotype_accuracy.json')
+    out = capsys.readouterr().out
+    assert f'next: python train_cifar.py --genotype_file {path}' in out
+    with open(os.path.join(run, 'diagnose.json')) as f:
+        result = json.load(f)
+    search = diagnose.load_search(run, torch.device('cpu'))
+    if which == 'chain':
+        genotype = genotypes.load(genotype_file=path)
+        from model_macro import CANDIDATES
+        expected = []
+        for i, available in enumerate(search.model.available.tolist()):
+            best = max((o for o in range(len(CANDIDATES)) if available[o]), key=lambda o: cost(i, 0, o))
+            expected.append(CANDIDATES[best])
+        assert list(genotype.layers) == expected
+        alive = int(search.model.available.sum())
+    else:
+        genotype = genotypes.load(genotype_file=path)
+        if which == 'darts':   # one cost matrix per cell type: cell 0's (normal) and cell 1's (reduce)
+            assert [tuple(p) for p in genotype.normal] == darts_pick(lambda r: prims[1 + r % 7])
+            assert [tuple(p) for p in genotype.reduce] == darts_pick(lambda r: prims[1 + (1 + r) % 7])
+            alive = 2 * 14 * 8
+        else:   # 5 cells, reductions 1 and 3: the stages' first normal cells are 0, 2 and 4
+            assert isinstance(genotype, genotypes.StagedGenotype)
+            for cell, i in zip(genotype.normal + genotype.reduce, [0, 2, 4, 1, 3]):
+                assert [tuple(p) for p in cell] == darts_pick(lambda r, i=i: prims[1 + (i + r) % 7]), i
+            alive = 5 * 14 * 8
+    assert result['derive_accuracy']['genotype'] == json.loads(genotypes.to_json(genotype))
+    # every candidate kept alone, every alive op removed, the supernet, the two genotypes inside it (announced)
+    assert counts['removal'] == alive and result['cost']['evaluations'] == 2 * alive + 3
+    assert f'{2 * alive + 3} evaluations of' in out
 
 
 def test_derive_accuracy_needs_every_edge(darts_run, capsys):
