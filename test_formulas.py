@@ -1,6 +1,8 @@
 """Formula guards that the formula-break audit of issue 21 found missing: each test computes the expected value
 independently (by hand, or from a literal typed from the paper or the authors' code) and fails when the line
 that implements the formula changes. Tiny configurations; the other formula tests live beside their method."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,9 @@ import torch.nn.functional as F
 
 import darts
 import train_search
+from genotypes import DARTS_PRIMITIVES
 from model_search_fast import Network
+from test_genotypes import LITERAL_DARTS_V2
 from test_train_search import TINY
 
 
@@ -105,3 +109,69 @@ def test_held_out_accuracy_is_the_eval_mode_top1_over_the_whole_half():
         logits = model(x)
     assert out['val_acc_end'] == pytest.approx(100. * (logits.argmax(1) == y).double().mean().item(), abs=1e-9)
     assert out['val_ce_end'] == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-5)
+
+
+def test_unrolled_weights_take_darts_virtual_momentum_sgd_step():
+    """DARTS's second order (architect.py _compute_unrolled_model): w' = w - eta (momentum * buf + dL/dw + wd w),
+    with the SGD momentum buffers of a real step before it, computed here by hand."""
+    torch.manual_seed(0)
+    model = Network(4, 10, 3, space='darts').double()
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(10, (4,))
+    xv, yv = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(10, (4,))
+    eta, wd, mom = 0.1, 3e-4, 0.9
+    optimizer = torch.optim.SGD(model.weights(), eta, momentum=mom, weight_decay=wd)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()  # every weight now has a momentum buffer
+    architect = darts.Architect(model, momentum=mom, weight_decay=wd, arch_learning_rate=0., arch_weight_decay=0.,
+                                unrolled=True)
+    w = [p.detach().clone() for p in model.weights()]
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), model.weights())
+    bufs = [optimizer.state[p]['momentum_buffer'].clone() for p in model.weights()]
+    assert all(b.abs().sum() > 0 for b in bufs[:3])
+    architect._unrolled_grads(x, y, None, xv, yv, None, eta, optimizer)
+    for p, gp, b, q in zip(w, g, bufs, architect.unrolled_model.weights()):
+        torch.testing.assert_close(q.detach(), p - eta * (mom * b + gp + wd * p), rtol=1e-9, atol=1e-12)
+
+
+def test_darts_step_moves_a_on_the_validation_batch_first():
+    """One first-order DARTS iteration (NOS Eq. 13 then Eq. 12): A's Adam step on the validation batch's CE at
+    the current weights (Adam's first step: lr * g / (|g| + eps)), then the weight step; computed here on a
+    copy of the network."""
+    model, method = method_of('darts', ['--lambda_at', '0', '--arch_weight_decay', '0'])
+    model.double()  # in place: the architect's Adam keeps the same parameters
+    g = torch.Generator().manual_seed(2)
+    x, xv = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    y, yv = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    twin = copy.deepcopy(model)
+    val_ce = F.cross_entropy(twin(xv), yv)
+    grads = torch.autograd.grad(val_ce, twin.arch_parameters())
+    lr = method.architect.optimizer.param_groups[0]['lr']
+    expected = [a.detach() - lr * gr / (gr.abs() + 1e-8) for a, gr in zip(twin.arch_parameters(), grads)]
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9)
+    out = method.step(x, y, xv, yv, None, 0.025, optimizer)
+    torch.testing.assert_close(out['val_ce'], val_ce.detach(), rtol=1e-10, atol=1e-12)
+    for a, e in zip(model.arch_parameters(), expected):
+        torch.testing.assert_close(a.detach(), e, rtol=1e-7, atol=1e-9)
+
+
+def a_spelling(cell, ops):
+    """An A (14 x 8) whose softmax puts each (op, input) pair of a DARTS cell on its edge, the node's first pair
+    strongest, every other entry 0 (none included: DARTS's derivation never takes it)."""
+    a, start = torch.zeros(14, len(ops)), 0
+    for k in range(4):
+        for rank, (op, j) in enumerate(cell[2 * k:2 * k + 2]):
+            a[start + j, ops.index(op)] = 3. - rank
+        start += k + 2
+    return a
+
+
+@pytest.mark.parametrize('name', ['darts', 'gdas'])
+def test_darts_family_derives_the_cell_that_a_spells(name):
+    """DARTS's derivation (GDAS's too): DARTS_V2's cells (typed from quark0/darts) spelt into A come back."""
+    model, method = method_of(name)
+    with torch.no_grad():
+        model.alphas_normal.copy_(a_spelling(LITERAL_DARTS_V2[0], DARTS_PRIMITIVES))
+        model.alphas_reduce.copy_(a_spelling(LITERAL_DARTS_V2[1], DARTS_PRIMITIVES))
+    g = method.genotype()
+    assert [tuple(p) for p in g.normal] == LITERAL_DARTS_V2[0] and [tuple(p) for p in g.reduce] == LITERAL_DARTS_V2[1]
