@@ -175,3 +175,21 @@ def test_darts_family_derives_the_cell_that_a_spells(name):
         model.alphas_reduce.copy_(a_spelling(LITERAL_DARTS_V2[1], DARTS_PRIMITIVES))
     g = method.genotype()
     assert [tuple(p) for p in g.normal] == LITERAL_DARTS_V2[0] and [tuple(p) for p in g.reduce] == LITERAL_DARTS_V2[1]
+
+
+def test_gdas_a_step_sees_the_validation_batch_through_its_one_hot_sample():
+    """GDAS's A step (after the weight step) is a forward of the validation batch with the hard sample's one-hot
+    weights (the straight-through forward value): recomputed here on a copy whose softmax is that one-hot."""
+    model, method = method_of('gdas', ['--epochs', '250'])
+    g = torch.Generator().manual_seed(2)
+    x, xv = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(2))
+    y, yv = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, nesterov=True)
+    out = method.step(x, y, xv, yv, None, 0.025, optimizer)
+    twin = copy.deepcopy(model)
+    twin.tau = None
+    with torch.no_grad():
+        for a, sample in zip(twin.arch_parameters(), model.last_sample):
+            a.copy_(1e4 * F.one_hot(sample, a.shape[1]).float())  # softmax: exactly the one-hot
+        val_ce = F.cross_entropy(twin(xv), yv)
+    torch.testing.assert_close(out['val_ce'], val_ce, rtol=1e-5, atol=1e-6)
