@@ -640,21 +640,26 @@ def edge_record(search: Search, e: Edge) -> dict:
 
 
 def summarise(records: list[dict]) -> dict:
-    """Mean tau per cell type (the chain: over its layers) and over all edges, with the band of random
-    rankings of the same sizes, and how often the most important op is (one of) the most accurate."""
+    """Per cell type (the chain: its layers) and over all edges: the mean tau over the edges where it is
+    defined, with the band of random rankings of the same sizes, and how often the most important op is (one
+    of) the most accurate; and the mean tau of the ranking by lower loss over the edges where that one is
+    defined (losses tie far less often than accuracies on few images), with its own band."""
     out = {}
     groups = list(dict.fromkeys(r['group'] for r in records))
     for group in groups + (['all'] if len(groups) > 1 else []):
-        rs = [r for r in records if r['tau'] is not None and group in (r['group'], 'all')]
-        if not rs:
+        members = [r for r in records if group in (r['group'], 'all')]
+        rs = [r for r in members if r['tau'] is not None]
+        rl = [r for r in members if r['tau_loss'] is not None]
+        if not rs and not rl:
             continue
         sizes = [sum(a is not None for a in r['accuracy']) for r in rs]
-        losses = [r['tau_loss'] for r in rs if r['tau_loss'] is not None]
-        out[group] = {'edges': len(rs), 'mean_tau': float(np.mean([r['tau'] for r in rs])),
-                      'mean_tau_loss': float(np.mean(losses)) if losses else None,
+        out[group] = {'edges': len(rs), 'mean_tau': float(np.mean([r['tau'] for r in rs])) if rs else None,
                       'random_band': random_tau_band(sizes),
-                      'top1_match': float(np.mean([r['match'] for r in rs])),
-                      'top1_chance': float(np.mean([r['match_chance'] for r in rs]))}
+                      'top1_match': float(np.mean([r['match'] for r in rs])) if rs else None,
+                      'top1_chance': float(np.mean([r['match_chance'] for r in rs])) if rs else None,
+                      'edges_loss': len(rl),
+                      'mean_tau_loss': float(np.mean([r['tau_loss'] for r in rl])) if rl else None,
+                      'random_band_loss': random_tau_band([sum(v is not None for v in r['loss']) for r in rl])}
     return out
 
 
@@ -705,10 +710,15 @@ def format_table(search: Search, records: list[dict], summary: dict, result: dic
                      f'{min(accs):.2f} - {max(accs):.2f}')
     for group, s in summary.items():
         band = s['random_band']
-        lines.append(f'mean tau {group:<6} {s["mean_tau"]:+.3f} over {s["edges"]} edges (random rankings: '
-                     f'{band["low"]:+.3f} to {band["high"]:+.3f}, {int(100 * LEVEL)}%, {band["method"]}); most '
-                     f'important op most accurate on {100 * s["top1_match"]:.0f}% of edges (chance '
-                     f'{100 * s["top1_chance"]:.0f}%)')
+        if s['mean_tau'] is not None:
+            lines.append(f'mean tau {group:<6} {s["mean_tau"]:+.3f} over {s["edges"]} edges (random rankings: '
+                         f'{band["low"]:+.3f} to {band["high"]:+.3f}, {int(100 * LEVEL)}%, {band["method"]}); most '
+                         f'important op most accurate on {100 * s["top1_match"]:.0f}% of edges (chance '
+                         f'{100 * s["top1_chance"]:.0f}%)')
+        if s['mean_tau_loss'] is not None:
+            band = s['random_band_loss']
+            lines.append(f'mean tau {group:<6} by lower loss {s["mean_tau_loss"]:+.3f} over {s["edges_loss"]} edges '
+                         f'(random rankings: {band["low"]:+.3f} to {band["high"]:+.3f})')
     sup, der = result['supernet'], result['derived']
     lines.append(f'supernet {sup["accuracy"]:.2f}%; the derived genotype inside it {der["accuracy"]:.2f}% '
                  f'(drop {der["drop"]:.2f} points)' + (f'; {nb201.describe(der["benchmark"])}' if 'benchmark' in der

@@ -164,7 +164,9 @@ def test_edge_records_and_summary_by_hand():
     summary = diagnose.summarise([one, two, flat, three])
     normal, reduce, every = summary['normal'], summary['reduce'], summary['all']
     assert normal['edges'] == 2 and normal['mean_tau'] == pytest.approx((1 / 30 ** .5 + 1) / 2)
-    assert normal['mean_tau_loss'] == pytest.approx((1 / 3 + 1) / 2)
+    # by lower loss: over every edge where it is defined, the flat one too (1 / 3, 1, 1), with the band of 4, 4, 2
+    assert normal['edges_loss'] == 3 and normal['mean_tau_loss'] == pytest.approx((1 / 3 + 1 + 1) / 3)
+    assert normal['random_band_loss']['method'].endswith('seeded draws')
     assert (normal['top1_match'], normal['top1_chance']) == (1, pytest.approx((.5 + .25) / 2))
 
     def tau(p):   # the band of two 4-op edges, enumerated: (concordant - discordant) / 6 over 24 x 24 rankings
@@ -180,6 +182,10 @@ def test_edge_records_and_summary_by_hand():
     assert every['random_band']['method'].endswith('seeded draws')   # 4, 4 and 3 ops
     assert every['top1_chance'] == pytest.approx((.5 + .25 + 1 / 3) / 3)
     assert list(diagnose.summarise([one, two])) == ['normal']   # one cell type: no 'all'
+    only_loss = diagnose.summarise([flat])['normal']   # no accuracy ranking defined: the loss's alone
+    assert (only_loss['edges'], only_loss['mean_tau'], only_loss['top1_match']) == (0, None, None)
+    assert (only_loss['edges_loss'], only_loss['mean_tau_loss']) == (1, 1)
+    assert only_loss['random_band_loss'] == {'low': -1, 'high': 1, 'method': 'exact'}   # 2 ops: -1 or 1
 
 
 # ---------------------------------------------------------------------------------------------------------
