@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import darts
+import model_adwp
+import search_adwp
 import train_search
 from genotypes import DARTS_PRIMITIVES
 from model_search_fast import Network
+from test_adwp import random_space
 from test_genotypes import LITERAL_DARTS_V2
 from test_train_search import TINY
 
@@ -193,3 +196,22 @@ def test_gdas_a_step_sees_the_validation_batch_through_its_one_hot_sample():
             a.copy_(1e4 * F.one_hot(sample, a.shape[1]).float())  # softmax: exactly the one-hot
         val_ce = F.cross_entropy(twin(xv), yv)
     torch.testing.assert_close(out['val_ce'], val_ce, rtol=1e-5, atol=1e-6)
+
+
+def test_adwpnas_stage_1_steps_on_a_fresh_draw_of_alpha():
+    """ADWPNAS Stage 1 (Alg. 1, the train phase): each step's loss is the HyperNetwork's CE at a fresh draw
+    alpha ~ N(0, std^2) from the epoch's generator, not at the parameter alpha; recomputed here from the same
+    draw (lr 0: the step leaves the weights as they were)."""
+    torch.manual_seed(0)
+    net = model_adwp.HyperNetwork(4, 10, 3, random_space(2))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    draw = net.sample_alphas(0.5, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = F.cross_entropy(net(x, draw), y)
+        at_parameter = F.cross_entropy(net(x), y)
+    w_opt = torch.optim.SGD(net.weights(), 0.)
+    a_opt = torch.optim.Adam(net.arch_parameters(), 0.)
+    loss, _ = search_adwp.adwp_step(net, 'train', x, y, w_opt, a_opt, alpha_gen=torch.Generator().manual_seed(5),
+                                    alpha_std=0.5)
+    assert not torch.isclose(expected, at_parameter)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
