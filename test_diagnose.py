@@ -627,6 +627,22 @@ def test_agnas_gated_edge_keeps_its_gate():
     assert not torch.allclose(a, fast(x))
 
 
+@pytest.mark.slow  # two processes start torch
+def test_torchrun_derives_by_accuracy_as_one_process(nb201_run, capsys):
+    """--derive accuracy under torchrun: the removals measured on both ranks are gathered, and rank 0 derives
+    and writes the genotype one process writes."""
+    one = diagnose_run(capsys, nb201_run, '--derive', 'accuracy')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+                           'diagnose.py', nb201_run, '--derive', 'accuracy', *QUICK], cwd=HERE, env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(os.path.join(nb201_run, 'diagnose.json')) as f:
+        two = json.load(f)
+    assert two['cost']['processes'] == 2 and two['cost']['evaluations'] == one['cost']['evaluations']
+    assert two['derive_accuracy'] == one['derive_accuracy'] and two['edges'] == one['edges']
+
+
 @pytest.mark.slow  # two processes start torch: ~20 s of the suite's budget
 def test_torchrun_splits_the_edges_and_gathers_them(darts_run, capsys):
     """Two processes (gloo on the CPU), the edges split between them: rank 0 writes what one process writes."""
