@@ -15,7 +15,7 @@ import train_search
 from genotypes import DARTS_PRIMITIVES
 from model_search_fast import Network
 from test_adwp import random_space
-from test_genotypes import LITERAL_DARTS_V2
+from test_genotypes import LITERAL_DARTS_V1, LITERAL_DARTS_V2
 from test_train_search import TINY
 
 
@@ -215,3 +215,16 @@ def test_adwpnas_stage_1_steps_on_a_fresh_draw_of_alpha():
                                     alpha_std=0.5)
     assert not torch.isclose(expected, at_parameter)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_eoinas_derives_its_cell_from_the_indicator_not_from_a():
+    """EoiNAS §3.3: the cell is DARTS's derivation of I = beta + lambda Ca / Ce. A spells DARTS_V1's cells (beta
+    differences below 0.1) while Ca / Ce spells DARTS_V2's (0.5 * 30 per chosen op): V2 must come back."""
+    model, method = method_of('eoinas', ['--epochs', '4', '--eoi_warmup', '1', '--prune_every', '1'])
+    with torch.no_grad():
+        model.alphas_normal.copy_(0.1 * a_spelling(LITERAL_DARTS_V1[0], DARTS_PRIMITIVES))
+        model.alphas_reduce.copy_(0.1 * a_spelling(LITERAL_DARTS_V1[1], DARTS_PRIMITIVES))
+    method.stats.count.fill_(1.)
+    method.stats.acc.copy_(10. * torch.stack([a_spelling(c, DARTS_PRIMITIVES) for c in LITERAL_DARTS_V2]).double())
+    g = method.genotype()
+    assert [tuple(p) for p in g.normal] == LITERAL_DARTS_V2[0] and [tuple(p) for p in g.reduce] == LITERAL_DARTS_V2[1]
