@@ -136,6 +136,18 @@ def test_random_band_exact_and_simulated():
     assert diagnose.random_tau_band([1])['low'] is None
 
 
+def test_density_silverman_by_hand():
+    """EoiNAS Fig. 5's KDE: Gaussian kernels of bandwidth h = 0.9 min(sd, IQR / 1.34) n^(-1/5) (Silverman).
+    For the values 0 and 1: sd 0.7071, IQR 0.5 (numpy's linear percentiles 0.25 and 0.75), so h = 0.9 * 0.5 / 1.34
+    * 2^(-1/5); at 0 the density is (1 + exp(-1 / (2 h^2))) / (2 h sqrt(2 pi))."""
+    h = 0.9 * (0.5 / 1.34) * 2 ** -0.2
+    assert h == pytest.approx(0.292349, rel=1e-5)
+    expected = (1 + np.exp(-1 / (2 * h * h))) / (2 * h * np.sqrt(2 * np.pi))
+    assert diagnose.density([0., 1.], [0.])[0] == pytest.approx(expected)
+    grid = np.linspace(-3, 4, 7001)
+    assert diagnose.density([0., 1., .2], grid).sum() * (grid[1] - grid[0]) == pytest.approx(1, abs=1e-4)
+
+
 def test_edge_records_and_summary_by_hand():
     """Per edge: tau-b of importance against accuracy and against lower loss, the top-1 match and its chance
     (ties at the top counted), the margin; per cell type and over all: the mean tau over the edges where it is
