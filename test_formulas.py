@@ -228,3 +228,16 @@ def test_eoinas_derives_its_cell_from_the_indicator_not_from_a():
     method.stats.acc.copy_(10. * torch.stack([a_spelling(c, DARTS_PRIMITIVES) for c in LITERAL_DARTS_V2]).double())
     g = method.genotype()
     assert [tuple(p) for p in g.normal] == LITERAL_DARTS_V2[0] and [tuple(p) for p in g.reduce] == LITERAL_DARTS_V2[1]
+
+
+def test_each_cell_type_samples_from_its_own_a():
+    """EoiNAS Eq. 5 per cell type: the normal cells' sample is drawn from A_normal, the reduction cells' from
+    A_reduce (one sample per forward and type). A row's 50-logit op wins any Gumbel draw in practice."""
+    model, method = method_of('eoinas', ['--epochs', '4', '--eoi_warmup', '1', '--prune_every', '1'])
+    method.start_epoch(1)
+    with torch.no_grad():
+        model.alphas_normal.zero_()[:, 1] = 50.
+        model.alphas_reduce.zero_()[:, 5] = 50.
+    weights = model.edge_weights()
+    assert model.last_sample[0].tolist() == [1] * 14 and model.last_sample[1].tolist() == [5] * 14
+    assert weights[0].argmax(-1).tolist() == [1] * 14 and weights[1].argmax(-1).tolist() == [5] * 14
