@@ -323,6 +323,13 @@ def test_signal_op_ranks_first_with_tau_one():
         assert record['accuracy'][signal] > max(a for o, a in enumerate(record['accuracy']) if o != signal)
     flat = diagnose.edge_record(search, edges[2])
     assert len(set(flat['accuracy'])) == 1 and flat['tau'] is None
+    # what is evaluated: each op kept alone at weight 1 (DARTS-PT's projection; Network.restrict_edges is tested
+    # above to compute exactly that), then each alive op removed, the others at their trained weights
+    seen = []
+    edge = diagnose.Edge('normal:1', 'normal', [0], 1, '1->2', [0, 1, 2, 3], [0.] * 4)
+    diagnose.measure(search, lambda r: seen.append(r) or (0., 0.), [edge], True, LOG)
+    assert seen == [{(0, 1): ([o], [1. if k == o else 0. for k in range(4)])} for o in range(4)] + \
+        [{(0, 1): ([k for k in range(4) if k != o], None)} for o in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------------------
