@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import agnas
 import genotypes
 import model_search
 import nb201
@@ -166,6 +167,7 @@ def test_network_genotype_masks_pruned_ops_and_agnas_averages_cells():
     imp[1:, :, 1] = 0.5   # ... two cells say skip_connect: mean 0.3 vs 0.333
     arch = model_search.derive_nb201(imp.mean(0))
     assert NB201Genotype(arch).ops() == ['skip_connect'] * 6
+    assert agnas.build_network(4, 10, 3, space='nb201').genotype(importance=imp).ops() == ['skip_connect'] * 6
 
 
 # ---------------------------------------------------------------------------------------------------------
