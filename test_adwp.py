@@ -350,8 +350,8 @@ def test_imagenet_step_decay_is_absolute_per_epoch_and_takes_the_depth_from_the_
             '--lr_gamma', '0.5']
     fails_with(capsys, train_imagenet.main, args + ['--layers', '14', '--save', tmp_path / 'x'], '--layers 14',
                '3 cells')
-    assert run(train_imagenet.main, args + ['--save', tmp_path / 'run']) == 0
-    # DARTS's lr 0.1 by default, not scaled to the global batch of 3, halved after each epoch, no warm-up
+    # lr 0.1 given (a default one scales with the batch), halved after each epoch, no warm-up
+    assert run(train_imagenet.main, args + ['--learning_rate', '0.1', '--save', tmp_path / 'run']) == 0
     assert [r['lr'] for r in read_jsonl(tmp_path / 'run' / 'metrics.jsonl')] == [0.1, 0.05]
     assert 'lr 0.1 x 0.5 per epoch (step decay' in (tmp_path / 'run' / 'log.txt').read_text()
     assert runs.load_checkpoint(str(tmp_path / 'run' / 'checkpoint.pt'))['args']['layers'] == 3
