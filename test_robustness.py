@@ -503,6 +503,20 @@ def test_check_state_refuses_non_finite_weights_and_a_wild_loss():
             'command again with `--learning_rate 0.025`') in str(e.value)
 
 
+def test_state_loss_normalises_by_the_batch_and_leaves_the_model_as_it_was():
+    """A short search's running statistics lag its weights; the check must not call healthy weights diverged."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)).eval()
+    x, y = torch.randn(8, 3) * 100 + 50, torch.randint(2, (8,))  # far from the running statistics (0, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # by hand: the batch's own mean and (biased) variance
+        h = model[0](x)
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * model[1].weight + model[1].bias
+        expected = torch.nn.functional.cross_entropy(model[2](h), y).item()
+    assert utils.state_loss(model, x, y) == pytest.approx(expected, rel=1e-5)
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def blow_up_after(monkeypatch, module, name, at: int):
     """The last step of the `at`-th epoch (module.name runs one epoch a call) leaves weights of 1e24 behind, as
     the issue's run did: the epoch's own losses were fine, the weights it would save were not."""

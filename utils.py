@@ -478,17 +478,25 @@ def check_state(state, losses: dict, limit: float = math.inf, *, epoch: int, kep
 
 @torch.no_grad()
 def state_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion=F.cross_entropy) -> float:
-    """The loss of the current weights on one batch, in eval mode, leaving every generator as it was (a
-    Gumbel sample draws noise): what check_state needs where an epoch evaluates nothing (the search). Under
-    torchrun the mean over the processes' batches."""
+    """The loss of the current weights on one batch, leaving the model as it was: what check_state needs where
+    an epoch evaluates nothing (the search). Under torchrun the mean over the processes' batches.
+
+    BatchNorm normalises by the batch (train mode), as in the steps that made the weights: the running
+    statistics of a short search lag its weights (after one step they are still 90% their initial values), and
+    in eval mode they can give a healthy supernet a loss of 50, a false alarm. Weights that blew up still show:
+    the classifier is not normalised. Every buffer (running statistics, counters) is put back afterwards, and
+    every generator too (a Gumbel sample or drop-path draws noise), so the run goes on as if this never ran."""
     was = model.training
+    buffers = [b.clone() for b in model.buffers()]
     devices = [x.device.index or 0] if x.device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
-        model.eval()
+        model.train()
         try:
             logits, _ = _split_output(model(x))
             loss = criterion(logits.float(), y) * x.shape[0]
         finally:
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
             model.train(was)
     total = all_sum(torch.stack([loss.double(), loss.new_tensor(x.shape[0], dtype=torch.float64)]))
     return (total[0] / total[1]).item()
