@@ -210,12 +210,13 @@ class FastGatedEdges(GateStatistics, FastEdges):
         n_f = len(coef['F'][0])
         extra = {}
         a = n_f
-        for names in (['spatial_attention'] if lay.sa else [], ['channel_attention'] if lay.ca else [], lay.dyn):
-            for n in names:
-                for e in range(E):
-                    if alive[e][col[n]]:  # a dead (edge, op) reads the zero row
-                        extra[e * m + col[n]] = a + e
-                a += E
+        for n, edges in (('spatial_attention', lay.sa), ('channel_attention', lay.ca)):
+            for i, e in enumerate(edges):
+                extra[e * m + col[n]] = a + i
+            a += len(edges)
+        for i, (n, e) in enumerate(lay.dyn_pairs):  # FastEdges orders them by (source, op, target)
+            extra[e * m + col[n]] = a + i
+        a += len(lay.dyn_pairs)
         desc = [where.get(i, extra.get(i, a)) for i in range(E * m)]  # `a`: the zero row (`none`)
         skip = sorted({where[e * m + col['skip_connect']] for e in range(E)}) if not self.plain else []
         flat = [i for k in kinds for row in coef[k] for i in row]
@@ -245,7 +246,7 @@ class FastGatedEdges(GateStatistics, FastEdges):
         if skip_entries is not None:  # NOS (§8): descriptors of the attention and dynamic ops from x'
             a, n_skip = skip_entries                           # x': n_skip = S (identity) or E (FR) entries
             # (N, n_skip, C, H, W): the identity is the group's input itself (saved for backward anyway);
-            # FactorizedReduce's output is a strided view into BN1's output, copied so that only it is saved
+            # FactorizedReduce's entries are a view of the stack (copied here: a slice of the batch's rows)
             x_skip = skip.reshape(N, n_skip, C, H, W)
             per = E // n_skip                                  # edges per skip entry
             if lay.sa:  # GAP(x' * SA): (N, n_skip, per, HW) @ (N, n_skip, HW, C)
@@ -260,8 +261,10 @@ class FastGatedEdges(GateStatistics, FastEdges):
                 if key not in self._cache:
                     self._cache[key] = torch.ones(n_skip * C, 1, H, W, dtype=f.dtype, device=f.device)
                 box = box_sums(x_skip.view(N, n_skip * C, H, W), self.kernel_size, self._cache[key])
-                kern = stacks['D'][:, :nd * E].reshape(N, nd, n_skip, per, C, kk)
-                d = (kern * box.view(N, 1, n_skip, 1, C, kk)).sum(5)
+                # (source, op, target) entries (FastEdges); x' per source (identity) or per edge (FR)
+                S = self.S
+                kern = stacks['D'][:, :nd * E].reshape(N, S, nd, self.K, C, kk)
+                d = (kern * box.view(N, S, 1, n_skip // S, C, kk)).sum(5)
                 table.append(d.view(N, nd * E, C) / (H * W))
         table.append(self._const(0., pooled))
         desc = torch.cat(table, 1).index_select(1, desc_index)                 # (N, E*m, C)

@@ -36,14 +36,19 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import statistics
 import time
 
+import numpy as np
 import torch
+import torch.utils._pytree
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agnas
+import eoinas
 import genotypes
 import utils
 from darts import Architect, search_loss, search_step, teacher_stages
@@ -90,6 +95,10 @@ def parse_args(argv=None):
     p.add_argument('--top', type=int, default=0, help='with --count: the N most frequent ops of each row')
     p.add_argument('--methods', nargs='+', choices=sorted(METHODS), default=None,
                    help='with --count: only these methods\' rows (the DARTS reference row is always measured)')
+    p.add_argument('--rows', nargs='+', default=None,
+                   help='with --count: only the rows whose label contains one of these (and the DARTS reference row)')
+    p.add_argument('--spaces', nargs='+', choices=('darts', 'nos', 'nb201'), default=None,
+                   help='with --count: only these spaces\' rows (the DARTS reference row is always measured)')
     return p.parse_args(argv)
 
 
@@ -116,15 +125,19 @@ def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
 
 
 def make_search(space: str, lambda_at: float, batch: int, args, device, teacher, *, fast: bool = False,
-                foreach: bool | None = None, method: str = 'darts', flags=(), alive: int | None = None):
+                foreach: bool | None = None, method: str = 'darts', flags=(), alive: int | None = None,
+                random_prune: bool = False, checkpoint: bool = False):
     """One first-order search iteration as train_search.py runs it (Eq. 13 then Eq. 12), on random tensors;
     with `method` 'eoinas' or 'agnas' that method's step instead (EoiNAS after its warm-up: a weight step
     and an A step on fresh Gumbel samples, with its skip dropout; AGNAS: one single-level step), built from
-    train_search.py's flags plus `flags`; `alive`: only EOINAS_KEEP's first `alive` ops alive on every edge.
+    train_search.py's flags plus `flags`; `alive`: only EOINAS_KEEP's first `alive` ops alive on every edge,
+    or with `random_prune` `alive` ops per edge left by a random prune order (`random_alive`); `checkpoint`:
+    the cells recomputed in the backward (--checkpoint_cells).
 
-    Returns (step, forward): `step()` runs the iteration; `forward()` is the weight step's forward (the loss
-    of Eq. 12, teacher included), for `saved_bytes`. `foreach=True` makes both optimizers use the foreach
-    implementation, their default on CUDA (issue 11's rule); gradient clipping already does on every device.
+    Returns (step, forward, model): `step()` runs the iteration; `forward()` is the weight step's forward
+    (the loss of Eq. 12, teacher included), for `saved_bytes`. `foreach=True` makes both optimizers use the
+    foreach implementation, their default on CUDA (issue 11's rule); gradient clipping already does on every
+    device.
     """
     torch.manual_seed(0)
     layers = NB201_LAYERS if space == 'nb201' else args.layers
@@ -137,13 +150,16 @@ def make_search(space: str, lambda_at: float, batch: int, args, device, teacher,
                              str(layers), '--init_channels', str(args.init_channels), *flags]
                             + ([] if fast else ['--no_fast']))
         model = METHODS[method].build_model(sargs, 10).to(device)
-        if alive is not None:
+        if alive is not None and random_prune:
+            model.set_alive(*random_alive(model, alive, seed=alive))
+        elif alive is not None:
             mask = torch.tensor([op in EOINAS_KEEP[:alive] for op in model.ops]).expand_as(model.alive_normal)
             model.set_alive(mask, mask)
         runner = METHODS[method](model, sargs)
         if method == 'eoinas':
             runner.start_epoch(sargs.eoi_warmup)  # after the warm-up: both steps, sampling, skip dropout
         architect = getattr(runner, 'architect', None)
+    model.checkpoint_cells = checkpoint
     optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=foreach)
     for group in architect.optimizer.param_groups if architect else ():
         group['foreach'] = foreach
@@ -161,12 +177,28 @@ def make_search(space: str, lambda_at: float, batch: int, args, device, teacher,
     def forward():
         return search_loss(model, x, y, teacher_stages(teacher, x), lambda_at)[0]
 
-    return step, forward
+    return step, forward, model
+
+
+def random_alive(model, keep: int, seed: int = 0) -> list[torch.Tensor]:
+    """Alive masks (one per cell type) with `keep` ops per row, pruned one op per row at a time in a random
+    order that follows EoiNAS's rules (`eoinas.select_prunes` with random importance; NOS: every inner node
+    keeps a first-tier feature op). Each edge loses its own ops, as in a real search."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for alive in model.alive_masks():
+        a = alive.cpu().numpy().copy()
+        while a.sum(1).max() > keep:
+            for r, o in eoinas.select_prunes(rng.random(a.shape), a, model.ops, model.space, 1):
+                if a[r].sum() > keep:
+                    a[r, o] = False
+        masks.append(torch.from_numpy(a))
+    return masks
 
 
 def search_row(space: str, lambda_at: float, batch: int, args, device, teacher, fast: bool = False):
     """(median seconds, peak GiB) of a first-order darts-method iteration."""
-    step, _ = make_search(space, lambda_at, batch, args, device, teacher, fast=fast)
+    step = make_search(space, lambda_at, batch, args, device, teacher, fast=fast)[0]
     return timed(step, device, args.warmup, args.iters)
 
 
@@ -255,6 +287,34 @@ def saved_bytes(forward) -> int:
     return sum(storages.values())
 
 
+def held_bytes(forward) -> int:
+    """Bytes of the storages that a call of forward() allocates and that are still alive when it returns
+    (after one warm-up call, so that caches are not counted): what autograd keeps for the backward, and
+    what torch.utils.checkpoint keeps of a checkpointed cell (its inputs), which `saved_bytes` cannot see.
+    A storage an op shares with one of its inputs (a view, an in-place op) is not new; so parameters and
+    buffers are never counted."""
+    forward()
+    made = {}
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    st = t.untyped_storage()
+                    made[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+            return out
+
+    with Allocations():
+        out = forward()
+    gc.collect()
+    total = sum(n for ref, n in made.values() if not ref.expired())
+    del out
+    return total
+
+
 def cpu_ms(step, warmup: int, iters: int, threads: int = 1) -> float:
     """Median CPU ms per call of step() with `threads` intra-op threads: the process's CPU time (user +
     system), which other processes on a shared machine barely change, unlike wall-clock time."""
@@ -273,13 +333,18 @@ def cpu_ms(step, warmup: int, iters: int, threads: int = 1) -> float:
     return statistics.median(times) * 1e3
 
 
-COUNT_ROWS = (  # (label, method, space, AGS, fast): the DARTS reference first; it is the ratio's baseline
+COUNT_ROWS = (  # (label, method, space, AGS, fast[, options]): the DARTS reference first (the ratio's baseline)
     ('DARTS space, plain (reference)', 'darts', 'darts', False, False),
     ('NOS + AGS, plain', 'darts', 'nos', True, False),
     ('DARTS space, fast', 'darts', 'darts', False, True),
     ('NOS + AGS, fast', 'darts', 'nos', True, True),
+    # --checkpoint_cells: each cell recomputed in the backward (issue 26's memory target)
+    ('NOS + AGS, fast, checkpointed', 'darts', 'nos', True, True, {'checkpoint': True}),
     ('EoiNAS, DARTS space, plain', 'eoinas', 'darts', False, False),
     ('EoiNAS, DARTS space, fast', 'eoinas', 'darts', False, True),
+    # as ops are pruned: `alive` ops left per edge, each edge in its own random order (`random_alive`)
+    *((f'EoiNAS, DARTS, {k} alive, {path}', 'eoinas', 'darts', False, path == 'fast',
+       {'alive': k, 'random_prune': True}) for k in (6, 4, 2) for path in ('plain', 'fast')),
     ('EoiNAS, NOS + AGS, plain', 'eoinas', 'nos', True, False),
     ('EoiNAS, NOS + AGS, fast', 'eoinas', 'nos', True, True),
     ('AGNAS, DARTS space, plain', 'agnas', 'darts', False, False),
@@ -299,50 +364,69 @@ NB201_LAYERS = 15  # the benchmark's N = 5 cells per stage, whatever --layers sa
 
 def count_table(args) -> list[dict]:
     """Issue 11's table on the CPU: per row, kernel ops of one iteration at --count_batch (the count does
-    not depend on the batch), MiB saved by one forward at the timing batch, and 1-thread ms at that batch
-    (skipped with --iters 0). The teacher (PyramidNet-`--teacher_depth`, random weights: what it computes
-    does not change the count) runs in the AGS rows, as it does in train_search.py."""
+    not depend on the batch), multiply-adds per image (`utils.count_macs`, 32 x 32), the bytes saved by one
+    forward (`saved_bytes`) and held for its backward (`held_bytes`) at the timing batch, and 1-thread ms
+    at that batch. The teacher (PyramidNet-`--teacher_depth`, random weights: what it computes does not
+    change the count) runs in the AGS rows, as it does in train_search.py."""
     device = torch.device('cpu')
     teacher = PyramidNet(args.teacher_depth, 84, 10, True).eval().requires_grad_(False)
     batch = args.batch_size[0]
     rows = []
-    for label, method, space, ags, fast in COUNT_ROWS:
-        if args.methods and method not in args.methods and label != COUNT_ROWS[0][0]:
+    for spec in COUNT_ROWS:
+        label, method, space, ags, fast = spec[:5]
+        options = spec[5] if len(spec) > 5 else {}
+        if label != COUNT_ROWS[0][0] and (args.methods and method not in args.methods
+                                          or args.spaces and space not in args.spaces
+                                          or args.rows and not any(r in label for r in args.rows)):
             continue
         lambda_at = 1000. if ags else 0.
-        step, _ = make_search(space, lambda_at, args.count_batch, args, device, teacher, fast=fast,
-                              foreach=True, method=method)
+        step, _, model = make_search(space, lambda_at, args.count_batch, args, device, teacher, fast=fast,
+                                     foreach=True, method=method, **options)
         ops = count_kernel_ops(step)
-        row = {'label': label, 'key': (method, space), 'fast': fast, 'ops': sum(ops.values()), 'by_op': ops}
+        row = {'label': label, 'key': (method, space, options.get('alive')), 'fast': fast,
+               'checkpoint': options.get('checkpoint', False), 'ops': sum(ops.values()), 'by_op': ops,
+               'macs': utils.count_macs(model)}
         if ags:
             x = torch.randn(args.count_batch, 3, 32, 32)
             row['teacher_ops'] = 2 * sum(count_kernel_ops(functools.partial(teacher_stages, teacher, x)).values())
-        step, forward = make_search(space, lambda_at, batch, args, device, teacher, fast=fast, foreach=True,
-                                    method=method)
+        step, forward, _ = make_search(space, lambda_at, batch, args, device, teacher, fast=fast, foreach=True,
+                                       method=method, **options)
         row['saved'] = saved_bytes(forward)
-        row['ms'] = cpu_ms(step, args.warmup, args.iters) if args.iters else float('nan')
+        row['held'] = held_bytes(forward)
+        row['ms'] = cpu_ms(step, args.warmup, args.iters)
         rows.append(row)
+        print(f'# {label}: {row["ops"]} ops, {row["macs"] / 1e6:.1f} M MACs, saved {row["saved"] / 2**20:.1f} MiB, '
+              f'held {row["held"] / 2**20:.1f} MiB, {row["ms"]:.1f} ms', flush=True)  # progress
     return rows
 
 
 def print_count_table(rows: list[dict], args) -> None:
     base = rows[0]
     plain = {r['key']: r for r in rows if not r['fast']}
+    fast = {r['key']: r for r in rows if r['fast'] and not r['checkpoint']}
     print(f'{args.layers} cells / {args.init_channels} ch; kernel ops of one first-order iteration (A step + '
-          f'weight step, foreach optimizers) at batch {args.count_batch}; saved MiB of one forward and CPU '
-          f'ms (process CPU time, 1 thread, median of {args.iters} after {args.warmup}) at batch '
-          f'{args.batch_size[0]}')
-    print(f'{"method, space, path":32} {"kernel ops":>10} {"vs DARTS":>8} {"saved MiB":>9} {"vs DARTS":>8} {"CPU ms":>9} '
-          f'{"vs DARTS":>8} {"vs plain":>8}')
+          f'weight step, foreach optimizers) at batch {args.count_batch}; multiply-adds per 32 x 32 image; '
+          f'MiB saved by one forward (saved_bytes) and held for its backward (held_bytes), and CPU ms '
+          f'(process CPU time, 1 thread, median of {args.iters} after {args.warmup}) at batch '
+          f'{args.batch_size[0]}; "vs plain": against the same row on the reference cells')
+    print(f'{"method, space, path":32} {"kernel ops":>10} {"vs DARTS":>8} {"MACs (M)":>9} {"vs plain":>8} '
+          f'{"saved MiB":>9} {"held MiB":>9} {"vs DARTS":>8} {"CPU ms":>9} {"vs DARTS":>8} {"vs plain":>8}')
     for r in rows:
-        vs_plain = f'{r["ms"] / plain[r["key"]]["ms"]:.2f}x' if r['key'] in plain else '-'
-        print(f'{r["label"]:32} {r["ops"]:10d} {r["ops"] / base["ops"]:7.2f}x {r["saved"] / 2**20:9.1f} '
-              f'{r["saved"] / base["saved"]:7.2f}x {r["ms"]:9.1f} {r["ms"] / base["ms"]:7.2f}x {vs_plain:>8}')
+        p = plain.get(r['key'])
+        vs = (f'{r["macs"] / p["macs"]:.2f}x', f'{r["ms"] / p["ms"]:.2f}x') if p else ('-', '-')
+        print(f'{r["label"]:32} {r["ops"]:10d} {r["ops"] / base["ops"]:7.2f}x {r["macs"] / 1e6:9.1f} {vs[0]:>8} '
+              f'{r["saved"] / 2**20:9.1f} {r["held"] / 2**20:9.1f} {r["held"] / base["held"]:7.2f}x '
+              f'{r["ms"]:9.1f} {r["ms"] / base["ms"]:7.2f}x {vs[1]:>8}')
     for r in rows:
         if 'teacher_ops' in r:
             rest = r['ops'] - r['teacher_ops']
             print(f'{r["label"]}: the teacher\'s two forwards are {r["teacher_ops"]} of its kernel ops; without '
                   f'them {rest} ({rest / base["ops"]:.2f}x)')
+    for r in rows:
+        if r['checkpoint'] and r['key'] in fast:
+            f = fast[r['key']]
+            print(f'{r["label"]}: held {r["held"] / f["held"]:.2f}x and CPU time {r["ms"] / f["ms"]:.2f}x of the '
+                  f'same row without checkpointing')
     if args.top:
         for r in rows:
             print(f'{r["label"]}: ' + ', '.join(f'{n} {c}' for n, c in r['by_op'].most_common(args.top)))

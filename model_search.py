@@ -40,6 +40,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import genotypes
@@ -93,6 +94,37 @@ def resolve_ops(space: str = 'nos', ops=None) -> list[str]:
     if not any(op_kind(o) == 'feature' for o in ops):
         raise ValueError('ops must include at least one feature op (every first tier needs one)')
     return ops
+
+
+# -- activation checkpointing of the cells (--checkpoint_cells) ---------------------------------------------
+def checkpoint_cell(cell: nn.Module, *inputs):
+    """cell(*inputs) with its activations recomputed in the backward instead of saved (torch.utils.checkpoint,
+    non-reentrant, so that torch.autograd.grad works too): only its inputs are kept. The recomputation
+    draws the same random numbers (the RNG state is restored: EoiNAS's skip dropout drops the same
+    channels). Its BatchNorms update their running statistics again, as they must for the recomputation to
+    save the same tensors as the forward; the cell's buffers are put back afterwards, so that the statistics
+    move once per forward, as without checkpointing."""
+    calls = []
+
+    def run(*args):
+        if not calls:  # the forward
+            calls.append(1)
+            return cell(*args)
+        kept = [b.clone() for b in cell.buffers()]  # the recomputation in the backward
+        try:
+            return cell(*args)
+        finally:  # also when the recomputation stops early (it ends once it has what the backward needs)
+            with torch.no_grad():
+                for b, k in zip(cell.buffers(), kept):
+                    b.copy_(k)
+
+    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False, preserve_rng_state=True)
+
+
+def _run_cell(model, cell, *inputs):
+    if model.checkpoint_cells and model.training and torch.is_grad_enabled():
+        return checkpoint_cell(cell, *inputs)
+    return cell(*inputs)
 
 
 def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
@@ -390,6 +422,7 @@ class Network(nn.Module):
         self.last_sample = None    # with tau: (cell types, rows) sampled op per row of the last forward
         self._skip_dropout = 0.    # set_skip_dropout
         self._restricted = {}      # restrict_edges: {cell: {row: (kept op indices, weight row or None)}}
+        self.checkpoint_cells = False  # --checkpoint_cells: recompute each cell in the backward (`checkpoint_cell`)
         self._sync_alive()
 
     def _build_darts(self, C, num_classes, layers, steps, multiplier, stem_multiplier, mixed_op) -> None:
@@ -465,6 +498,7 @@ class Network(nn.Module):
         with torch.no_grad():
             for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
                 x.copy_(y)
+        model_new.checkpoint_cells = self.checkpoint_cells
         return model_new
 
     # -- alive ops (pruning) ------------------------------------------------------------------------------
@@ -629,7 +663,7 @@ class Network(nn.Module):
         s0 = s1 = self.stem(x)
         stages = []
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, weights[i])
+            s0, s1 = s1, _run_cell(self, cell, s0, s1, weights[i])
             if i in self.stage_layers:
                 stages.append(s1)
         out = self.global_pooling(s1)
@@ -641,7 +675,7 @@ class Network(nn.Module):
         for i, cell in enumerate(self.cells):
             if i in self.reduction_layers:
                 s = self.resblocks[self.reduction_layers.index(i)](s)
-            s = cell(s, weights[i])
+            s = _run_cell(self, cell, s, weights[i])
             if i in self.stage_layers:
                 stages.append(s)
         out = self.global_pooling(self.lastact(s))

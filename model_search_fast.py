@@ -19,8 +19,11 @@ What makes it fast (each lever's count is in BENCHMARKS.md):
 - The dynamic kernels of a node are summed before its one depthwise convolution (operations.calibrate).
 
 The fast cells take any (rows x ops) weight matrix per cell type (`FastPlan.prepare(weights, alive,
-dropout)`): the softmax of A, or a Gumbel-softmax sample; with alive masks an op dead on every edge of a
-source group is not computed, and dead (edge, op) pairs weigh exactly 0. A method whose edges weigh
+dropout)`): the softmax of A, or a Gumbel-softmax sample. With alive masks (EoiNAS prunes each edge's own
+ops) every op runs on exactly the edges where it is alive: its grouped conv covers those edges only, and one
+gather per forward reads the weight rows and BatchNorm statistics of the alive (edge, op) pairs for the whole
+network (`_Gather`), so a pruned search computes what the reference's MixedOps compute
+(test_fast_prune.py counts it). Dead pairs weigh exactly 0. A method whose edges weigh
 themselves (AGNAS) passes its own group of edges (`fast_edges`, agnas.FastGatedEdges), which overrides
 `FastEdges.mix`.
 
@@ -78,17 +81,21 @@ def _group_specs(steps: int, space: str, reduction: bool) -> list[dict]:
 class _Layout:
     """What one group computes under an alive mask, and where its contraction weights come from.
 
-    An op is computed in a group when it is alive on at least one of the group's edges (`none` never is:
-    it adds w * 0). `index[kind]` lists, per (target, entry), the flat index of the coefficient in A's
-    (rows x ops) matrix, or `zero` (a dead op on an edge, or an edge that does not feed that target).
-    Entries of 'F' (the stacked feature outputs): separable convs x edges, dilated convs x edges, pools x
-    sources, FactorizedReduce x edges (stride 2) or identity x sources (stride 1; x edges with `dropout`,
-    EoiNAS's skip dropout, since every edge drops its own copy). 'SA': spatial attention
-    maps x edges. 'D' (kernels of the node's one depthwise conv, see `_node`): dynamic kernels (in column
-    order) x edges, channel attention x edges (a kernel with CA at its centre tap), and, in the group that
-    carries it (`spec['carrier']`), the identity kernel with coefficient `one`. In a group from an inner
-    node, 'F' and 'D' end with the targets' pending sums from the earlier groups (coefficient 1: `fold`),
-    so that one contraction also does that addition.
+    Every op is computed on exactly the edges where it is alive (`edges[name]`, in edge order e = s * K + k;
+    `none` never is: it adds w * 0), so that a pruned search computes what the reference's MixedOps compute.
+    Pools and a stride-1 identity give the same output on every edge from one source: they run once per
+    source that has an edge where they are alive (`sources[name]`). `index[kind]` lists, per (target,
+    entry), the flat index of the coefficient in A's (rows x ops) matrix, or `zero` (a dead op on an edge, or
+    an edge that does not feed that target). Entries of 'F' (the stacked feature outputs): separable convs
+    (op by op, each over its edges), dilated convs, pools x their sources, then FactorizedReduce x its edges
+    (stride 2) or identity x its sources (stride 1; x its edges with `dropout`, EoiNAS's skip dropout, since
+    every edge drops its own copy). 'SA': spatial attention maps x its edges. 'D' (kernels of the node's one
+    depthwise conv, see `_node`): dynamic kernels x (source, op, target) pairs (`dyn_pairs`), channel
+    attention x its edges (a kernel with CA at its centre tap), and, in the group that carries it
+    (`spec['carrier']`), the identity kernel with coefficient `one`. In a group from an inner node, 'F' and
+    'D' end with the targets' pending sums from the earlier groups (coefficient 1: `fold`), so that one
+    contraction also does that addition. `full`: every op of the space alive on every edge (the weights are
+    then used as they are stored; otherwise FastEdges gathers the rows of the alive pairs).
     """
 
     def __init__(self, spec: dict, ops: list[str], alive, zero: int, one: int = 0, pending=(),
@@ -100,42 +107,45 @@ class _Layout:
         self.alive = alive  # rows x ops (gated edges: which (edge, op) pairs weigh)
         S, K = len(rows), len(rows[0])
         E = S * K
-        stride = spec['stride']
-        live = [name for name in ops if name != 'none'
-                and any(alive[r][col[name]] for rr in rows for r in rr)]
+        self.S, self.K, self.E = S, K, E
+        stride = self.stride = spec['stride']
+        on = {name: tuple(e for e in range(E) if alive[rows[e // K][e % K]][col[name]]) for name in ops}
+        self.full = all(len(on[name]) == E for name in ops if name != 'none')
+        self.edges = {name: on[name] for name in ops if name != 'none' and on[name]}
+        self.sources = {name: tuple(sorted({e // K for e in es})) for name, es in self.edges.items()}
+        live = list(self.edges)
         conv = [n for n in live if n in CONV_OPS]
-        self.conv = [n for n in conv if CONV_OPS[n][3]] + [n for n in conv if not CONV_OPS[n][3]]
-        self.seps = [n for n in self.conv if CONV_OPS[n][3]]
+        self.seps = [n for n in conv if CONV_OPS[n][3]]
+        self.dils = [n for n in conv if not CONV_OPS[n][3]]
+        self.conv = self.seps + self.dils
         self.pools = [n for n in live if n in POOL_OPS]
-        self.identity = 'skip_connect' in live and stride == 1
-        # skip dropout (EoiNAS): every edge drops its own copy of the identity, so it is x edges, not x sources
-        self.identity_edges = self.identity and dropout
-        self.fr = 'skip_connect' in live and stride == 2
-        self.sa = 'spatial_attention' in live
-        self.ca = 'channel_attention' in live
+        skip = self.edges.get('skip_connect', ())
+        # identity (stride 1): per source; under skip dropout (EoiNAS) per edge, each edge dropping its own copy
+        self.identity = bool(skip) and stride == 1
+        self.identity_edges = skip if self.identity and dropout else ()
+        self.fr = skip if stride == 2 else ()  # FactorizedReduce, per edge
+        self.sa = self.edges.get('spatial_attention', ())
+        self.ca = self.edges.get('channel_attention', ())
         self.dyn = [n for n in live if n in DYNAMIC_SIZES]
+        self.dyn_pairs = [(n, s * K + k) for s in range(S) for n in self.dyn for k in range(K)
+                          if s * K + k in self.edges[n]]
 
-        def coef(name, s, k):
-            r = rows[s][k]
-            return r * ncol + col[name] if alive[r][col[name]] else zero
+        def coef(name, e, kt):
+            r = rows[e // K][e % K]
+            return r * ncol + col[name] if e % K == kt and alive[r][col[name]] else zero
 
-        def per_edge(name, kt):
-            return [coef(name, e // K, kt) if e % K == kt else zero for e in range(E)]
+        def per_source(name, kt):
+            return [coef(name, s * K + kt, kt) for s in self.sources[name]]
 
         index = {}
         f = []
         for kt in range(K):
-            row = []
-            for name in self.conv:
-                row += per_edge(name, kt)
-            for name in self.pools:
-                row += [coef(name, s, kt) for s in range(S)]
-            if self.fr:
-                row += per_edge('skip_connect', kt)
-            if self.identity_edges:
-                row += per_edge('skip_connect', kt)
-            elif self.identity:
-                row += [coef('skip_connect', s, kt) for s in range(S)]
+            row = [coef(n, e, kt) for n in self.conv for e in self.edges[n]]
+            for n in self.pools:
+                row += per_source(n, kt)
+            row += [coef('skip_connect', e, kt) for e in self.fr + self.identity_edges]
+            if self.identity and not self.identity_edges:
+                row += per_source('skip_connect', kt)
             f.append(row)
         # what the earlier groups gave these targets so far joins the contraction with coefficient 1
         self.fold = {kind for kind in pending if kind == 'F' and f[0] or kind == 'D' and (self.dyn or self.ca)}
@@ -144,12 +154,12 @@ class _Layout:
         if f[0]:
             index['F'] = f
         if self.sa:
-            index['SA'] = [per_edge('spatial_attention', kt) for kt in range(K)]
+            index['SA'] = [[coef('spatial_attention', e, kt) for e in self.sa] for kt in range(K)]
         self.delta = spec.get('carrier', False) and any(n in DYNAMIC_SIZES or n == 'channel_attention'
                                                          for n in ops)
         if self.dyn or self.ca:
-            index['D'] = [[i for name in self.dyn for i in per_edge(name, kt)]
-                          + (per_edge('channel_attention', kt) if self.ca else [])
+            index['D'] = [[coef(n, e, kt) for n, e in self.dyn_pairs]
+                          + [coef('channel_attention', e, kt) for e in self.ca]
                           + ([one] if self.delta else [])
                           + ([one if j == kt else zero for j in range(K)] if 'D' in self.fold else [])
                           for kt in range(K)]
@@ -161,8 +171,12 @@ class FastWeights:
     """The contraction weights of every group of one cell type, gathered once per forward
     (`FastPlan.prepare`); each cell takes its own `split()` of them (one backward op per cell)."""
 
-    def __init__(self, layouts, flat, shapes):
+    def __init__(self, layouts, flat, shapes, given=None):
         self.layouts, self.flat, self.shapes = layouts, flat, shapes
+        self.given = given or [None] * len(layouts)  # per group: a pruned group's gathered rows (`_Gather`)
+
+    def with_given(self, given: list) -> FastWeights:
+        return FastWeights(self.layouts, self.flat, self.shapes, given)
 
     def split(self) -> list[dict]:
         if self.flat is None:  # gated edges (AGNAS): no coefficients, each group weighs itself
@@ -180,8 +194,8 @@ class FastPlan:
     `prepare(weights, alive, dropout)` takes any (rows x ops) weight matrix (DARTS's softmax of A, a
     Gumbel-softmax sample, ...), an optional alive mask of the same shape (bool; None: all alive) and whether
     skip dropout is on (then every edge's identity is its own entry), and returns the FastWeights the cells
-    use. Columns dead on every edge of a group are not computed there; dead entries
-    weigh exactly 0, as in the reference with those weights zeroed.
+    use. An op is computed on the edges where it is alive only (`_Layout`); dead entries weigh exactly 0, as
+    in the reference with those weights zeroed.
     """
 
     def __init__(self, steps: int, space: str, ops: list[str], reduction: bool):
@@ -248,34 +262,6 @@ def _merge(ranges) -> list[tuple[int, int]]:
     return merged
 
 
-class _FanOut(torch.autograd.Function):
-    """n uses of one tensor whose gradients are summed by one reduction (two kernels: stack, sum) rather
-    than by autograd's n - 1 pairwise adds. With repeat=K, x (N, S*C, H, W) is first copied K times per
-    source, edge-major (N, S*K*C, H, W), and the same reduction also sums over the copies."""
-
-    @staticmethod
-    def forward(ctx, x, n, S, K):
-        ctx.set_materialize_grads(False)
-        ctx.shape = (S, K)
-        if K > 1:
-            x = _per_edge(x, S, K)
-        return tuple(x.view_as(x) for _ in range(n))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = [g for g in grads if g is not None]
-        if not grads:
-            return None, None, None, None
-        S, K = ctx.shape
-        if K == 1:
-            return (torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]), None, None, None
-        N, _, H, W = grads[0].shape
-        # stacked beside the copies' axis, so that one reduction over two adjacent axes sums both (on the
-        # CPU several times faster than reducing a leading and an inner axis)
-        g = torch.stack([g.view(N, S, K, -1) for g in grads], 2).sum((2, 3))
-        return g.view(N, -1, H, W), None, None, None
-
-
 def _per_edge(x: torch.Tensor, S: int, K: int) -> torch.Tensor:
     """(N, S*C, H, W) -> (N, S*K*C, H, W): each source's channels copied for its K edges, edge-major."""
     N, _, H, W = x.shape
@@ -283,14 +269,128 @@ def _per_edge(x: torch.Tensor, S: int, K: int) -> torch.Tensor:
     return x.view(N, S, 1, C, H, W).expand(N, S, K, C, H, W).reshape(N, S * K * C, H, W)
 
 
-def _fan_out(x: torch.Tensor, n: int, S: int = 1, K: int = 1):
-    """n handles on x (on its K-fold copy per source, see _FanOut) for n consumers; plain x (or the copy)
-    when the pairwise adds are as cheap."""
-    if (n > 3 or K > 1 and n > 1) and torch.is_grad_enabled() and x.requires_grad:
-        return _FanOut.apply(x, n, S, K)
-    if K > 1:
-        x = _per_edge(x, S, K)
-    return (x,) * n
+_CONSTANTS = {}  # small index and 0/1 tensors, made once per (content, device, dtype)
+
+
+def _constant(key, make) -> torch.Tensor:
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = make()
+    return _CONSTANTS[key]
+
+
+def _copy_sources(x: torch.Tensor, S: int, sources: tuple) -> torch.Tensor:
+    """(N, S*C, H, W) -> (N, len(sources)*C, H, W): the channels of source sources[j] as block j (one copy
+    per edge: `sources` holds each edge's source)."""
+    N, _, H, W = x.shape
+    C = x.shape[1] // S
+    J = len(sources)
+    if S == 1:
+        return x.view(N, 1, C * H * W).expand(N, J, C * H * W).reshape(N, J * C, H, W)
+    if J % S == 0 and sources == tuple(s for s in range(S) for _ in range(J // S)):
+        return _per_edge(x, S, J // S)
+    index = _constant(('sources', sources, x.device), lambda: torch.tensor(sources, device=x.device))
+    return x.reshape(N, S, C * H * W).index_select(1, index).view(N, J * C, H, W)
+
+
+def _hand_out(x: torch.Tensor, S: int, specs) -> list[torch.Tensor]:
+    """What each consumer of x takes (see `_fan`), without autograd bookkeeping."""
+    C = x.shape[1] // S
+    copies, out = {}, []
+    for spec in specs:
+        if spec is None:
+            out.append(x)
+        elif isinstance(spec, int):
+            out.append(x[:, spec * C:(spec + 1) * C])
+        else:
+            if spec not in copies:
+                copies[spec] = _copy_sources(x, S, spec)
+            out.append(copies[spec])
+    return out
+
+
+class _Fan(torch.autograd.Function):
+    """The consumers of one tensor x (N, S*C, H, W) of S sources (see `_fan`), each handed its own output, so
+    that their gradients come back one by one and are summed in one reduction (two kernels: cat, then a sum,
+    or with S > 1 a 0/1 contraction onto the sources) rather than by autograd's pairwise adds."""
+
+    @staticmethod
+    def forward(ctx, x, S, specs):
+        ctx.set_materialize_grads(False)
+        ctx.meta = (S, x.shape[1] // S, specs)
+        return tuple(t.view_as(t) for t in _hand_out(x, S, specs))  # one output each, shared copies shared
+
+    @staticmethod
+    def backward(ctx, *grads):
+        S, C, specs = ctx.meta
+        got = [(spec, g) for spec, g in zip(specs, grads) if g is not None]
+        if not got:
+            return None, None, None
+        if all(spec is None for spec, _ in got):
+            return (got[0][1] if len(got) == 1 else torch.stack([g for _, g in got]).sum(0)), None, None
+        N, _, H, W = got[0][1].shape
+        src = tuple(s for spec, _ in got for s in (range(S) if spec is None else (spec,) if isinstance(spec, int)
+                                                   else spec))
+        g = torch.cat([g for _, g in got], 1) if len(got) > 1 else got[0][1]
+        if src == tuple(range(S)):
+            return g, None, None
+        g = g.reshape(N, len(src), C * H * W)
+        if S == 1:
+            return g.sum(1).view(N, C, H, W), None, None
+        key = ('fan', src, S, g.device, g.dtype)
+        onto = _constant(key, lambda: torch.eye(S, dtype=g.dtype, device=g.device)[:, list(src), None])
+        return F.conv1d(g, onto).view(N, S * C, H, W), None, None
+
+
+def _fan(x: torch.Tensor, S: int, specs) -> list[torch.Tensor]:
+    """One tensor per consumer of x (N, S*C, H, W): x itself (spec None), the channels of source s (spec s;
+    a view), or a copy of the sources of a list of edges (spec: a tuple with each edge's source, (N, len *
+    C, H, W); consumers with the same tuple share one copy). Under autograd, with several consumers, their
+    gradients are summed by `_Fan` in one reduction."""
+    specs = tuple(specs)
+    copies = sum(isinstance(s, tuple) for s in specs)
+    if (torch.is_grad_enabled() and x.requires_grad
+            and (len(specs) > 3 or copies and (len(specs) > 1 or S > 1))):
+        return list(_Fan.apply(x, S, specs))
+    return _hand_out(x, S, specs)
+
+
+class _BatchNormStack(torch.autograd.Function):
+    """cat([BN(z), *rest], 1) for a non-affine BatchNorm in training mode, saving its normalised output (a view
+    of the returned stack, which the contraction saves anyway) instead of its input z, so that the op
+    outputs are saved once. The backward is native_batch_norm_backward with the output y as the input, mean
+    0 and invstd 1, and the batch's invstd as the affine weight: the gradient of y = (z - mu) * invstd with
+    respect to z is invstd * (g - mean(g) - y * mean(g * y)), which is what that call computes."""
+
+    @staticmethod
+    def forward(ctx, z, running_mean, running_var, *rest):
+        y, _, invstd = torch.native_batch_norm(z, None, None, running_mean, running_var, True, BN_MOMENTUM, BN_EPS)
+        stack = torch.cat([y, *rest], 1) if rest else y
+        ctx.save_for_backward(stack, invstd)
+        ctx.sizes = [z.shape[1]] + [t.shape[1] for t in rest]
+        return stack
+
+    @staticmethod
+    def backward(ctx, g):
+        stack, invstd = ctx.saved_tensors
+        c = ctx.sizes[0]
+        key = ('bn', c, g.device, g.dtype)
+        zero, one = _constant(key, lambda: (torch.zeros(c, dtype=g.dtype, device=g.device),
+                                             torch.ones(c, dtype=g.dtype, device=g.device)))
+        gy = g[:, :c] if len(ctx.sizes) > 1 else g
+        y = stack[:, :c] if len(ctx.sizes) > 1 else stack
+        gz = torch.ops.aten.native_batch_norm_backward(gy, y, invstd, None, None, zero, one, True, BN_EPS,
+                                                       [True, False, False])[0]
+        rest = g.split(ctx.sizes, 1)[1:] if len(ctx.sizes) > 1 else ()
+        return (gz, None, None, *rest)
+
+
+def _stack_bn(z, mean, var, training: bool, rest=()) -> torch.Tensor:
+    """cat([BatchNorm(z), *rest], 1): through `_BatchNormStack` while training under autograd (mean/var:
+    the running statistics to update, or None)."""
+    if training and torch.is_grad_enabled():
+        return _BatchNormStack.apply(z, mean, var, *rest)
+    y = F.batch_norm(z, mean, var, None, None, training, BN_MOMENTUM, BN_EPS)
+    return torch.cat([y, *rest], 1) if rest else y
 
 
 def _contract(stack: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -308,21 +408,28 @@ class FastEdges(nn.Module):
     (N, K, 1, H, W), the weighted spatial attention (Eq. 3 / 7); 'D' (N, K, C, k, k), the weighted sum of
     the kernels (Eq. 4 / 8) with channel attention and the identity folded in (see `_node`). `pending`: the
     targets' sums so far, added to 'F' and 'D' inside the contraction where the layout says so (`fold`).
+
+    Under an alive mask (a pruned search) each op runs on its alive edges only: the convs are grouped over
+    just those edges, and one gather per forward reads the rows of the alive (edge, op) pairs from all the
+    group's weights (`_weights`) and one the BatchNorm statistics (`_bn_index`); the weights of dead pairs
+    are not read. Their gradient is then zero rather than None (SGD's weight decay and momentum move them,
+    which changes nothing: a pruned op is never computed again).
     """
 
     def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False):
         super().__init__()
         self.C, self.stride, self.S, self.K = C, stride, S, K
         E = self.E = S * K
-        full = _Layout({'rows': [[0] * K] * S, 'stride': stride}, ops, [[True] * len(ops)], 0)
-        self.conv, self.seps, self.pools, self.dyn = full.conv, full.seps, full.pools, full.dyn
-        self.has_identity, self.has_fr, self.has_sa, self.has_ca = full.identity, full.fr, full.sa, full.ca
+        full = self.full = _Layout({'rows': [[0] * K] * S, 'stride': stride}, ops, [[True] * len(ops)], 0)
+        self.conv, self.seps, self.dils, self.pools, self.dyn = full.conv, full.seps, full.dils, full.pools, full.dyn
+        self.has_identity, self.has_fr = full.identity, bool(full.fr)
+        self.has_sa, self.has_ca = bool(full.sa), bool(full.ca)
         self.m_att = max(1, C // 16)  # operations.SpatialAttention / ChannelAttention width
         self.m_dyn = max(1, C // 8)   # operations.DynamicKernel bottleneck width
         # the node's kernel (dynamic kernels, CA at the centre tap, identity): the largest dynamic size
-        self.kernel_size = max((DYNAMIC_SIZES[n] for n in self.dyn), default=1)
+        ks = self.kernel_size = max((DYNAMIC_SIZES[n] for n in self.dyn), default=1)
+        kk = ks * ks
         if carrier and (self.dyn or self.has_ca):
-            kk = self.kernel_size ** 2
             self.register_buffer('delta', F.pad(torch.ones(1, 1, C, 1), (kk // 2, kk // 2)).view(1, 1, C * kk),
                                  persistent=False)
         self._cache = {}
@@ -340,94 +447,66 @@ class FastEdges(nn.Module):
             self.pw1 = param(len(self.conv) * E * C, C, 1, 1)
         if self.seps:
             self.pw2 = param(len(self.seps) * E * C, C, 1, 1)
-            self.register_buffer('bn2_mean', torch.zeros(len(self.seps) * E * C))
-            self.register_buffer('bn2_var', torch.ones(len(self.seps) * E * C))
         if self.has_fr:  # skip_connect on a stride-2 edge: FactorizedReduce, two offset 1x1 convs
             self.fr1 = param(E * C // 2, C, 1, 1)
             self.fr2 = param(E * C // 2, C, 1, 1)
-        # 1x1 convs from X, each followed by BN and ReLU: the spatial attention's first conv (per edge, the
-        # edge's stride), and the kernel generators' bottlenecks (per dynamic op, then per edge; stride 1)
+        # Every 1x1 conv that reads X, one block of rows per source (so that one conv, grouped by source, runs
+        # them all; stride 1): per source [spatial attention's first conv (its stride is taken by
+        # subsampling the output) x K | kernel generators' bottlenecks, (op, target) | CA's first conv x K (it
+        # commutes with CA's global pool: both are linear) | kernel transforms, (op, target, tap)]. A
+        # transform sits on the node's ks x ks grid: a smaller op's k x k taps at its centre, zero rows at the
+        # border, masked out of the softmax over taps (`_tap_bias`), so that they get no gradient and stay
+        # exactly zero (weight decay of 0 is 0) and no forward has to pad them.
+        nd = len(self.dyn)
+        self.x_rows = {'sa': K * self.m_att * self.has_sa, 'bneck': nd * K * self.m_dyn,
+                       'ca': K * self.m_att * self.has_ca, 'tf': nd * K * kk}
+        R = sum(self.x_rows.values())
+        if R:
+            w = param(S * R, C, 1, 1).detach()
+            for s in range(S):
+                for j, n in enumerate(self.dyn):
+                    k = DYNAMIC_SIZES[n]
+                    border = torch.ones(ks, ks, dtype=torch.bool)
+                    border[(ks - k) // 2:(ks + k) // 2, (ks - k) // 2:(ks + k) // 2] = False
+                    a = s * R + R - self.x_rows['tf'] + j * K * kk
+                    w[a:a + K * kk].view(K, kk, C)[:, border.flatten()] = 0
+                    self.structural_zeros += K * C * (kk - k * k)
+            self.x1x1 = nn.Parameter(w)
         if self.has_sa:
-            self.xsa = param(E * self.m_att, C, 1, 1)
             self.sa2 = param(E, self.m_att, 3, 3)
         if self.has_ca:
-            self.ca1 = param(E * self.m_att, C, 1, 1)
             # the second conv writes CA straight onto the centre tap of the node's kernel (see `_node`): its
             # rows for the other k*k - 1 taps are zero and their bias -inf, so the sigmoid gives exactly 0
             # there and passes no gradient back (those rows stay zero), and no forward pads CA into a kernel
-            kk = self.kernel_size ** 2
             self.ca2 = nn.Parameter(self._on_taps(param(E * C, self.m_att, 1, 1).detach(), kk))
             bias = torch.full((E * C, kk), float('-inf'))
             bias[:, kk // 2] = 0
             self.register_buffer('ca_bias', bias.flatten() if kk > 1 else None, persistent=False)
             self.structural_zeros += E * C * (kk - 1) * self.m_att
-        if self.dyn:
-            self.xdyn = nn.ParameterDict({n: param(E * self.m_dyn, C, 1, 1) for n in self.dyn})
-            # kernel transform (C -> k*k) of each op, and decode (C/8 -> C) per op, then per edge.
-            # Transform layout (edge, tap row, tap column, input channel) on the node's ks x ks grid: a
-            # smaller op's k x k taps sit at its centre and its border rows are zero. Their taps are masked
-            # out of the softmax (`_tap_bias`), so the border gets no gradient and stays exactly zero (weight
-            # decay of 0 is 0), and no forward has to pad the weights (issue 11: one op per op and step)
-            k = DYNAMIC_SIZES
-            self.transform = nn.ParameterDict(
-                {n: nn.Parameter(self._on_grid(param(E, k[n], k[n], C, fan_in=C).detach(), self.kernel_size))
-                 for n in self.dyn})
-            # their zero borders, which utils.count_params leaves out (the reference has no such weights),
-            # as it leaves out ca2's rows off the centre tap
-            self.structural_zeros += E * C * sum(self.kernel_size ** 2 - k[n] ** 2 for n in self.dyn)
-            self.decode = param(E * len(self.dyn) * C, self.m_dyn, 1, 1)
-        # BN1: one non-affine BatchNorm over [pointwise outputs of the first conv stage | pools |
-        # FactorizedReduce | sa conv | bottlenecks]; the buffer range of each piece
-        seg, a = {}, 0
-        for key, size in ([(('conv', n), E * C) for n in self.conv] + [(('pool', n), S * C) for n in self.pools]
-                          + ([('fr', E * C)] if self.has_fr else []) + ([('sa', E * self.m_att)] if self.has_sa else [])
-                          + ([('dyn', E * len(self.dyn) * self.m_dyn)] if self.dyn else [])):
-            seg[key] = (a, a + size)
+        if self.dyn:  # kernel decode (C/8 -> C), per (source, op, target)
+            self.decode = param(E * nd * C, self.m_dyn, 1, 1)
+        # The running statistics of every non-affine BatchNorm of the group: row 0 means, row 1 variances; one
+        # block of channels per (kind, op, edge or source): `bn_blocks` (key -> channel range), in the order in
+        # which the BatchNorms of an unpruned group read them:
+        #   mid   [first separable stage (op, edge) | sa conv (edge) | bottlenecks (source, op, target)]
+        #   final [second separable stage (op, edge) | dilated convs (op, edge) | pools (op, source) |
+        #          FactorizedReduce (edge)]
+        # (on a stride-2 group the bottlenecks, which read the full-resolution X, have a BatchNorm of their own)
+        blocks = ([(('sep1', n, e), C) for n in self.seps for e in range(E)]
+                  + [(('sa', e), self.m_att) for e in range(E) if self.has_sa]
+                  + [(('bneck', n, e), self.m_dyn) for s in range(S) for n in self.dyn
+                     for e in range(s * K, (s + 1) * K)]
+                  + [(('sep2', n, e), C) for n in self.seps for e in range(E)]
+                  + [(('dil', n, e), C) for n in self.dils for e in range(E)]
+                  + [(('pool', n, s), C) for n in self.pools for s in range(S)]
+                  + [(('fr', e), C) for e in range(E) if self.has_fr])
+        self.bn_blocks, a = {}, 0
+        for key, size in blocks:
+            self.bn_blocks[key] = (a, a + size)
             a += size
-        self.bn1_segments = seg
-        self.register_buffer('bn1_mean', torch.zeros(a))
-        self.register_buffer('bn1_var', torch.ones(a))
+        self.register_buffer('bn_stats', torch.stack([torch.zeros(a), torch.ones(a)]))
 
     # -- helpers ------------------------------------------------------------------------------------------
-    def _take(self, t: torch.Tensor, ranges) -> torch.Tensor:
-        """Rows [a, b) of t for each range: a view when they are adjacent (always, with nothing pruned)."""
-        merged = _merge(ranges)
-        if len(merged) == 1:
-            a, b = merged[0]
-            return t if (a, b) == (0, t.shape[0]) else t[a:b]
-        return t.index_select(0, self._index(merged, t.device))
-
-    def _index(self, merged, device):
-        key = ('index', tuple(merged), device)
-        if key not in self._cache:
-            self._cache[key] = torch.cat([torch.arange(a, b) for a, b in merged]).to(device)
-        return self._cache[key]
-
-    def _batch_norm(self, z, mean, var, ranges):
-        """Non-affine BatchNorm of z (training: batch statistics) with the running statistics at `ranges`."""
-        merged = _merge(ranges)
-        if len(merged) == 1:
-            return F.batch_norm(z, self._take(mean, merged), self._take(var, merged), None, None,
-                                self.training, BN_MOMENTUM, BN_EPS)
-        idx = self._index(merged, mean.device)  # pruned ops in between: gather, then write the updates back
-        m, v = mean.index_select(0, idx), var.index_select(0, idx)
-        out = F.batch_norm(z, m, v, None, None, self.training, BN_MOMENTUM, BN_EPS)
-        if self.training:
-            with torch.no_grad():
-                mean.index_copy_(0, idx, m)
-                var.index_copy_(0, idx, v)
-        return out
-
-    def _dyn_rows(self, kept, width: int) -> list[tuple[int, int]]:
-        """Ranges of the kept dynamic ops' blocks in an (op, edge, width) layout."""
-        return [(j * self.E * width, (j + 1) * self.E * width) for j, n in enumerate(self.dyn) if n in kept]
-
-    @staticmethod
-    def _on_grid(w: torch.Tensor, ks: int) -> torch.Tensor:
-        """(E, k, k, C) transform rows zero-padded to the node's ks x ks grid."""
-        p = (ks - w.shape[1]) // 2
-        return F.pad(w, (0, 0, p, p, p, p)) if p else w
-
     @staticmethod
     def _on_taps(w: torch.Tensor, kk: int) -> torch.Tensor:
         """(E*C, m, 1, 1) conv weights -> (E*C*kk, m, 1, 1): each output channel's row at the centre of its kk
@@ -438,177 +517,287 @@ class FastEdges(nn.Module):
         rows[:, kk // 2] = w.flatten(1)
         return rows.view(-1, w.shape[1], 1, 1)
 
-    def _transform_weights(self, kept) -> list[torch.Tensor]:
-        """The kernel transforms of the kept ops as 1x1 conv weights, (edge, ks*ks) rows each."""
-        return [self.transform[n].view(self.E * self.kernel_size ** 2, self.C, 1, 1) for n in kept]
+    def _x_block(self, s: int, kind: str, j: int = 0, k: int = 0) -> tuple[int, int]:
+        """Rows of x1x1 for source s: kind 'sa' / 'ca' (target k), 'bneck' / 'tf' (dynamic op j, target k)."""
+        a = s * sum(self.x_rows.values())
+        for key, size in self.x_rows.items():
+            if key == kind:
+                break
+            a += size
+        width = {'sa': self.m_att, 'ca': self.m_att, 'bneck': self.m_dyn, 'tf': self.kernel_size ** 2}[kind]
+        a += ((j * self.K + k) if kind in ('bneck', 'tf') else k) * width
+        return a, a + width
 
-    def _tap_bias(self, kept, ref: torch.Tensor):
-        """(ops, 1, 1, ks*ks): 0 on the taps of each kept op, -inf on a smaller kernel's border (so that the
-        softmax over taps of Fig. 1 (c) runs over its own k*k taps only); None when no op needs it."""
-        ks = self.kernel_size
-        if all(DYNAMIC_SIZES[n] == ks for n in kept):
-            return None
-        key = ('bias', tuple(kept), ref.device, ref.dtype)
-        if key not in self._cache:
-            bias = torch.full((len(kept), ks, ks), float('-inf'), dtype=ref.dtype)
-            for j, n in enumerate(kept):
-                p = (ks - DYNAMIC_SIZES[n]) // 2
-                bias[j, p:ks - p, p:ks - p] = 0
-            self._cache[key] = bias.view(len(kept), 1, 1, ks * ks).to(ref.device)
-        return self._cache[key]
+    def transform(self, name: str, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel transform rows of dynamic op `name` in x1x1 (or in `t`, a tensor shaped like it, e.g. its
+        gradient), edge by edge on the node's ks x ks grid: (E, ks, ks, C)."""
+        t = self.x1x1 if t is None else t
+        ks, j = self.kernel_size, self.dyn.index(name)
+        rows = [t[slice(*self._x_block(s, 'tf', j, k))] for s in range(self.S) for k in range(self.K)]
+        return torch.stack(rows).view(self.E, ks, ks, self.C)
+
+    def _plan(self, lay: _Layout, device, dtype) -> dict:
+        """Everything `forward` reads under layout `lay` besides the activations, made once per layout: per
+        weight, the rows of the alive pairs (and one index that gathers them all from the flattened weights,
+        unless the layout is full); the BatchNorm channels; the pieces of x1x1's output."""
+        key = ('plan', id(lay), device, dtype)
+        if key in self._cache:
+            return self._cache[key]
+        C, K, S, E = self.C, self.K, self.S, self.E
+        kk = self.kernel_size ** 2
+        rows = {}  # weight name -> [(row, row + n)] of the alive pairs, in the order forward uses them
+        for n in lay.conv:
+            rows[f'dw1.{n}'] = [(e * C, (e + 1) * C) for e in lay.edges[n]]
+        for n in lay.seps:
+            rows[f'dw2.{n}'] = [(e * C, (e + 1) * C) for e in lay.edges[n]]
+        if lay.conv:
+            rows['pw1'] = [((self.conv.index(n) * E + e) * C, (self.conv.index(n) * E + e + 1) * C)
+                           for n in lay.conv for e in lay.edges[n]]
+        if lay.seps:
+            rows['pw2'] = [((self.seps.index(n) * E + e) * C, (self.seps.index(n) * E + e + 1) * C)
+                           for n in lay.seps for e in lay.edges[n]]
+        half = C // 2
+        for name in ('fr1', 'fr2'):
+            if lay.fr:
+                rows[name] = [(e * half, (e + 1) * half) for e in lay.fr]
+        # x1x1: per source, [sa | bottlenecks | ca | transforms] of its alive pairs
+        pieces = []  # per source: [(kind, rows)] of its conv's output
+        for s in range(S):
+            mine = [(k_, e) for k_, e in ((e % K, e) for e in range(s * K, (s + 1) * K))]
+            part = [('sa', [self._x_block(s, 'sa', k=k) for k, e in mine if e in lay.sa]),
+                    ('bneck', [self._x_block(s, 'bneck', self.dyn.index(n), e % K) for n, e in lay.dyn_pairs
+                               if e // K == s]),
+                    ('ca', [self._x_block(s, 'ca', k=k) for k, e in mine if e in lay.ca]),
+                    ('tf', [self._x_block(s, 'tf', self.dyn.index(n), e % K) for n, e in lay.dyn_pairs
+                            if e // K == s])]
+            pieces.append([(kind, r) for kind, r in part if r])
+        sizes = [[sum(b - a for a, b in r) for _, r in p] for p in pieces]
+        uniform = all(sz == sizes[0] for sz in sizes) and all(
+            [kind for kind, _ in p] == [kind for kind, _ in pieces[0]] for p in pieces)
+        x_rows = [[ab for _, r in p for ab in r] for p in pieces]
+        if any(x_rows):
+            if uniform:
+                rows['x1x1'] = [ab for r in x_rows for ab in r]
+            else:
+                for s, r in enumerate(x_rows):
+                    if r:
+                        rows[f'x1x1.{s}'] = r
+        if lay.sa:
+            rows['sa2'] = [(e, e + 1) for e in lay.sa]
+        if lay.ca:
+            rows['ca2'] = [(e * C * kk, (e + 1) * C * kk) for e in lay.ca]
+        if lay.dyn:
+            rows['decode'] = [(((e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K) * C,
+                               ((e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K + 1) * C)
+                              for n, e in lay.dyn_pairs]
+        plan = {'rows': rows, 'x_pieces': pieces, 'x_uniform': uniform and S > 1 and any(x_rows)}
+        plan['names'] = list(dict.fromkeys(self._param_name(n) for n in rows))
+        # BatchNorm channels, per call
+        bn = {'mid': [('sep1', n, e) for n in lay.seps for e in lay.edges[n]]
+              + [('sa', e) for e in lay.sa]
+              + ([('bneck', n, e) for n, e in lay.dyn_pairs] if self.stride == 1 else []),
+              'bneck': [('bneck', n, e) for n, e in lay.dyn_pairs] if self.stride == 2 else [],
+              'final': [('sep2', n, e) for n in lay.seps for e in lay.edges[n]]
+              + [('dil', n, e) for n in lay.dils for e in lay.edges[n]]
+              + [('pool', n, s) for n in lay.pools for s in lay.sources[n]]
+              + [('fr', e) for e in lay.fr]}
+        ranges = {call: [self.bn_blocks[b] for b in blocks] for call, blocks in bn.items() if blocks}
+        plan['bn_ranges'] = ranges
+        if lay.full:  # every call reads one range of the statistics
+            plan['bn_local'] = {call: _merge(rs)[0] for call, rs in ranges.items()}
+            assert all(len(_merge(rs)) == 1 for rs in ranges.values())
+        else:  # the channels gathered (`_Gather`), call after call
+            plan['bn_channels'] = [c for rs in ranges.values() for a, b in rs for c in range(a, b)]
+            at, plan['bn_local'] = 0, {}
+            for call, rs in ranges.items():
+                n_c = sum(b - a for a, b in rs)
+                plan['bn_local'][call] = (at, at + n_c)
+                at += n_c
+        if lay.dyn and any(DYNAMIC_SIZES[n] < self.kernel_size for n, _ in lay.dyn_pairs):
+            ks = self.kernel_size
+            bias = torch.zeros(len(lay.dyn_pairs), ks, ks)
+            for p, (n, _) in enumerate(lay.dyn_pairs):
+                b = (ks - DYNAMIC_SIZES[n]) // 2
+                if b:
+                    bias[p] = float('-inf')
+                    bias[p, b:ks - b, b:ks - b] = 0
+            plan['tap_bias'] = bias.view(len(lay.dyn_pairs), 1, ks * ks).to(device, dtype)
+        if lay.ca and self.kernel_size > 1:
+            plan['ca_bias'] = torch.cat([self.ca_bias[a:b] for a, b in rows['ca2']]) if not lay.full else None
+        self._cache[key] = plan
+        return plan
+
+    @staticmethod
+    def _param_name(name: str) -> str:
+        return 'x1x1' if name.startswith('x1x1') else name
+
+    def _param(self, name: str) -> torch.Tensor:
+        name = self._param_name(name)
+        if '.' in name:
+            d, n = name.split('.', 1)
+            return getattr(self, d)[n]
+        return getattr(self, name)
 
     # -- forward ------------------------------------------------------------------------------------------
-    def forward(self, xs: list[torch.Tensor], coef: dict, lay: _Layout, pending=None) -> dict:
-        S, K, E, C, stride = self.S, self.K, self.E, self.C, self.stride
+    def forward(self, xs: list[torch.Tensor], coef: dict, lay: _Layout, pending=None, given=None) -> dict:
+        S, K, C, stride = self.S, self.K, self.C, self.stride
         x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)  # (N, S*C, H, W)
         N, _, H, W = x.shape
         Ho, Wo = (H, W) if stride == 1 else ((H + 1) // 2, (W + 1) // 2)
-        # one source at stride 1: ONE 1x1 conv from X for [sa conv | bottlenecks | CA's first conv |
-        # kernel transforms] (CA's conv moves before its global pool: both are linear, they commute)
-        merged = S == 1 and stride == 1 and (lay.sa + len(lay.dyn) + lay.ca) > 1
-        nd = len(lay.dyn)
-        uses = (int(bool(lay.conv or lay.fr)) + len(lay.pools) + int(lay.identity)
-                + (int(lay.sa or lay.ca or bool(nd)) if merged else int(lay.sa) + 2 * nd + int(lay.ca)))
-        x_uses = iter(_fan_out(x, uses))
-        stacks = {}  # per kind, the entries that `mix` weighs and sums for each target
+        plan = self._plan(lay, x.device, x.dtype)
+        if lay.full:  # the weights and statistics as stored
+            w, stats, own = {name: self._param(name) for name in plan['rows']}, self.bn_stats, None
+        else:  # the rows of the alive pairs, gathered for the whole network at once (or here, for this group)
+            own = None if given is not None else _Gather([(self, plan)])
+            w, stats = given if given is not None else (own.weights()[0], own.statistics()[0])
 
-        # BN1's input: [first conv stage | pools | FactorizedReduce | sa conv | bottlenecks]
-        bn_in, bn_ranges, split = [], [], []
+        def running(call):  # the running statistics one BatchNorm call updates (views)
+            a, b = plan['bn_local'][call]
+            return stats[0, a:b], stats[1, a:b]
+
+        def batch_norm(z, call):
+            return F.batch_norm(z, *running(call), None, None, self.training, BN_MOMENTUM, BN_EPS)
+
+        def spec(edges):  # what a consumer of X (or ReLU(X)) on these edges reads, see `_fan`
+            sources = tuple(e // K for e in edges)
+            if sources == tuple(range(S)):
+                return None
+            return sources[0] if len(sources) == 1 else sources
+
+        # the consumers of X: ReLU, pools (per source), identity, the 1x1 convs (grouped by source)
+        x_specs = [None] if lay.conv or lay.fr else []
+        x_specs += [None if len(lay.sources[n]) == S else lay.sources[n][0] for n in lay.pools]
+        if lay.identity_edges:
+            x_specs.append(spec(lay.identity_edges))
+        elif lay.identity:
+            x_specs.append(None if len(lay.sources['skip_connect']) == S else lay.sources['skip_connect'][0])
+        pieces = plan['x_pieces']
+        by_source = S > 1 and not plan['x_uniform'] and any(pieces)
+        x_specs += [s for s in range(S) if pieces[s]] if by_source else [None] if any(pieces) else []
+        x_uses = iter(_fan(x, S, x_specs))
+        mid, final = [], []  # the inputs of the BatchNorm before ReLUs (mid) and before the stack (final)
         if lay.conv or lay.fr:
             r = F.relu(next(x_uses))
-        if lay.conv:
-            # every edge's copy of ReLU(X), edge-major, so that each op is one depthwise conv over E*C channels
-            # (one copy; a channel-multiplied conv on ReLU(X) would instead need its outputs reordered, and
-            # that reorder costs two ops per op in the backward)
+            fr_counts = [sum(e // K == s for e in lay.fr) for s in range(S)]
+            fr_spec = None if len(set(fr_counts)) == 1 else spec(lay.fr)
+            r_uses = iter(_fan(r, S, [spec(lay.edges[n]) for n in lay.conv] + ([fr_spec] if lay.fr else [])))
+        if lay.conv:  # each op one depthwise conv over its edges' copies of ReLU(X), then one pointwise conv
             d = []
-            for n, rr_n in zip(lay.conv, _fan_out(r, len(lay.conv), S, K)):
+            for n in lay.conv:
                 _, pad, dil, _ = CONV_OPS[n]
-                d.append(F.conv2d(rr_n, self.dw1[n], None, stride, pad, dil, E * C))
-            i = [self.conv.index(n) for n in lay.conv]
-            w = self._take(self.pw1, [(j * E * C, (j + 1) * E * C) for j in i])
-            bn_in.append(F.conv2d(torch.cat(d, 1) if len(d) > 1 else d[0], w, groups=len(d) * E))
-            bn_ranges += [self.bn1_segments[('conv', n)] for n in lay.conv]
-            split += [len(lay.seps) * E * C, (len(lay.conv) - len(lay.seps)) * E * C]
-        for n in lay.pools:  # once per source: the same on every edge from it
-            pool = (F.max_pool2d(next(x_uses), 3, stride, 1) if n == 'max_pool_3x3'
-                    else F.avg_pool2d(next(x_uses), 3, stride, 1, count_include_pad=False))
-            bn_in.append(pool)
-            bn_ranges.append(self.bn1_segments[('pool', n)])
-        if lay.pools:
-            split.append(len(lay.pools) * S * C)
-        if lay.fr:
-            bn_in += [F.conv2d(r, self.fr1, stride=2, groups=S), F.conv2d(r[:, :, 1:, 1:], self.fr2, stride=2,
-                                                                          groups=S)]
-            bn_ranges.append(self.bn1_segments['fr'])
-            split.append(E * C)
-        dyn_rows = self._dyn_rows(lay.dyn, self.m_dyn)
-        x_dyn = [self.xdyn[n] for n in lay.dyn]
-        x_tf = self._transform_weights(lay.dyn)
-        if merged:
-            w = ([self.xsa] if lay.sa else []) + x_dyn + ([self.ca1] if lay.ca else []) + x_tf
-            y = F.conv2d(next(x_uses), torch.cat(w) if len(w) > 1 else w[0])
-            n_bn = E * self.m_att * lay.sa + nd * E * self.m_dyn
-            y_bn, y_ca, y_tf = y.split([n_bn, E * self.m_att * lay.ca, nd * E * self.kernel_size ** 2], 1)
-            if n_bn:
-                bn_in.append(y_bn)
-        else:
-            if lay.sa:
-                bn_in.append(F.conv2d(next(x_uses), self.xsa, stride=stride, groups=S))
-            # the kernel generator has no stride (App. A.1): on a stride-2 group its bottleneck reads the
-            # full-resolution X, so it gets a BatchNorm of its own below instead of joining BN1's input
-            dyn_in = [F.conv2d(next(x_uses), w, groups=S) for w in x_dyn]
-            if stride == 1:
-                bn_in += dyn_in
-        if lay.sa:
-            bn_ranges.append(self.bn1_segments['sa'])
-            split.append(E * self.m_att)
-        if lay.dyn and stride == 1:
-            a0 = self.bn1_segments['dyn'][0]
-            bn_ranges += [(a0 + a, a0 + b) for a, b in dyn_rows]
-            split.append(nd * E * self.m_dyn)
-        pieces = []
-        if bn_in:
-            b1 = self._batch_norm(torch.cat(bn_in, 1) if len(bn_in) > 1 else bn_in[0], self.bn1_mean,
-                                  self.bn1_var, bn_ranges)
-            pieces = list(b1.split(split, 1)) if len(split) > 1 else [b1]
-        pieces = iter(pieces)
-
-        # features: second stage of the separable convs, then the stack [seps, dils, pools, FR | identity]
-        stack = []
-        if lay.conv:
-            mid, final = next(pieces), next(pieces)
+                d.append(F.conv2d(next(r_uses), w[f'dw1.{n}'], None, stride, pad, dil, len(lay.edges[n]) * C))
+            n_pairs = [len(lay.edges[n]) for n in lay.conv]
+            z1 = F.conv2d(torch.cat(d, 1) if len(d) > 1 else d[0], w['pw1'], groups=sum(n_pairs))
+            n_sep = sum(n_pairs[:len(lay.seps)]) * C
+            # one split (its backward is one cat; two slices would cost a scatter each and an add)
+            z1_sep, z1_dil = z1.split([n_sep, z1.shape[1] - n_sep], 1) if lay.seps and lay.dils else (z1, z1)
             if lay.seps:
-                r2 = F.relu(mid)
-                r2 = r2.split(E * C, 1) if len(lay.seps) > 1 else [r2]
-                d = []
-                for n, t in zip(lay.seps, r2):
-                    _, pad, dil, _ = CONV_OPS[n]
-                    d.append(F.conv2d(t, self.dw2[n], None, 1, pad, dil, E * C))
-                i = [self.seps.index(n) for n in lay.seps]
-                ranges = [(j * E * C, (j + 1) * E * C) for j in i]
-                z2 = F.conv2d(torch.cat(d, 1) if len(d) > 1 else d[0], self._take(self.pw2, ranges),
-                              groups=len(d) * E)
-                stack.append(self._batch_norm(z2, self.bn2_mean, self.bn2_var, ranges))
-            if len(lay.conv) > len(lay.seps):
-                stack.append(final)
-        if lay.pools:
-            stack.append(next(pieces))
-        skip = None  # for a gated `mix`: the skip outputs (N, S, C, Ho, Wo), or FactorizedReduce's 6-d view
-        if lay.fr:  # BN1 holds it as (half, e, C/2): each edge's C channels are its two halves
-            stack.append(next(pieces).view(N, 2, E, C // 2, Ho, Wo).transpose(1, 2))
-            skip = stack[-1]
+                mid.append(z1_sep)
+        pools = []
+        for n in lay.pools:  # once per source: the same on every edge from it
+            pools.append(F.max_pool2d(next(x_uses), 3, stride, 1) if n == 'max_pool_3x3'
+                         else F.avg_pool2d(next(x_uses), 3, stride, 1, count_include_pad=False))
+        identity = next(x_uses) if lay.identity else None
+        rows = {}  # kind -> per-source (N, n, H, W) pieces of the 1x1 convs' output
+        if any(pieces):
+            sizes = [[(kind, sum(hi - lo for lo, hi in rr)) for kind, rr in p] for p in pieces]
+            if by_source:  # pruned unevenly: one conv per source
+                ys = [F.conv2d(next(x_uses), w[f'x1x1.{s}']).split([n for _, n in sizes[s]], 1) if pieces[s]
+                      else () for s in range(S)]
+            else:  # one conv, grouped by source: one split into every (source, kind) block
+                y = F.conv2d(next(x_uses), w['x1x1'], groups=S).split([n for sz in sizes for _, n in sz], 1)
+                ys = [y[s * len(sizes[0]):(s + 1) * len(sizes[0])] for s in range(S)]
+            for sz, blocks in zip(sizes, ys):
+                for (kind, _), t in zip(sz, blocks):
+                    rows.setdefault(kind, []).append(t)
+
+        def joined(kind):  # (N, rows, H, W): the kind's rows of every source
+            t = rows[kind]
+            return torch.cat(t, 1) if len(t) > 1 else t[0]
+
+        if lay.sa:  # its 1x1 conv carries the edge's stride: the stride-1 output subsampled
+            mid += [t[:, :, ::2, ::2] if stride == 2 else t for t in rows['sa']]
+        if lay.dyn and stride == 1:
+            mid += rows['bneck']
+        if lay.fr:  # FactorizedReduce: two offset 1x1 convs per edge, each edge's halves side by side
+            rf = next(r_uses)
+            groups = S if fr_spec is None else 1 if isinstance(fr_spec, int) else len(lay.fr)
+            o1 = F.conv2d(rf, w['fr1'], stride=2, groups=groups)
+            o2 = F.conv2d(rf[:, :, 1:, 1:], w['fr2'], stride=2, groups=groups)
+            fr = torch.stack([o1.view(N, len(lay.fr), C // 2, Ho, Wo), o2.view(N, len(lay.fr), C // 2, Ho, Wo)], 2)
+        pieces_mid = []
+        if mid:
+            # every consumer of this BatchNorm (second separable stage, SA's 3x3 conv, kernel generators)
+            # starts with a ReLU: one for all of them
+            b1 = F.relu(batch_norm(torch.cat(mid, 1) if len(mid) > 1 else mid[0], 'mid'))
+            sizes = ([n_sep] if lay.seps else []) + ([len(lay.sa) * self.m_att] if lay.sa else []) + (
+                [len(lay.dyn_pairs) * self.m_dyn] if lay.dyn and stride == 1 else [])
+            pieces_mid = list(b1.split(sizes, 1)) if len(sizes) > 1 else [b1]
+        pieces_mid = iter(pieces_mid)
+
+        # features: second stage of the separable convs, then the stack [BN(seps, dils, pools, FR) | identity
+        # | pending], whose BatchNorm saves its output (the stack) rather than its input (_BatchNormStack)
+        stacks = {}  # per kind, the entries that `mix` weighs and sums for each target
+        if lay.seps:
+            r2 = next(pieces_mid)
+            r2 = r2.split([len(lay.edges[n]) * C for n in lay.seps], 1) if len(lay.seps) > 1 else [r2]
+            d = []
+            for n, t in zip(lay.seps, r2):
+                _, pad, dil, _ = CONV_OPS[n]
+                d.append(F.conv2d(t, w[f'dw2.{n}'], None, 1, pad, dil, len(lay.edges[n]) * C))
+            final.append(F.conv2d(torch.cat(d, 1) if len(d) > 1 else d[0], w['pw2'],
+                                  groups=sum(n_pairs[:len(lay.seps)])))
+        if lay.dils:
+            final.append(z1_dil)
+        final += pools
+        if lay.fr:
+            final.append(fr.view(N, len(lay.fr) * C, Ho, Wo))
+        rest = []
+        skip = None  # for a gated `mix`: the skip outputs (N, n, C, Ho, Wo), one per source or per edge
         if lay.identity_edges:  # each edge's own dropout mask, as each reference MixedOp draws its own
-            stack.append(F.dropout(_per_edge(next(x_uses), S, K), self.skip_dropout, self.training))
-        elif lay.identity:
-            stack.append(next(x_uses))
+            identity = F.dropout(identity, self.skip_dropout, self.training)
         if lay.identity:
-            skip = stack[-1].view(N, -1, C, Ho, Wo)
+            rest.append(identity)
+            skip = identity.view(N, -1, C, Ho, Wo)
         if 'F' in lay.fold:
-            stack.append(pending['F'].reshape(N, K * C, Ho, Wo))
-        if stack:
-            if lay.fr:  # 6-d, so that the FactorizedReduce halves join without a copy of their own
-                stack = torch.cat([t if t.dim() == 6 else t.view(N, -1, 2, C // 2, Ho, Wo) for t in stack], 1)
-            else:
-                stack = torch.cat(stack, 1) if len(stack) > 1 else stack[0]
+            rest.append(pending['F'].reshape(N, K * C, Ho, Wo))
+        if final:
+            stack = _stack_bn(torch.cat(final, 1) if len(final) > 1 else final[0], *running('final'),
+                              self.training, rest)
+        elif rest:
+            stack = torch.cat(rest, 1) if len(rest) > 1 else rest[0]
+        if final or rest:
             stacks['F'] = stack.view(N, -1, C, Ho, Wo)
+            if lay.fr:
+                q = stacks['F'].shape[1] - len(lay.fr)  # FR's entries are the last ones (no identity at stride 2)
+                skip = stacks['F'][:, q:]
 
         # spatial attention (Eq. 3 / 7): 1x1 conv, BN, ReLU (above), 3x3 conv -> 1 per edge, sigmoid
         if lay.sa:
-            sa = torch.sigmoid(F.conv2d(F.relu(next(pieces)), self.sa2, padding=1, groups=E))  # (N, E, Ho, Wo)
-            stacks['SA'] = sa.view(N, E, 1, Ho, Wo)
+            sa = torch.sigmoid(F.conv2d(next(pieces_mid), w['sa2'], padding=1, groups=len(lay.sa)))
+            stacks['SA'] = sa.view(N, len(lay.sa), 1, Ho, Wo)
 
         # the node's kernel entries: dynamic kernels (Eq. 4 / 8), channel attention, identity (see _node)
         ks = self.kernel_size
         kk = ks * ks
         kernels = []
-        if lay.dyn:  # Fig. 1: every (op, edge) at once, each op's k*k taps on the ks x ks grid
-            if stride == 1:
-                z = next(pieces)
-            else:  # full resolution (see above): the bottlenecks' own BatchNorm, on BN1's 'dyn' buffers
-                a0 = self.bn1_segments['dyn'][0]
-                z = self._batch_norm(torch.cat(dyn_in, 1) if nd > 1 else dyn_in[0], self.bn1_mean, self.bn1_var,
-                                     [(a0 + a, a0 + b) for a, b in dyn_rows])
-            z = F.relu(z).view(N * nd * E, self.m_dyn, H * W)                                # (a) bottleneck
-            if not merged:
-                y_tf = [F.conv2d(next(x_uses), w, groups=S) for w in x_tf]  # stride 1, as the bottleneck
-                y_tf = torch.cat(y_tf, 1) if nd > 1 else y_tf[0]
-            if merged:  # a slice of the merged conv's output: one copy, so that the view below is one
-                y_tf = y_tf.contiguous()
-            mask = y_tf.view(N * nd * E, kk, H * W).softmax(dim=2)                       # (b) over positions
-            taps = torch.bmm(z, mask.transpose(1, 2)).view(N, nd * E * self.m_dyn, ks, ks)
-            w = self._take(self.decode, self._dyn_rows(lay.dyn, C))
-            kern = F.conv2d(taps, w, groups=nd * E).view(N, nd, E, C, kk)                    # (c) decode
-            bias = self._tap_bias(lay.dyn, kern)
-            if bias is not None:
-                kern = kern + bias
-            kernels.append(kern.softmax(dim=4).view(N, nd * E, C * kk))                      # softmax over taps
-        if lay.ca:  # global pool, 1x1 conv C -> C/16, ReLU, 1x1 conv -> C, sigmoid: a kernel's centre tap
-            if merged:
-                g = F.adaptive_avg_pool2d(y_ca, 1)
-            else:
-                g = F.conv2d(F.adaptive_avg_pool2d(next(x_uses), 1), self.ca1, groups=S)
-            g = torch.sigmoid(F.conv2d(F.relu(g), self.ca2, self.ca_bias, groups=E))  # (N, E*C*kk, 1, 1)
-            kernels.append(g.view(N, E, C * kk))
+        if lay.dyn:  # Fig. 1: every (source, op, target) pair at once, each op's k*k taps on the ks x ks grid
+            P = len(lay.dyn_pairs)
+            z = next(pieces_mid) if stride == 1 else F.relu(batch_norm(
+                torch.cat(rows['bneck'], 1) if len(rows['bneck']) > 1 else rows['bneck'][0], 'bneck'))
+            z = z.reshape(N * P, self.m_dyn, H * W)                                            # (a) bottleneck
+            # the softmax of a strided view returns a contiguous tensor: no copy of its own
+            mask = joined('tf').view(N, -1, kk, H * W).softmax(dim=-1).view(N * P, kk, H * W)  # (b) positions
+            taps = torch.bmm(z, mask.transpose(1, 2)).view(N, P * self.m_dyn, ks, ks)
+            kern = F.conv2d(taps, w['decode'], groups=P).view(N, P, C, kk)                     # (c) decode
+            if 'tap_bias' in plan:
+                kern = kern + plan['tap_bias']
+            kernels.append(kern.softmax(dim=-1).view(N, P, C * kk))                            # over taps
+        if lay.ca:  # global pool, 1x1 conv C -> C/16 (above), ReLU, 1x1 conv -> C, sigmoid: a centre tap
+            g = joined('ca').mean((2, 3), keepdim=True)
+            bias = self.ca_bias if lay.full else plan['ca_bias']
+            g = torch.sigmoid(F.conv2d(F.relu(g), w['ca2'], bias, groups=len(lay.ca)))  # (N, n*C*kk, 1, 1)
+            kernels.append(g.view(N, len(lay.ca), C * kk))
         if lay.delta:
             kernels.append(self.delta.expand(N, 1, C * kk))
         if 'D' in lay.fold:
@@ -616,6 +805,8 @@ class FastEdges(nn.Module):
         if lay.dyn or lay.ca:
             stack = torch.cat(kernels, 1) if len(kernels) > 1 else kernels[0]
             stacks['D'] = stack.view(N, -1, C, ks, ks)
+        if own is not None and self.training:  # this group's gathered statistics back in place
+            own.flush()
         out = self.mix(stacks, coef, lay, skip)
         if lay.delta and 'D' not in out:  # the identity alone (every kernel op pruned here): coefficient 1
             out['D'] = kernels[0].view(N, 1, C, ks, ks).expand(N, K, C, ks, ks)
@@ -626,8 +817,8 @@ class FastEdges(nn.Module):
         (the Q stacked entries; c = C channels, 1 for spatial attention maps; h x w: the resolution, or the
         kernel's taps for 'D') -> (N, K, c, h, w), one contraction each with the (K, Q) coefficients that
         `FastPlan.prepare` gathered. A gated edge (agnas.FastGatedEdges) overrides this with its per-sample,
-        per-channel gates; `skip` is for it: the edges' skip_connect outputs, (N, S, C, h, w), or
-        FactorizedReduce's (N, E, 2, C/2, h, w) view; None without skip_connect."""
+        per-channel gates; `skip` is for it: the edges' skip_connect outputs, (N, S, C, h, w) (identity), or
+        (N, E, C, h, w) (FactorizedReduce); None without skip_connect."""
         return {kind: _contract(t.flatten(2), coef[kind]).view(t.shape[0], -1, *t.shape[2:])
                 for kind, t in stacks.items()}
 
@@ -637,68 +828,141 @@ class FastEdges(nn.Module):
         its edges (`mixed[e]`, e = s * K + k), `get(t)` applied to each reference tensor (t.detach() to
         copy weights and buffers; t.grad to compare gradients, which leaves out the buffers)."""
         col = {n: i for i, n in enumerate(ops)}
-        E, K, S = self.E, self.K, self.S
+        K, S, C = self.K, self.S, self.C
+        ks = self.kernel_size
 
         def ops_of(n):
             return [m._ops[col[n]] for m in mixed]
 
-        def join(ts):  # None (no gradient, or a buffer's) when any piece is None
-            return None if any(t is None for t in ts) else torch.cat(ts)
+        def cat(ts, shape=lambda t: t):  # None (no gradient, or a buffer's) when any piece is None
+            ts = [get(t) for t in ts]
+            return None if any(t is None for t in ts) else torch.cat([shape(t) for t in ts])
 
-        def cat(ts):
-            return join([get(t) for t in ts])
+        def on_grid(t):  # a k*k transform's rows (k*k, C, 1, 1) on the node's ks x ks grid, zero border
+            k = math.isqrt(t.shape[0])
+            p = (ks - k) // 2
+            return F.pad(t.view(k, k, C), (0, 0, p, p, p, p)).view(ks * ks, C, 1, 1)
 
         out = {}
-        first = {n: [op[0] if CONV_OPS[n][3] else op for op in ops_of(n)] for n in self.conv}
+        first = {n: [op[0] if CONV_OPS[n][3] else op for op in ops_of(n)] for n in self.conv}  # DilConv
         for n in self.conv:
             out[f'dw1.{n}'] = cat([d[1].weight for d in first[n]])
         if self.conv:
-            out['pw1'] = join([cat([d[2].weight for d in first[n]]) for n in self.conv])
+            out['pw1'] = cat([d[2].weight for n in self.conv for d in first[n]])
         for n in self.seps:
             out[f'dw2.{n}'] = cat([op[1][1].weight for op in ops_of(n)])
         if self.seps:
-            out['pw2'] = join([cat([op[1][2].weight for op in ops_of(n)]) for n in self.seps])
-            out['bn2_mean'] = join([cat([op[1][3].running_mean for op in ops_of(n)]) for n in self.seps])
-            out['bn2_var'] = join([cat([op[1][3].running_var for op in ops_of(n)]) for n in self.seps])
+            out['pw2'] = cat([op[1][2].weight for n in self.seps for op in ops_of(n)])
         if self.has_fr:
             out['fr1'] = cat([op.conv_1.weight for op in ops_of('skip_connect')])
             out['fr2'] = cat([op.conv_2.weight for op in ops_of('skip_connect')])
+        if hasattr(self, 'x1x1'):
+            rows = []
+            for s in range(S):
+                es = range(s * K, (s + 1) * K)
+                if self.has_sa:
+                    rows += [(ops_of('spatial_attention')[e].conv_1.weight, None) for e in es]
+                rows += [(ops_of(n)[e].bottleneck[0].weight, None) for n in self.dyn for e in es]
+                if self.has_ca:
+                    rows += [(ops_of('channel_attention')[e].conv_1.weight, None) for e in es]
+                rows += [(ops_of(n)[e].transform.weight, on_grid) for n in self.dyn for e in es]
+            got = [get(t) for t, _ in rows]
+            out['x1x1'] = None if any(t is None for t in got) else torch.cat(
+                [f(t) if f else t for t, (_, f) in zip(got, rows)])
         if self.has_sa:
-            out['xsa'] = cat([op.conv_1.weight for op in ops_of('spatial_attention')])
             out['sa2'] = cat([op.conv_2.weight for op in ops_of('spatial_attention')])
         if self.has_ca:
-            out['ca1'] = cat([op.conv_1.weight for op in ops_of('channel_attention')])
             w = cat([op.conv_2.weight for op in ops_of('channel_attention')])
-            out['ca2'] = None if w is None else self._on_taps(w, self.kernel_size ** 2)
-        dyn = {n: ops_of(n) for n in self.dyn}
+            out['ca2'] = None if w is None else self._on_taps(w, ks * ks)
         if self.dyn:
-            for n in self.dyn:
-                out[f'xdyn.{n}'] = cat([op.bottleneck[0].weight for op in dyn[n]])
-                w = cat([op.transform.weight for op in dyn[n]])
-                k = DYNAMIC_SIZES[n]
-                out[f'transform.{n}'] = None if w is None else self._on_grid(w.view(E, k, k, self.C),
-                                                                              self.kernel_size)
-            out['decode'] = cat([dyn[n][e].decode.weight for n in self.dyn for e in range(E)])
-        for stat in ('mean', 'var'):
-            pieces = []
-            for key in self.bn1_segments:
-                if key == 'fr':
-                    half = self.C // 2
-                    bns = [op.bn for op in ops_of('skip_connect')]
-                    pieces += [getattr(bn, f'running_{stat}')[h * half:(h + 1) * half] for h in (0, 1)
-                               for bn in bns]
-                elif key == 'sa':
-                    pieces += [getattr(op.bn_1, f'running_{stat}') for op in ops_of('spatial_attention')]
-                elif key == 'dyn':
-                    pieces += [getattr(dyn[n][e].bottleneck[1], f'running_{stat}') for n in self.dyn
-                               for e in range(E)]
-                elif key[0] == 'pool':  # the same statistics on every edge of a source: take edge (s, 0)
-                    pieces += [getattr(ops_of(key[1])[s * K][1], f'running_{stat}') for s in range(S)]
-                else:
-                    pieces += [getattr(d[3], f'running_{stat}') for d in first[key[1]]]
-            if pieces:
-                out[f'bn1_{stat}'] = cat(pieces)
+            out['decode'] = cat([ops_of(n)[e].decode.weight for s in range(S) for n in self.dyn
+                                 for e in range(s * K, (s + 1) * K)])
+
+        def bn_of(key):  # the reference BatchNorm behind a block of `bn_blocks`
+            kind, n, i = key if len(key) == 3 else (key[0], None, key[1])
+            if kind == 'sep1':
+                return ops_of(n)[i][0][3]
+            if kind == 'sep2':
+                return ops_of(n)[i][1][3]
+            if kind == 'dil':
+                return ops_of(n)[i][3]
+            if kind == 'pool':  # the same statistics on every edge of a source: take edge (s, 0)
+                return ops_of(n)[i * K][1]
+            if kind == 'bneck':
+                return ops_of(n)[i].bottleneck[1]
+            return ops_of('spatial_attention')[i].bn_1 if kind == 'sa' else ops_of('skip_connect')[i].bn
+
+        stats = [cat([getattr(bn_of(key), f'running_{stat}') for key in self.bn_blocks]) for stat in ('mean', 'var')]
+        if self.bn_blocks and stats[0] is not None:
+            out['bn_stats'] = torch.stack(stats)
         return {k: v for k, v in out.items() if v is not None}
+
+
+class _Gather:
+    """The weight rows and BatchNorm statistics of the alive (edge, op) pairs of pruned groups, read for all
+    of them at once (the fast Network does it once per forward for the whole network): one cat of their
+    weights (flattened) and one index_select of the alive rows; one cat of their statistics and one
+    index_select of the alive channels. `flush()` writes back the statistics the BatchNorms updated (one
+    index_copy_, one foreach copy). items: [(group, group._plan(layout, ...))]."""
+
+    def __init__(self, items):
+        self.items = items
+        self.params, start, at = [], {}, 0
+        for j, (group, plan) in enumerate(items):
+            for name in plan['names']:
+                start[(j, name)] = at
+                self.params.append(group._param(name))
+                at += self.params[-1].numel()
+        index, self.shapes = [], []  # (item, name, shape) of each gathered piece
+        for j, (group, plan) in enumerate(items):
+            for name, rows in plan['rows'].items():
+                t = group._param(name)
+                width, base = t[0].numel(), start[(j, group._param_name(name))]
+                index += [torch.arange(base + lo * width, base + hi * width) for lo, hi in rows]
+                self.shapes.append((j, name, (sum(hi - lo for lo, hi in rows), *t.shape[1:])))
+        self.bn_groups = [group for group, plan in items if plan.get('bn_channels')]
+        self.bn_sizes = [group.bn_stats.shape[1] for group in self.bn_groups]
+        channels, self.bn_at, at, base = [], [], 0, 0
+        for group, plan in items:
+            c = plan.get('bn_channels')
+            self.bn_at.append((at, at + len(c)) if c else None)
+            if c:
+                channels.append(torch.tensor(c) + base)
+                at, base = at + len(c), base + group.bn_stats.shape[1]
+        ref = self.params[0] if self.params else self.bn_groups[0].bn_stats
+        self.index = torch.cat(index).to(ref.device) if index else None
+        self.bn_index = torch.cat(channels).to(ref.device) if channels else None
+        self._updated = None
+
+    def weights(self) -> list[dict]:
+        """Per item, weight name -> the rows of its alive pairs."""
+        out = [{} for _ in self.items]
+        if self.index is None:
+            return out
+        flat = torch.cat([p.reshape(-1) for p in self.params]) if len(self.params) > 1 else self.params[0].reshape(-1)
+        picked = flat.index_select(0, self.index)
+        pieces = picked.split([math.prod(shape) for _, _, shape in self.shapes])
+        for (j, name, shape), piece in zip(self.shapes, pieces):
+            out[j][name] = piece.view(shape)
+        return out
+
+    def statistics(self) -> list:
+        """Per item, (2, channels): the running means and variances of its BatchNorms' alive channels, which
+        they update in place (then `flush`), or None."""
+        if self.bn_index is None:
+            return [None] * len(self.items)
+        full = (torch.cat([g.bn_stats for g in self.bn_groups], 1) if len(self.bn_groups) > 1
+                else self.bn_groups[0].bn_stats)
+        gathered = full.index_select(1, self.bn_index)
+        self._updated = (full, gathered)
+        return [None if at is None else gathered[:, at[0]:at[1]] for at in self.bn_at]
+
+    def flush(self) -> None:
+        full, gathered = self._updated
+        full.index_copy_(1, self.bn_index, gathered)
+        if len(self.bn_groups) > 1:  # `full` was a copy: back into each group's buffer
+            torch._foreach_copy_([g.bn_stats for g in self.bn_groups], list(full.split(self.bn_sizes, 1)))
+        self._updated = None
 
 
 class _FastPreprocess(nn.Module):
@@ -783,11 +1047,11 @@ class FastCell(nn.Module):
         states = [x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]]  # views; only a multiplier > steps reads them
         shape = (x.shape[0], x.shape[1] // 2, *size)
         coefs = weights.split()
-        groups = iter(zip(self.groups, coefs, weights.layouts))
+        groups = iter(zip(self.groups, coefs, weights.layouts, weights.given))
 
         def run(xs, pending=None):
-            group, coef, layout = next(groups)
-            out = group(xs, coef, layout, pending)
+            group, coef, layout, given = next(groups)
+            out = group(xs, coef, layout, pending, given)
             for kind, v in (pending or {}).items():  # the sums the contraction did not fold in
                 if kind not in layout.fold:
                     out[kind] = out[kind] + v if kind in out else v
@@ -872,8 +1136,8 @@ class _NB201Layout:
     sums of the earlier groups (`fold`: coefficient `one` on the diagonal). Also what agnas's gated `mix`
     reads of a layout (`rows`, `ncol`, `zero`, `one`, `alive`: the whole mask; no attention or dynamic ops).
     """
-    sa = ca = False
-    dyn = ()
+    sa = ca = ()  # no attention or dynamic ops (what agnas's gated `mix` reads of a layout)
+    dyn = dyn_pairs = ()
 
     def __init__(self, spec: dict, ops: list[str], alive, zero: int, one: int, fold: bool, dropout: bool):
         col = {name: i for i, name in enumerate(ops)}
@@ -993,7 +1257,7 @@ class NB201Edges(nn.Module):
 
     def forward(self, x: torch.Tensor, coef: dict, lay: _NB201Layout, pending=None) -> torch.Tensor:
         N, C, H, W = x.shape
-        xs = iter(_fan_out(x, bool(lay.convs) + lay.pool + lay.identity))
+        xs = iter(_fan(x, 1, [None] * (bool(lay.convs) + lay.pool + lay.identity)))
         entries = []
         if lay.convs:  # one ReLU, one conv per op over its alive edges, one BatchNorm over them all
             r = F.relu(next(xs))
@@ -1089,8 +1353,9 @@ class Network(model_search.Network):
     fast_edges: with method 'agnas' and fast=True, the fast path's gated group of edges (agnas.FastGatedEdges;
     on NAS-Bench-201 agnas.NB201FastGatedEdges).
 
-    With alive masks (`set_alive`), the fast path does not compute an op that is dead on every edge of a
-    source group, and weighs dead (edge, op) pairs 0.
+    With alive masks (`set_alive`), the fast path computes each op on the edges where it is alive only, and
+    weighs dead (edge, op) pairs 0. `checkpoint_cells` (model_search.Network; --checkpoint_cells) recomputes
+    each cell in the backward.
     """
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
@@ -1104,6 +1369,7 @@ class Network(model_search.Network):
                          method, mixed_op, track_running_stats)
         self.fast = fast
         self._fast_edges = fast_edges
+        self._gathers, self._flush = {}, None
         if not fast:
             return
         if space == 'nb201':
@@ -1155,6 +1421,41 @@ class Network(model_search.Network):
             alive = None if self._all_alive else self._alive_lists[reduction]
         dropout = self.training and self._skip_dropout > 0
         return self._fast_plans[reduction].prepare(weights, alive, dropout)
+
+    def _weights_of_cells(self) -> list:
+        """As the reference's, and the weights and statistics that the pruned groups of every cell read,
+        gathered once for the whole network (`_Gather`); the statistics go back after the forward."""
+        out = super()._weights_of_cells()
+        if not self.fast or self.space == 'nb201' or not all(isinstance(w, FastWeights) for w in out):
+            return out
+        ref = next(self.parameters())
+        items, where = [], []
+        for i, (cell, fw) in enumerate(zip(self.cells, out)):
+            for g, (group, lay) in enumerate(zip(cell.groups, fw.layouts)):
+                if not lay.full:
+                    items.append((group, group._plan(lay, ref.device, ref.dtype)))
+                    where.append((i, g))
+        if not items:
+            return out
+        key = (tuple((id(group), id(plan)) for group, plan in items), ref.device, ref.dtype)
+        if key not in self._gathers:
+            self._gathers = {key: _Gather(items)}  # one layout at a time (a prune changes it for good)
+        gather = self._gathers[key]
+        given = [list(fw.given) for fw in out]
+        for (i, g), w, stats in zip(where, gather.weights(), gather.statistics()):
+            given[i][g] = (w, stats)
+        if self.training:
+            self._flush = gather
+        return [fw.with_given(gv) for fw, gv in zip(out, given)]
+
+    def forward_stages(self, x: torch.Tensor):
+        self._flush = None
+        try:
+            return super().forward_stages(x)
+        finally:  # the pruned groups' updated statistics back into their buffers
+            if self._flush is not None:
+                self._flush.flush()
+                self._flush = None
 
     def gated_edges(self) -> list[nn.Module]:
         if not self.fast:

@@ -63,7 +63,7 @@ DEFAULT_LEARNING_RATE = 0.025  # DARTS, NOS App. A
 # must match the checkpoint's. A learning rate takes effect from the resumed epoch.
 RESUME_MAY_CHANGE = ('learning_rate', 'learning_rate_min', 'arch_learning_rate', 'momentum', 'weight_decay',
                      'arch_weight_decay', 'grad_clip', 'workers', 'report_freq', 'gpu', 'device', 'data', 'teacher',
-                     'save', 'resume', 'no_download', 'debug', 'tensorboard')
+                     'save', 'resume', 'no_download', 'debug', 'tensorboard', 'checkpoint_cells')
 # What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
 CHECKPOINT_KEYS = ('epoch', 'model', 'optimizer', 'method', 'scheduler', 'settings')
 # What a search resumed into another --save carries over from its checkpoint's folder (runs.carry_over).
@@ -143,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step (DARTS)')
     p.add_argument('--no_fast', action='store_true',
                    help='search with the per-edge reference cells instead of the fast path (same search)')
+    p.add_argument('--checkpoint_cells', action='store_true',
+                   help='recompute each cell in the backward instead of keeping its activations: about a third '
+                        'of the memory for about 1.3x the time, the same search (docs/fast-path.md)')
     p.add_argument('--epochs', type=int, default=None, help='search epochs (default: the method\'s)')
     p.add_argument('--init_channels', type=int, default=None, help='channels of the first cells (default 16, DARTS)')
     p.add_argument('--layers', type=int, default=None,
@@ -250,6 +253,9 @@ def check_args(args) -> None:
     elif args.width_mult is not None:
         raise utils.UserError(f'--width_mult scales the ProxylessNAS chain (--space {model_macro.SPACE}); the '
                               f'{args.space} space takes --init_channels')
+    if args.checkpoint_cells and args.space == model_macro.SPACE:
+        raise utils.UserError(f'--checkpoint_cells recomputes the cells of a cell space ({", ".join(model_search.SPACES)}); '
+                              f'the {model_macro.SPACE} chain has none: drop the flag')
     if args.stage_cell is not None and args.stage_cell not in STAGE_CELLS:
         raise utils.UserError(f'unknown --stage_cell {args.stage_cell!r}; valid values: {", ".join(STAGE_CELLS)}')
     for name, cls in METHODS.items():  # a method's own flags would be ignored by another method
@@ -651,6 +657,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
     dtype = torch.float64 if args.double else torch.float32
     utils.set_seed(args.seed)  # the same initial weights and A in every process
     model = method_cls.build_model(args, num_classes).to(device, dtype)
+    model.checkpoint_cells = args.checkpoint_cells
     model._criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # the weights' and A's loss
     if args.sync_bn:
         model = utils.convert_sync_batchnorm(model)

@@ -1,0 +1,273 @@
+"""The fast path under pruning and with --checkpoint_cells (issue 26): at random prune states (each edge losing
+its own ops, as EoiNAS prunes) it computes the reference's loss, gradients and running statistics in float64,
+and it computes only the alive (edge, op) pairs (counted from the convolutions' input channels, not inferred
+from outputs); a checkpointed cell gives the same gradients and statistics as a kept one, in every method."""
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import agnas
+import bench_search
+import darts
+import runs
+import train_search
+import utils
+from eoinas import EoiNASMethod
+from model_search_fast import Network
+
+
+def pair(space, seed=0):
+    """A reference network and a fast one with the same weights and A (float64), three cells of 4 channels."""
+    torch.manual_seed(seed)
+    plain = Network(4, 10, 3, space=space).double()
+    fast = Network(4, 10, 3, space=space, fast=True).double()
+    with torch.no_grad():
+        for a in plain.arch_parameters():
+            a.normal_()  # far from uniform, so that every coefficient matters
+    fast.load_plain(plain)
+    return plain, fast
+
+
+def pruned_pair(space, keep, seed=0):
+    plain, fast = pair(space, seed)
+    masks = bench_search.random_alive(plain, keep, seed=seed + keep)
+    plain.set_alive(*masks)
+    fast.set_alive(*masks)
+    return plain, fast, masks
+
+
+# (space, ops left per edge): from the first prune down to one op, DARTS's 8 ops and NOS's 11; half of them
+# in the default run, the rest with -m slow
+slow = pytest.mark.slow
+STATES = [pytest.param('darts', 6, marks=slow), ('darts', 4), pytest.param('darts', 2, marks=slow), ('darts', 1),
+          pytest.param('nos', 8, marks=slow), ('nos', 5), ('nos', 2), pytest.param('nos', 1, marks=slow)]
+
+
+@pytest.mark.parametrize('space, keep', STATES)
+def test_pruned_fast_path_equals_the_reference(space, keep):
+    plain, fast, masks = pruned_pair(space, keep)
+    assert all((m.sum(1) == keep).all() for m in masks)  # every row keeps `keep` ops ...
+    assert any(not torch.equal(m[0], m[r]) for m in masks for r in range(len(m)))  # ... its own ones
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(10, (2,))
+    losses = []
+    for model in (plain, fast):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    # every gradient, A's too; a dead pair's weights get none on the reference (zero on the fast path, or
+    # none when the op is dead on every edge of a group)
+    expected = fast.plain_tensors(plain, lambda t: torch.zeros_like(t) if t.grad is None else t.grad)
+    for name, p in fast.named_parameters():
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    if keep > 1:  # one op left per edge weighs exactly 1 whatever A: then A's gradient is exactly 0
+        assert fast.alphas_normal.grad.abs().sum() > 0
+    # the running statistics of the alive pairs moved as the reference's did: eval mode reads them
+    plain.eval(), fast.eval()
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-10, atol=1e-12)
+
+
+class ConvChannels(TorchDispatchMode):
+    """Per kind of convolution (depthwise k x k at a dilation, or pointwise C -> C), the input channels it
+    reads times its output pixels: the work of the op convolutions, whichever way they are grouped."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.C, self.work = C, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == 'convolution' and args[0].dim() == 4 and args[0].shape[0] > 1:
+            x, w, stride, dilation = args[0], args[1], args[3], args[5]
+            groups = args[8]
+            if w.shape[1] == 1 and groups == x.shape[1] and w.shape[-1] > 1:      # depthwise k x k
+                key = ('depthwise', w.shape[-1], dilation[0], stride[0])
+            elif w.shape[-1] == 1 and w.shape[1] == self.C and w.shape[0] // groups == self.C:  # pointwise C -> C
+                key = ('pointwise', stride[0])
+            else:
+                return out
+            self.work[key] += x.shape[1] * out.shape[-2] * out.shape[-1] * x.shape[0]
+        return out
+
+
+def conv_work(model, C=4):
+    counter = ConvChannels(C)
+    with counter, torch.no_grad():
+        model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    return counter.work
+
+
+@pytest.mark.parametrize('space, keep', [('darts', 4), pytest.param('nos', 5, marks=slow)])
+def test_pruned_pairs_are_not_computed(space, keep):
+    """The convolutions of the fast path read exactly the channels of the reference's alive ops: per kind,
+    the input channels times output pixels are equal (and well below the unpruned fast path's). Computing a
+    dead pair, or an op on every edge where it is alive on some, would add channels."""
+    plain, fast, masks = pruned_pair(space, keep)
+    full = Network(4, 10, 3, space=space, fast=True).double()
+    for model in (plain, fast, full):
+        model.eval()  # the same ops in either mode; eval keeps the statistics
+    expected, got, unpruned = conv_work(plain), conv_work(fast), conv_work(full)
+    assert got == expected
+    assert {k[0] for k in got} == {'depthwise', 'pointwise'}
+    for key, work in got.items():
+        assert work < unpruned[key], key
+    # an independent count: the separable convs' second depthwise stage on the normal cells' ... and all
+    # cells' edges: one per alive (edge, sep_conv) pair of each cell
+    cols = [o for o, name in enumerate(plain.ops) if name.startswith('sep_conv')]
+    pairs = sum(int(masks[cell.reduction][:, cols].sum()) for cell in plain.cells)
+    second = sum(v for key, v in got.items() if key[0] == 'depthwise' and key[3] == 1)
+    assert pairs > 0 and second >= pairs * 4 * 2 * 2 * 2  # at least C channels x 2x2 pixels x batch 2
+
+
+def test_dead_pairs_weights_are_not_read():
+    """A pruned group reads the rows of its alive pairs only (one gather for the whole network): a change to
+    a dead pair's weights changes nothing, a change to an alive one does."""
+    _, fast, masks = pruned_pair('darts', 3)
+    fast.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    before = fast(x)
+    group = fast.cells[0].groups[0]  # the input group of a normal cell: 8 edges
+    lay = fast._fast_plans[False].layouts(masks[0])[0][0]
+    n = 'sep_conv_3x3'
+    dead = [e for e in range(group.E) if e not in lay.edges.get(n, ())]
+    alive = list(lay.edges[n])
+    assert dead and alive
+    with torch.no_grad():
+        for e in dead:
+            group.dw1[n][e * 4:(e + 1) * 4] = float('nan')
+    torch.testing.assert_close(fast(x), before, rtol=0, atol=0)
+    with torch.no_grad():
+        group.dw1[n][alive[0] * 4] += 1
+    assert not torch.allclose(fast(x), before)
+
+
+@slow
+def test_pruned_fast_path_keeps_the_reference_search_in_eoinas():
+    """EoiNAS steps (Gumbel samples, skip dropout, the A and weight steps) after a random per-edge prune give
+    the reference's A and statistics on both spaces."""
+    for space, keep in (('darts', 3), ('nos', 4)):
+        args = train_search.parse_args(['--method', 'eoinas', '--space', space, '--layers', '3',
+                                        '--init_channels', '4', '--skip_dropout', '0', '--eoi_warmup', '0'])
+        plain, fast, _ = pruned_pair(space, keep)
+        g = torch.Generator().manual_seed(4)
+        batches = [(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(10, (4,), generator=g))
+                   for _ in range(2)]
+        for model in (plain, fast):
+            torch.manual_seed(8)
+            optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+            method = EoiNASMethod(model, args)
+            for step in range(3):
+                (x, y), (xv, yv) = batches[step % 2], batches[(step + 1) % 2]
+                method.step(x, y, xv, yv, None, 0.025, optimizer)
+        torch.testing.assert_close(fast.alphas_normal, plain.alphas_normal, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(fast.alphas_reduce, plain.alphas_reduce, rtol=1e-8, atol=1e-10)
+
+
+# -- --checkpoint_cells -----------------------------------------------------------------------------------
+
+
+def one_iteration(space, fast, keep, checkpoint):
+    """One DARTS iteration with AGS and EoiNAS's skip dropout on (random masks inside the cells): the A step
+    (through torch.autograd.grad), the weight step (through backward), and once more a backward to read the
+    weight gradients. Returns (gradients, buffers, A)."""
+    torch.manual_seed(0)
+    model = Network(4, 10, 3, space=space, fast=fast).double()
+    if keep:
+        model.set_alive(*bench_search.random_alive(model, keep, seed=1))
+    model.set_skip_dropout(0.5)
+    model.checkpoint_cells = checkpoint
+    architect = darts.Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-3,
+                                arch_weight_decay=1e-3, lambda_at=10.)
+    optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    g = torch.Generator().manual_seed(3)
+    x, xv = torch.randn(2, 4, 3, 8, 8, generator=g, dtype=torch.float64)
+    y, yv = torch.randint(10, (2, 4), generator=g)
+    teacher = [x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4)]
+    torch.manual_seed(5)
+    architect.step(None, None, None, xv, yv, teacher, 0.025, optimizer)
+    darts.weight_step(model, optimizer, x, y, teacher, 10., 5.)
+    optimizer.zero_grad()
+    darts.search_loss(model, x, y, teacher, 10.)[0].backward(inputs=model.weights())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, {n: b.clone() for n, b in model.named_buffers()}, [a.detach().clone() for a in model.arch_parameters()]
+
+
+@pytest.mark.parametrize('space, fast, keep', [pytest.param('nos', True, None, marks=slow), ('nos', True, 5),
+                                               pytest.param('darts', False, None, marks=slow)])
+def test_checkpointed_cells_give_the_same_gradients(space, fast, keep):
+    """With --checkpoint_cells every gradient, A, and every running statistic equal those without it: the
+    recomputation draws the same dropout masks and leaves the statistics alone (they move once per forward)."""
+    (g0, b0, a0), (g1, b1, a1) = (one_iteration(space, fast, keep, c) for c in (False, True))
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-12, atol=1e-15, msg=name)
+    for name in b0:
+        torch.testing.assert_close(b1[name], b0[name], rtol=1e-12, atol=1e-15, msg=name)
+    for a, b in zip(a0, a1):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+
+
+def test_checkpointed_cells_hold_less_for_the_backward():
+    """Checkpointed, a forward holds for its backward little more than the cells' inputs."""
+    fast = Network(4, 10, 3, space='nos', fast=True)
+    x = torch.randn(2, 3, 8, 8)
+
+    def forward():
+        return fast(x).sum()
+
+    kept = bench_search.held_bytes(forward)
+    fast.checkpoint_cells = True
+    held = bench_search.held_bytes(forward)
+    assert held < kept / 3
+
+
+def test_held_bytes_counts_what_the_graph_keeps():
+    a = torch.randn(256, requires_grad=True)
+    # exp saves its output (1 KiB); the sum's output is the returned loss; a view of a parameter is not new
+    assert bench_search.held_bytes(lambda: a.exp().sum()) == 256 * 4 + 4
+    assert bench_search.held_bytes(lambda: a[:128].sum()) == 4
+
+
+@slow
+def test_agnas_step_with_checkpointed_cells_is_the_same():
+    results = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = agnas.build_network(4, 10, 5, space='nos', fast=True).double()
+        model.checkpoint_cells = checkpoint
+        optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+        method = agnas.AGNASMethod(model, train_search.parse_args(['--method', 'agnas', '--space', 'nos']))
+        x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(10, (3,))
+        method.step(x, y, None, None, None, 0.025, optimizer)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+
+
+@slow
+def test_train_search_checkpoint_cells_resumes_and_ends_as_without(tmp_path):
+    """--checkpoint_cells changes memory and time, not the search: an EoiNAS search (Gumbel samples, skip
+    dropout) ends with the same A with and without it, and a run without it resumes with it."""
+    base = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3', '--init_channels', '4',
+            '--batch_size', '8', '--synthetic_size', '32', '--report_freq', '0', '--space', 'darts', '--method',
+            'eoinas', '--eoi_warmup', '0', '--epochs', '2', '--prune_every', '0', '--double']
+    state = {}
+    for name, flags in (('kept', []), ('checkpointed', ['--checkpoint_cells'])):
+        train_search.main(base + flags + ['--save', str(tmp_path / name)])
+        state[name] = runs.load_checkpoint(str(tmp_path / name / 'checkpoint.pt'))['model']
+    for key in ('alphas_normal', 'alphas_reduce'):
+        assert torch.equal(state['kept'][key], state['checkpointed'][key]), key
+    assert utils.exit_code(train_search.main, base + ['--epochs', '3', '--save', str(tmp_path / 'kept'), '--resume',
+                                                      '--checkpoint_cells']) == 0
+    assert runs.load_checkpoint(str(tmp_path / 'kept' / 'checkpoint.pt'))['epoch'] == 3
+
+
+def test_checkpoint_cells_refuses_the_chain(capsys):
+    args = ['--space', 'proxyless', '--method', 'agnas', '--checkpoint_cells', '--dataset', 'synthetic']
+    assert utils.exit_code(train_search.main, args) == 2
+    assert '--checkpoint_cells' in capsys.readouterr().err
