@@ -524,8 +524,8 @@ def test_imagenet_search_data_keeps_the_evaluation_transform_for_the_architectur
     args = train_search.parse_args(['--space', 'proxyless', '--method', 'agnas', '--dataset', 'imagenet',
                                     '--data', str(data), '--subset', '0.5'])
     train_search.check_args(args)
-    weights, arch, classes = train_search.search_data(args, None)
-    assert classes == 3 and len(weights) == 12 and len(arch) == 3
+    weights, arch, plain, classes = train_search.search_data(args, None)
+    assert classes == 3 and len(weights) == 12 and len(arch) == len(plain) == 3
     assert not set(weights.indices) & set(arch.indices)
     assert weights[0][0].shape == arch[0][0].shape == (3, 224, 224)
     assert torch.equal(arch[0][0], arch[0][0])            # resize 256, centre crop 224: no randomness
