@@ -228,6 +228,13 @@ class FastGatedEdges(GateStatistics, FastEdges):
         self._cache[key] = out
         return out
 
+    def _entries(self, lay, kind: str, edges, per: int, device) -> torch.Tensor:
+        """For each of `edges` (in order), the index of its x' entry: its source (identity) or itself (FR)."""
+        key = ('entries', id(lay), kind, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor([e // per for e in edges], device=device)
+        return self._cache[key]
+
     def _const(self, value: float, ref: torch.Tensor) -> torch.Tensor:
         key = ('const', value, ref.device, ref.dtype)
         if key not in self._cache:
@@ -249,23 +256,29 @@ class FastGatedEdges(GateStatistics, FastEdges):
             # FactorizedReduce's entries are a view of the stack (copied here: a slice of the batch's rows)
             x_skip = skip.reshape(N, n_skip, C, H, W)
             per = E // n_skip                                  # edges per skip entry
-            if lay.sa:  # GAP(x' * SA): (N, n_skip, per, HW) @ (N, n_skip, HW, C)
-                sa = stacks['SA'].view(N, n_skip, per, H * W)
-                table.append(torch.matmul(sa, x_skip.flatten(3).transpose(2, 3)).view(N, E, C) / (H * W))
+            if lay.sa:  # GAP(x' * SA), one row per edge where SA is alive (lay.sa)
+                if tuple(lay.sa) == tuple(range(E)):  # alive everywhere: (N, n_skip, per, HW) @ (N, n_skip, HW, C)
+                    sa = stacks['SA'].view(N, n_skip, per, H * W)
+                    table.append(torch.matmul(sa, x_skip.flatten(3).transpose(2, 3)).view(N, E, C) / (H * W))
+                else:  # pruned on some edges: each alive edge's x' entry
+                    sa = stacks['SA'].view(N, len(lay.sa), 1, H * W)
+                    xs = x_skip.flatten(3).index_select(1, self._entries(lay, 'sa', lay.sa, per, f.device))
+                    table.append((sa * xs).sum(3) / (H * W))
             nd, kk = len(lay.dyn), self.kernel_size ** 2
+            P = len(lay.dyn_pairs)                             # the kernel stack: [dynamic pairs | CA | ...]
             if lay.ca:  # CA sits at the centre tap of its kernel entries (FastEdges.forward)
-                ca = stacks['D'][:, nd * E:(nd + 1) * E].flatten(3)[..., kk // 2]   # (N, E, C)
-                table.append((ca.view(N, n_skip, per, C) * pooled[:, a:a + n_skip, None]).view(N, E, C))
-            if nd:  # GAP(dwconv(x', D)) = sum_t D_t B_t / HW
+                ca = stacks['D'][:, P:P + len(lay.ca)].flatten(3)[..., kk // 2]   # (N, edges with CA, C)
+                entry = self._entries(lay, 'ca', lay.ca, per, f.device)
+                table.append(ca * pooled[:, a:a + n_skip].index_select(1, entry))
+            if nd:  # GAP(dwconv(x', D)) = sum_t D_t B_t / HW, per (source, op, target) pair of lay.dyn_pairs
                 key = ('ones', n_skip * C, H, W, f.device, f.dtype)
                 if key not in self._cache:
                     self._cache[key] = torch.ones(n_skip * C, 1, H, W, dtype=f.dtype, device=f.device)
                 box = box_sums(x_skip.view(N, n_skip * C, H, W), self.kernel_size, self._cache[key])
-                # (source, op, target) entries (FastEdges); x' per source (identity) or per edge (FR)
-                S = self.S
-                kern = stacks['D'][:, :nd * E].reshape(N, S, nd, self.K, C, kk)
-                d = (kern * box.view(N, S, 1, n_skip // S, C, kk)).sum(5)
-                table.append(d.view(N, nd * E, C) / (H * W))
+                box = box.view(N, n_skip, C, kk)               # x' per source (identity) or per edge (FR)
+                entry = self._entries(lay, 'dyn', [e for _, e in lay.dyn_pairs], per, f.device)
+                kern = stacks['D'][:, :P].reshape(N, P, C, kk)
+                table.append((kern * box.index_select(1, entry)).sum(3) / (H * W))
         table.append(self._const(0., pooled))
         desc = torch.cat(table, 1).index_select(1, desc_index)                 # (N, E*m, C)
         hidden = F.relu(F.conv1d(desc.view(N, E * m * C, 1), self.gate_fc1, groups=E))

@@ -1,6 +1,7 @@
 """train_search.py under torchrun on the CPU (gloo, two processes): one architecture on every rank, the
 same search as one process at the same global batch (--sync_bn, float64, no augmentation), exact resume
 after a kill, and the one-sentence refusals."""
+import glob
 import json
 import os
 import re
@@ -36,6 +37,44 @@ def launch(args, nproc: int, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
     proc.output = out
     return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    out = []
+    for task in glob.glob(f'/proc/{pid}/task/*/children'):
+        try:
+            with open(task) as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:  # the task ended meanwhile
+            continue
+        for kid in kids:
+            out += [kid, *descendants(kid)]
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 the run: torchrun and its workers, which torchrun starts in sessions of their own (so killing
+    torchrun's process group would leave them running, holding the run folder's lock), then wait until every
+    one of them is gone."""
+    victims = [pid, *descendants(pid)]
+    for v in reversed(victims):
+        try:
+            os.kill(v, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for v in victims[1:]:
+        while alive(v):
+            time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie has released its files, the lock included)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return False
 
 
 def finish(proc) -> str:
@@ -87,7 +126,7 @@ def test_killed_torchrun_search_resumes_exactly(two_process_run, tmp_path):
     path = tmp_path / 'checkpoint.pt'
     while proc.poll() is None:  # wait for the state it needs (a first checkpoint), not for a clock
         if path.exists():
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             break
         time.sleep(0.02)
     proc.wait()

@@ -190,6 +190,6 @@ def test_cifar_divergence_without_a_checkpoint_says_so_and_its_advice_finishes(t
     assert 'at epoch 1, step' in err and 'no checkpoint was written yet' in err and 'kept' not in err
     assert not (tmp_path / 'c' / 'checkpoint.pt').exists()
     advice = re.search(r'run the same command again with `([^`]+)`', err).group(1)
-    assert advice == '--learning_rate 0.25'  # train_cifar.py's default (NOS App. A.1)
+    assert advice == '--learning_rate 0.00208333'  # the recipe's default: DARTS's 0.025 at batch 96, at batch 8
     assert run(train_cifar.main, args + advice.split()) == 0
     assert runs.load_checkpoint(str(tmp_path / 'c' / 'checkpoint.pt'))['epoch'] == 1
