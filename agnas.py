@@ -298,12 +298,17 @@ class FastGatedEdges(GateStatistics, FastEdges):
         return out
 
     def from_plain(self, mixed: list, ops: list[str], get) -> dict:
-        out = super().from_plain(mixed, ops, get)
-        for name, attr in (('gate_fc1', 'fc1'), ('gate_fc2', 'fc2')):
-            ts = [get(getattr(e.attention, attr).weight) for e in mixed]
-            if all(t is not None for t in ts):
-                out[name] = torch.cat(ts).unsqueeze(-1)
-        return out
+        return gates_from_plain(super().from_plain(mixed, ops, get), mixed, get)
+
+
+def gates_from_plain(out: dict, mixed: list, get) -> dict:
+    """A fused group's attention weights (`gate_fc1`, `gate_fc2`) from its reference edges' GateAttentions,
+    added to `out` (the op weights' mapping); the fast-path edges of both spaces share it."""
+    for name, attr in (('gate_fc1', 'fc1'), ('gate_fc2', 'fc2')):
+        ts = [get(getattr(e.attention, attr).weight) for e in mixed]
+        if all(t is not None for t in ts):
+            out[name] = torch.cat(ts).unsqueeze(-1)
+    return out
 
 
 class NB201FastGatedEdges(GateStatistics, NB201Edges):
@@ -333,12 +338,7 @@ class NB201FastGatedEdges(GateStatistics, NB201Edges):
         self.reset_importance()
 
     def from_plain(self, mixed: list, ops: list[str], get) -> dict:
-        out = super().from_plain(mixed, ops, get)
-        for name, attr in (('gate_fc1', 'fc1'), ('gate_fc2', 'fc2')):
-            ts = [get(getattr(e.attention, attr).weight) for e in mixed]
-            if all(t is not None for t in ts):
-                out[name] = torch.cat(ts).unsqueeze(-1)
-        return out
+        return gates_from_plain(super().from_plain(mixed, ops, get), mixed, get)
 
 
 def build_network(C: int, num_classes: int, layers: int, criterion=None, space: str = 'darts', ops=None,

@@ -188,6 +188,16 @@ class FastWeights:
         return out
 
 
+def _alive_rows(alive, rows: int, ops: int) -> list[list[bool]]:
+    """An alive mask (tensor or nested list) as `rows` lists of `ops` bools, checked for its shape."""
+    if isinstance(alive, torch.Tensor):
+        alive = alive.tolist()
+    alive = [[bool(v) for v in row] for row in alive]
+    if len(alive) != rows or any(len(row) != ops for row in alive):
+        raise ValueError(f'the alive mask must be {rows} x {ops} (rows x ops)')
+    return alive
+
+
 class FastPlan:
     """The group structure of one cell type (normal or reduction) of the fast path, shared by its cells.
 
@@ -211,11 +221,7 @@ class FastPlan:
             key = (None, dropout)
             alive = [[True] * len(self.ops)] * self.rows
         else:
-            if isinstance(alive, torch.Tensor):
-                alive = alive.tolist()
-            alive = [[bool(v) for v in row] for row in alive]
-            if len(alive) != self.rows or any(len(row) != len(self.ops) for row in alive):
-                raise ValueError(f'the alive mask must be {self.rows} x {len(self.ops)} (rows x ops)')
+            alive = _alive_rows(alive, self.rows, len(self.ops))
             key = (tuple(map(tuple, alive)), dropout)
         if key not in self._layouts:
             zero = self.rows * len(self.ops)
@@ -1183,13 +1189,8 @@ class NB201Plan(FastPlan):
         self._layouts, self._index, self._tail = {}, {}, {}
 
     def layouts(self, alive=None, dropout: bool = False) -> tuple[list[_NB201Layout], tuple]:
-        if alive is None:
-            alive = [[True] * len(self.ops)] * self.rows
-        elif isinstance(alive, torch.Tensor):
-            alive = alive.tolist()
-        alive = [[bool(v) for v in row] for row in alive]
-        if len(alive) != self.rows or any(len(row) != len(self.ops) for row in alive):
-            raise ValueError(f'the alive mask must be {self.rows} x {len(self.ops)} (rows x ops)')
+        alive = _alive_rows([[True] * len(self.ops)] * self.rows if alive is None else alive, self.rows,
+                            len(self.ops))
         key = (tuple(map(tuple, alive)), dropout)
         if key not in self._layouts:
             zero = self.rows * len(self.ops)
