@@ -791,6 +791,29 @@ def unfinished_search(genotype_file: str | None) -> str | None:
             f'it has finished, or pass --allow_unfinished to silence this')
 
 
+
+def log_retraining(logger: logging.Logger, args, genotype, label: str, recipe: str | None) -> None:
+    """A retraining's first log lines (train_cifar.py, train_imagenet.py): the recipe it took, its flags, a
+    warning where the genotype comes from a search that has not finished (unless --allow_unfinished), the
+    genotype."""
+    if recipe:
+        logger.info(recipe)
+    logger.info(f'args: {vars(args)}')
+    unfinished = None if args.allow_unfinished else unfinished_search(args.genotype_file)
+    if unfinished:
+        logger.warning(unfinished)
+    logger.info(f'genotype {label}: {genotype!r}')
+
+
+def restore_training(ckpt: dict, resume: str, model, optimizer, scheduler) -> int:
+    """Load a retraining checkpoint into its network, optimizer and lr schedule (one that does not fit: one
+    sentence naming `resume`); returns the epochs it had finished."""
+    with restoring(resume):
+        model.load_state_dict(ckpt['model'])
+        load_optimizer(optimizer, ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        return int(ckpt['epoch'])
+
 def report_run(logger: logging.Logger, save: str, files: list[tuple[str, str]], next_steps: list[str],
                started: float) -> None:
     """The end of every run: its wall time, where each of its files went, and the command to run next.

@@ -54,7 +54,6 @@ WEIGHT_DECAY = {'cifar10': 3e-4, 'cifar100': 5e-4, 'synthetic': 3e-4, 'folder': 
 # The flags that may change when a run resumes (docs/resume-and-errors.md); every other flag defines the run and must
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the cosine schedule goes on as
 # if the run had started with it); the others change only how the run is executed or logged.
-AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
 RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'workers', 'report_freq', 'gpu', 'device', 'amp', 'no_channels_last',
                      'data', 'save', 'resume', 'no_download', 'allow_unfinished')
 # What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
@@ -96,34 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--weight_decay', type=float, default=None,
                    help='default per dataset: 3e-4 for cifar10 (and synthetic), 5e-4 for cifar100')
     p.add_argument('--init_channels', type=int, default=36, help='channels of the first cells')
-    p.add_argument('--layers', type=int, default=None,
-                   help=f'cells in the network (default {DEFAULT_LAYERS}; a per-layer genotype sets its own)')
-    p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
-                   help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
-    p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
-    p.add_argument('--auxiliary_weight', type=float, default=0.4, help='weight of the auxiliary loss')
+    utils.add_cell_flags(p, DEFAULT_LAYERS)
     p.add_argument('--cutout_length', type=int, default=16, help='0 turns cutout off')
     p.add_argument('--autoaugment', action='store_true',
                    help='torchvision\'s CIFAR-10 AutoAugment policy after crop and flip, cutout last (ADWPNAS)')
     p.add_argument('--drop_path_prob', type=float, default=None,
                    help='final drop-path probability; epoch e uses drop_path_prob * e / epochs (default: the '
                         'preset\'s, NOS: 0.3)')
-    p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
-    p.add_argument('--gpu', type=int, default=0, help='CUDA device')
-    p.add_argument('--device', default=None, help='cpu to run on the CPU')
-    p.add_argument('--amp', default='none', choices=AMP_CHOICES,
-                   help='none: fp32, as the papers trained; bf16: bf16 autocast with channels_last (faster on a GPU, '
-                        'not the papers\' numerics; result.json and summarize.py show the precision)')
-    p.add_argument('--no_channels_last', action='store_true', help='--amp bf16: keep the NCHW memory layout')
-    p.add_argument('--save', default=None, help='output folder (default eval-DATASET-TIME)')
-    p.add_argument('--resume', nargs='?', const='', default=None, metavar='PATH',
-                   help='continue from PATH (default SAVE/checkpoint.pt)')
-    p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
-    p.add_argument('--workers', type=int, default=4, help='data-loading processes')
-    p.add_argument('--report_freq', type=int, default=50, help='log every N steps (also every 30 s; 0: never)')
-    p.add_argument('--tensorboard', action='store_true',
-                   help='also write each epoch\'s figures as TensorBoard scalars into SAVE/tensorboard (needs pip '
-                        'install tensorboard)')
+    utils.add_run_flags(p, save='eval-DATASET-TIME', workers=4, report_freq=50)
     return p
 
 
@@ -260,12 +239,7 @@ def main(argv=None) -> dict:
         runs.carry_over(resume, save, ('metrics.jsonl', 'log.txt'))  # resumed into another --save
 
     logger = runs.get_logger(save, 'train_cifar')
-    logger.info(recipe)
-    logger.info(f'args: {vars(args)}')
-    unfinished = None if args.allow_unfinished else runs.unfinished_search(args.genotype_file)
-    if unfinished:
-        logger.warning(unfinished)
-    logger.info(f'genotype {label}: {genotype!r}')
+    runs.log_retraining(logger, args, genotype, label, recipe)
     genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
     logger.info(f'weight decay {args.weight_decay:g} ({args.dataset}); lr {args.learning_rate:g} cosine to 0;'
                 f' device {device}, {"bf16 autocast" if amp_dtype else "fp32"}'
@@ -309,11 +283,7 @@ def main(argv=None) -> dict:
     start_epoch = 0
     metrics_path = os.path.join(save, 'metrics.jsonl')
     if ckpt is not None:
-        with runs.restoring(resume):
-            model.load_state_dict(ckpt['model'])
-            runs.load_optimizer(optimizer, ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            start_epoch = int(ckpt['epoch'])
+        start_epoch = runs.restore_training(ckpt, resume, model, optimizer, scheduler)
         if 'learning_rate' in changed:  # the cosine schedule goes on as if the run had started with it
             runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
         dropped = runs.trim_jsonl(metrics_path, start_epoch)

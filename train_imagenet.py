@@ -85,7 +85,6 @@ RECIPE_FLAGS = ('epochs', 'warmup_epochs', 'weight_decay', 'init_channels', 'lr_
 # match the checkpoint's. --learning_rate takes effect from the resumed epoch (the schedule goes on as if the
 # run had started with it); --batch_size may change with the number of processes as long as the global batch
 # stays (checked on its own); the others change only how the run is executed or logged.
-AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
 RESUME_MAY_CHANGE = ('tensorboard', 'learning_rate', 'batch_size', 'workers', 'report_freq', 'gpu', 'device', 'amp',
                      'no_channels_last', 'data', 'save', 'resume', 'allow_unfinished')
 # What every checkpoint of this script holds (runs.load_resume refuses one without them as damaged).
@@ -124,30 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='default 3e-5 (DARTS ImageNet; the paper is silent); a chain genotype 4e-5')
     p.add_argument('--label_smooth', type=float, default=0.1, help='label smoothing of the training loss')
     p.add_argument('--init_channels', type=int, default=None, help='channels of the first cells (default 48)')
-    p.add_argument('--layers', type=int, default=None,
-                   help=f'cells in the network (default {DEFAULT_LAYERS}; a per-layer genotype sets its own)')
-    p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
-                   help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
-    p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
-    p.add_argument('--auxiliary_weight', type=float, default=0.4, help='weight of the auxiliary loss')
+    utils.add_cell_flags(p, DEFAULT_LAYERS)
     p.add_argument('--drop_path_prob', type=float, default=0.,
                    help='final drop-path probability; epoch e uses drop_path_prob * e / epochs')
-    p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
-    p.add_argument('--gpu', type=int, default=0, help='single process only; under torchrun LOCAL_RANK picks')
-    p.add_argument('--device', default=None, help='cpu to run on the CPU (gloo backend under torchrun)')
-    p.add_argument('--amp', default='none', choices=AMP_CHOICES,
-                   help='none: fp32, as the papers trained; bf16: bf16 autocast with channels_last (faster on a GPU, '
-                        'not the papers\' numerics; result.json and summarize.py show the precision)')
-    p.add_argument('--no_channels_last', action='store_true', help='--amp bf16: keep the NCHW memory layout')
-    p.add_argument('--save', default=None, help='output folder (default eval-imagenet-TIME)')
-    p.add_argument('--resume', nargs='?', const='', default=None, metavar='PATH',
-                   help='continue from PATH (default SAVE/checkpoint.pt)')
-    p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
-    p.add_argument('--workers', type=int, default=8, help='data-loading processes per training process')
-    p.add_argument('--report_freq', type=int, default=100, help='log every N steps (also every 30 s; 0: never)')
-    p.add_argument('--tensorboard', action='store_true',
-                   help='also write each epoch\'s figures as TensorBoard scalars into SAVE/tensorboard (needs pip '
-                        'install tensorboard)')
+    utils.add_run_flags(p, save='eval-imagenet-TIME', workers=8, report_freq=100,
+                        gpu_help='single process only; under torchrun LOCAL_RANK picks',
+                        device_help='cpu to run on the CPU (gloo backend under torchrun)',
+                        workers_help='data-loading processes per training process')
     return p
 
 
@@ -309,13 +291,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
     if ckpt is not None and rank == 0:  # resumed into another --save: the run's history goes with it
         runs.carry_over(resume, save, ('metrics.jsonl', 'log.txt'))
     logger = runs.get_logger(save if rank == 0 else None, 'train_imagenet', enabled=rank == 0)
-    if recipe:
-        logger.info(recipe)
-    logger.info(f'args: {vars(args)}')
-    unfinished = None if args.allow_unfinished else runs.unfinished_search(args.genotype_file)
-    if unfinished:
-        logger.warning(unfinished)
-    logger.info(f'genotype {label}: {genotype!r}')
+    runs.log_retraining(logger, args, genotype, label, recipe)
     if rank == 0:
         genotypes.save(genotype, os.path.join(save, 'genotype.json'))  # the cells trained, random:SEED's too
     schedule = (f'lr {lr:g} (= {args.learning_rate:g} x {global_batch} / {reference_batch}), '
@@ -365,11 +341,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     start_epoch = 0
     if ckpt is not None:
-        with runs.restoring(resume):
-            model.load_state_dict(ckpt['model'])
-            runs.load_optimizer(optimizer, ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            start_epoch = int(ckpt['epoch'])
+        start_epoch = runs.restore_training(ckpt, resume, model, optimizer, scheduler)
         if 'learning_rate' in (changed or {}):  # the schedule goes on as if the run had started with it
             runs.set_learning_rate(optimizer, scheduler, lr)
         if rank == 0:

@@ -320,6 +320,45 @@ class ArgumentParser(argparse.ArgumentParser):
         return close[0] if close else None
 
 
+# The flags both retraining scripts (train_cifar.py, train_imagenet.py) take alike, written once; where the
+# two differ (a default, what a flag means under torchrun) the script passes its own.
+AMP_CHOICES = ('none', 'bf16')  # --amp: fp32 by default (the papers' precision); bf16 opt-in
+
+
+def add_cell_flags(p: argparse.ArgumentParser, default_layers: int) -> None:
+    """--layers and the auxiliary tower's flags of a retrained cell network."""
+    p.add_argument('--layers', type=int, default=None,
+                   help=f'cells in the network (default {default_layers}; a per-layer genotype sets its own)')
+    p.add_argument('--auxiliary', dest='auxiliary', action='store_true', default=True,
+                   help='auxiliary tower at 2/3 depth (on by default; DARTS\'s flag, accepted)')
+    p.add_argument('--no_auxiliary', dest='auxiliary', action='store_false', help='no auxiliary tower')
+    p.add_argument('--auxiliary_weight', type=float, default=0.4, help='weight of the auxiliary loss')
+
+
+def add_run_flags(p: argparse.ArgumentParser, *, save: str, workers: int, report_freq: int,
+                  gpu_help: str = 'CUDA device', device_help: str = 'cpu to run on the CPU',
+                  workers_help: str = 'data-loading processes') -> None:
+    """A retraining's last flags: gradient clip, device and precision, run folder and --resume, seed, data
+    loading, logging. `save`: the default folder's name as --help shows it."""
+    p.add_argument('--grad_clip', type=float, default=5., help='gradient norm clip (0: none)')
+    p.add_argument('--gpu', type=int, default=0, help=gpu_help)
+    p.add_argument('--device', default=None, help=device_help)
+    p.add_argument('--amp', default='none', choices=AMP_CHOICES,
+                   help='none: fp32, as the papers trained; bf16: bf16 autocast with channels_last (faster on a GPU, '
+                        'not the papers\' numerics; result.json and summarize.py show the precision)')
+    p.add_argument('--no_channels_last', action='store_true', help='--amp bf16: keep the NCHW memory layout')
+    p.add_argument('--save', default=None, help=f'output folder (default {save})')
+    p.add_argument('--resume', nargs='?', const='', default=None, metavar='PATH',
+                   help='continue from PATH (default SAVE/checkpoint.pt)')
+    p.add_argument('--seed', type=int, default=0, help='seeds weights, batches, augmentation, drop-path')
+    p.add_argument('--workers', type=int, default=workers, help=workers_help)
+    p.add_argument('--report_freq', type=int, default=report_freq,
+                   help='log every N steps (also every 30 s; 0: never)')
+    p.add_argument('--tensorboard', action='store_true',
+                   help='also write each epoch\'s figures as TensorBoard scalars into SAVE/tensorboard (needs pip '
+                        'install tensorboard)')
+
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Attention transfer (Zagoruyko & Komodakis, 2017; NOS Eq. 10 as fixed by docs/nos.md)
