@@ -26,7 +26,7 @@ from torch import nn
 import genotypes
 from genotypes import CONCAT, DARTS_PRIMITIVES, STEPS, MacroGenotype
 from model_search import as_array
-from operations import OPS, FactorizedReduce, ReLUConvBN
+from operations import OPS, FactorizedReduce, ReLUConvBN, without_running_stats
 
 CELL_TYPES = ('normal', 'reduce')
 CANDIDATE_OPS = [o for o in DARTS_PRIMITIVES if o != 'none']  # Sec. 3.1.2: "K non-zero operations"
@@ -159,16 +159,6 @@ def batch_norm(C: int, affine: bool = False) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(C, affine=affine, track_running_stats=False)
 
 
-def no_running_stats(module: nn.Module) -> nn.Module:
-    """Turn every BatchNorm inside `module` (operations.py builds them with running statistics) into one
-    that uses batch statistics only (D7)."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-    return module
-
-
 class GeneratingBlock(nn.Module):
     """softmax -> FC(d_in -> 64) -> ReLU -> FC(64 -> N): all N numbers of one ConvBlock's kernels (Sec. 4.2).
 
@@ -233,7 +223,7 @@ HYPER_OPS = {
 def fixed_op(name: str, C: int, stride: int) -> nn.Module:
     """A candidate whose weights are not predicted (D5): a pool followed by BN(affine=False) as in DARTS's
     MixedOp, or skip_connect (the identity, or a FactorizedReduce at stride 2, an ordinary weight)."""
-    op = no_running_stats(OPS[name](C, stride, False))
+    op = without_running_stats(OPS[name](C, stride, False))
     if 'pool' in name:
         op = nn.Sequential(op, batch_norm(C))
     return op
@@ -256,8 +246,8 @@ class HyperCell(nn.Module):
         self.gen_input = gen_input
         pre0 = FactorizedReduce(C_prev_prev, C, False) if reduction_prev else ReLUConvBN(C_prev_prev, C, 1, 1, 0,
                                                                                          False)
-        self.preprocess0 = no_running_stats(pre0)
-        self.preprocess1 = no_running_stats(ReLUConvBN(C_prev, C, 1, 1, 0, False))
+        self.preprocess0 = without_running_stats(pre0)
+        self.preprocess1 = without_running_stats(ReLUConvBN(C_prev, C, 1, 1, 0, False))
         self.K = len(space_cell[0])
         self.candidates = [(j, op, i) for j, node in enumerate(space_cell) for op, i in node]
         self._ops = nn.ModuleList()
@@ -321,8 +311,8 @@ class HyperNetwork(nn.Module):
         self._layers = layers
         self.reduction_layers = list(genotypes.reduction_layers(layers))
         C_curr = stem_multiplier * C
-        self.stem = no_running_stats(nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-                                                   nn.BatchNorm2d(C_curr)))
+        self.stem = without_running_stats(nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+                                                        nn.BatchNorm2d(C_curr)))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
         reduction_prev = False
