@@ -51,10 +51,16 @@ import agnas
 import eoinas
 import genotypes
 import utils
-from darts import Architect, search_loss, search_step, teacher_stages
+from darts import (
+    Architect,
+    search_loss,
+    search_step,
+    teacher_stages,
+    teacher_stages_pair,
+)
 from model import NetworkCIFAR
 from model_search_fast import Network
-from teacher import PyramidNet, pyramid_widths
+from teacher import PyramidNet, fold_batchnorm, pyramid_widths
 from train_search import METHODS
 from train_search import parse_args as search_args
 
@@ -369,7 +375,7 @@ def count_table(args) -> list[dict]:
     at that batch. The teacher (PyramidNet-`--teacher_depth`, random weights: what it computes does not
     change the count) runs in the AGS rows, as it does in train_search.py."""
     device = torch.device('cpu')
-    teacher = PyramidNet(args.teacher_depth, 84, 10, True).eval().requires_grad_(False)
+    teacher = fold_batchnorm(PyramidNet(args.teacher_depth, 84, 10, True))  # as train_search.py runs it
     batch = args.batch_size[0]
     rows = []
     for spec in COUNT_ROWS:
@@ -388,7 +394,9 @@ def count_table(args) -> list[dict]:
                'macs': utils.count_macs(model)}
         if ags:
             x = torch.randn(args.count_batch, 3, 32, 32)
-            row['teacher_ops'] = 2 * sum(count_kernel_ops(functools.partial(teacher_stages, teacher, x)).values())
+            # one forward on the training and validation batches together (darts.teacher_stages_pair)
+            row['teacher_ops'] = sum(count_kernel_ops(functools.partial(teacher_stages_pair, teacher, x, x, True,
+                                                                        True)).values())
         step, forward, _ = make_search(space, lambda_at, batch, args, device, teacher, fast=fast, foreach=True,
                                        method=method, **options)
         row['saved'] = saved_bytes(forward)
@@ -420,8 +428,8 @@ def print_count_table(rows: list[dict], args) -> None:
     for r in rows:
         if 'teacher_ops' in r:
             rest = r['ops'] - r['teacher_ops']
-            print(f'{r["label"]}: the teacher\'s two forwards are {r["teacher_ops"]} of its kernel ops; without '
-                  f'them {rest} ({rest / base["ops"]:.2f}x)')
+            print(f'{r["label"]}: the teacher\'s forward (both batches, BatchNorms folded) is {r["teacher_ops"]} of '
+                  f'its kernel ops; without it {rest} ({rest / base["ops"]:.2f}x)')
     for r in rows:
         if r['checkpoint'] and r['key'] in fast:
             f = fast[r['key']]
@@ -585,7 +593,7 @@ def main(argv=None):
         print(f'device: {name}; torch {torch.__version__}; search net {args.layers} cells / {args.init_channels} '
               f'ch, DARTS space; median of {args.iters} after {args.warmup} warm-up')
         return eoinas_table(args, device)
-    teacher = PyramidNet(args.teacher_depth, 84, 10, True).to(device).eval().requires_grad_(False)
+    teacher = fold_batchnorm(PyramidNet(args.teacher_depth, 84, 10, True)).to(device)  # as train_search.py
     print(f'device: {name}; torch {torch.__version__}; search net {args.layers} cells / {args.init_channels} '
           f'ch, teacher PyramidNet-{args.teacher_depth}; median of {args.iters} after {args.warmup} warm-up')
     rows = []

@@ -2,9 +2,9 @@
 
 Also what every method shares, so that no method imports the loop (train_search.py imports the methods):
 - `DartsMethod` documents the method interface that train_search.py's one loop calls;
-- `search_loss` (CE + lambda * L_AT: NOS Eq. 12-13), `teacher_stages` (the frozen teacher's maps for AGS),
-  `weight_step` (the weight update every method makes) and `Architect` (the architecture step on A, which
-  EoiNAS and GDAS reuse);
+- `search_loss` (CE + lambda * L_AT: NOS Eq. 12-13), `teacher_stages` / `teacher_stages_pair` (the frozen
+  teacher's maps for AGS; the pair: both batches in one forward), `weight_step` (the weight update every
+  method makes) and `Architect` (the architecture step on A, which EoiNAS and GDAS reuse);
 - `search_step`: one DARTS iteration (the A step on a validation batch, then the weight step).
 
 With --lambda_at > 0 both objectives add lambda * L_AT, the attention-transfer loss against a frozen teacher's
@@ -150,6 +150,18 @@ def teacher_stages(teacher, x):
         return teacher.forward_stages(x)[1]
 
 
+def teacher_stages_pair(teacher, x_train, x_val, train: bool, val: bool) -> tuple:
+    """(t_train, t_val): the frozen teacher's stage outputs of the training and the validation batch, each None
+    where its objective has no L_AT (`train`, `val` false) or there is no teacher. Where both are needed, one
+    forward on the two batches together, split back: the teacher is in eval mode, so an image's maps do not
+    depend on the rest of its batch, and one forward launches half the kernels of two (docs/nos.md)."""
+    if teacher is None or not (train and val):
+        return teacher_stages(teacher if train else None, x_train), teacher_stages(teacher if val else None, x_val)
+    n = x_train.shape[0]
+    both = teacher_stages(teacher, torch.cat([x_train, x_val]))
+    return [t[:n] for t in both], [t[n:] for t in both]
+
+
 def weight_step(model, optimizer, x, y, t, lambda_at: float, grad_clip: float, clip_by: str = 'norm'):
     """The weight update (Eq. 12 on a training batch): CE + lambda * L_AT, SGD, gradient clip: of the norm
     (DARTS) or, with clip_by='value', of every entry (the authors' ProxylessNAS-space search).
@@ -267,8 +279,8 @@ def search_step(model: Network, architect: Architect, optimizer, x_train, y_trai
     in both levels). Returns detached tensors (losses and correct counts); nothing syncs."""
     lambda_at = architect.lambda_at if lambda_at is None else lambda_at
     model.train()
-    t_train = teacher_stages(teacher if lambda_at > 0 or architect.lambda_at > 0 else None, x_train)
-    t_val = teacher_stages(teacher if architect.lambda_at > 0 else None, x_val)
+    t_train, t_val = teacher_stages_pair(teacher, x_train, x_val, lambda_at > 0 or architect.lambda_at > 0,
+                                         architect.lambda_at > 0)
     val_ce, val_at, val_logits = architect.step(x_train, y_train, t_train, x_val, y_val, t_val, eta, optimizer)
     ce, at, logits = weight_step(model, optimizer, x_train, y_train, t_train, lambda_at, grad_clip, clip_by)
     return {'train_ce': ce, 'train_at': at, 'val_ce': val_ce, 'val_at': val_at,

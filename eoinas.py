@@ -339,14 +339,14 @@ class EoiNASMethod:
         then the statistics. Returns detached tensors; nothing syncs (except hard mode's indices)."""
         model = self.model
         model.train()
-        t_train = darts.teacher_stages(teacher if self.lambda_at > 0 else None, x)
+        t_train, t_val = darts.teacher_stages_pair(teacher, x, xv, self.lambda_at > 0,
+                                                   self.uses_val_batch and self.architect.lambda_at > 0)
         ce, at, logits = darts.weight_step(model, optimizer, x, y, t_train, self.lambda_at, self.grad_clip,
                                            self.clip_by)
         out = {'train_ce': ce, 'train_at': at, 'train_correct': (logits.argmax(1) == y).sum()}
         if not self.uses_val_batch:
             return out
         self.stats.record_train(model.last_sample)
-        t_val = darts.teacher_stages(teacher if self.architect.lambda_at > 0 else None, xv)
         val_ce, val_at, val_logits = self.architect.step(x, y, t_train, xv, yv, t_val, eta, optimizer)
         correct = (val_logits.argmax(1) == yv).sum()
         # Ca is the top-1 of the global batch: under torchrun each process holds a share (a no-op otherwise)

@@ -105,9 +105,8 @@ class GDASMethod(darts.DartsMethod):
         search_func), each forward on a fresh hard sample. Returns detached tensors."""
         model = self.model
         model.train()
-        t_train = darts.teacher_stages(teacher if self.lambda_at > 0 else None, x)
+        t_train, t_val = darts.teacher_stages_pair(teacher, x, xv, self.lambda_at > 0, self.architect.lambda_at > 0)
         ce, at, logits = darts.weight_step(model, optimizer, x, y, t_train, self.lambda_at, self.grad_clip)
-        t_val = darts.teacher_stages(teacher if self.architect.lambda_at > 0 else None, xv)
         val_ce, val_at, val_logits = self.architect.step(x, y, t_train, xv, yv, t_val, eta, optimizer)
         return {'train_ce': ce, 'train_at': at, 'val_ce': val_ce, 'val_at': val_at,
                 'train_correct': (logits.argmax(1) == y).sum(), 'val_correct': (val_logits.argmax(1) == yv).sum()}

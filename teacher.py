@@ -7,8 +7,8 @@
 - ResNet-18 (CIFAR variant) with one self-calibration op after each of stages 1, 2, 3 reproduces the
   controlled study of Table 1: `python teacher.py --arch resnet18 --calibration dynamic_conv_3x3 --gpu 0`.
 
-API used by train_search.py: default_teacher_path, save_teacher, load_teacher, and the module's
-`forward_stages(x) -> (logits, [t1, t2, t3])`.
+API used by train_search.py: default_teacher_path, save_teacher, load_teacher, fold_batchnorm (the frozen
+teacher's inference copy), and the module's `forward_stages(x) -> (logits, [t1, t2, t3])`.
 
 Recipe (App. A1, read with Han et al.): 300 epochs, batch 32, SGD lr 0.025 momentum 0.9, weight decay
 1e-4, flip + crop, lr / 10 at epochs 150 and 225. A1's literal "decayed by 10 every 30 epochs" is
@@ -16,6 +16,7 @@ Recipe (App. A1, read with Han et al.): 300 epochs, batch 32, SGD lr 0.025 momen
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -83,6 +84,11 @@ class PyramidBlock(nn.Module):
     def forward(self, x):
         out = self.residual(x)
         shortcut = F.avg_pool2d(x, 2, 2) if self.stride != 1 else x
+        if self.pad and not torch.is_grad_enabled():
+            # Without autograd (the frozen teacher of a search, evaluation): add the shortcut into the first
+            # channels in place, the same sums as padding it with zeros and adding, in one kernel instead of two
+            out.narrow(1, 0, shortcut.shape[1]).add_(shortcut)  # (`out[:, :c] += ...` would copy back too)
+            return out
         if self.pad:
             shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.pad))
         return out + shortcut
@@ -340,6 +346,57 @@ def load_teacher(path: str, dataset: str, device='cpu', classes: list[str] | Non
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of a frozen teacher with each BatchNorm folded into the convolution next to it.
+
+    In eval mode a BatchNorm is the affine map y = x * s + t per channel, s = gamma / sqrt(var + eps) and
+    t = beta - mean * s (its running statistics). Right after a convolution it folds into that convolution:
+    conv_W(x) * s + t = conv_{W * s}(x) + t (s scales the output channels; t becomes the bias). Right before
+    a convolution without padding (PyramidNet's bottleneck 1x1s) it folds too: conv_W(x * s + t) =
+    conv_{W * s}(x) + sum W t (s scales the input channels). Before a zero-padded convolution it does not:
+    the padded border would see t where it saw zeros. So in a bottleneck PyramidNet the four BatchNorms of
+    every unit fold, as does the stem's; only the final one stays (PyramidNet-110: 145 of its 146 BatchNorm kernels
+    per forward go). The outputs are the same in exact arithmetic; floating point rounds them differently
+    (about 1e-6 relative in float32). The fold is computed in float64 and stored in the model's dtype.
+
+    Only adjacent (Conv2d, BatchNorm2d) or (BatchNorm2d, Conv2d) pairs inside an nn.Sequential fold; each
+    folded BatchNorm becomes nn.Identity. The copy is for inference only: it is in eval mode, without
+    gradients, and training it would train another network (no batch statistics). train_search.py folds the
+    teacher it loads for attention-guided search; teacher.py never folds the network it trains.
+    """
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(seq)
+        for i, bn in enumerate(layers):
+            if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_mean is not None):
+                continue
+            before, after = layers[i - 1] if i else None, layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(before, nn.Conv2d):
+                _fold_into(before, bn, output=True)
+            elif isinstance(after, nn.Conv2d) and after.groups == 1 and (
+                    after.padding == 'valid' or not any(after.padding)):
+                _fold_into(after, bn, output=False)
+            else:
+                continue
+            seq[i] = layers[i] = nn.Identity()
+    return model
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d, output: bool) -> None:
+    """Fold bn's affine map x * s + t into conv: after it (`output`) or before it (fold_batchnorm)."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(conv.out_channels)
+    s = (bn.weight.detach().double() if bn.affine else 1.) / torch.sqrt(bn.running_var.double() + bn.eps)
+    t = (bn.bias.detach().double() if bn.affine else 0.) - bn.running_mean.double() * s
+    if output:    # BN(conv_W(x) + b) = conv_{W s}(x) + b s + t
+        w, b = w * s[:, None, None, None], b * s + t
+    else:         # conv_W(x s + t) + b = conv_{W s}(x) + sum_{i,k} W t_i + b   (no padding)
+        w, b = w * s[None, :, None, None], b + (w * t[None, :, None, None]).sum((1, 2, 3))
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    conv.bias = nn.Parameter(b.to(dtype), requires_grad=False)
 
 
 def check_teacher_data(state: dict, path: str, classes: list[str] | None, image_size: int,

@@ -118,6 +118,129 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def random_statistics(model):
+    """BatchNorm running statistics and affine weights away from their initial 0, 1 (so a fold has work to do)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, .5, 2), (m.weight.data, .5, 1.5),
+                              (m.bias.data, -1, 1)):
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * (hi - lo) + lo)
+    return model
+
+
+@pytest.mark.parametrize('depth,bottleneck,left', [(20, True, 1), (14, False, 1 + 2 * 3)])
+def test_folded_teacher_computes_the_same_maps(depth, bottleneck, left):
+    torch.manual_seed(0)
+    model = random_statistics(teacher.PyramidNet(depth, alpha=24, num_classes=7, bottleneck=bottleneck)).double()
+    model.eval()
+    folded = teacher.fold_batchnorm(model)
+    # a bottleneck unit's four BNs all fold (the first one into the 1x1 conv after it, which has no padding);
+    # a basic unit's first BN precedes a zero-padded 3x3 conv and stays; so does the final BN
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == left
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > left  # a copy: the model keeps its
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref_logits, ref = model.forward_stages(x)
+        logits, stages = folded.forward_stages(x)
+    for a, b in zip(stages + [logits], ref + [ref_logits]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item())
+
+
+def test_fold_formulas_by_hand():
+    # conv (w = 2, bias 0) then BN (mean 1, var 3, eps 1, gamma 4, beta 5): s = 4 / sqrt(3 + 1) = 2,
+    # t = 5 - 1 * 2 = 3, so the folded conv is 2 * 2 = 4 with bias 0 * 2 + 3 = 3
+    def bn():
+        b = torch.nn.BatchNorm2d(1, eps=1.)
+        b.running_mean.fill_(1.), b.running_var.fill_(3.), b.weight.data.fill_(4.), b.bias.data.fill_(5.)
+        return b
+
+    def conv():
+        c = torch.nn.Conv2d(1, 1, 1, bias=False)
+        c.weight.data.fill_(2.)
+        return c
+
+    after = teacher.fold_batchnorm(torch.nn.Sequential(conv(), bn()))
+    assert isinstance(after[1], torch.nn.Identity)
+    assert after[0].weight.item() == 4. and after[0].bias.item() == 3.
+    # BN then the 1x1 conv: 2 * (x * 2 + 3) = 4 x + 6
+    before = teacher.fold_batchnorm(torch.nn.Sequential(bn(), conv()))
+    assert isinstance(before[0], torch.nn.Identity)
+    assert before[1].weight.item() == 4. and before[1].bias.item() == 6.
+    # before a zero-padded conv the border would change: not folded
+    padded = torch.nn.Sequential(bn(), torch.nn.Conv2d(1, 1, 3, padding=1))
+    assert isinstance(teacher.fold_batchnorm(padded)[0], torch.nn.BatchNorm2d)
+
+
+def test_loaded_teacher_folds(tmp_path):
+    model = tiny_pyramid()
+    model.train()
+    model(torch.randn(8, 3, 32, 32))               # BN statistics off their initial values
+    path = str(tmp_path / 't.pt')
+    teacher.save_teacher(model, path, 'cifar10')   # what teacher.py writes: the unfolded network
+    loaded = teacher.load_teacher(path, 'cifar10', 'cpu')
+    folded = teacher.fold_batchnorm(loaded)         # as train_search.py does, after the load
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(folded.forward_stages(x)[1], loaded.forward_stages(x)[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_shortcut_without_autograd_is_the_padded_sum():
+    # without autograd a unit adds its shortcut into the first channels in place; with it, pads and adds
+    model = random_statistics(teacher.PyramidNet(20, alpha=24, num_classes=7, bottleneck=True)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fast = model.forward_stages(x)[1]
+    padded = model.forward_stages(x)[1]
+    assert all(torch.equal(a, b) for a, b in zip(fast, padded))
+
+
+def test_teacher_pair_is_the_two_batches_apart():
+    import darts
+    torch.manual_seed(0)
+    model = teacher.fold_batchnorm(random_statistics(tiny_pyramid()).double())
+    x, xv = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    model.stem.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))  # the teacher sees one batch of 6
+    t, tv = darts.teacher_stages_pair(model, x, xv, True, True)
+    assert calls == [6]
+    for got, want in ((t, darts.teacher_stages(model, x)), (tv, darts.teacher_stages(model, xv))):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert darts.teacher_stages_pair(model, x, xv, True, False)[1] is None
+    assert darts.teacher_stages_pair(model, x, None, False, False) == (None, None)
+    assert darts.teacher_stages_pair(None, x, xv, True, True) == (None, None)
+
+
+@pytest.mark.parametrize('method', ['darts', 'eoinas', 'gdas'])
+def test_a_search_step_runs_the_teacher_once(method):
+    # darts.teacher_stages_pair in each method that steps on both batches: one teacher forward per step, on the
+    # training and the validation batch together, and both levels see L_AT
+    import train_search
+    args = train_search.parse_args(['--dataset', 'synthetic', '--device', 'cpu', '--method', method, '--space',
+                                    'darts', '--layers', '3', '--init_channels', '4', '--batch_size', '2',
+                                    '--lambda_at', '1000'])
+    train_search.check_args(args)
+    cls = train_search.METHODS[method]
+    torch.manual_seed(0)
+    model = cls.build_model(args, 10)
+    optimizer = torch.optim.SGD(model.weights(), 0.01)
+    step = cls(model, args)
+    net = teacher.fold_batchnorm(tiny_pyramid())
+    calls = []
+    net.stem.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x, xv = torch.randn(2, 2, 3, 32, 32)
+    y, yv = torch.randint(10, (2, 2))
+    if method == 'eoinas':  # the warm-up steps the weights alone: the teacher sees the training batch only
+        assert step.step(x, y, None, None, net, 0.01, optimizer)['train_at'] > 0 and calls == [2]
+        step.start_epoch(args.epochs - 1)
+        calls.clear()
+    out = step.step(x, y, xv, yv, net, 0.01, optimizer)
+    assert calls == [4] and out['train_at'] > 0 and out['val_at'] > 0
+
+
 def test_default_teacher_path():
     # teacher.py's default --save folder, and the checkpoint in it (where train_search.py looks)
     assert teacher.default_teacher_path('cifar10') == os.path.join('teachers', 'pyramidnet110_cifar10',

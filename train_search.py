@@ -602,6 +602,8 @@ def main(argv=None) -> None:
         classes = data_stats['classes'] if data_stats else None  # --dataset folder: the teacher's must match
         teacher_net = teacher.load_teacher(path, args.dataset, device, classes=classes, image_size=args.image_size,
                                            how=runs.command('teacher.py', args))
+        # frozen, for inference only: its BatchNorms folded into the convolutions (the same maps, fewer kernels)
+        teacher_net = teacher.fold_batchnorm(teacher_net)
     if world > 1:
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
