@@ -24,6 +24,7 @@ from genotypes import AGNAS, DARTS_PRIMITIVES, PRIMITIVES, GenotypeError, Staged
 from model import NetworkCIFAR
 from model_search import derive_darts_cell, stage_matrices
 from operations import dynamic_conv
+from test_train_search import die_after
 
 M = len(DARTS_PRIMITIVES)
 TINY = ['--method', 'agnas', '--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '5',
@@ -426,20 +427,10 @@ def test_nos_space_search_writes_a_staged_genotype_that_train_cifar_trains(tmp_p
     train_cifar_builds(save / 'genotype.json', tmp_path / 'eval', capsys)
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_ends_bit_identical(darts_search, tmp_path, monkeypatch):
-    save_checkpoint = runs.save_checkpoint
-
-    def save_then_stop(state, path):  # the run dies right after its first checkpoint
-        save_checkpoint(state, path)
-        raise Stop
-    monkeypatch.setattr(runs, 'save_checkpoint', save_then_stop)
-    with pytest.raises(Stop):
-        train_search.main([str(a) for a in DARTS_SEARCH + ['--save', tmp_path]])
-    monkeypatch.setattr(runs, 'save_checkpoint', save_checkpoint)
+    with monkeypatch.context() as m:  # the run dies right after its first checkpoint
+        m.setattr(runs, 'save_checkpoint', die_after())
+        assert run(train_search.main, DARTS_SEARCH + ['--save', tmp_path]) == 130
     assert runs.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == 1
     assert run(train_search.main, DARTS_SEARCH + ['--save', tmp_path, '--resume']) == 0
 

@@ -30,7 +30,15 @@ from genotypes import DARTS_PRIMITIVES, PRIMITIVES, op_kind
 from model_search import derive_darts_cell, sample_weights
 from model_search_fast import Network
 from operations import calibrate
-from test_train_search import TINY, fails_with, read_log, run
+from test_train_search import (
+    TINY,
+    assert_bitwise,
+    fails_with,
+    kill_and_resume,
+    log_without_times,
+    read_log,
+    run,
+)
 
 # one step per epoch: 4 training and 4 validation images
 E2E = TINY + ['--synthetic_size', '8', '--batch_size', '4', '--method', 'eoinas', '--epochs', '5', '--eoi_warmup', '1',
@@ -560,42 +568,14 @@ def test_prunes_are_logged_and_the_tables_mark_pruned_ops(searched):
 
 def test_killed_search_resumes_bit_identical(searched, tmp_path, monkeypatch):
     save = tmp_path / 'killed'
-    save_checkpoint = runs.save_checkpoint
-
-    def killed_after_epoch_3(state, path):
-        save_checkpoint(state, path)
-        if state['epoch'] == 3:
-            raise KeyboardInterrupt  # as if killed right after the checkpoint of epoch 3
-
-    with monkeypatch.context() as m:
-        m.setattr(runs, 'save_checkpoint', killed_after_epoch_3)
-        assert run(E2E + ['--space', 'darts', '--save', save]) == 130
-    assert run(E2E + ['--space', 'darts', '--save', save, '--resume']) == 0
+    kill_and_resume(monkeypatch, train_search.main, E2E + ['--space', 'darts', '--save', save], epoch=3)
     a = runs.load_checkpoint(str(searched / 'checkpoint.pt'))
     b = runs.load_checkpoint(str(save / 'checkpoint.pt'))
     assert a['epoch'] == b['epoch'] == 5
     assert_bitwise(a['model'], b['model'])
     assert_bitwise(a['method'], b['method'])
     assert_bitwise(a['optimizer']['state'], b['optimizer']['state'])
-    logs = [read_log(d) for d in (searched, save)]
-    drop = ('seconds', 'cpu_seconds')  # times differ between runs
-    assert [{k: v for k, v in r.items() if k not in drop} for r in logs[0]] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in logs[1]]
-
-
-def assert_bitwise(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_bitwise(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_bitwise(x, y)
-    else:
-        assert a == b
+    assert log_without_times(searched) == log_without_times(save)
 
 
 def test_tiny_nos_search_writes_a_valid_heterogeneous_genotype(tmp_path):

@@ -17,6 +17,7 @@ import teacher
 import train_cifar
 import train_search
 import utils
+from test_train_search import die_after
 
 CLASSES = ('cat', 'dog', 'fox')
 SIZE = 16  # pixels: written at the --image_size used, so the statistics need no resizing by hand
@@ -114,12 +115,8 @@ def test_teacher_search_and_retraining_run_on_the_folder(data, teacher_path, tmp
 def test_resumed_search_uses_the_stored_statistics(data, tmp_path, monkeypatch):
     args = SEARCH[:-1] + ['2', '--space', 'darts', '--data', data, '--lambda_at', '0', '--save', tmp_path]
     real_save = runs.save_checkpoint
-
-    def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
+    # the process dies right after the first epoch's checkpoint
+    monkeypatch.setattr(runs, 'save_checkpoint', die_after())
     assert run(train_search.main, args) == 130
     monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     stats = read_json(tmp_path / 'data_stats.json')

@@ -13,8 +13,15 @@ import runs
 import train_search
 from genotypes import DARTS_PRIMITIVES, PRIMITIVES
 from model_search import MixedOp, feature_constrained, sample_weights
-from test_eoinas import assert_bitwise
-from test_train_search import TINY, fails_with, read_log, run
+from test_train_search import (
+    TINY,
+    assert_bitwise,
+    fails_with,
+    kill_and_resume,
+    log_without_times,
+    read_log,
+    run,
+)
 
 # 2 training + 2 validation steps of 4 images per epoch, 3 epochs
 E2E = TINY + ['--method', 'gdas', '--synthetic_size', '16', '--batch_size', '4', '--epochs', '3']
@@ -183,25 +190,13 @@ def test_tiny_search_logs_tau_and_writes_a_darts_genotype(searched):
 
 def test_killed_search_resumes_bit_identical(searched, tmp_path, monkeypatch):
     save = tmp_path / 'killed'
-    save_checkpoint = runs.save_checkpoint
-
-    def killed_after_epoch_2(state, path):
-        save_checkpoint(state, path)
-        if state['epoch'] == 2:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(runs, 'save_checkpoint', killed_after_epoch_2)
-        assert run(E2E + ['--save', save]) == 130
-    assert run(E2E + ['--save', save, '--resume']) == 0
+    kill_and_resume(monkeypatch, train_search.main, E2E + ['--save', save], epoch=2)
     a, b = (runs.load_checkpoint(str(d / 'checkpoint.pt')) for d in (searched, save))
     assert a['epoch'] == b['epoch'] == 3
     for key in ('model', 'method'):
         assert_bitwise(a[key], b[key])
     assert_bitwise(a['optimizer']['state'], b['optimizer']['state'])
-    drop = ('seconds', 'cpu_seconds')  # times
-    logs = [[{k: v for k, v in r.items() if k not in drop} for r in read_log(d)] for d in (searched, save)]
-    assert logs[0] == logs[1]
+    assert log_without_times(searched) == log_without_times(save)
 
 
 def test_nos_search_is_labelled_ours_and_writes_a_heterogeneous_genotype(tmp_path):

@@ -28,6 +28,7 @@ import utils
 import visualize
 from genotypes import AGNAS_PROXYLESS, CHAIN_BLOCKS, ChainGenotype, GenotypeError
 from model_macro import ChoiceLayer, MacroNetwork, MacroSupernet, MBConv
+from test_train_search import kill_and_resume, read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASED_IDS = [1, 1, -1, 2, 1, -1, 5, 1, 1, -1, 5, 1, 1, -1, 1, 4, 3, -1, 5, 5, 5]  # the authors' valid.py
@@ -382,15 +383,6 @@ def tiny(method: str, epochs: int) -> list:
     return TINY + ['--method', method, '--epochs', str(epochs)]
 
 
-def read_log(save):
-    with open(os.path.join(save, 'search_log.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-class Stop(Exception):
-    pass
-
-
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
     """Uninterrupted 2-epoch searches, one per method (also the references of the resume tests)."""
@@ -422,16 +414,8 @@ def test_search_writes_a_chain_and_resumes_bit_identical(method, straight, tmp_p
     assert ckpt['settings']['space'] == 'proxyless' and ckpt['settings']['width_mult'] == 0.125
     assert ckpt['settings']['grad_clip_by'] == 'value' and ckpt['args']['lr_schedule'] == 'linear'
 
-    save_checkpoint = runs.save_checkpoint
-
-    def save_then_stop(state, path):  # the run dies right after its first checkpoint
-        save_checkpoint(state, path)
-        raise Stop
-    monkeypatch.setattr(runs, 'save_checkpoint', save_then_stop)
-    with pytest.raises(Stop):
-        train_search.main([str(a) for a in argv + ['--save', resumed]])
-    monkeypatch.setattr(runs, 'save_checkpoint', save_checkpoint)
-    assert run(train_search.main, argv + ['--save', resumed, '--resume']) == 0
+    # the run dies right after its first checkpoint, then resumes
+    kill_and_resume(monkeypatch, train_search.main, argv + ['--save', resumed])
     a, b = (runs.load_checkpoint(str(d / 'checkpoint.pt')) for d in (straight, resumed))
     assert a['epoch'] == b['epoch'] == 2 and a['model'].keys() == b['model'].keys()
     for k in a['model']:

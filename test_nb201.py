@@ -17,6 +17,12 @@ import runs
 import train_search
 import utils
 from genotypes import NB201_PRIMITIVES, GenotypeError, NB201Genotype
+from test_train_search import (
+    assert_bitwise,
+    kill_and_resume,
+    log_without_times,
+    read_log,
+)
 
 run = utils.exit_code
 BEST = '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|'
@@ -242,47 +248,16 @@ def command(variant, save):
     return SEARCH + ['--method', method, *METHOD_FLAGS.get(variant, []), '--save', save]
 
 
-def read_log(save):
-    with open(os.path.join(save, 'search_log.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-def assert_bitwise(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_bitwise(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_bitwise(x, y)
-    else:
-        assert a == b or (isinstance(a, float) and np.isnan(a) and np.isnan(b))
-
-
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_every_method_searches_nb201_and_resumes_bit_identical(variant, tmp_path, monkeypatch, capsys):
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
     assert run(train_search.main, command(variant, whole)) == 0
-    save_checkpoint = runs.save_checkpoint
-
-    def killed_after_epoch_1(state, path):
-        save_checkpoint(state, path)
-        if state['epoch'] == 1:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(runs, 'save_checkpoint', killed_after_epoch_1)
-        assert run(train_search.main, command(variant, killed)) == 130
-    assert run(train_search.main, command(variant, killed) + ['--resume']) == 0
+    kill_and_resume(monkeypatch, train_search.main, command(variant, killed), epoch=1)
     a, b = (runs.load_checkpoint(str(d / 'checkpoint.pt')) for d in (whole, killed))
     assert a['epoch'] == b['epoch'] == 2
     for key in ('model', 'method', 'optimizer'):
         assert_bitwise(a[key], b[key])
-    drop = ('seconds', 'cpu_seconds')  # times differ between runs
-    logs = [[{k: v for k, v in r.items() if k not in drop} for r in read_log(d)] for d in (whole, killed)]
+    logs = [log_without_times(d) for d in (whole, killed)]
     assert logs[0] == logs[1]
     g = genotypes.load(genotype_file=str(whole / 'genotype.json'))
     assert isinstance(g, NB201Genotype) and logs[0][-1]['genotype'] == {'nb201': g.arch}

@@ -14,6 +14,7 @@ import runs
 import train_cifar
 import train_search
 import utils
+from test_train_search import die_after
 
 # the cheapest search with two steps an epoch (the DARTS space: resume and divergence do not depend on it)
 SEARCH = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3', '--init_channels', '4',
@@ -140,12 +141,8 @@ def test_diverged_search_stops_and_following_its_advice_finishes_it(tmp_path, ca
     save = tmp_path / 'run'
     args = SEARCH + ['--epochs', '2', '--learning_rate', '0.05', '--save', save]
     real_save = runs.save_checkpoint
-
-    def save_then_die(state, path):  # killed right after the first checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
+    # killed right after the first checkpoint
+    monkeypatch.setattr(runs, 'save_checkpoint', die_after())
     assert run(train_search.main, args) == 130
     monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     capsys.readouterr()

@@ -26,6 +26,7 @@ import train_imagenet
 import train_search
 import utils
 import visualize
+from test_train_search import die_after
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 run = utils.exit_code  # (main, argv) -> the exit code the command line would give
@@ -75,17 +76,9 @@ def cifar_half(tmp_path_factory):
     """A two-epoch train_cifar.py run killed after its first epoch (tests copy it and go on from there)."""
     save = tmp_path_factory.mktemp('cifar')
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(runs, 'save_checkpoint', die_after(runs.save_checkpoint))
+        m.setattr(runs, 'save_checkpoint', die_after())
         assert run(train_cifar.main, CIFAR + ['--epochs', '2', '--save', save]) == 130
     return save
-
-
-def die_after(save):
-    """runs.save_checkpoint that writes, then stops the run as a kill would."""
-    def save_then_die(state, path):
-        save(state, path)
-        raise KeyboardInterrupt
-    return save_then_die
 
 
 def copy_run(folder, to):
@@ -402,7 +395,7 @@ def test_adwp_resume_applies_and_reports_what_may_change_and_refuses_the_rest(tm
     save = tmp_path / 'run'  # the resumed epoch 2 is a cross-search epoch: weights and alpha both learn
     args = ['--intensive_space', space_file, '--save', save] + ADWP + ['--cross_start', '1', '--epochs', '3']
     with monkeypatch.context() as m:
-        m.setattr(runs, 'save_checkpoint', die_after(runs.save_checkpoint))
+        m.setattr(runs, 'save_checkpoint', die_after())
         assert run(search_adwp.main, args) == 130
     fails(capsys, search_adwp.main, args + ['--resume', '--seed', '3'], 'was made for seed 2, but this run has seed 3')
     fails(capsys, search_adwp.main, args + ['--resume', '--gen_hidden', '16'], 'gen_hidden 8, but this run has '
@@ -476,7 +469,7 @@ def test_eoinas_resumed_with_another_arch_learning_rate_uses_it(tmp_path, monkey
     args = SEARCH + ['--method', 'eoinas', '--epochs', '2', '--prune_every', '0', '--eoi_warmup', '0',
                      '--save', save]
     with monkeypatch.context() as m:
-        m.setattr(runs, 'save_checkpoint', die_after(runs.save_checkpoint))
+        m.setattr(runs, 'save_checkpoint', die_after())
         assert run(train_search.main, args) == 130
     assert run(train_search.main, args + ['--resume', '--arch_learning_rate', '0.05']) == 0
     assert '--arch_learning_rate 0.0003 -> 0.05' in (save / 'log.txt').read_text()

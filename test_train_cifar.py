@@ -10,6 +10,7 @@ import genotypes
 import runs
 import train_cifar
 import utils
+from test_train_search import die_after
 
 TINY = ['--device', 'cpu', '--dataset', 'synthetic', '--synthetic_size', '128', '--layers', '5',
         '--init_channels', '8', '--batch_size', '16', '--workers', '0', '--report_freq', '0',
@@ -85,12 +86,8 @@ def test_resume_after_a_kill_reproduces_the_run(full_run, genotype_file, tmp_pat
     save = str(tmp_path / 'killed')
     args = TINY + EPOCHS + ['--genotype_file', genotype_file, '--save', save]
     real_save = runs.save_checkpoint
-
-    def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
+    # the process dies right after the first epoch's checkpoint
+    monkeypatch.setattr(runs, 'save_checkpoint', die_after())
     assert run(args) == 130
     monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     assert torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['epoch'] == 1

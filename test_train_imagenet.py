@@ -18,6 +18,7 @@ import datasets
 import runs
 import train_imagenet
 import utils
+from test_train_search import die_after
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--device', 'cpu', '--layers', '3', '--init_channels', '8', '--batch_size', '4', '--workers', '0',
@@ -72,12 +73,8 @@ def test_resume_reproduces_the_run_and_macs_are_checked(folder, tmp_path, monkey
     assert "multiply-adds exceed the mobile setting's 1M" in out
     full_sum = re.findall(r'rank 0 weights_sha256=(\w+)', out)
     real_save = runs.save_checkpoint
-
-    def save_then_die(state, path):  # the process dies right after the first epoch's checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, 'save_checkpoint', save_then_die)
+    # the process dies right after the first epoch's checkpoint
+    monkeypatch.setattr(runs, 'save_checkpoint', die_after())
     assert run(args + ['--save', str(tmp_path / 'killed')]) == 130
     monkeypatch.setattr(runs, 'save_checkpoint', real_save)
     assert run(args + ['--save', str(tmp_path / 'killed'), '--resume']) == 0

@@ -48,6 +48,51 @@ def read_log(save):
         return [json.loads(line) for line in f]
 
 
+# The kill-and-resume harness the end-to-end tests of every script share.
+TIMES = ('seconds', 'cpu_seconds')  # differ between two runs of the same search
+
+
+def log_without_times(save):
+    """The search log's records without their times: what two runs of one search must log alike."""
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in read_log(save)]
+
+
+def die_after(epoch=None):
+    """runs.save_checkpoint as a kill right after a checkpoint leaves it: it writes the checkpoint of `epoch`
+    (None: of the first epoch it writes), then stops the run (KeyboardInterrupt, exit code 130)."""
+    save = runs.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        if epoch is None or state['epoch'] == epoch:
+            raise KeyboardInterrupt
+    return save_then_die
+
+
+def kill_and_resume(monkeypatch, main, args, epoch=None):
+    """Run `args` (which name --save) killed right after the checkpoint of `epoch`, then resume it to the end."""
+    with monkeypatch.context() as m:
+        m.setattr(runs, 'save_checkpoint', die_after(epoch))
+        assert utils.exit_code(main, args) == 130
+    assert utils.exit_code(main, args + ['--resume']) == 0
+
+
+def assert_bitwise(a, b):
+    """a and b (tensors, or dicts, lists and tuples of them and of plain values) are equal to the bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bitwise(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bitwise(x, y)
+    else:
+        assert a == b or (isinstance(a, float) and np.isnan(a) and np.isnan(b))
+
+
 def fails_with(capsys, args, *words):
     assert run(args) == 2
     err = capsys.readouterr().err
