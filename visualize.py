@@ -186,16 +186,25 @@ def count_skips(arch: str) -> int:
     return genotypes.NB201Genotype(arch).ops().count('skip_connect')
 
 
-def plot_nb201(runs_records: list[tuple[str, list[dict]]], out: str, fmt: str) -> list[str]:
-    """AGNAS App. B: per epoch, the derived cell's benchmark CIFAR-10 test accuracy (runs with --benchmark)
-    and its number of skip connections, one line per run."""
+def pyplot(what: str):
+    """matplotlib.pyplot on the Agg backend (files only, no display needed), or None when matplotlib is not
+    installed: then a note on stderr says that `what` are not drawn."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('note: matplotlib is not installed (pip install matplotlib), so the NAS-Bench-201 curves are not '
-              'drawn', file=sys.stderr)
+        print(f'note: matplotlib is not installed (pip install matplotlib), so {what} are not drawn',
+              file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_nb201(runs_records: list[tuple[str, list[dict]]], out: str, fmt: str) -> list[str]:
+    """AGNAS App. B: per epoch, the derived cell's benchmark CIFAR-10 test accuracy (runs with --benchmark)
+    and its number of skip connections, one line per run."""
+    plt = pyplot('the NAS-Bench-201 curves')
+    if plt is None:
         return []
     looked_up = any('benchmark' in r for _, recs in runs_records for r in recs)
     fig, axes = plt.subplots(1, 2 if looked_up else 1, figsize=(11 if looked_up else 5.5, 4), squeeze=False)
@@ -242,13 +251,8 @@ def plot_adwp(adwp_runs: list[tuple[str, dict, list[dict]]], out: str, fmt: str)
     - Fig. 5 (adwp_accuracy.FMT): per epoch of the macro search, the val top-1 of the relaxed HyperNetwork
       on the held-out half, one line per run, with the phases of the first run shaded. Fig. 5 compares a
       run with cross-search and one without (--cross_start E --cross_end E): pass both folders."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('note: matplotlib is not installed (pip install matplotlib), so the ADWPNAS curves are not drawn',
-              file=sys.stderr)
+    plt = pyplot('the ADWPNAS curves')
+    if plt is None:
         return []
     written = []
     label, space, _ = adwp_runs[0]
@@ -514,16 +518,11 @@ def plot_alphas(records: list[dict], out: str, fmt: str, key: str = 'alphas') ->
     key 'importance': the same plots of the method's importance matrix (the record's `importance`; EoiNAS's
     I = beta + lambda C, never negative, so on a scale from 0). Records with `alive` (a pruning method) cross
     out the pruned ops; the warm-up epochs are labelled as such."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        print('note: matplotlib is not installed (pip install matplotlib), so the heatmaps of the '
-              'architecture weights are not drawn', file=sys.stderr)
+    plt = pyplot('the heatmaps of the architecture weights')
+    if plt is None:
         return []
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     primitives = records[-1]['primitives']
     epochs = [r['epoch'] for r in records]
@@ -638,16 +637,11 @@ def plot_importance(records: list[dict], out: str, fmt: str) -> list[str]:
     """A method with an importance per cell (PER_CELL): a heatmap of each supernet cell's (edges x ops) after
     the last epoch, the cell's own derived ops outlined; AGNAS's mean gates, with the cells that the staged
     genotype took named in the panel titles, and ADWPNAS's softmax(alpha_l) over its candidates."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        print('note: matplotlib is not installed (pip install matplotlib), so the importance matrices are '
-              'not drawn', file=sys.stderr)
+    plt = pyplot('the importance matrices')
+    if plt is None:
         return []
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     last = records[-1]
     primitives = last['primitives']
@@ -713,16 +707,11 @@ def plot_chain_importance(records: list[dict], out: str, fmt: str) -> list[str]:
     """The ProxylessNAS chain (--space proxyless): its importance table, layers x candidates (AGNAS: mean
     gates; DARTS: softmax weights), one panel per epoch shown, each layer's derived candidate outlined and the
     layers without a skip candidate crossed out in the skip column."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        print('note: matplotlib is not installed (pip install matplotlib), so the importance tables are not '
-              'drawn', file=sys.stderr)
+    plt = pyplot('the importance tables')
+    if plt is None:
         return []
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     candidates = records[-1]['primitives']
     shown = [records[i] for i in _panel_epochs(len(records))]
