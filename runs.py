@@ -506,6 +506,19 @@ def describe_changes(changed: dict, epoch: int, epochs: int | None = None) -> st
     return f'changed on resume, in effect from epoch {epoch + 1}: {text}'
 
 
+
+def log_resumed(logger: logging.Logger, path: str, epoch: int, epochs: int, changed: dict, dropped: int = 0,
+                log_path: str | None = None) -> None:
+    """The log lines of a resumed run: the checkpoint and the epochs it had finished, the `dropped` lines of
+    `log_path` beyond it (trim_jsonl), and the flags changed on resume (describe_changes)."""
+    logger.info('resumed from %s after epoch %d', path, epoch)
+    if dropped:
+        logger.info('dropped %d line(s) of %s beyond the checkpoint (an epoch that was not saved, or a '
+                    'line cut short by a kill)', dropped, log_path)
+    changes = describe_changes(changed, epoch, epochs)
+    if changes:
+        logger.info(changes)
+
 def set_learning_rate(optimizer, scheduler, lr: float) -> None:
     """Re-base a schedule on a new initial learning rate from the current step on: the optimizer's
     param_groups (lr, initial_lr) and the scheduler's base_lrs become what they would be, had the run

@@ -346,9 +346,7 @@ def train(args, world, rank, device, amp_dtype, channels_last, genotype, label, 
             runs.set_learning_rate(optimizer, scheduler, lr)
         if rank == 0:
             runs.trim_jsonl(os.path.join(save, 'metrics.jsonl'), start_epoch)
-        logger.info(f'resumed from {resume} after epoch {start_epoch}')
-        if runs.describe_changes(changed or {}, start_epoch, args.epochs):
-            logger.info(runs.describe_changes(changed, start_epoch, args.epochs))
+        runs.log_resumed(logger, resume, start_epoch, args.epochs, changed or {})
     board = runs.TensorBoard(save, args.tensorboard and rank == 0, start_epoch)
     net = model  # the module itself: evaluation and checkpoints bypass the DDP wrapper
     if world > 1:

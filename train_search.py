@@ -717,12 +717,7 @@ def search(args, world, rank, device, ckpt, changed, settings, train_data, val_d
             scheduler.eta_min = args.learning_rate_min               # had started with them
             runs.set_learning_rate(optimizer, scheduler, args.learning_rate)
         dropped = runs.trim_jsonl(log_path, start_epoch) if rank == 0 else 0
-        logger.info('resumed from %s after epoch %d', args.resume, start_epoch)
-        if dropped:
-            logger.info('dropped %d line(s) of %s beyond the checkpoint (an epoch that was not saved, or a '
-                        'line cut short by a kill)', dropped, log_path)
-        if runs.describe_changes(changed, start_epoch, args.epochs):
-            logger.info(runs.describe_changes(changed, start_epoch, args.epochs))
+        runs.log_resumed(logger, args.resume, start_epoch, args.epochs, changed, dropped, log_path)
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
     board = runs.TensorBoard(args.save, args.tensorboard and rank == 0, start_epoch)
