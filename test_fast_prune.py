@@ -17,22 +17,11 @@ import train_search
 import utils
 from eoinas import EoiNASMethod
 from model_search_fast import Network
-
-
-def pair(space, seed=0):
-    """A reference network and a fast one with the same weights and A (float64), three cells of 4 channels."""
-    torch.manual_seed(seed)
-    plain = Network(4, 10, 3, space=space).double()
-    fast = Network(4, 10, 3, space=space, fast=True).double()
-    with torch.no_grad():
-        for a in plain.arch_parameters():
-            a.normal_()  # far from uniform, so that every coefficient matters
-    fast.load_plain(plain)
-    return plain, fast
+from test_fast_search import backward_each, pair
 
 
 def pruned_pair(space, keep, seed=0):
-    plain, fast = pair(space, seed)
+    plain, fast = pair(space, seed=seed)
     masks = bench_search.random_alive(plain, keep, seed=seed + keep)
     plain.set_alive(*masks)
     fast.set_alive(*masks)
@@ -53,11 +42,7 @@ def test_pruned_fast_path_equals_the_reference(space, keep):
     assert any(not torch.equal(m[0], m[r]) for m in masks for r in range(len(m)))  # ... its own ones
     torch.manual_seed(1)
     x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(10, (2,))
-    losses = []
-    for model in (plain, fast):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(loss.detach())
+    losses = backward_each((plain, fast), x, y)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
     # every gradient, A's too; a dead pair's weights get none on the reference (zero on the fast path, or
     # none when the op is dead on every edge of a group)

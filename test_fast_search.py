@@ -50,6 +50,16 @@ def loss_of(model, x, y, lambda_at):
     return loss
 
 
+def backward_each(models, x, y, loss=None):
+    """Each model's loss on (x, y) (cross-entropy, or loss(model)), backpropagated; returns the losses."""
+    losses = []
+    for model in models:
+        value = F.cross_entropy(model(x), y) if loss is None else loss(model)
+        value.backward()
+        losses.append(value.detach())
+    return losses
+
+
 def assert_same_gradients(plain, fast):
     expected = fast.plain_tensors(plain, lambda t: t.grad)
     names = [n for n, _ in fast.named_parameters()]
@@ -64,11 +74,7 @@ def test_loss_and_every_gradient_match_the_reference(space, ops, lambda_at):
     plain, fast = pair(space, ops)
     torch.manual_seed(1)
     x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(10, (2,))
-    losses = []
-    for model in (plain, fast):
-        loss = loss_of(model, x, y, lambda_at)
-        loss.backward()
-        losses.append(loss.detach())
+    losses = backward_each((plain, fast), x, y, lambda model: loss_of(model, x, y, lambda_at))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     assert_same_gradients(plain, fast)  # weights and both architecture matrices
     assert fast.alphas_normal.grad.abs().sum() > 0 and fast.alphas_reduce.grad.abs().sum() > 0
@@ -246,11 +252,7 @@ def test_agnas_gated_edges_match_the_reference(space, ops):
     plain, fast = agnas_pair(space, ops)
     torch.manual_seed(1)
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(10, (3,))
-    losses = []
-    for model in (plain, fast):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(loss.detach())
+    losses = backward_each((plain, fast), x, y)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     expected = fast.plain_tensors(plain, lambda t: t.grad)
     assert set(expected) == {n for n, _ in fast.named_parameters()}
@@ -292,11 +294,7 @@ def test_agnas_alive_masks_match_the_reference(space):
         op.register_forward_hook(lambda mod, inp, out, o=o: calls.append(o))
     torch.manual_seed(1)
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(10, (3,))
-    losses = []
-    for model in (plain, fast):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(loss.detach())
+    losses = backward_each((plain, fast), x, y)
     assert sorted(calls) == masks[0][0].nonzero().flatten().tolist()  # the reference skips the dead ops
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     # a weight of an op that is dead on its edge is never run by the reference: its gradient is zero there

@@ -17,6 +17,7 @@ import utils
 from eoinas import EoiNASMethod
 from model_search import NB201Cell
 from model_search_fast import NB201FastCell, Network
+from test_fast_search import backward_each
 
 C, CLASSES, LAYERS = 4, 10, 3
 
@@ -67,11 +68,7 @@ def test_loss_every_gradient_and_the_statistics_match_the_reference(track_runnin
     plain, fast = pair(track_running_stats=track_running_stats)
     assert all(isinstance(c, NB201FastCell) for c in fast.cells) and isinstance(plain.cells[0], NB201Cell)
     (x, y), = batches(1, 1, 2)
-    losses = []
-    for model in (plain, fast):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(loss.detach())
+    losses = backward_each((plain, fast), x, y)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     assert_same_gradients_and_statistics(plain, fast)  # weights, A, the cells' BN statistics
     assert fast.alphas_normal.grad.abs().sum() > 0
