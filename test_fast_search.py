@@ -178,12 +178,30 @@ def test_second_tier_without_a_feature_op_passes_the_surrogate_node_on():
     torch.testing.assert_close(fast.alphas_normal.grad, plain.alphas_normal.grad, rtol=1e-9, atol=1e-12)
 
 
+def eoinas_steps(models, args, batches, alive, weight_decay):
+    """Six EoiNAS steps on each model from one seed (the same Gumbel noise), cycling through three batches,
+    with the ops of the masks `alive` (set_alive's arguments) pruned after step 3; returns each model's
+    EoiNASMethod."""
+    from eoinas import EoiNASMethod
+    methods = []
+    for model in models:
+        torch.manual_seed(8)
+        optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=weight_decay)
+        method = EoiNASMethod(model, args)
+        for step in range(6):
+            if step == 3:
+                model.set_alive(*alive)
+            (x, y), (xv, yv) = batches[step % 3], batches[(step + 1) % 3]
+            method.step(x, y, xv, yv, None, 0.025, optimizer)
+        methods.append(method)
+    return methods
+
+
 @pytest.mark.parametrize('space', ['darts', 'nos'])
 def test_eoinas_steps_match_the_reference(space):
     """EoiNAS on the fast path: Gumbel-softmax samples (one seed, the same noise), its weight and A steps,
     the statistics, and a prune half-way (masked softmax, dead ops skipped) give the reference's A, I and
     genotype in float64."""
-    from eoinas import EoiNASMethod
     args = train_search.parse_args(['--method', 'eoinas', '--space', space, '--layers', '3', '--init_channels',
                                     '4', '--skip_dropout', '0', '--eoi_warmup', '0'])
     plain, fast = pair(space)
@@ -192,17 +210,7 @@ def test_eoinas_steps_match_the_reference(space):
                for _ in range(3)]
     alive = torch.ones_like(plain.alive_normal)
     alive[:, 1::2] = False  # every other op pruned after step 3
-    methods = []
-    for model in (plain, fast):
-        torch.manual_seed(8)
-        optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
-        method = EoiNASMethod(model, args)
-        for step in range(6):
-            if step == 3:
-                model.set_alive(alive, alive)
-            (x, y), (xv, yv) = batches[step % 3], batches[(step + 1) % 3]
-            method.step(x, y, xv, yv, None, 0.025, optimizer)
-        methods.append(method)
+    methods = eoinas_steps((plain, fast), args, batches, (alive, alive), weight_decay=3e-4)
     torch.testing.assert_close(fast.alphas_normal, plain.alphas_normal, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(fast.alphas_reduce, plain.alphas_reduce, rtol=1e-8, atol=1e-10)
     assert torch.equal(fast.last_sample, plain.last_sample)  # the same samples drawn

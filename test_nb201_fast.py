@@ -14,10 +14,9 @@ import darts
 import datasets
 import train_search
 import utils
-from eoinas import EoiNASMethod
 from model_search import NB201Cell
 from model_search_fast import NB201FastCell, Network
-from test_fast_search import backward_each
+from test_fast_search import backward_each, eoinas_steps
 
 C, CLASSES, LAYERS = 4, 10, 3
 
@@ -158,17 +157,7 @@ def test_eoinas_steps_with_a_prune_half_way_give_the_same_indicator_and_genotype
     data = batches(3, 4)
     alive = torch.rand(6, 5, generator=torch.Generator().manual_seed(6)) > 0.5
     alive[torch.arange(6), torch.tensor([3, 2, 1, 4, 3, 1])] = True  # at least one op per edge
-    methods = []
-    for model in (plain, fast):
-        torch.manual_seed(8)
-        optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=5e-4)
-        method = EoiNASMethod(model, args)
-        for step in range(6):
-            if step == 3:
-                model.set_alive(alive)
-            (x, y), (xv, yv) = data[step % 3], data[(step + 1) % 3]
-            method.step(x, y, xv, yv, None, 0.025, optimizer)
-        methods.append(method)
+    methods = eoinas_steps((plain, fast), args, data, (alive,), weight_decay=5e-4)
     torch.testing.assert_close(fast.alphas_normal, plain.alphas_normal, rtol=1e-8, atol=1e-10)
     assert torch.equal(fast.last_sample, plain.last_sample)  # the same samples drawn
     torch.testing.assert_close(methods[1].current_importance(), methods[0].current_importance())
