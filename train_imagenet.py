@@ -219,9 +219,7 @@ def choose_recipe(args, genotype, label: str, chain: bool) -> str:
 def main(argv=None) -> dict | None:
     started = time.time()
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    world, rank, local_rank = utils.dist_env()  # torchrun's, or (1, 0, 0)
     genotype, label = runs.resolve_genotype(args.arch, args.genotype_file, DEFAULT_ARCH)
     chain = isinstance(genotype, genotypes.ChainGenotype)
     if chain:
