@@ -268,6 +268,50 @@ def _merge(ranges) -> list[tuple[int, int]]:
     return merged
 
 
+GRID = 5  # merged depthwise convs (NOS space): every kernel on the 5 x 5 grid, a 3 x 3 one with a zero border
+
+
+def _grid_taps(k: int) -> torch.Tensor:
+    """Per tap of the GRID x GRID grid, the index of that tap in a centred k x k kernel, or -1 (the border)."""
+    p = (GRID - k) // 2
+    return torch.tensor([(a - p) * k + (b - p) if p <= a < p + k and p <= b < p + k else -1
+                         for a in range(GRID) for b in range(GRID)])
+
+
+class _MergedGather:
+    """The merged depthwise weights (`FastEdges.merged`) of groups that compute every op on every edge, read
+    for all of them at once (the fast Network does it once per forward): one cat of their 3x3 and 5x5
+    depthwise weights (flattened, and a 0 for the border taps) and one index_select. The border taps of a 3x3
+    kernel read the 0, so they get no gradient; the parameters keep the reference's shapes.
+    items: [group]; `weights()`: per group, name -> merged weight."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.params, index, self.shapes, at = [], [], [], 0  # shapes: (group, name, shape) per merged weight
+        for j, group in enumerate(groups):
+            names, weights = group._merged_index()
+            base = []
+            for name in names:
+                base.append(at)
+                self.params.append(group._param(name))
+                at += self.params[-1].numel()
+            base = torch.tensor(base)
+            for name, (shape, slot, loc) in weights.items():
+                index.append(torch.where(loc >= 0, base[slot] + loc, -1))
+                self.shapes.append((j, name, shape))
+        index = torch.cat(index)
+        self.index = torch.where(index >= 0, index, at).to(self.params[0].device)  # `at`: the appended 0
+
+    def weights(self) -> list[dict]:
+        zero = self.params[0].new_zeros(1)
+        flat = torch.cat([p.reshape(-1) for p in self.params] + [zero])
+        pieces = flat.index_select(0, self.index).split([math.prod(s) for _, _, s in self.shapes])
+        out = [{} for _ in self.groups]
+        for (j, name, shape), piece in zip(self.shapes, pieces):
+            out[j][name] = piece.view(shape)
+        return out
+
+
 def _per_edge(x: torch.Tensor, S: int, K: int) -> torch.Tensor:
     """(N, S*C, H, W) -> (N, S*K*C, H, W): each source's channels copied for its K edges, edge-major."""
     N, _, H, W = x.shape
@@ -405,6 +449,27 @@ def _contract(stack: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv1d(stack, weight)
 
 
+class _Unmultiply(torch.autograd.Function):
+    """The outputs of the merged first-stage depthwise convs (`FastEdges.merged`), channel-multiplied over
+    ReLU(X): each (N, S*C*J*K, H, W) in the order (source, channel, op, target), reordered into one (N,
+    sum J * S*K*C, H, W) tensor in the order (op, source, target, channel) that the pointwise conv reads:
+    one cat of permuted views, and in the backward one copy per input back into its conv's order."""
+
+    @staticmethod
+    def forward(ctx, S, C, K, *outs):
+        N, _, H, W = outs[0].shape
+        ctx.meta = (S, C, K, [t.shape[1] // (S * C * K) for t in outs])
+        return torch.cat([t.view(N, S, C, -1, K, H * W).permute(0, 3, 1, 4, 2, 5) for t in outs], 1).view(
+            N, -1, H, W)
+
+    @staticmethod
+    def backward(ctx, g):
+        S, C, K, js = ctx.meta
+        N, _, H, W = g.shape
+        pieces = g.view(N, -1, S, K, C, H * W).split(js, 1)
+        return (None, None, None, *(t.permute(0, 2, 4, 1, 3, 5).contiguous().view(N, -1, H, W) for t in pieces))
+
+
 class FastEdges(nn.Module):
     """All edges of one source group (S sources x K targets = E edges), every op of the space at once.
 
@@ -420,7 +485,13 @@ class FastEdges(nn.Module):
     group's weights (`_weights`) and one the BatchNorm statistics (`_bn_index`); the weights of dead pairs
     are not read. Their gradient is then zero rather than None (SGD's weight decay and momentum move them,
     which changes nothing: a pruned op is never computed again).
+
+    `merged` (FastCell sets it in the NOS space): with every op alive on every edge, the two separable
+    convs share one depthwise conv per stage and the two dilated convs one, each kernel on the 5 x 5 grid (a
+    3 x 3 one with a zero border; `_MergedGather`). The first stage's are channel-multiplied over ReLU(X),
+    so that no copy of ReLU(X) per edge is made or saved (`_Unmultiply` reorders their outputs).
     """
+    merged = False
 
     def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False):
         super().__init__()
@@ -542,6 +613,38 @@ class FastEdges(nn.Module):
         rows = [t[slice(*self._x_block(s, 'tf', j, k))] for s in range(self.S) for k in range(self.K)]
         return torch.stack(rows).view(self.E, ks, ks, self.C)
 
+    def merges(self, lay: _Layout) -> bool:
+        """Whether this group runs the merged depthwise convs (`merged`) under layout `lay`."""
+        return self.merged and lay.full and len(self.seps) == 2 and len(self.dils) == 2
+
+    def _merged_index(self) -> tuple[list[str], dict]:
+        """The merged depthwise weights as (param names, {name: (shape, slot, loc)}): per element of the
+        weight, its parameter (`slot` into the names) and its flat index there (`loc`; -1: a border tap of
+        a 3 x 3 kernel, a structural 0). 'dw1s' / 'dw1d': the first stage of the separable / dilated pair,
+        (S*C*2*K, 1, 5, 5) in the order (source, channel, op, target) of a channel-multiplied conv;
+        'dw2': the second separable stage, (2*E*C, 1, 5, 5) in the order (op, edge, channel)."""
+        if 'merged_index' in self._cache:
+            return self._cache['merged_index']
+        C, S, K, E = self.C, self.S, self.K, self.E
+        names = [f'dw1.{n}' for n in self.conv] + [f'dw2.{n}' for n in self.seps]
+
+        def weight(ops, stage, row, j):  # per output channel: the row of op j's parameter that it reads
+            size = torch.tensor([CONV_OPS[n][0] for n in ops])[j]
+            taps = torch.stack([_grid_taps(CONV_OPS[n][0]) for n in ops])[j]  # (channels, GRID * GRID)
+            loc = torch.where(taps >= 0, row[:, None] * size[:, None] ** 2 + taps, -1)
+            slot = torch.tensor([names.index(f'{stage}.{n}') for n in ops])[j][:, None].expand_as(loc)
+            return (row.numel(), 1, GRID, GRID), slot.reshape(-1), loc.reshape(-1)
+
+        s, c = torch.arange(S).view(S, 1, 1, 1), torch.arange(C).view(1, C, 1, 1)
+        j, k = torch.arange(2).view(1, 1, 2, 1), torch.arange(K).view(1, 1, 1, K)
+        row = ((s * K + k) * C + c).expand(S, C, 2, K).reshape(-1)  # channel (s, c, j, k): edge s*K + k, channel c
+        j1 = j.expand(S, C, 2, K).reshape(-1)
+        out = {'dw1s': weight(self.seps, 'dw1', row, j1), 'dw1d': weight(self.dils, 'dw1', row, j1),
+               'dw2': weight(self.seps, 'dw2', torch.arange(E * C).repeat(2),
+                             torch.arange(2).repeat_interleave(E * C))}  # (op, edge, channel)
+        self._cache['merged_index'] = names, out
+        return names, out
+
     def _plan(self, lay: _Layout, device, dtype) -> dict:
         """Everything `forward` reads under layout `lay` besides the activations, made once per layout: per
         weight, the rows of the alive pairs (and one index that gathers them all from the flattened weights,
@@ -633,6 +736,12 @@ class FastEdges(nn.Module):
         self._cache[key] = plan
         return plan
 
+    def _merged_gather(self, device) -> _MergedGather:
+        key = ('merged_gather', device)
+        if key not in self._cache:
+            self._cache[key] = _MergedGather([self])
+        return self._cache[key]
+
     @staticmethod
     def _param_name(name: str) -> str:
         return 'x1x1' if name.startswith('x1x1') else name
@@ -651,8 +760,11 @@ class FastEdges(nn.Module):
         N, _, H, W = x.shape
         Ho, Wo = (H, W) if stride == 1 else ((H + 1) // 2, (W + 1) // 2)
         plan = self._plan(lay, x.device, x.dtype)
+        merged = self.merges(lay)
         if lay.full:  # the weights and statistics as stored
             w, stats, own = {name: self._param(name) for name in plan['rows']}, self.bn_stats, None
+            if merged:  # the merged depthwise weights: gathered for the whole network, or here for this group
+                w.update(given[0] if given is not None else self._merged_gather(x.device).weights()[0])
         else:  # the rows of the alive pairs, gathered for the whole network at once (or here, for this group)
             own = None if given is not None else _Gather([(self, plan)])
             w, stats = given if given is not None else (own.weights()[0], own.statistics()[0])
@@ -686,14 +798,20 @@ class FastEdges(nn.Module):
             r = F.relu(next(x_uses))
             fr_counts = [sum(e // K == s for e in lay.fr) for s in range(S)]
             fr_spec = None if len(set(fr_counts)) == 1 else spec(lay.fr)
-            r_uses = iter(_fan(r, S, [spec(lay.edges[n]) for n in lay.conv] + ([fr_spec] if lay.fr else [])))
-        if lay.conv:  # each op one depthwise conv over its edges' copies of ReLU(X), then one pointwise conv
+            r_specs = [None, None] if merged else [spec(lay.edges[n]) for n in lay.conv]
+            r_uses = iter(_fan(r, S, r_specs + ([fr_spec] if lay.fr else [])))
+        if merged:  # two channel-multiplied depthwise convs (separable pair, dilated pair) on the 5 x 5 grid
+            d = _Unmultiply.apply(S, C, K, F.conv2d(next(r_uses), w['dw1s'], None, stride, 2, 1, S * C),
+                                  F.conv2d(next(r_uses), w['dw1d'], None, stride, 4, 2, S * C))
+        elif lay.conv:  # each op one depthwise conv over its edges' copies of ReLU(X)
             d = []
             for n in lay.conv:
                 _, pad, dil, _ = CONV_OPS[n]
                 d.append(F.conv2d(next(r_uses), w[f'dw1.{n}'], None, stride, pad, dil, len(lay.edges[n]) * C))
+            d = torch.cat(d, 1) if len(d) > 1 else d[0]
+        if lay.conv:  # then one pointwise conv for every (op, edge)
             n_pairs = [len(lay.edges[n]) for n in lay.conv]
-            z1 = F.conv2d(torch.cat(d, 1) if len(d) > 1 else d[0], w['pw1'], groups=sum(n_pairs))
+            z1 = F.conv2d(d, w['pw1'], groups=sum(n_pairs))
             n_sep = sum(n_pairs[:len(lay.seps)]) * C
             # one split (its backward is one cat; two slices would cost a scatter each and an add)
             z1_sep, z1_dil = z1.split([n_sep, z1.shape[1] - n_sep], 1) if lay.seps and lay.dils else (z1, z1)
@@ -746,13 +864,16 @@ class FastEdges(nn.Module):
         stacks = {}  # per kind, the entries that `mix` weighs and sums for each target
         if lay.seps:
             r2 = next(pieces_mid)
-            r2 = r2.split([len(lay.edges[n]) * C for n in lay.seps], 1) if len(lay.seps) > 1 else [r2]
-            d = []
-            for n, t in zip(lay.seps, r2):
-                _, pad, dil, _ = CONV_OPS[n]
-                d.append(F.conv2d(t, w[f'dw2.{n}'], None, 1, pad, dil, len(lay.edges[n]) * C))
-            final.append(F.conv2d(torch.cat(d, 1) if len(d) > 1 else d[0], w['pw2'],
-                                  groups=sum(n_pairs[:len(lay.seps)])))
+            if merged:  # one depthwise conv for both ops
+                d = F.conv2d(r2, w['dw2'], None, 1, GRID // 2, 1, r2.shape[1])
+            else:
+                r2 = r2.split([len(lay.edges[n]) * C for n in lay.seps], 1) if len(lay.seps) > 1 else [r2]
+                d = []
+                for n, t in zip(lay.seps, r2):
+                    _, pad, dil, _ = CONV_OPS[n]
+                    d.append(F.conv2d(t, w[f'dw2.{n}'], None, 1, pad, dil, len(lay.edges[n]) * C))
+                d = torch.cat(d, 1) if len(d) > 1 else d[0]
+            final.append(F.conv2d(d, w['pw2'], groups=sum(n_pairs[:len(lay.seps)])))
         if lay.dils:
             final.append(z1_dil)
         final += pools
@@ -1045,6 +1166,8 @@ class FastCell(nn.Module):
         edges = edges or FastEdges  # or a method's own group of edges (agnas.FastGatedEdges)
         self.groups = nn.ModuleList(edges(C, spec['stride'], ops, len(spec['sources']), len(spec['targets']),
                                               spec.get('carrier', False)) for spec in self.specs)
+        for group in self.groups:  # NOS only: merging raises the DARTS space's multiply-adds too much
+            group.merged = space == 'nos'
 
     def forward(self, s0, s1, weights: FastWeights):
         x = self.preprocess(s0, s1)  # (N, 2C, H, W): both preprocessed inputs, the input group's X
@@ -1430,17 +1553,28 @@ class Network(model_search.Network):
         if not self.fast or self.space == 'nb201' or not all(isinstance(w, FastWeights) for w in out):
             return out
         ref = next(self.parameters())
-        items, where = [], []
+        items, where, merged = [], [], []
         for i, (cell, fw) in enumerate(zip(self.cells, out)):
             for g, (group, lay) in enumerate(zip(cell.groups, fw.layouts)):
                 if not lay.full:
                     items.append((group, group._plan(lay, ref.device, ref.dtype)))
                     where.append((i, g))
+                elif group.merges(lay):
+                    merged.append((i, g, group))
+        if merged:  # the merged depthwise weights of every group, one gather (`_MergedGather`)
+            key = ('merged', tuple(id(group) for _, _, group in merged), ref.device)
+            if key not in self._gathers:
+                self._gathers[key] = _MergedGather([group for _, _, group in merged])
+            given = [list(fw.given) for fw in out]
+            for (i, g, _), w in zip(merged, self._gathers[key].weights()):
+                given[i][g] = (w, None)
+            out = [fw.with_given(gv) for fw, gv in zip(out, given)]
         if not items:
             return out
         key = (tuple((id(group), id(plan)) for group, plan in items), ref.device, ref.dtype)
-        if key not in self._gathers:
-            self._gathers = {key: _Gather(items)}  # one layout at a time (a prune changes it for good)
+        if key not in self._gathers:  # one layout at a time (a prune changes it for good)
+            self._gathers = {k: v for k, v in self._gathers.items() if k[0] == 'merged'}
+            self._gathers[key] = _Gather(items)
         gather = self._gathers[key]
         given = [list(fw.given) for fw in out]
         for (i, g), w, stats in zip(where, gather.weights(), gather.statistics()):
