@@ -532,7 +532,7 @@ class FastEdges(nn.Module):
         # subsampling the output) x K | kernel generators' bottlenecks, (op, target) | CA's first conv x K (it
         # commutes with CA's global pool: both are linear) | kernel transforms, (op, target, tap)]. A
         # transform sits on the node's ks x ks grid: a smaller op's k x k taps at its centre, zero rows at the
-        # border, masked out of the softmax over taps (`_tap_bias`), so that they get no gradient and stay
+        # border, masked out of the softmax over taps (`tap_border`), so that they get no gradient and stay
         # exactly zero (weight decay of 0 is 0) and no forward has to pad them.
         nd = len(self.dyn)
         self.x_rows = {'sa': K * self.m_att * self.has_sa, 'bneck': nd * K * self.m_dyn,
@@ -724,13 +724,13 @@ class FastEdges(nn.Module):
                 at += n_c
         if lay.dyn and any(DYNAMIC_SIZES[n] < self.kernel_size for n, _ in lay.dyn_pairs):
             ks = self.kernel_size
-            bias = torch.zeros(len(lay.dyn_pairs), ks, ks)
+            border = torch.zeros(len(lay.dyn_pairs), ks, ks, dtype=torch.bool)
             for p, (n, _) in enumerate(lay.dyn_pairs):
                 b = (ks - DYNAMIC_SIZES[n]) // 2
                 if b:
-                    bias[p] = float('-inf')
-                    bias[p, b:ks - b, b:ks - b] = 0
-            plan['tap_bias'] = bias.view(len(lay.dyn_pairs), 1, ks * ks).to(device, dtype)
+                    border[p] = True
+                    border[p, b:ks - b, b:ks - b] = False
+            plan['tap_border'] = border.view(len(lay.dyn_pairs), 1, ks * ks).to(device)
         if lay.ca and self.kernel_size > 1:
             plan['ca_bias'] = torch.cat([self.ca_bias[a:b] for a, b in rows['ca2']]) if not lay.full else None
         self._cache[key] = plan
@@ -912,14 +912,19 @@ class FastEdges(nn.Module):
             P = len(lay.dyn_pairs)
             z = next(pieces_mid) if stride == 1 else F.relu(batch_norm(
                 torch.cat(rows['bneck'], 1) if len(rows['bneck']) > 1 else rows['bneck'][0], 'bneck'))
-            z = z.reshape(N * P, self.m_dyn, H * W)                                            # (a) bottleneck
+            z = z.contiguous().view(N * P, self.m_dyn, H * W)                                  # (a) bottleneck
             # the softmax of a strided view returns a contiguous tensor: no copy of its own
             mask = joined('tf').view(N, -1, kk, H * W).softmax(dim=-1).view(N * P, kk, H * W)  # (b) positions
             taps = torch.bmm(z, mask.transpose(1, 2)).view(N, P * self.m_dyn, ks, ks)
             kern = F.conv2d(taps, w['decode'], groups=P).view(N, P, C, kk)                     # (c) decode
-            if 'tap_bias' in plan:
-                kern = kern + plan['tap_bias']
-            kernels.append(kern.softmax(dim=-1).view(N, P, C * kk))                            # over taps
+            if 'tap_border' in plan:  # a smaller kernel's border taps: exactly 0, and no gradient (one kernel)
+                border = plan.get(('tap_border', N))
+                if border is None:
+                    border = plan[('tap_border', N)] = plan['tap_border'].expand(N, P, C, kk).contiguous()
+                kern = torch._masked_softmax(kern, border, -1, 2)                               # over taps
+            else:
+                kern = kern.softmax(dim=-1)                                                     # over taps
+            kernels.append(kern.view(N, P, C * kk))
         if lay.ca:  # global pool, 1x1 conv C -> C/16 (above), ReLU, 1x1 conv -> C, sigmoid: a centre tap
             g = joined('ca').mean((2, 3), keepdim=True)
             bias = self.ca_bias if lay.full else plan['ca_bias']
@@ -1218,6 +1223,41 @@ class FastCell(nn.Module):
         return {k: v for k, v in out.items() if v is not None}
 
 
+class _NodeConv(torch.autograd.Function):
+    """dwconv(f, D) + f * SA, as `_node` computes a node: the per-sample depthwise conv (operations.dynamic_conv,
+    the batch folded into the channels), then f * SA added in place: two kernels forward (against autograd's
+    conv, mul, add) and four backward (conv backward, then the gradient of f * SA added in place to f's, and
+    that of SA: a product summed over channels; against five)."""
+
+    @staticmethod
+    def forward(ctx, f, D, sa):
+        n, c, h, w = f.shape
+        k = D.shape[-1]
+        f, D = f.contiguous().view(1, n * c, h, w), D.contiguous().view(n * c, 1, k, k)
+        out = F.conv2d(f, D, padding=(k - 1) // 2, groups=n * c).view(n, c, h, w)
+        out.addcmul_(f.view(n, c, h, w), sa)
+        ctx.save_for_backward(f, D, sa)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        f, D, sa = ctx.saved_tensors
+        n, c, h, w = g.shape
+        k = D.shape[-1]
+        need_f, need_d, need_sa = ctx.needs_input_grad
+        gf, gd = None, None
+        if need_f or need_d:
+            gf, gd, _ = torch.ops.aten.convolution_backward(
+                g.reshape(1, n * c, h, w), f, D, None, [1, 1], [(k - 1) // 2] * 2, [1, 1], False, [0, 0], n * c,
+                [need_f, need_d, False])
+        if need_f:
+            gf = gf.view(n, c, h, w).addcmul_(g, sa)
+        if need_d:
+            gd = gd.view(n, c, k, k)
+        gsa = (g * f.view(n, c, h, w)).sum(1, keepdim=True) if need_sa else None
+        return gf, gd, gsa
+
+
 def _node(c: dict, like: torch.Tensor, shape) -> torch.Tensor:
     """A node from its summed contributions (Eq. 5 / 9): S = F + F*(SA + CA) + dwconv(F, D), computed as
     dwconv(F, D + CA*delta + delta) + F*SA, where delta is the identity kernel: dwconv is linear in the
@@ -1228,9 +1268,10 @@ def _node(c: dict, like: torch.Tensor, shape) -> torch.Tensor:
         f = like.new_zeros(shape)
     if 'D' not in c:
         return f + f * c['SA'] if 'SA' in c else f
+    if 'SA' in c:
+        return _NodeConv.apply(f, c['D'], c['SA'])
     f = f.contiguous()  # a slice of the pending sums; the per-sample conv folds the batch into channels
-    out = dynamic_conv(f, c['D'].contiguous())
-    return out + f * c['SA'] if 'SA' in c else out
+    return dynamic_conv(f, c['D'].contiguous())
 
 
 # -- NAS-Bench-201 ------------------------------------------------------------------------------------------
