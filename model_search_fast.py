@@ -1254,7 +1254,10 @@ class _NodeConv(torch.autograd.Function):
             gf = gf.view(n, c, h, w).addcmul_(g, sa)
         if need_d:
             gd = gd.view(n, c, k, k)
-        gsa = (g * f.view(n, c, h, w)).sum(1, keepdim=True) if need_sa else None
+        gsa = None
+        if need_sa:  # SA is one map per sample (broadcast over channels), or per channel (AGNAS's gates)
+            gsa = g * f.view(n, c, h, w)
+            gsa = gsa.sum(1, keepdim=True) if sa.shape[1] == 1 < c else gsa
         return gf, gd, gsa
 
 
