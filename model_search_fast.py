@@ -453,7 +453,9 @@ class _Unmultiply(torch.autograd.Function):
     """The outputs of the merged first-stage depthwise convs (`FastEdges.merged`), channel-multiplied over
     ReLU(X): each (N, S*C*J*K, H, W) in the order (source, channel, op, target), reordered into one (N,
     sum J * S*K*C, H, W) tensor in the order (op, source, target, channel) that the pointwise conv reads:
-    one cat of permuted views, and in the backward one copy per input back into its conv's order."""
+    one cat of permuted views. In the backward, one copy puts every input's gradient back into its conv's
+    order at once, input-major, so that each is a contiguous slice (with the same J for every input, as the
+    merged pairs have; else one copy per input)."""
 
     @staticmethod
     def forward(ctx, S, C, K, *outs):
@@ -466,6 +468,9 @@ class _Unmultiply(torch.autograd.Function):
     def backward(ctx, g):
         S, C, K, js = ctx.meta
         N, _, H, W = g.shape
+        if len(set(js)) == 1:  # (N, input, J, S, K, C, HW) -> (input, N, S, C, J, K, HW): one copy
+            g = g.view(N, len(js), js[0], S, K, C, H * W).permute(1, 0, 3, 5, 2, 4, 6).contiguous()
+            return (None, None, None, *(t.view(N, -1, H, W) for t in g.unbind(0)))
         pieces = g.view(N, -1, S, K, C, H * W).split(js, 1)
         return (None, None, None, *(t.permute(0, 2, 4, 1, 3, 5).contiguous().view(N, -1, H, W) for t in pieces))
 
@@ -532,7 +537,7 @@ class FastEdges(nn.Module):
         # subsampling the output) x K | kernel generators' bottlenecks, (op, target) | CA's first conv x K (it
         # commutes with CA's global pool: both are linear) | kernel transforms, (op, target, tap)]. A
         # transform sits on the node's ks x ks grid: a smaller op's k x k taps at its centre, zero rows at the
-        # border, masked out of the softmax over taps (`tap_border`), so that they get no gradient and stay
+        # border, masked out of the softmax over taps (`tap_bias`), so that they get no gradient and stay
         # exactly zero (weight decay of 0 is 0) and no forward has to pad them.
         nd = len(self.dyn)
         self.x_rows = {'sa': K * self.m_att * self.has_sa, 'bneck': nd * K * self.m_dyn,
@@ -724,13 +729,13 @@ class FastEdges(nn.Module):
                 at += n_c
         if lay.dyn and any(DYNAMIC_SIZES[n] < self.kernel_size for n, _ in lay.dyn_pairs):
             ks = self.kernel_size
-            border = torch.zeros(len(lay.dyn_pairs), ks, ks, dtype=torch.bool)
+            bias = torch.zeros(len(lay.dyn_pairs), ks, ks)
             for p, (n, _) in enumerate(lay.dyn_pairs):
                 b = (ks - DYNAMIC_SIZES[n]) // 2
                 if b:
-                    border[p] = True
-                    border[p, b:ks - b, b:ks - b] = False
-            plan['tap_border'] = border.view(len(lay.dyn_pairs), 1, ks * ks).to(device)
+                    bias[p] = float('-inf')
+                    bias[p, b:ks - b, b:ks - b] = 0
+            plan['tap_bias'] = bias.view(len(lay.dyn_pairs), 1, ks * ks).to(device, dtype)
         if lay.ca and self.kernel_size > 1:
             plan['ca_bias'] = torch.cat([self.ca_bias[a:b] for a, b in rows['ca2']]) if not lay.full else None
         self._cache[key] = plan
@@ -917,18 +922,18 @@ class FastEdges(nn.Module):
             mask = joined('tf').view(N, -1, kk, H * W).softmax(dim=-1).view(N * P, kk, H * W)  # (b) positions
             taps = torch.bmm(z, mask.transpose(1, 2)).view(N, P * self.m_dyn, ks, ks)
             kern = F.conv2d(taps, w['decode'], groups=P).view(N, P, C, kk)                     # (c) decode
-            if 'tap_border' in plan:  # a smaller kernel's border taps: exactly 0, and no gradient (one kernel)
-                border = plan.get(('tap_border', N))
-                if border is None:
-                    border = plan[('tap_border', N)] = plan['tap_border'].expand(N, P, C, kk).contiguous()
-                kern = torch._masked_softmax(kern, border, -1, 2)                               # over taps
-            else:
-                kern = kern.softmax(dim=-1)                                                     # over taps
-            kernels.append(kern.view(N, P, C * kk))
+            # a smaller kernel's border taps: -inf before the softmax, so exactly 0 and no gradient (torch's
+            # one-kernel masked softmax, torch._masked_softmax, is private and has no meta kernel)
+            if 'tap_bias' in plan:
+                kern = kern + plan['tap_bias']
+            kernels.append(kern.softmax(dim=-1).view(N, P, C * kk))                            # over taps
         if lay.ca:  # global pool, 1x1 conv C -> C/16 (above), ReLU, 1x1 conv -> C, sigmoid: a centre tap
-            g = joined('ca').mean((2, 3), keepdim=True)
+            g = joined('ca')
+            # ReLU(mean) as (1/HW) * ReLU(sum): elu with alpha 0 is a scaled ReLU, and a sum's backward is a
+            # view (a mean's is a division)
+            g = torch.ops.aten.elu(g.sum((2, 3), keepdim=True), 0., 1. / (g.shape[2] * g.shape[3]), 1.)
             bias = self.ca_bias if lay.full else plan['ca_bias']
-            g = torch.sigmoid(F.conv2d(F.relu(g), w['ca2'], bias, groups=len(lay.ca)))  # (N, n*C*kk, 1, 1)
+            g = torch.sigmoid(F.conv2d(g, w['ca2'], bias, groups=len(lay.ca)))  # (N, n*C*kk, 1, 1)
             kernels.append(g.view(N, len(lay.ca), C * kk))
         if lay.delta:
             kernels.append(self.delta.expand(N, 1, C * kk))
