@@ -324,19 +324,27 @@ def held_bytes(forward) -> int:
 def cpu_ms(step, warmup: int, iters: int, threads: int = 1) -> float:
     """Median CPU ms per call of step() with `threads` intra-op threads: the process's CPU time (user +
     system), which other processes on a shared machine barely change, unlike wall-clock time."""
+    return cpu_ms_in_turn([step], warmup, iters, threads)[0]
+
+
+def cpu_ms_in_turn(steps, warmup: int, iters: int, threads: int = 1) -> list[float]:
+    """`cpu_ms` of several steps, run in turn within each iteration, so that what a shared machine's load
+    does to the CPU's speed (caches, memory bandwidth, frequency) hits them alike and their ratio holds."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for _ in range(warmup):
-            step()
-        times = []
+            for step in steps:
+                step()
+        times = [[] for _ in steps]
         for _ in range(iters):
-            t = time.process_time()
-            step()
-            times.append(time.process_time() - t)
+            for step, ts in zip(steps, times):
+                t = time.process_time()
+                step()
+                ts.append(time.process_time() - t)
     finally:
         torch.set_num_threads(old)
-    return statistics.median(times) * 1e3
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 COUNT_ROWS = (  # (label, method, space, AGS, fast[, options]): the DARTS reference first (the ratio's baseline)
@@ -378,6 +386,7 @@ def count_table(args) -> list[dict]:
     teacher = fold_batchnorm(PyramidNet(args.teacher_depth, 84, 10, True))  # as train_search.py runs it
     batch = args.batch_size[0]
     rows = []
+    plain_steps = {}  # key -> (row, step) of a plain row whose fast row is still to come
     for spec in COUNT_ROWS:
         label, method, space, ags, fast = spec[:5]
         options = spec[5] if len(spec) > 5 else {}
@@ -401,7 +410,13 @@ def count_table(args) -> list[dict]:
                                        method=method, **options)
         row['saved'] = saved_bytes(forward)
         row['held'] = held_bytes(forward)
-        row['ms'] = cpu_ms(step, args.warmup, args.iters)
+        partner = plain_steps.pop(row['key'], None) if fast and not row['checkpoint'] else None
+        if partner is not None:  # the same row on the reference cells: both timed again, in turn
+            partner[0]['ms'], row['ms'] = cpu_ms_in_turn([partner[1], step], args.warmup, args.iters)
+        else:
+            row['ms'] = cpu_ms(step, args.warmup, args.iters)
+        if not fast:
+            plain_steps[row['key']] = (row, step)
         rows.append(row)
         print(f'# {label}: {row["ops"]} ops, {row["macs"] / 1e6:.1f} M MACs, saved {row["saved"] / 2**20:.1f} MiB, '
               f'held {row["held"] / 2**20:.1f} MiB, {row["ms"]:.1f} ms', flush=True)  # progress
