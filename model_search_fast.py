@@ -497,6 +497,7 @@ class FastEdges(nn.Module):
     so that no copy of ReLU(X) per edge is made or saved (`_Unmultiply` reorders their outputs).
     """
     merged = False
+    recomputed = False
 
     def __init__(self, C: int, stride: int, ops: list[str], S: int, K: int, carrier: bool = False):
         super().__init__()
@@ -619,8 +620,9 @@ class FastEdges(nn.Module):
         return torch.stack(rows).view(self.E, ks, ks, self.C)
 
     def merges(self, lay: _Layout) -> bool:
-        """Whether this group runs the merged depthwise convs (`merged`) under layout `lay`."""
-        return self.merged and lay.full and len(self.seps) == 2 and len(self.dils) == 2
+        """Whether this group runs the merged depthwise convs (`merged`) under layout `lay`: not in a cell that
+        the backward recomputes (`recomputed`; Network.checkpoint_cells)."""
+        return self.merged and not self.recomputed and lay.full and len(self.seps) == 2 and len(self.dils) == 2
 
     def _merged_index(self) -> tuple[list[str], dict]:
         """The merged depthwise weights as (param names, {name: (shape, slot, loc)}): per element of the
@@ -1528,8 +1530,25 @@ class Network(model_search.Network):
 
     With alive masks (`set_alive`), the fast path computes each op on the edges where it is alive only, and
     weighs dead (edge, op) pairs 0. `checkpoint_cells` (model_search.Network; --checkpoint_cells) recomputes
-    each cell in the backward.
+    each cell in the backward; its cells run the depthwise convs unmerged (see the property).
     """
+
+    @property
+    def checkpoint_cells(self) -> bool:
+        return self.__dict__.get('_checkpoint_cells', False)
+
+    @checkpoint_cells.setter
+    def checkpoint_cells(self, on: bool) -> None:
+        """Recomputed cells run the NOS space's depthwise convs unmerged (`FastEdges.merged`): the merged
+        forward costs more multiply-adds (the 3x3 kernels' zero borders) and, on the CPU, more time, which a
+        recomputation pays twice; the merged backward's saving is not repeated. Measured on the CPU (NOS + AGS,
+        batch 8, `bench_search.py --count`, each timed in turn with the un-checkpointed step): 1.42x its time
+        merged, 1.36x unmerged, for 17,221 kernel ops instead of 15,510. Both compute the same values; the flag
+        may change when a search resumes."""
+        self.__dict__['_checkpoint_cells'] = bool(on)
+        for m in self.modules():
+            if isinstance(m, FastEdges):
+                m.recomputed = bool(on)
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion=None, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, space: str = 'nos', ops=None,

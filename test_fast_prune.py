@@ -12,12 +12,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import agnas
 import bench_search
 import darts
+import model_search_fast
 import runs
 import train_search
 import utils
 from eoinas import EoiNASMethod
 from model_search_fast import Network
 from test_fast_search import backward_each, pair
+from test_train_search import die_after
 
 
 def pruned_pair(space, keep, seed=0):
@@ -94,6 +96,9 @@ def test_pruned_pairs_are_not_computed(space, keep):
     dead pair, or an op on every edge where it is alive on some, would add channels."""
     plain, fast, masks = pruned_pair(space, keep)
     full = Network(4, 10, 3, space=space, fast=True).double()
+    for m in full.modules():  # NOS's merged depthwise convs would move the 3x3 kernels' work to the 5x5 kind
+        if isinstance(m, model_search_fast.FastEdges):
+            m.merged = False
     for model in (plain, fast, full):
         model.eval()  # the same ops in either mode; eval keeps the statistics
     expected, got, unpruned = conv_work(plain), conv_work(fast), conv_work(full)
@@ -156,16 +161,20 @@ def test_pruned_fast_path_keeps_the_reference_search_in_eoinas():
 # -- --checkpoint_cells -----------------------------------------------------------------------------------
 
 
-def one_iteration(space, fast, keep, checkpoint):
+def one_iteration(space, fast, keep, checkpoint, unmerged=False):
     """One DARTS iteration with AGS and EoiNAS's skip dropout on (random masks inside the cells): the A step
     (through torch.autograd.grad), the weight step (through backward), and once more a backward to read the
-    weight gradients. Returns (gradients, buffers, A)."""
+    weight gradients; `unmerged`: the NOS space's depthwise convs unmerged, as checkpointed cells run them.
+    Returns (gradients, buffers, A)."""
     torch.manual_seed(0)
     model = Network(4, 10, 3, space=space, fast=fast).double()
     if keep:
         model.set_alive(*bench_search.random_alive(model, keep, seed=1))
     model.set_skip_dropout(0.5)
     model.checkpoint_cells = checkpoint
+    for m in model.modules():
+        if unmerged and isinstance(m, model_search_fast.FastEdges):
+            m.recomputed = True
     architect = darts.Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-3,
                                 arch_weight_decay=1e-3, lambda_at=10.)
     optimizer = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
@@ -186,8 +195,10 @@ def one_iteration(space, fast, keep, checkpoint):
                                                pytest.param('darts', False, None, marks=slow)])
 def test_checkpointed_cells_give_the_same_gradients(space, fast, keep):
     """With --checkpoint_cells every gradient, A, and every running statistic equal those without it: the
-    recomputation draws the same dropout masks and leaves the statistics alone (they move once per forward)."""
-    (g0, b0, a0), (g1, b1, a1) = (one_iteration(space, fast, keep, c) for c in (False, True))
+    recomputation draws the same dropout masks and leaves the statistics alone (they move once per forward).
+    Against the same convs: checkpointed cells run NOS's depthwise convs unmerged, which changes the rounding
+    (`test_checkpointed_cells_run_the_depthwise_convs_unmerged`; both equal the reference in test_fast_search)."""
+    (g0, b0, a0), (g1, b1, a1) = (one_iteration(space, fast, keep, c, unmerged=True) for c in (False, True))
     assert g0.keys() == g1.keys() and len(g0) > 10
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-12, atol=1e-15, msg=name)
@@ -195,6 +206,25 @@ def test_checkpointed_cells_give_the_same_gradients(space, fast, keep):
         torch.testing.assert_close(b1[name], b0[name], rtol=1e-12, atol=1e-15, msg=name)
     for a, b in zip(a0, a1):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+
+
+def test_checkpointed_cells_run_the_depthwise_convs_unmerged():
+    """A recomputed cell runs the NOS space's depthwise convs unmerged (its forward runs twice, and the merged
+    one costs more multiply-adds); the flag switches every group back and forth, and both give the same loss."""
+    torch.manual_seed(0)
+    model = Network(4, 10, 3, space='nos', fast=True).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    groups = [m for m in model.modules() if isinstance(m, model_search_fast.FastEdges)]
+    full = model._fast_plans[False].layouts(None)[0][0]
+    assert full.full and all(g.merged for g in groups) and groups[0].merges(full)
+    losses = []
+    for on in (False, True, False):
+        model.checkpoint_cells = on
+        assert model.checkpoint_cells is on and all(g.merges(full) is not on for g in groups)
+        torch.manual_seed(1)
+        losses.append(model(x).sum())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    assert torch.equal(losses[2], losses[0])
 
 
 def test_checkpointed_cells_hold_less_for_the_backward():
@@ -235,9 +265,10 @@ def test_agnas_step_with_checkpointed_cells_is_the_same():
 
 
 @slow
-def test_train_search_checkpoint_cells_resumes_and_ends_as_without(tmp_path):
+def test_train_search_checkpoint_cells_resumes_and_ends_as_without(tmp_path, monkeypatch):
     """--checkpoint_cells changes memory and time, not the search: an EoiNAS search (Gumbel samples, skip
-    dropout) ends with the same A with and without it, and a run without it resumes with it."""
+    dropout) ends with the same A with and without it, and a run killed without it resumes with it and ends
+    with that A too."""
     base = ['--dataset', 'synthetic', '--device', 'cpu', '--workers', '0', '--layers', '3', '--init_channels', '4',
             '--batch_size', '8', '--synthetic_size', '32', '--report_freq', '0', '--space', 'darts', '--method',
             'eoinas', '--eoi_warmup', '0', '--epochs', '2', '--prune_every', '0', '--double']
@@ -247,9 +278,15 @@ def test_train_search_checkpoint_cells_resumes_and_ends_as_without(tmp_path):
         state[name] = runs.load_checkpoint(str(tmp_path / name / 'checkpoint.pt'))['model']
     for key in ('alphas_normal', 'alphas_reduce'):
         assert torch.equal(state['kept'][key], state['checkpointed'][key]), key
-    assert utils.exit_code(train_search.main, base + ['--epochs', '3', '--save', str(tmp_path / 'kept'), '--resume',
-                                                      '--checkpoint_cells']) == 0
-    assert runs.load_checkpoint(str(tmp_path / 'kept' / 'checkpoint.pt'))['epoch'] == 3
+    args = base + ['--save', str(tmp_path / 'resumed')]
+    with monkeypatch.context() as m:
+        m.setattr(runs, 'save_checkpoint', die_after(1))
+        assert utils.exit_code(train_search.main, args) == 130
+    assert utils.exit_code(train_search.main, args + ['--resume', '--checkpoint_cells']) == 0
+    resumed = runs.load_checkpoint(str(tmp_path / 'resumed' / 'checkpoint.pt'))
+    assert resumed['epoch'] == 2
+    for key in ('alphas_normal', 'alphas_reduce'):
+        assert torch.equal(resumed['model'][key], state['kept'][key]), key
 
 
 def test_checkpoint_cells_refuses_the_chain(capsys):
