@@ -1019,7 +1019,9 @@ def main(argv=None) -> dict | None:
                       'finetune_steps_per_evaluation': args.finetune_steps,
                       'wall_seconds': round(time.time() - started, 2), 'cpu_seconds': round(cpu, 2),
                       'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                      'processes': world}
+                      'processes': world,
+                      # the CPU's kernels sum in an order that depends on this, so a loss's last bits do too
+                      'threads': torch.get_num_threads()}
     runs.write_json(os.path.join(search.folder, 'diagnose.json'), result)
     write_csv(os.path.join(search.folder, 'diagnose.csv'), records)
     logger.info('\n%s', format_table(search, records, summary, result))

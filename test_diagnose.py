@@ -87,6 +87,18 @@ def diagnose_run(capsys, *args):
         return json.load(f)
 
 
+def one_thread_run(capsys, *args):
+    """diagnose_run on one intra-op thread, as each torchrun worker of the tests runs (OMP_NUM_THREADS=1):
+    the CPU convolutions split their sums over input channels by the thread count, so a loss's last bits
+    depend on it, and only runs on as many threads are bitwise comparable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return diagnose_run(capsys, *args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def fails_with(capsys, args, *words):
     assert utils.exit_code(diagnose.main, list(args)) == 2
     err = capsys.readouterr().err
@@ -649,8 +661,8 @@ def test_agnas_gated_edge_keeps_its_gate():
 @pytest.mark.slow  # two processes start torch
 def test_torchrun_derives_by_accuracy_as_one_process(nb201_run, capsys):
     """--derive accuracy under torchrun: the removals measured on both ranks are gathered, and rank 0 derives
-    and writes the genotype one process writes."""
-    one = diagnose_run(capsys, nb201_run, '--derive', 'accuracy')
+    and writes the genotype one process on as many threads writes."""
+    one = one_thread_run(capsys, nb201_run, '--derive', 'accuracy')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
                            'diagnose.py', nb201_run, '--derive', 'accuracy', *QUICK], cwd=HERE, env=env,
@@ -659,14 +671,16 @@ def test_torchrun_derives_by_accuracy_as_one_process(nb201_run, capsys):
     with open(os.path.join(nb201_run, 'diagnose.json')) as f:
         two = json.load(f)
     assert two['cost']['processes'] == 2 and two['cost']['evaluations'] == one['cost']['evaluations']
+    assert two['cost']['threads'] == one['cost']['threads'] == 1
     assert two['derive_accuracy'] == one['derive_accuracy'] and two['edges'] == one['edges']
 
 
 @pytest.mark.slow  # two processes start torch: ~20 s of the suite's budget
 def test_torchrun_splits_the_edges_and_gathers_them(darts_run, capsys):
-    """Two processes (gloo on the CPU), the edges split between them: rank 0 writes what one process writes."""
+    """Two processes (gloo on the CPU), the edges split between them: rank 0 writes what one process on as
+    many threads writes."""
     args = ['--edges', 'normal:1,reduce:3,normal:2']
-    one = diagnose_run(capsys, darts_run, *args)
+    one = one_thread_run(capsys, darts_run, *args)
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
                            'diagnose.py', darts_run, *args, *QUICK], cwd=HERE, env=env, capture_output=True, text=True,
@@ -675,6 +689,7 @@ def test_torchrun_splits_the_edges_and_gathers_them(darts_run, capsys):
     with open(os.path.join(darts_run, 'diagnose.json')) as f:
         two = json.load(f)
     assert two['cost']['processes'] == 2 and two['cost']['evaluations'] == one['cost']['evaluations']
+    assert two['cost']['threads'] == one['cost']['threads'] == 1
     for key in ('supernet', 'derived', 'summary'):
         assert two[key] == one[key]
     assert two['edges'] == one['edges']
