@@ -32,6 +32,7 @@ the same source-group idea on its one-input cell, proven equal to model_search.N
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -342,6 +343,12 @@ def _copy_sources(x: torch.Tensor, S: int, sources: tuple) -> torch.Tensor:
     return x.reshape(N, S, C * H * W).index_select(1, index).view(N, J * C, H, W)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Repeat:
+    """A `_fan` spec (S = 1): x seen n times, as an expanded (N, n, C, H, W) view (no copy)."""
+    n: int
+
+
 def _hand_out(x: torch.Tensor, S: int, specs) -> list[torch.Tensor]:
     """What each consumer of x takes (see `_fan`), without autograd bookkeeping."""
     C = x.shape[1] // S
@@ -349,6 +356,8 @@ def _hand_out(x: torch.Tensor, S: int, specs) -> list[torch.Tensor]:
     for spec in specs:
         if spec is None:
             out.append(x)
+        elif isinstance(spec, _Repeat):
+            out.append(x.unsqueeze(1).expand(x.shape[0], spec.n, *x.shape[1:]))
         elif isinstance(spec, int):
             out.append(x[:, spec * C:(spec + 1) * C])
         else:
@@ -377,7 +386,9 @@ class _Fan(torch.autograd.Function):
             return None, None, None
         if all(spec is None for spec, _ in got):
             return (got[0][1] if len(got) == 1 else torch.stack([g for _, g in got]).sum(0)), None, None
-        N, _, H, W = got[0][1].shape
+        N, H, W = got[0][1].shape[0], *got[0][1].shape[-2:]
+        # n copies of x (S = 1) as a copy for n edges of source 0: (N, n * C, H, W), a view
+        got = [((0,) * spec.n, g.reshape(N, -1, H, W)) if isinstance(spec, _Repeat) else (spec, g) for spec, g in got]
         src = tuple(s for spec, _ in got for s in (range(S) if spec is None else (spec,) if isinstance(spec, int)
                                                    else spec))
         g = torch.cat([g for _, g in got], 1) if len(got) > 1 else got[0][1]
@@ -475,6 +486,56 @@ class _Unmultiply(torch.autograd.Function):
         return (None, None, None, *(t.permute(0, 2, 4, 1, 3, 5).contiguous().view(N, -1, H, W) for t in pieces))
 
 
+class _MergedPointwise(torch.autograd.Function):
+    """The first pointwise stage of the merged separable and dilated pairs and every 1x1 conv from X, as one
+    grouped conv (`FastEdges.fuses_pointwise`: one source, stride 1). Its input is the cat of the merged
+    depthwise outputs in the order (op, target, channel), dilated pair first (as `_Unmultiply` orders
+    them), and of G copies of X: a grouped conv's groups all have C inputs and C outputs, so x1x1's R rows
+    run as G groups that each read X, the last padded with zero rows ('pwx', `_merged_index`). The output
+    comes back in pieces, without the padding: [dilated | separable, SA, bottlenecks (the input of the
+    'mid' BatchNorm) | CA | transforms]. Against `_Unmultiply`, pw1, x1x1 and the cat of the 'mid' pieces,
+    that is two kernels fewer forward and one backward. The input is rebuilt in the backward rather than
+    saved (its copies of X would be saved beside X). `xs`: X's copies as `_fan` hands them out, (N, G, C,
+    H, W), so that their gradients join X's other consumers' in one reduction."""
+
+    @staticmethod
+    def forward(ctx, sizes, weight, xs, dil, sep):
+        G, C = xs.shape[1:3]
+        K = dil.shape[1] // (2 * C)
+        ctx.save_for_backward(weight, xs, dil, sep)
+        ctx.meta = (sizes, K)
+        u = F.conv2d(_MergedPointwise._input(xs, dil, sep, K), weight, groups=4 * K + G)
+        return tuple(u.split(sizes + [u.shape[1] - sum(sizes)], 1)[:-1])
+
+    @staticmethod
+    def _input(xs, dil, sep, K):
+        N, G, C, H, W = xs.shape
+        pieces = [t.view(N, 1, C, 2, K, H * W).permute(0, 3, 1, 4, 2, 5) for t in (dil, sep)]
+        return torch.cat(pieces + [xs.view(N, G // K, 1, K, C, H * W)], 1).view(N, -1, H, W)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        weight, xs, dil, sep = ctx.saved_tensors
+        sizes, K = ctx.meta
+        N, G, C, H, W = xs.shape
+        pad = weight.shape[0] - sum(sizes)
+        if pad:
+            zero = _constant(('pad', N, pad, H, W, xs.device, xs.dtype),
+                             lambda: xs.new_zeros(N, pad, H, W))
+            grads = (*grads, zero)
+        g = torch.cat(grads, 1)
+        need_x, need_w = any(ctx.needs_input_grad[2:]), ctx.needs_input_grad[1]
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            g, _MergedPointwise._input(xs, dil, sep, K), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+            4 * K + G, [need_x, need_w, False])
+        if not need_x:
+            return None, gw, None, None, None
+        n = 4 * K * C
+        # (N, input, J, S=1, K, C, HW) -> (input, N, C, J, K, HW): one copy for both depthwise outputs
+        gd = gi[:, :n].view(N, 2, 2, K, C, H * W).permute(1, 0, 4, 2, 3, 5).contiguous()
+        return (None, gw, gi[:, n:].view(N, G, C, H, W), *(t.view(N, -1, H, W) for t in gd.unbind(0)))
+
+
 class FastEdges(nn.Module):
     """All edges of one source group (S sources x K targets = E edges), every op of the space at once.
 
@@ -494,7 +555,8 @@ class FastEdges(nn.Module):
     `merged` (FastCell sets it in the NOS space): with every op alive on every edge, the two separable
     convs share one depthwise conv per stage and the two dilated convs one, each kernel on the 5 x 5 grid (a
     3 x 3 one with a zero border; `_MergedGather`). The first stage's are channel-multiplied over ReLU(X),
-    so that no copy of ReLU(X) per edge is made or saved (`_Unmultiply` reorders their outputs).
+    so that no copy of ReLU(X) per edge is made or saved (`_Unmultiply` reorders their outputs; with one
+    source at stride 1, `_MergedPointwise` reorders them and runs pw1 and x1x1 as one conv).
     """
     merged = False
     recomputed = False
@@ -624,12 +686,27 @@ class FastEdges(nn.Module):
         the backward recomputes (`recomputed`; Network.checkpoint_cells)."""
         return self.merged and not self.recomputed and lay.full and len(self.seps) == 2 and len(self.dils) == 2
 
+    @property
+    def fuses_pointwise(self) -> bool:
+        """Whether the merged path runs pw1 and x1x1 as one grouped conv (`_MergedPointwise`): one source,
+        stride 1 (x1x1's rows for SA and the bottlenecks read X at the output's resolution) and rows in x1x1."""
+        return (self.S == 1 and self.stride == 1 and len(self.seps) == 2 and len(self.dils) == 2
+                and hasattr(self, 'x1x1'))
+
+    @property
+    def x_copies(self) -> int:
+        """G, the copies of X that `_MergedPointwise` reads: x1x1's R rows in groups of C (a grouped conv's
+        groups are all C x C, as pw1's are), rounded up to a multiple of K copies."""
+        return self.K * -(-self.x1x1.shape[0] // (self.K * self.C))
+
     def _merged_index(self) -> tuple[list[str], dict]:
         """The merged depthwise weights as (param names, {name: (shape, slot, loc)}): per element of the
         weight, its parameter (`slot` into the names) and its flat index there (`loc`; -1: a border tap of
         a 3 x 3 kernel, a structural 0). 'dw1s' / 'dw1d': the first stage of the separable / dilated pair,
         (S*C*2*K, 1, 5, 5) in the order (source, channel, op, target) of a channel-multiplied conv;
-        'dw2': the second separable stage, (2*E*C, 1, 5, 5) in the order (op, edge, channel)."""
+        'dw2': the second separable stage, (2*E*C, 1, 5, 5) in the order (op, edge, channel); 'pwx' (where
+        `fuses_pointwise`): `_MergedPointwise`'s weight, (4*K*C + G*C, C, 1, 1), pw1's rows of the dilated
+        pair, then of the separable pair, then x1x1's, then zero rows."""
         if 'merged_index' in self._cache:
             return self._cache['merged_index']
         C, S, K, E = self.C, self.S, self.K, self.E
@@ -649,6 +726,14 @@ class FastEdges(nn.Module):
         out = {'dw1s': weight(self.seps, 'dw1', row, j1), 'dw1d': weight(self.dils, 'dw1', row, j1),
                'dw2': weight(self.seps, 'dw2', torch.arange(E * C).repeat(2),
                              torch.arange(2).repeat_interleave(E * C))}  # (op, edge, channel)
+        if self.fuses_pointwise:  # 'pwx': pw1's rows, dilated pair first, then x1x1's, then zero rows
+            names += ['pw1', 'x1x1']
+            R, G = self.x1x1.shape[0], self.x_copies
+            rows = torch.cat([torch.arange(2 * E * C, 4 * E * C), torch.arange(2 * E * C), torch.arange(R),
+                              torch.full((G * C - R,), -1)])
+            slot = torch.cat([torch.full((4 * E * C,), names.index('pw1')), torch.full((G * C,), len(names) - 1)])
+            loc = torch.where(rows[:, None] >= 0, rows[:, None] * C + torch.arange(C), -1)
+            out['pwx'] = ((rows.numel(), C, 1, 1), slot[:, None].expand_as(loc).reshape(-1), loc.reshape(-1))
         self._cache['merged_index'] = names, out
         return names, out
 
@@ -768,6 +853,7 @@ class FastEdges(nn.Module):
         Ho, Wo = (H, W) if stride == 1 else ((H + 1) // 2, (W + 1) // 2)
         plan = self._plan(lay, x.device, x.dtype)
         merged = self.merges(lay)
+        fused = merged and self.fuses_pointwise  # pw1 and x1x1 as one conv (_MergedPointwise)
         if lay.full:  # the weights and statistics as stored
             w, stats, own = {name: self._param(name) for name in plan['rows']}, self.bn_stats, None
             if merged:  # the merged depthwise weights: gathered for the whole network, or here for this group
@@ -798,8 +884,13 @@ class FastEdges(nn.Module):
             x_specs.append(None if len(lay.sources['skip_connect']) == S else lay.sources['skip_connect'][0])
         pieces = plan['x_pieces']
         by_source = S > 1 and not plan['x_uniform'] and any(pieces)
-        x_specs += [s for s in range(S) if pieces[s]] if by_source else [None] if any(pieces) else []
-        x_uses = iter(_fan(x, S, x_specs))
+        if fused:  # x1x1's G copies of X, the last consumer
+            x_specs.append(_Repeat(self.x_copies))
+        else:
+            x_specs += [s for s in range(S) if pieces[s]] if by_source else [None] if any(pieces) else []
+        x_uses = _fan(x, S, x_specs)
+        x_copies = x_uses.pop() if fused else None
+        x_uses = iter(x_uses)
         mid, final = [], []  # the inputs of the BatchNorm before ReLUs (mid) and before the stack (final)
         if lay.conv or lay.fr:
             r = F.relu(next(x_uses))
@@ -807,19 +898,30 @@ class FastEdges(nn.Module):
             fr_spec = None if len(set(fr_counts)) == 1 else spec(lay.fr)
             r_specs = [None, None] if merged else [spec(lay.edges[n]) for n in lay.conv]
             r_uses = iter(_fan(r, S, r_specs + ([fr_spec] if lay.fr else [])))
+        rows = {}  # kind -> per-source (N, n, H, W) pieces of the 1x1 convs' output
         if merged:  # two channel-multiplied depthwise convs (separable pair, dilated pair) on the 5 x 5 grid
-            d = _Unmultiply.apply(S, C, K, F.conv2d(next(r_uses), w['dw1s'], None, stride, 2, 1, S * C),
-                                  F.conv2d(next(r_uses), w['dw1d'], None, stride, 4, 2, S * C))
+            d = (F.conv2d(next(r_uses), w['dw1s'], None, stride, 2, 1, S * C),
+                 F.conv2d(next(r_uses), w['dw1d'], None, stride, 4, 2, S * C))
+            if fused:  # then pw1 and x1x1 in one conv: [dilated | mid: separable, SA, bottlenecks | CA | ...]
+                kinds = [(kind, sum(b - a for a, b in r)) for kind, r in pieces[0]]
+                n_mid = 2 * K * C + sum(n for kind, n in kinds if kind in ('sa', 'bneck'))
+                tail = [(kind, n) for kind, n in kinds if kind not in ('sa', 'bneck')]
+                z1_dil, z1_mid, *out = _MergedPointwise.apply([2 * K * C, n_mid] + [n for _, n in tail], w['pwx'],
+                                                              x_copies, d[1], d[0])
+                rows = {kind: [t] for (kind, _), t in zip(tail, out)}
+                mid.append(z1_mid)
+            else:
+                d = _Unmultiply.apply(S, C, K, *d)
         elif lay.conv:  # each op one depthwise conv over its edges' copies of ReLU(X)
             d = []
             for n in lay.conv:
                 _, pad, dil, _ = CONV_OPS[n]
                 d.append(F.conv2d(next(r_uses), w[f'dw1.{n}'], None, stride, pad, dil, len(lay.edges[n]) * C))
             d = torch.cat(d, 1) if len(d) > 1 else d[0]
-        if lay.conv:  # then one pointwise conv for every (op, edge)
-            n_pairs = [len(lay.edges[n]) for n in lay.conv]
+        n_pairs = [len(lay.edges[n]) for n in lay.conv]
+        n_sep = sum(n_pairs[:len(lay.seps)]) * C
+        if lay.conv and not fused:  # then one pointwise conv for every (op, edge)
             z1 = F.conv2d(d, w['pw1'], groups=sum(n_pairs))
-            n_sep = sum(n_pairs[:len(lay.seps)]) * C
             # one split (its backward is one cat; two slices would cost a scatter each and an add)
             z1_sep, z1_dil = z1.split([n_sep, z1.shape[1] - n_sep], 1) if lay.seps and lay.dils else (z1, z1)
             if lay.seps:
@@ -829,8 +931,7 @@ class FastEdges(nn.Module):
             pools.append(F.max_pool2d(next(x_uses), 3, stride, 1) if n == 'max_pool_3x3'
                          else F.avg_pool2d(next(x_uses), 3, stride, 1, count_include_pad=False))
         identity = next(x_uses) if lay.identity else None
-        rows = {}  # kind -> per-source (N, n, H, W) pieces of the 1x1 convs' output
-        if any(pieces):
+        if any(pieces) and not fused:
             sizes = [[(kind, sum(hi - lo for lo, hi in rr)) for kind, rr in p] for p in pieces]
             if by_source:  # pruned unevenly: one conv per source
                 ys = [F.conv2d(next(x_uses), w[f'x1x1.{s}']).split([n for _, n in sizes[s]], 1) if pieces[s]
@@ -846,9 +947,9 @@ class FastEdges(nn.Module):
             t = rows[kind]
             return torch.cat(t, 1) if len(t) > 1 else t[0]
 
-        if lay.sa:  # its 1x1 conv carries the edge's stride: the stride-1 output subsampled
+        if lay.sa and not fused:  # its 1x1 conv carries the edge's stride: the stride-1 output subsampled
             mid += [t[:, :, ::2, ::2] if stride == 2 else t for t in rows['sa']]
-        if lay.dyn and stride == 1:
+        if lay.dyn and stride == 1 and not fused:
             mid += rows['bneck']
         if lay.fr:  # FactorizedReduce: two offset 1x1 convs per edge, each edge's halves side by side
             rf = next(r_uses)

@@ -227,6 +227,29 @@ def test_checkpointed_cells_run_the_depthwise_convs_unmerged():
     assert torch.equal(losses[2], losses[0])
 
 
+def test_one_source_groups_run_pw1_and_the_1x1_convs_as_one_conv(monkeypatch):
+    """A merged group with one source at stride 1 runs pw1 and x1x1 as one grouped conv (`_MergedPointwise`,
+    once per such group and forward). Its weight: pw1's dilated rows, then its separable rows, then x1x1's,
+    then zero rows up to G*C rows (G a multiple of K, fewer than K*C zero rows). A cell's input group (two
+    sources) does not fuse. (The float64 tests hold its values and gradients to the reference's.)"""
+    torch.manual_seed(0)
+    model = Network(4, 10, 3, space='nos', fast=True)
+    groups = [m for m in model.modules() if isinstance(m, model_search_fast.FastEdges)]
+    fused = [g for g in groups if g.fuses_pointwise]
+    assert fused and all(g.fuses_pointwise == (g.S == 1 and g.stride == 1) for g in groups)
+    for g, w in zip(fused, model_search_fast._MergedGather(fused).weights()):
+        C, K, R = g.C, g.K, g.x1x1.shape[0]
+        G = w['pwx'].shape[0] // C - 4 * K
+        assert G % K == 0 and 0 <= G * C - R < K * C
+        n = 2 * K * C  # pw1: [sep_conv_3x3, sep_conv_5x5 | dil_conv_3x3, dil_conv_5x5], K*C rows each
+        assert torch.equal(w['pwx'], torch.cat([g.pw1[n:], g.pw1[:n], g.x1x1, g.x1x1.new_zeros(G * C - R, C, 1, 1)]))
+    calls = []
+    apply = model_search_fast._MergedPointwise.apply
+    monkeypatch.setattr(model_search_fast._MergedPointwise, 'apply', lambda *a: calls.append(1) or apply(*a))
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert len(calls) == len(fused)
+
+
 def test_checkpointed_cells_hold_less_for_the_backward():
     """Checkpointed, a forward holds for its backward little more than the cells' inputs."""
     fast = Network(4, 10, 3, space='nos', fast=True)

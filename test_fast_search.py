@@ -240,6 +240,21 @@ def test_skip_dropout_drops_each_edge_on_its_own():
     assert group.S * group.K == 8 and not torch.equal(stack[:, :4], stack[:, 4:8])  # two edges of source 0
 
 
+def test_skip_dropout_gradients_match_the_reference_in_nos():
+    """EoiNAS's skip dropout in the NOS space: each edge's identity is its own copy of X, beside the copies
+    of X that a merged group's one pointwise conv reads (`_fan` sums all their gradients). With p = 1 (the
+    same draw on both paths) the loss and every gradient are the reference's."""
+    plain, fast = pair('nos')
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(10, (2,))
+    for model in (plain, fast):
+        model.set_skip_dropout(1.)
+    assert len(fast._fast_plans[False].layouts(None, dropout=True)[0][2].identity_edges) > 1  # a tuple spec
+    losses = backward_each((plain, fast), x, y)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    assert_same_gradients(plain, fast)
+
+
 def agnas_pair(space, ops=None, seed=0):
     """A reference AGNAS supernet (AttentionMixedOp edges) and a fast one (FastGatedEdges) holding the same
     weights, float64; five cells, the fewest AGNAS searches with."""
