@@ -961,7 +961,10 @@ class FastEdges(nn.Module):
         if mid:
             # every consumer of this BatchNorm (second separable stage, SA's 3x3 conv, kernel generators)
             # starts with a ReLU: one for all of them
-            b1 = F.relu(batch_norm(torch.cat(mid, 1) if len(mid) > 1 else mid[0], 'mid'))
+            if fused:  # a slice of the conv's output: a BatchNorm that saved it would hold all of that output
+                b1 = F.relu(_stack_bn(mid[0], *running('mid'), self.training))
+            else:
+                b1 = F.relu(batch_norm(torch.cat(mid, 1) if len(mid) > 1 else mid[0], 'mid'))
             sizes = ([n_sep] if lay.seps else []) + ([len(lay.sa) * self.m_att] if lay.sa else []) + (
                 [len(lay.dyn_pairs) * self.m_dyn] if lay.dyn and stride == 1 else [])
             pieces_mid = list(b1.split(sizes, 1)) if len(sizes) > 1 else [b1]
