@@ -301,7 +301,8 @@ class _MergedGather:
                 index.append(torch.where(loc >= 0, base[slot] + loc, -1))
                 self.shapes.append((j, name, shape))
         index = torch.cat(index)
-        self.index = torch.where(index >= 0, index, at).to(self.params[0].device)  # `at`: the appended 0
+        # `at`: the appended 0; int32 (what autograd saves for the backward is half an int64 index)
+        self.index = torch.where(index >= 0, index, at).to(self.params[0].device, torch.int32)
 
     def weights(self) -> list[dict]:
         zero = self.params[0].new_zeros(1)
