@@ -461,30 +461,43 @@ def _contract(stack: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv1d(stack, weight)
 
 
+def _op_major(t: torch.Tensor, S: int, C: int, K: int) -> torch.Tensor:
+    """A merged first-stage depthwise conv's output (N, S*C*J*K, H, W), channel-multiplied over ReLU(X) and
+    so in the order (source, channel, op, target), as a view in the order (op, source, target, channel) that
+    the pointwise conv reads: (N, J, S, K, C, H*W)."""
+    N, _, H, W = t.shape
+    return t.view(N, S, C, -1, K, H * W).permute(0, 3, 1, 4, 2, 5)
+
+
+def _channel_major(g: torch.Tensor, n: int, S: int, C: int, K: int) -> list[torch.Tensor]:
+    """The inverse of `_op_major` for the gradients of n such outputs with the same J, side by side in g
+    (N, n*J*S*K*C, H, W; a channel slice will do): n tensors (N, S*C*J*K, H, W) back in their conv's order,
+    with one copy for all of them, input-major, so that each is a contiguous slice of it."""
+    N, _, H, W = g.shape
+    g = g.view(N, n, -1, S, K, C, H * W).permute(1, 0, 3, 5, 2, 4, 6).contiguous()  # (input, N, S, C, J, K, HW)
+    return [t.view(N, -1, H, W) for t in g.unbind(0)]
+
+
 class _Unmultiply(torch.autograd.Function):
-    """The outputs of the merged first-stage depthwise convs (`FastEdges.merged`), channel-multiplied over
-    ReLU(X): each (N, S*C*J*K, H, W) in the order (source, channel, op, target), reordered into one (N,
-    sum J * S*K*C, H, W) tensor in the order (op, source, target, channel) that the pointwise conv reads:
-    one cat of permuted views. In the backward, one copy puts every input's gradient back into its conv's
-    order at once, input-major, so that each is a contiguous slice (with the same J for every input, as the
-    merged pairs have; else one copy per input)."""
+    """The outputs of the merged first-stage depthwise convs (`FastEdges.merged`), each reordered by
+    `_op_major`, as one (N, sum J * S*K*C, H, W) tensor in the order (op, source, target, channel) that the
+    pointwise conv reads: one cat of permuted views. In the backward, one copy puts every input's gradient
+    back into its conv's order at once (`_channel_major`; with the same J for every input, as the merged pairs
+    have; else one copy per input)."""
 
     @staticmethod
     def forward(ctx, S, C, K, *outs):
         N, _, H, W = outs[0].shape
         ctx.meta = (S, C, K, [t.shape[1] // (S * C * K) for t in outs])
-        return torch.cat([t.view(N, S, C, -1, K, H * W).permute(0, 3, 1, 4, 2, 5) for t in outs], 1).view(
-            N, -1, H, W)
+        return torch.cat([_op_major(t, S, C, K) for t in outs], 1).view(N, -1, H, W)
 
     @staticmethod
     def backward(ctx, g):
         S, C, K, js = ctx.meta
-        N, _, H, W = g.shape
-        if len(set(js)) == 1:  # (N, input, J, S, K, C, HW) -> (input, N, S, C, J, K, HW): one copy
-            g = g.view(N, len(js), js[0], S, K, C, H * W).permute(1, 0, 3, 5, 2, 4, 6).contiguous()
-            return (None, None, None, *(t.view(N, -1, H, W) for t in g.unbind(0)))
-        pieces = g.view(N, -1, S, K, C, H * W).split(js, 1)
-        return (None, None, None, *(t.permute(0, 2, 4, 1, 3, 5).contiguous().view(N, -1, H, W) for t in pieces))
+        if len(set(js)) == 1:
+            return (None, None, None, *_channel_major(g, len(js), S, C, K))
+        pieces = g.split([j * S * K * C for j in js], 1)
+        return (None, None, None, *(_channel_major(t, 1, S, C, K)[0] for t in pieces))
 
 
 class _MergedPointwise(torch.autograd.Function):
@@ -511,7 +524,7 @@ class _MergedPointwise(torch.autograd.Function):
     @staticmethod
     def _input(xs, dil, sep, K):
         N, G, C, H, W = xs.shape
-        pieces = [t.view(N, 1, C, 2, K, H * W).permute(0, 3, 1, 4, 2, 5) for t in (dil, sep)]
+        pieces = [_op_major(t, 1, C, K) for t in (dil, sep)]
         return torch.cat(pieces + [xs.view(N, G // K, 1, K, C, H * W)], 1).view(N, -1, H, W)
 
     @staticmethod
@@ -531,10 +544,8 @@ class _MergedPointwise(torch.autograd.Function):
             4 * K + G, [need_x, need_w, False])
         if not need_x:
             return None, gw, None, None, None
-        n = 4 * K * C
-        # (N, input, J, S=1, K, C, HW) -> (input, N, C, J, K, HW): one copy for both depthwise outputs
-        gd = gi[:, :n].view(N, 2, 2, K, C, H * W).permute(1, 0, 4, 2, 3, 5).contiguous()
-        return (None, gw, gi[:, n:].view(N, G, C, H, W), *(t.view(N, -1, H, W) for t in gd.unbind(0)))
+        n = 4 * K * C  # the depthwise outputs' gradients back in their convs' order: one copy for both
+        return (None, gw, gi[:, n:].view(N, G, C, H, W), *_channel_major(gi[:, :n], 2, 1, C, K))
 
 
 class FastEdges(nn.Module):
