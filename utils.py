@@ -376,7 +376,7 @@ def attention_transfer_loss(student: list[torch.Tensor], teacher: list[torch.Ten
         if s.shape[-2:] != t.shape[-2:]:
             raise ValueError(f'attention transfer pairs a {tuple(s.shape[-2:])} student stage with a '
                              f'{tuple(t.shape[-2:])} teacher stage')
-        loss = loss + (attention_map(s) - attention_map(t)).pow(2).mean()
+        loss = loss + F.mse_loss(attention_map(s), attention_map(t))  # mean((at(S) - at(T))^2), one kernel
     return 0.5 * loss
 
 
