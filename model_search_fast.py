@@ -478,6 +478,25 @@ def _channel_major(g: torch.Tensor, n: int, S: int, C: int, K: int) -> list[torc
     return [t.view(N, -1, H, W) for t in g.unbind(0)]
 
 
+class _Taps(torch.autograd.Function):
+    """The dynamic kernels' taps (Fig. 1 of the NOS paper): per (sample, pair), the bottleneck z (m, HW) read at
+    each tap's softmax positions mask (kk, HW), tap-major: mask @ z^T, (N*P, kk, m). Autograd's bmm would
+    hand z's gradient back transposed, and the view that made z would then copy it; here it comes back in
+    z's own layout (the same two bmm)."""
+
+    @staticmethod
+    def forward(ctx, z, mask):
+        ctx.save_for_backward(z, mask)
+        return torch.bmm(mask, z.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        z, mask = ctx.saved_tensors
+        gz = torch.bmm(g.transpose(1, 2), mask) if ctx.needs_input_grad[0] else None
+        gmask = torch.bmm(g, z) if ctx.needs_input_grad[1] else None
+        return gz, gmask
+
+
 class _Unmultiply(torch.autograd.Function):
     """The outputs of the merged first-stage depthwise convs (`FastEdges.merged`), each reordered by
     `_op_major`, as one (N, sum J * S*K*C, H, W) tensor in the order (op, source, target, channel) that the
@@ -718,7 +737,8 @@ class FastEdges(nn.Module):
         (S*C*2*K, 1, 5, 5) in the order (source, channel, op, target) of a channel-multiplied conv;
         'dw2': the second separable stage, (2*E*C, 1, 5, 5) in the order (op, edge, channel); 'pwx' (where
         `fuses_pointwise`): `_MergedPointwise`'s weight, (4*K*C + G*C, C, 1, 1), pw1's rows of the dilated
-        pair, then of the separable pair, then x1x1's, then zero rows."""
+        pair, then of the separable pair, then x1x1's, then zero rows; 'decode': the decode conv's weight,
+        tap-major, (P*kk*C, m, 1, 1), each (source, op, target) pair's C rows once per tap."""
         if 'merged_index' in self._cache:
             return self._cache['merged_index']
         C, S, K, E = self.C, self.S, self.K, self.E
@@ -746,6 +766,12 @@ class FastEdges(nn.Module):
             slot = torch.cat([torch.full((4 * E * C,), names.index('pw1')), torch.full((G * C,), len(names) - 1)])
             loc = torch.where(rows[:, None] >= 0, rows[:, None] * C + torch.arange(C), -1)
             out['pwx'] = ((rows.numel(), C, 1, 1), slot[:, None].expand_as(loc).reshape(-1), loc.reshape(-1))
+        if self.dyn:  # 'decode': the tap-major decode conv's weight, each pair's C rows once per tap (`forward`)
+            names.append('decode')
+            m, kk, P = self.m_dyn, self.kernel_size ** 2, E * len(self.dyn)  # pair p's rows: p*C .. (p+1)*C
+            row = (torch.arange(P).view(P, 1, 1) * C + torch.arange(C)).expand(P, kk, C).reshape(-1, 1)
+            loc = (row * m + torch.arange(m)).reshape(-1)
+            out['decode'] = ((P * kk * C, m, 1, 1), torch.full_like(loc, len(names) - 1), loc)
         self._cache['merged_index'] = names, out
         return names, out
 
@@ -799,10 +825,10 @@ class FastEdges(nn.Module):
             rows['sa2'] = [(e, e + 1) for e in lay.sa]
         if lay.ca:
             rows['ca2'] = [(e * C * kk, (e + 1) * C * kk) for e in lay.ca]
-        if lay.dyn:
+        if lay.dyn:  # each pair's rows once per tap (the decode conv is tap-major, see `forward`)
             rows['decode'] = [(((e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K) * C,
                                ((e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K + 1) * C)
-                              for n, e in lay.dyn_pairs]
+                              for n, e in lay.dyn_pairs for _ in range(kk)]
         plan = {'rows': rows, 'x_pieces': pieces, 'x_uniform': uniform and S > 1 and any(x_rows)}
         plan['names'] = list(dict.fromkeys(self._param_name(n) for n in rows))
         # BatchNorm channels, per call
@@ -828,13 +854,13 @@ class FastEdges(nn.Module):
                 at += n_c
         if lay.dyn and any(DYNAMIC_SIZES[n] < self.kernel_size for n, _ in lay.dyn_pairs):
             ks = self.kernel_size
-            bias = torch.zeros(len(lay.dyn_pairs), ks, ks)
+            bias = torch.zeros(len(lay.dyn_pairs), ks, ks, C)  # the decode conv's, per (pair, tap, channel)
             for p, (n, _) in enumerate(lay.dyn_pairs):
                 b = (ks - DYNAMIC_SIZES[n]) // 2
                 if b:
                     bias[p] = float('-inf')
                     bias[p, b:ks - b, b:ks - b] = 0
-            plan['tap_bias'] = bias.view(len(lay.dyn_pairs), 1, ks * ks).to(device, dtype)
+            plan['tap_bias'] = bias.flatten().to(device, dtype)
         if lay.ca and self.kernel_size > 1:
             plan['ca_bias'] = torch.cat([self.ca_bias[a:b] for a, b in rows['ca2']]) if not lay.full else None
         self._cache[key] = plan
@@ -1038,13 +1064,14 @@ class FastEdges(nn.Module):
             z = z.contiguous().view(N * P, self.m_dyn, H * W)                                  # (a) bottleneck
             # the softmax of a strided view returns a contiguous tensor: no copy of its own
             mask = joined('tf').view(N, -1, kk, H * W).softmax(dim=-1).view(N * P, kk, H * W)  # (b) positions
-            taps = torch.bmm(z, mask.transpose(1, 2)).view(N, P * self.m_dyn, ks, ks)
-            kern = F.conv2d(taps, w['decode'], groups=P).view(N, P, C, kk)                     # (c) decode
-            # a smaller kernel's border taps: -inf before the softmax, so exactly 0 and no gradient (torch's
-            # one-kernel masked softmax, torch._masked_softmax, is private and has no meta kernel)
-            if 'tap_bias' in plan:
-                kern = kern + plan['tap_bias']
-            kernels.append(kern.softmax(dim=-1).view(N, P, C * kk))                            # over taps
+            # (c) decode, tap-major: every tap of a pair is a group of the conv (the gathers repeat the pair's
+            # decode rows per tap), so that the conv's bias masks a smaller kernel's border taps with -inf:
+            # exactly 0 after the softmax, and no gradient
+            taps = _Taps.apply(z, mask).view(N, P * kk * self.m_dyn, 1, 1)
+            decode = w['decode'] if not (lay.full and not merged) else w['decode'].view(P, 1, -1).expand(
+                P, kk, C * self.m_dyn).reshape(P * kk * C, self.m_dyn, 1, 1)
+            kern = F.conv2d(taps, decode, plan.get('tap_bias'), groups=P * kk).view(N, P, kk, C)
+            kernels.append(kern.softmax(dim=2).transpose(2, 3))                                # over taps
         if lay.ca:  # global pool, 1x1 conv C -> C/16 (above), ReLU, 1x1 conv -> C, sigmoid: a centre tap
             g = joined('ca')
             # ReLU(mean) as (1/HW) * ReLU(sum): elu with alpha 0 is a scaled ReLU, and a sum's backward is a
@@ -1052,13 +1079,13 @@ class FastEdges(nn.Module):
             g = torch.ops.aten.elu(g.sum((2, 3), keepdim=True), 0., 1. / (g.shape[2] * g.shape[3]), 1.)
             bias = self.ca_bias if lay.full else plan['ca_bias']
             g = torch.sigmoid(F.conv2d(g, w['ca2'], bias, groups=len(lay.ca)))  # (N, n*C*kk, 1, 1)
-            kernels.append(g.view(N, len(lay.ca), C * kk))
+            kernels.append(g.view(N, len(lay.ca), C, kk))
         if lay.delta:
-            kernels.append(self.delta.expand(N, 1, C * kk))
+            kernels.append(self.delta.view(1, 1, C, kk).expand(N, 1, C, kk))
         if 'D' in lay.fold:
-            kernels.append(pending['D'].reshape(N, K, C * kk))
-        if lay.dyn or lay.ca:
-            stack = torch.cat(kernels, 1) if len(kernels) > 1 else kernels[0]
+            kernels.append(pending['D'].reshape(N, K, C, kk))
+        if lay.dyn or lay.ca:  # (N, entries, C, kk); the dynamic kernels alone are a strided view: a copy
+            stack = torch.cat(kernels, 1) if len(kernels) > 1 else kernels[0].contiguous()
             stacks['D'] = stack.view(N, -1, C, ks, ks)
         if own is not None and self.training:  # this group's gathered statistics back in place
             own.flush()
