@@ -576,6 +576,8 @@ class FastEdges(nn.Module):
     (N, K, 1, H, W), the weighted spatial attention (Eq. 3 / 7); 'D' (N, K, C, k, k), the weighted sum of
     the kernels (Eq. 4 / 8) with channel attention and the identity folded in (see `_node`). `pending`: the
     targets' sums so far, added to 'F' and 'D' inside the contraction where the layout says so (`fold`).
+    `hand_back`: the caller reads the group's input too (a node in the cell's output); 'X' is then that input
+    as the fan hands it out, so that its gradient joins the fan's reduction.
 
     Under an alive mask (a pruned search) each op runs on its alive edges only: the convs are grouped over
     just those edges, and one gather per forward reads the rows of the alive (edge, op) pairs from all the
@@ -884,7 +886,8 @@ class FastEdges(nn.Module):
         return getattr(self, name)
 
     # -- forward ------------------------------------------------------------------------------------------
-    def forward(self, xs: list[torch.Tensor], coef: dict, lay: _Layout, pending=None, given=None) -> dict:
+    def forward(self, xs: list[torch.Tensor], coef: dict, lay: _Layout, pending=None, given=None,
+                hand_back: bool = False) -> dict:
         S, K, C, stride = self.S, self.K, self.C, self.stride
         x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)  # (N, S*C, H, W)
         N, _, H, W = x.shape
@@ -926,7 +929,10 @@ class FastEdges(nn.Module):
             x_specs.append(_Repeat(self.x_copies))
         else:
             x_specs += [s for s in range(S) if pieces[s]] if by_source else [None] if any(pieces) else []
+        if hand_back:  # the caller reads x too (out['X']): its gradient joins this fan's one reduction
+            x_specs.insert(0, None)
         x_uses = _fan(x, S, x_specs)
+        x_back = x_uses.pop(0) if hand_back else None
         x_copies = x_uses.pop() if fused else None
         x_uses = iter(x_uses)
         mid, final = [], []  # the inputs of the BatchNorm before ReLUs (mid) and before the stack (final)
@@ -1092,6 +1098,8 @@ class FastEdges(nn.Module):
         out = self.mix(stacks, coef, lay, skip)
         if lay.delta and 'D' not in out:  # the identity alone (every kernel op pruned here): coefficient 1
             out['D'] = kernels[0].view(N, 1, C, ks, ks).expand(N, K, C, ks, ks)
+        if hand_back:
+            out['X'] = x_back
         return out
 
     def mix(self, stacks: dict, coef: dict, lay: _Layout, skip=None) -> dict:
@@ -1333,9 +1341,9 @@ class FastCell(nn.Module):
         coefs = weights.split()
         groups = iter(zip(self.groups, coefs, weights.layouts, weights.given))
 
-        def run(xs, pending=None):
+        def run(xs, pending=None, hand_back=False):
             group, coef, layout, given = next(groups)
-            out = group(xs, coef, layout, pending, given)
+            out = group(xs, coef, layout, pending, given, hand_back)
             for kind, v in (pending or {}).items():  # the sums the contraction did not fold in
                 if kind not in layout.fold:
                     out[kind] = out[kind] + v if kind in out else v
@@ -1357,7 +1365,11 @@ class FastCell(nn.Module):
                 node = _node({'F': node, **second}, x, shape)  # Eq. 6-9
             states.append(node)
             if k < self._steps - 1:
-                pending = run([node], rest)
+                # a node in the cell's output is read by that cat too: handed back by its group's fan, so that
+                # its two gradients are summed in the fan's reduction, not by one more add (`_fan`)
+                pending = run([node], rest, hand_back=k >= self._steps - self._multiplier)
+                if 'X' in pending:
+                    states[-1] = pending.pop('X')
         return torch.cat(states[-self._multiplier:], dim=1)
 
     def from_plain(self, plain: nn.Module, ops: list[str], get) -> dict:
