@@ -250,6 +250,30 @@ def test_one_source_groups_run_pw1_and_the_1x1_convs_as_one_conv(monkeypatch):
     assert len(calls) == len(fused)
 
 
+def test_the_decode_conv_runs_tap_major_with_the_border_mask_as_its_bias():
+    """The dynamic kernels' decode conv runs one group per (pair, tap), so that its bias can mask a 3x3 pair's
+    border taps: the merged gather repeats each (source, op, target) pair's C decode rows once per tap, and
+    the bias is -inf on exactly the border taps of the 3x3 pairs and 0 elsewhere. (The float64 tests hold the
+    kernels to the reference's.)"""
+    torch.manual_seed(0)
+    model = Network(16, 10, 3, space='nos', fast=True)  # C = 16: a bottleneck of m = 2 channels
+    group = model.cells[0].groups[2]  # node 0's group (after S_0's): one source, 3 targets
+    lay = model._fast_plans[False].layouts(None)[0][2]
+    P, C, m = len(lay.dyn_pairs), group.C, group.m_dyn
+    assert (P, group.kernel_size, m) == (2 * 3, 5, 2)
+    w = model_search_fast._MergedGather([group]).weights()[0]['decode']
+    for p in range(P):
+        for t in range(25):
+            assert torch.equal(w[(p * 25 + t) * C:(p * 25 + t + 1) * C], group.decode[p * C:(p + 1) * C])
+    bias = group._plan(lay, torch.device('cpu'), torch.float32)['tap_bias'].view(P, 5, 5, C)
+    inner = torch.zeros(5, 5, dtype=torch.bool)
+    inner[1:4, 1:4] = True
+    for p, (name, _) in enumerate(lay.dyn_pairs):
+        masked = ~inner if name == 'dynamic_conv_3x3' else torch.zeros(5, 5, dtype=torch.bool)
+        assert torch.equal(bias[p], torch.where(masked, float('-inf'), 0.)[:, :, None].expand(5, 5, C))
+    assert {name for name, _ in lay.dyn_pairs} == {'dynamic_conv_3x3', 'dynamic_conv_5x5'}
+
+
 def test_checkpointed_cells_hold_less_for_the_backward():
     """Checkpointed, a forward holds for its backward little more than the cells' inputs."""
     fast = Network(4, 10, 3, space='nos', fast=True)
