@@ -1075,7 +1075,7 @@ class FastEdges(nn.Module):
             # exactly 0 after the softmax, and no gradient
             taps = _Taps.apply(z, mask).view(N, P * kk * self.m_dyn, 1, 1)
             decode = w['decode'] if not (lay.full and not merged) else w['decode'].view(P, 1, -1).expand(
-                P, kk, C * self.m_dyn).reshape(P * kk * C, self.m_dyn, 1, 1)
+                P, kk, C * self.m_dyn).contiguous().view(P * kk * C, self.m_dyn, 1, 1)  # here, one copy
             kern = F.conv2d(taps, decode, plan.get('tap_bias'), groups=P * kk).view(N, P, kk, C)
             kernels.append(kern.softmax(dim=2).transpose(2, 3))                                # over taps
         if lay.ca:  # global pool, 1x1 conv C -> C/16 (above), ReLU, 1x1 conv -> C, sigmoid: a centre tap
