@@ -1074,8 +1074,9 @@ class FastEdges(nn.Module):
             # decode rows per tap), so that the conv's bias masks a smaller kernel's border taps with -inf:
             # exactly 0 after the softmax, and no gradient
             taps = _Taps.apply(z, mask).view(N, P * kk * self.m_dyn, 1, 1)
-            decode = w['decode'] if not (lay.full and not merged) else w['decode'].view(P, 1, -1).expand(
-                P, kk, C * self.m_dyn).contiguous().view(P * kk * C, self.m_dyn, 1, 1)  # here, one copy
+            decode = w['decode']
+            if lay.full and not merged:  # as stored, not gathered: each pair's rows once per tap, here (one copy)
+                decode = decode.view(P, 1, -1).expand(P, kk, C * self.m_dyn).contiguous().view(-1, self.m_dyn, 1, 1)
             kern = F.conv2d(taps, decode, plan.get('tap_bias'), groups=P * kk).view(N, P, kk, C)
             kernels.append(kern.softmax(dim=2).transpose(2, 3))                                # over taps
         if lay.ca:  # global pool, 1x1 conv C -> C/16 (above), ReLU, 1x1 conv -> C, sigmoid: a centre tap
@@ -1367,8 +1368,9 @@ class FastCell(nn.Module):
             if k < self._steps - 1:
                 # a node in the cell's output is read by that cat too: handed back by its group's fan, so that
                 # its two gradients are summed in the fan's reduction, not by one more add (`_fan`)
-                pending = run([node], rest, hand_back=k >= self._steps - self._multiplier)
-                if 'X' in pending:
+                hand_back = k >= self._steps - self._multiplier
+                pending = run([node], rest, hand_back)
+                if hand_back:
                     states[-1] = pending.pop('X')
         return torch.cat(states[-self._multiplier:], dim=1)
 
