@@ -143,18 +143,20 @@ def space_options(args) -> dict:
 
 
 def teacher_stages(teacher, x):
-    """The frozen teacher's three stage outputs for a batch (docs/nos.md); None without AGS."""
+    """The attention maps at(T) of the frozen teacher's three stage outputs for a batch (docs/nos.md), (N, H*W)
+    each, what L_AT reads of the teacher: computed once per batch, not once per loss; None without AGS."""
     if teacher is None:
         return None
     with torch.no_grad():  # the teacher is frozen, in eval mode
-        return teacher.forward_stages(x)[1]
+        return [utils.attention_map(t) for t in teacher.forward_stages(x)[1]]
 
 
 def teacher_stages_pair(teacher, x_train, x_val, train: bool, val: bool) -> tuple:
-    """(t_train, t_val): the frozen teacher's stage outputs of the training and the validation batch, each None
-    where its objective has no L_AT (`train`, `val` false) or there is no teacher. Where both are needed, one
-    forward on the two batches together, split back: the teacher is in eval mode, so an image's maps do not
-    depend on the rest of its batch, and one forward launches half the kernels of two (docs/nos.md)."""
+    """(t_train, t_val): the frozen teacher's stage maps (`teacher_stages`) of the training and the validation
+    batch, each None where its objective has no L_AT (`train`, `val` false) or there is no teacher. Where both
+    are needed, one forward on the two batches together, split back: the teacher is in eval mode, so an
+    image's maps do not depend on the rest of its batch, and one forward launches half the kernels of two
+    (docs/nos.md)."""
     if teacher is None or not (train and val):
         return teacher_stages(teacher if train else None, x_train), teacher_stages(teacher if val else None, x_val)
     n = x_train.shape[0]

@@ -189,3 +189,44 @@ def test_attention_transfer_loss_on_a_hand_example():
     one = 0.5 * ((5 / math.sqrt(29) - 1) ** 2 + (2 / math.sqrt(29)) ** 2) / 2
     assert utils.attention_transfer_loss([s], [t]).item() == pytest.approx(one, rel=1e-6)
     assert utils.attention_transfer_loss([s, s], [t, s]).item() == pytest.approx(one, rel=1e-6)  # a sum
+
+
+def test_attention_transfer_backward_by_hand_equals_autograd_of_the_formula():
+    """`utils._AttentionTransfer`'s written-out backward against autograd through at(F) = F.normalize(mean_c F^2)
+    and 1/2 sum mean((at_S - at_T)^2), in float64: one stage plain, one with a sample whose ||a|| is below
+    normalize's eps (there dq/da = 1/eps, with no projection), scaled by an upstream gradient of 3."""
+    import utils
+    torch.manual_seed(0)
+    s1 = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    small = torch.randn(2, 5, 2, 2, dtype=torch.float64)
+    small[1] *= 1e-7  # a ~ 1e-14 per position: ||a|| < 1e-12
+    s2 = small.requires_grad_()
+    maps = [F.normalize(torch.rand(2, 16, dtype=torch.float64), dim=1),
+            F.normalize(torch.rand(2, 4, dtype=torch.float64), dim=1)]
+    assert torch.linalg.vector_norm(s2[1].detach().pow(2).mean(0)) < 1e-12
+    ref = 0.5 * sum(((F.normalize(s.pow(2).mean(1).flatten(1), dim=1) - t) ** 2).mean()
+                    for s, t in zip((s1, s2), maps))
+    want = torch.autograd.grad(3 * ref, (s1, s2))
+    got_loss = utils._AttentionTransfer.apply(2, s1, s2, *maps)
+    got = torch.autograd.grad(3 * got_loss, (s1, s2))
+    torch.testing.assert_close(got_loss, ref, rtol=1e-14, atol=0)
+    assert got[1][1].abs().max() > 0  # the small sample's gradient is there, and checked
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-300)
+    assert torch.autograd.gradcheck(lambda s: utils._AttentionTransfer.apply(1, s, maps[0]), (s1,))
+    # under create_graph the gradient is differentiable again (DARTS's exact second order, test_train_search)
+    assert torch.autograd.gradgradcheck(lambda s: utils._AttentionTransfer.apply(1, s, maps[0]), (s1,))
+
+
+def test_teacher_maps_give_the_loss_of_the_teacher_features():
+    """`darts.teacher_stages` hands the loss the teacher's maps at(T), once per batch: the same loss as its stage
+    outputs; a map of the wrong length is refused with the resolutions in the message."""
+    import utils
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 7, 4, 4)
+    assert torch.equal(utils.attention_transfer_loss([s], [t]),
+                       utils.attention_transfer_loss([s], [utils.attention_map(t)]))
+    with pytest.raises(ValueError, match=r'a \(4, 4\) student stage with a 9-position teacher stage'):
+        utils.attention_transfer_loss([s], [torch.rand(2, 9)])
+    with pytest.raises(ValueError, match=r'a \(4, 4\) student stage with a \(3, 3\) teacher stage'):
+        utils.attention_transfer_loss([s], [torch.rand(2, 7, 3, 3)])

@@ -365,19 +365,74 @@ def add_run_flags(p: argparse.ArgumentParser, *, save: str, workers: int, report
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
-    """at(F): the channel-mean of F squared, flattened and L2-normalised, (N, H*W)."""
+    """at(F): the channel-mean of F squared, flattened and L2-normalised, (N, H*W). The readable formula;
+    `attention_transfer_loss` computes the same with its backward written out (`_AttentionTransfer`)."""
     return F.normalize(f.float().pow(2).mean(dim=1).flatten(1), dim=1)
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's default: at(F) = a / max(||a||, eps)
+
+
+class _AttentionTransfer(torch.autograd.Function):
+    """L_AT = 1/2 * sum over stages of mean((q_S - q_T)^2) for student stages S (N, C, H, W) and the teacher's
+    maps q_T (N, H*W), with q_S = at(S) = a / max(||a||, eps), a = mean_c S^2 (the forward is
+    `attention_map`'s, op for op). The backward by hand, per stage of M = N*H*W positions and upstream
+    gradient g:
+        dL/dq = g * (q - q_T) / M
+        dL/da = (dL/dq - q * <q, dL/dq>) / ||a||   (the rows' <., .>; where ||a|| < eps: dL/dq / eps)
+        dL/dS = 2 * S * dL/da / C
+    nine kernels a stage against autograd's nineteen (issue 26). Under create_graph the backward is autograd's
+    through the same formula, so that it can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        student, maps = tensors[:n], tensors[n:]
+        loss, saved = None, []
+        for s, t in zip(student, maps):
+            a = s.pow(2).mean(dim=1).flatten(1)
+            norm = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+            den = norm.clamp_min(NORMALIZE_EPS)
+            q = a / den
+            mse = F.mse_loss(q, t)
+            loss = mse if loss is None else loss + mse
+            saved += [s, t, q, norm, den]
+        ctx.save_for_backward(*saved)
+        ctx.n = n
+        return 0.5 * loss
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, n = ctx.saved_tensors, ctx.n
+        if torch.is_grad_enabled():  # create_graph: a gradient that autograd can differentiate again
+            student, maps = saved[0::5], saved[1::5]
+            with torch.enable_grad():
+                loss = 0.5 * sum(F.mse_loss(F.normalize(s.pow(2).mean(dim=1).flatten(1), dim=1), t)  # at(S)
+                                 for s, t in zip(student, maps))
+                return (None, *torch.autograd.grad(loss, student, g, create_graph=True), *([None] * n))
+        grads = []
+        for i in range(n):
+            s, t, q, norm, den = saved[5 * i:5 * i + 5]
+            N, C, H, W = s.shape
+            dq = q - t                                                   # times g / M below
+            dot = torch.bmm(q.unsqueeze(1), dq.unsqueeze(2)).view(N, 1)  # <q, dq> per row
+            dot = dot * (norm >= NORMALIZE_EPS)                          # clamp_min passes no gradient below eps
+            da = torch.addcmul(dq, q, dot, value=-1.)                    # dq - q <q, dq>
+            scale = g * (2. / (N * H * W * C)) / den                     # g / M / max(||a||, eps), and 2/C of dS
+            grads.append(s * (da * scale).view(N, 1, H, W))
+        return (None, *grads, *([None] * n))
+
+
 def attention_transfer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """L_AT = 1/2 * sum over stages of mean((at(S) - at(T))^2); the stages must share a resolution."""
-    loss = 0.
+    """L_AT = 1/2 * sum over stages of mean((at(S) - at(T))^2); the stages must share a resolution. A teacher
+    entry is its stage output (N, C, H, W) or already its map at(T) (N, H*W; `darts.teacher_stages`)."""
+    maps = []
     for s, t in zip(student, teacher, strict=True):
-        if s.shape[-2:] != t.shape[-2:]:
+        if t.dim() == 4 and s.shape[-2:] != t.shape[-2:] or t.dim() != 4 and s[0, 0].numel() != t.shape[-1]:
+            seen = tuple(t.shape[-2:]) if t.dim() == 4 else f'{t.shape[-1]}-position'
             raise ValueError(f'attention transfer pairs a {tuple(s.shape[-2:])} student stage with a '
-                             f'{tuple(t.shape[-2:])} teacher stage')
-        loss = loss + F.mse_loss(attention_map(s), attention_map(t))  # mean((at(S) - at(T))^2), one kernel
-    return 0.5 * loss
+                             f'{seen} teacher stage')
+        maps.append(attention_map(t) if t.dim() == 4 else t)
+    return _AttentionTransfer.apply(len(maps), *(s.float() for s in student), *maps)
 
 
 # ---------------------------------------------------------------------------------------------------------
