@@ -828,9 +828,8 @@ class FastEdges(nn.Module):
         if lay.ca:
             rows['ca2'] = [(e * C * kk, (e + 1) * C * kk) for e in lay.ca]
         if lay.dyn:  # each pair's rows once per tap (the decode conv is tap-major, see `forward`)
-            rows['decode'] = [(((e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K) * C,
-                               ((e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K + 1) * C)
-                              for n, e in lay.dyn_pairs for _ in range(kk)]
+            pairs = [(e // K * len(self.dyn) + self.dyn.index(n)) * K + e % K for n, e in lay.dyn_pairs]  # (s, op, k)
+            rows['decode'] = [(p * C, (p + 1) * C) for p in pairs for _ in range(kk)]
         plan = {'rows': rows, 'x_pieces': pieces, 'x_uniform': uniform and S > 1 and any(x_rows)}
         plan['names'] = list(dict.fromkeys(self._param_name(n) for n in rows))
         # BatchNorm channels, per call

@@ -365,9 +365,15 @@ def add_run_flags(p: argparse.ArgumentParser, *, save: str, workers: int, report
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
-    """at(F): the channel-mean of F squared, flattened and L2-normalised, (N, H*W). The readable formula;
-    `attention_transfer_loss` computes the same with its backward written out (`_AttentionTransfer`)."""
-    return F.normalize(f.float().pow(2).mean(dim=1).flatten(1), dim=1)
+    """at(F): the channel-mean of F squared, flattened and L2-normalised, (N, H*W), in float32. The
+    readable formula; `attention_transfer_loss` computes the same with its backward written out
+    (`_AttentionTransfer`)."""
+    return _attention(f.float())
+
+
+def _attention(f: torch.Tensor) -> torch.Tensor:
+    """`attention_map` in f's own dtype."""
+    return F.normalize(f.pow(2).mean(dim=1).flatten(1), dim=1)
 
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default: at(F) = a / max(||a||, eps)
@@ -406,8 +412,7 @@ class _AttentionTransfer(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a gradient that autograd can differentiate again
             student, maps = saved[0::5], saved[1::5]
             with torch.enable_grad():
-                loss = 0.5 * sum(F.mse_loss(F.normalize(s.pow(2).mean(dim=1).flatten(1), dim=1), t)  # at(S)
-                                 for s, t in zip(student, maps))
+                loss = 0.5 * sum(F.mse_loss(_attention(s), t) for s, t in zip(student, maps))
                 return (None, *torch.autograd.grad(loss, student, g, create_graph=True), *([None] * n))
         grads = []
         for i in range(n):
